@@ -1,0 +1,211 @@
+//! In-memory rustls handshakes with the configurations this crate builds.
+
+// Test helpers are plain functions, not #[test]s: an unwrap here is an assertion.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use dqkd_pki::rustls::{self, ClientConfig, ClientConnection, ServerConfig, ServerConnection};
+use dqkd_pki::{
+    client_config, client_config_from_combined, load_certs, load_private_key, peer_identity,
+    provider, root_store, server_config, Role,
+};
+use rustls_pki_types::ServerName;
+
+/// Shuttles TLS records between the two sides until neither has anything to send.
+///
+/// Returns the first error either side reports while processing records.
+fn handshake(
+    client: &mut ClientConnection,
+    server: &mut ServerConnection,
+) -> Result<(), rustls::Error> {
+    loop {
+        let c2s = transfer(client, server)?;
+        let s2c = transfer(server, client)?;
+        if !c2s && !s2c {
+            return Ok(());
+        }
+    }
+}
+
+/// Moves everything `from` wants to send into `to`; true if anything moved.
+fn transfer<A, B>(
+    from: &mut rustls::ConnectionCommon<A>,
+    to: &mut rustls::ConnectionCommon<B>,
+) -> Result<bool, rustls::Error> {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).expect("write_tls to a Vec");
+    }
+    if buf.is_empty() {
+        return Ok(false);
+    }
+    let mut data = &buf[..];
+    while !data.is_empty() {
+        to.read_tls(&mut data).expect("read_tls");
+    }
+    to.process_new_packets()?;
+    Ok(true)
+}
+
+fn connect(
+    server: ServerConfig,
+    client: ClientConfig,
+) -> (
+    ClientConnection,
+    ServerConnection,
+    Result<(), rustls::Error>,
+) {
+    let mut c = ClientConnection::new(
+        Arc::new(client),
+        ServerName::try_from("localhost").expect("server name"),
+    )
+    .expect("client connection");
+    let mut s = ServerConnection::new(Arc::new(server)).expect("server connection");
+    let result = handshake(&mut c, &mut s);
+    (c, s, result)
+}
+
+#[test]
+fn sae_from_our_ca_is_accepted_and_identified() {
+    let c = common::cluster("lab");
+    let server = server_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
+    let client = client_config(&c.ca_pem(), &c.sae.cert_chain, &c.sae.key).unwrap();
+    let (mut client, mut server, result) = connect(server, client);
+    result.expect("handshake succeeds");
+    assert!(!server.is_handshaking() && !client.is_handshaking());
+    assert_eq!(server.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(
+        server.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+
+    let sae = peer_identity(&server, "lab").unwrap();
+    assert_eq!((sae.role(), sae.id()), (Role::Sae, "sae-1"));
+    let kme = peer_identity(&client, "lab").unwrap();
+    assert_eq!((kme.role(), kme.id()), (Role::Kme, "kme-a"));
+
+    // Application data flows.
+    client
+        .writer()
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .unwrap();
+    handshake(&mut client, &mut server).unwrap();
+    let mut got = [0u8; 18];
+    server.reader().read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+}
+
+#[test]
+fn combined_pem_client_and_peer_kme_and_entropy() {
+    let c = common::cluster("lab");
+    // SAE via the combined file.
+    let server = server_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
+    let client = client_config_from_combined(&c.ca_pem(), &c.sae.combined).unwrap();
+    let (_, s, result) = connect(server, client);
+    result.unwrap();
+    assert_eq!(peer_identity(&s, "lab").unwrap(), c.sae.identity);
+
+    // A KME as client of an entropy server.
+    let server = server_config(&c.ca_pem(), &c.entropy.cert_chain, &c.entropy.key).unwrap();
+    let client = client_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
+    let (cl, s, result) = connect(server, client);
+    result.unwrap();
+    assert_eq!(peer_identity(&s, "lab").unwrap(), c.kme.identity);
+    assert_eq!(peer_identity(&cl, "lab").unwrap(), c.entropy.identity);
+}
+
+#[test]
+fn tls12_client_with_certificate_is_accepted() {
+    let c = common::cluster("lab");
+    let server = server_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(root_store(&load_certs(&c.ca_pem()).unwrap()).unwrap())
+        .with_client_auth_cert(
+            load_certs(&c.sae.cert_chain).unwrap(),
+            load_private_key(&c.sae.key).unwrap(),
+        )
+        .unwrap();
+    let (_, s, result) = connect(server, client);
+    result.unwrap();
+    assert_eq!(s.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(peer_identity(&s, "lab").unwrap().id(), "sae-1");
+}
+
+/// A rejection because the chain does not lead to our CA.
+///
+/// With a rogue CA of the *same* name webpki finds a name match and fails on
+/// the signature; with a differently named one it finds no issuer at all.
+fn is_untrusted(result: &Result<(), rustls::Error>) -> bool {
+    matches!(
+        result,
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature
+        ))
+    )
+}
+
+#[test]
+fn client_certificate_from_another_ca_is_rejected() {
+    let ours = common::cluster("lab");
+    // "lab": same CA name and same IDs, only the CA key differs. "evil": another cluster.
+    for rogue in [common::cluster("lab"), common::cluster("evil")] {
+        let server = server_config(&ours.ca_pem(), &ours.kme.cert_chain, &ours.kme.key).unwrap();
+        // The rogue client trusts our CA (so it accepts the server) but its cert is from its own CA.
+        let client = client_config(&ours.ca_pem(), &rogue.sae.cert_chain, &rogue.sae.key).unwrap();
+        let (_, s, result) = connect(server, client);
+        assert!(is_untrusted(&result), "{result:?}");
+        assert!(s.is_handshaking(), "server must not complete the handshake");
+        assert!(peer_identity(&s, "lab").is_err());
+    }
+}
+
+#[test]
+fn server_from_another_ca_is_rejected_by_client() {
+    let ours = common::cluster("lab");
+    for rogue in [common::cluster("lab"), common::cluster("evil")] {
+        let server = server_config(&rogue.ca_pem(), &rogue.kme.cert_chain, &rogue.kme.key).unwrap();
+        let client = client_config(&ours.ca_pem(), &ours.sae.cert_chain, &ours.sae.key).unwrap();
+        let (_, _, result) = connect(server, client);
+        assert!(is_untrusted(&result), "{result:?}");
+    }
+}
+
+#[test]
+fn missing_client_certificate_is_rejected() {
+    let c = common::cluster("lab");
+    let server = server_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(root_store(&load_certs(&c.ca_pem()).unwrap()).unwrap())
+        .with_no_client_auth();
+    let (_, s, result) = connect(server, client);
+    assert!(
+        matches!(result, Err(rustls::Error::NoCertificatesPresented)),
+        "{result:?}"
+    );
+    assert!(peer_identity(&s, "lab").is_err());
+}
+
+#[test]
+fn config_errors_name_the_file() {
+    let c = common::cluster("lab");
+    let missing = c.dir.path().join("nope.pem");
+    let err = server_config(&missing, &c.kme.cert_chain, &c.kme.key).unwrap_err();
+    assert!(err.to_string().contains("nope.pem"), "{err}");
+    // A certificate file given where the key is expected.
+    let err = client_config(&c.ca_pem(), &c.sae.cert_chain, &c.sae.cert_chain).unwrap_err();
+    assert!(
+        err.to_string().contains("sae-1.pem") && err.to_string().contains("private key"),
+        "{err}"
+    );
+    // Mismatched key and certificate.
+    let err = client_config(&c.ca_pem(), &c.sae.cert_chain, &c.kme.key).unwrap_err();
+    assert!(err.to_string().contains("kme-a.key"), "{err}");
+}
