@@ -1,0 +1,236 @@
+//! The durable default store: one redb file, key bytes sealed under the site KEK, and all
+//! writes funnelled through one group-committing writer thread (see `writer`).
+//!
+//! The handle only forwards operations to the writer and answers `pending` from counts kept in
+//! memory, so callers never block on disk except through their own awaited oneshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::kek::{Cipher, NONCE_BYTES};
+use crate::meta::PendingCounts;
+use crate::record::Record;
+use crate::writer::{self, Request, Stats};
+use crate::{DeliveredKey, Kek, KeyStore, NewKey, StoreError, TakeError};
+
+/// Key records: key ID (as u128) → encoded [`Record`].
+pub(crate) const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys");
+/// Store-wide facts, such as the KEK check value.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KEK_CHECK: &str = "kek_check";
+const KEK_CHECK_PLAINTEXT: &[u8] = b"dqkd-store key-encryption key check";
+const KEK_CHECK_AAD: &[u8] = b"dqkd-store/kek-check/v1";
+
+/// Counters of the group commit, for metrics and tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CommitStats {
+    /// Batches taken from the queue (one write transaction, and at most one fsync, each).
+    pub batches: u64,
+    /// Operations processed.
+    pub ops: u64,
+    /// Largest number of operations in one batch so far.
+    pub max_batch: u64,
+}
+
+/// Durable, encrypted key store in a single redb file.
+///
+/// Crash safety: `insert` and `take` answer only after their batch committed with
+/// `Durability::Immediate`; a take that returned can never deliver the same key to the same
+/// slave again, even after `kill -9`.
+pub struct EmbeddedStore {
+    sender: Mutex<Option<mpsc::Sender<Request>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    pending: Arc<Mutex<PendingCounts>>,
+    stats: Arc<Stats>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store at `path`.
+    ///
+    /// On first open the KEK check value is written; on later opens it must verify, so a wrong
+    /// KEK is refused here rather than at the first `dec_keys`. Pending counts are rebuilt by
+    /// scanning every record, which also surfaces a corrupt record at start-up.
+    pub fn open(path: &Path, kek: Kek) -> Result<EmbeddedStore, StoreError> {
+        let cipher = kek.cipher()?;
+        drop(kek);
+        let db =
+            Database::create(path).map_err(|e| StoreError::redb("opening the database file", e))?;
+        let pending = prepare(&db, &cipher, path)?;
+        let pending = Arc::new(Mutex::new(pending));
+        let stats = Arc::new(Stats::default());
+        let (sender, receiver) = mpsc::channel();
+        let handle = {
+            let pending = Arc::clone(&pending);
+            let stats = Arc::clone(&stats);
+            std::thread::Builder::new()
+                .name("dqkd-store-writer".into())
+                .spawn(move || writer::run(db, cipher, receiver, pending, stats))
+                .map_err(|e| StoreError::io("starting the key store writer thread", e))?
+        };
+        tracing::info!(path = %path.display(), "key store opened");
+        Ok(EmbeddedStore {
+            sender: Mutex::new(Some(sender)),
+            writer: Mutex::new(Some(handle)),
+            pending,
+            stats,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Stops accepting operations, lets the writer finish everything already queued, and waits
+    /// for it. Later calls on the store fail with [`StoreError::Closed`]. Dropping the store
+    /// does the same.
+    pub fn close(&self) -> Result<(), StoreError> {
+        drop(lock(&self.sender).take());
+        let Some(handle) = lock(&self.writer).take() else {
+            return Ok(());
+        };
+        handle.join().map_err(|_| {
+            tracing::error!("key store writer thread panicked");
+            StoreError::Closed
+        })
+    }
+
+    /// Group-commit counters since open.
+    pub fn commit_stats(&self) -> CommitStats {
+        CommitStats {
+            batches: self.stats.batches.load(Ordering::Relaxed),
+            ops: self.stats.ops.load(Ordering::Relaxed),
+            max_batch: self.stats.max_batch.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Hands one operation to the writer and waits for its answer.
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let guard = lock(&self.sender);
+            let sender = guard.as_ref().ok_or(StoreError::Closed)?;
+            sender.send(make(tx)).map_err(|_| StoreError::Closed)?;
+        }
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing key store");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Creates the tables, writes or verifies the KEK check value and counts pending keys, in one
+/// durable transaction.
+fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts, StoreError> {
+    let mut txn = db
+        .begin_write()
+        .map_err(|e| StoreError::redb("starting the open transaction", e))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| StoreError::redb("setting durability", e))?;
+    let mut pending = PendingCounts::default();
+    {
+        let mut meta = txn
+            .open_table(META)
+            .map_err(|e| StoreError::redb("opening the meta table", e))?;
+        let check = meta
+            .get(KEK_CHECK)
+            .map_err(|e| StoreError::redb("reading the KEK check value", e))?
+            .map(|g| g.value().to_vec());
+        match check {
+            Some(bytes) => {
+                let ok = bytes.len() > NONCE_BYTES && {
+                    let (nonce, sealed) = bytes.split_at(NONCE_BYTES);
+                    let mut n = [0u8; NONCE_BYTES];
+                    n.copy_from_slice(nonce);
+                    cipher
+                        .open(n, sealed, KEK_CHECK_AAD)
+                        .is_some_and(|p| p.as_slice() == KEK_CHECK_PLAINTEXT)
+                };
+                if !ok {
+                    return Err(StoreError::WrongKek {
+                        path: path.to_owned(),
+                    });
+                }
+            }
+            None => {
+                let (nonce, sealed) = cipher.seal(KEK_CHECK_PLAINTEXT, KEK_CHECK_AAD)?;
+                let mut value = nonce.to_vec();
+                value.extend_from_slice(&sealed);
+                meta.insert(KEK_CHECK, value.as_slice())
+                    .map_err(|e| StoreError::redb("writing the KEK check value", e))?;
+            }
+        }
+        let keys = txn
+            .open_table(KEYS)
+            .map_err(|e| StoreError::redb("opening the keys table", e))?;
+        for entry in keys
+            .iter()
+            .map_err(|e| StoreError::redb("scanning keys", e))?
+        {
+            let (k, v) = entry.map_err(|e| StoreError::redb("scanning keys", e))?;
+            let id = Uuid::from_u128(k.value());
+            let record = Record::decode(v.value())
+                .map_err(|reason| StoreError::CorruptRecord { id, reason })?;
+            pending.add_key(&record.meta);
+        }
+    }
+    txn.commit()
+        .map_err(|e| StoreError::redb("committing the open transaction", e))?;
+    Ok(pending)
+}
+
+#[async_trait::async_trait]
+impl KeyStore for EmbeddedStore {
+    async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
+        self.call(|reply| Request::Insert { keys, reply }).await?
+    }
+
+    async fn take(
+        &self,
+        caller: &str,
+        masters: &[String],
+        ids: &[Uuid],
+        now: u64,
+    ) -> Result<Vec<DeliveredKey>, TakeError> {
+        self.call(|reply| Request::Take {
+            caller: caller.to_owned(),
+            masters: masters.to_vec(),
+            ids: ids.to_vec(),
+            now,
+            reply,
+        })
+        .await?
+    }
+
+    fn pending(&self, master: &str, slave: &str) -> u64 {
+        lock(&self.pending).get(master, slave)
+    }
+
+    async fn purge_expired(&self, now: u64) -> Result<u64, StoreError> {
+        self.call(|reply| Request::Purge { now, reply }).await?
+    }
+}

@@ -1,0 +1,147 @@
+//! Error types of the key store.
+//!
+//! One `#[non_exhaustive]` enum per audience: [`StoreError`] for operators (what failed and
+//! where, never key bytes), and [`TakeError`] for the ETSI layer, which must map "not found" and
+//! "unauthorised" to different answers without parsing messages.
+
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+/// Everything that can go wrong inside a key store.
+///
+/// Each variant carries enough context (a path, an operation, a key ID) to act on the log line
+/// alone. None of them ever contains key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, including the path.
+        context: String,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded database reported an error.
+    #[error("key database: {context}: {source}")]
+    Redb {
+        /// What was being done.
+        context: &'static str,
+        /// The underlying redb error (shared: one failed commit answers every operation in
+        /// its batch with the same cause).
+        #[source]
+        source: std::sync::Arc<redb::Error>,
+    },
+    /// Sealing or opening with the key-encryption key failed.
+    #[error("encryption at rest: {context}")]
+    Crypto {
+        /// What was being sealed or opened. ring deliberately gives no further detail.
+        context: String,
+    },
+    /// A stored record could not be decoded; the file is damaged or was written by an
+    /// incompatible version.
+    #[error("corrupt key record {id}: {reason}")]
+    CorruptRecord {
+        /// The key ID of the record.
+        id: Uuid,
+        /// What was wrong with the bytes.
+        #[source]
+        reason: RecordError,
+    },
+    /// A key with this ID is already stored; the insert that carried it was not applied.
+    #[error("key {id} already exists")]
+    DuplicateId {
+        /// The key ID that was already present (or repeated within the request).
+        id: Uuid,
+    },
+    /// A key cannot be stored as given (for example no slaves, or a name too long to encode).
+    #[error("invalid key {id}: {reason}")]
+    InvalidKey {
+        /// The offending key ID.
+        id: Uuid,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// `Kek::generate_file` refused to overwrite an existing file.
+    #[error("key-encryption key file {} already exists (use force to overwrite)", path.display())]
+    KekFileExists {
+        /// The file that exists.
+        path: PathBuf,
+    },
+    /// A key-encryption key file does not hold 64 hex characters.
+    #[error("key-encryption key file {}: {reason}", path.display())]
+    KekFileInvalid {
+        /// The file that was read.
+        path: PathBuf,
+        /// What was wrong with its contents.
+        reason: &'static str,
+    },
+    /// The key store was written with a different key-encryption key.
+    #[error("key store {} was created with a different key-encryption key", path.display())]
+    WrongKek {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The store has been closed (or its writer thread stopped); no more operations are accepted.
+    #[error("key store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Wraps any redb error with what was being done when it happened.
+    pub(crate) fn redb(context: &'static str, source: impl Into<redb::Error>) -> Self {
+        StoreError::Redb {
+            context,
+            source: std::sync::Arc::new(source.into()),
+        }
+    }
+
+    /// Wraps an I/O error with its context.
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Why a stored record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The record ended before a field was complete.
+    #[error("truncated record")]
+    Truncated,
+    /// The record declares a format version this build does not know.
+    #[error("unknown record version {0}")]
+    UnknownVersion(u8),
+    /// Bytes remain after the last field.
+    #[error("{0} trailing bytes after record")]
+    TrailingBytes(usize),
+    /// A name field is not UTF-8.
+    #[error("name is not valid UTF-8")]
+    BadName,
+    /// A slave entry has flag bits this version does not define.
+    #[error("unknown slave flags {0:#04x}")]
+    BadFlags(u8),
+}
+
+/// Why a `take` (ETSI `dec_keys`) request was refused.
+///
+/// Requests are all-or-nothing: on any error, no key was delivered or changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TakeError {
+    /// At least one key ID is unknown, expired, repeated in the request, or already delivered
+    /// to this caller.
+    #[error("key not found")]
+    NotFound,
+    /// At least one key exists but was not made for this caller, or not by one of the given masters.
+    #[error("caller is not authorised for this key")]
+    Unauthorized,
+    /// The store failed; the request may be retried.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

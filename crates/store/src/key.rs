@@ -1,0 +1,86 @@
+//! The values that cross the store boundary: key bytes and the keys going in and coming out.
+//!
+//! Key bytes live only in [`KeyMaterial`], which wipes them on drop and prints only its length,
+//! so a stray `{:?}` or `tracing` field can never leak a key.
+
+use std::fmt;
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+/// Key bytes; zeroized on drop; `Debug` prints only the length.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyMaterial(Zeroizing<Vec<u8>>);
+
+impl KeyMaterial {
+    /// Takes ownership of `bytes`; they are wiped when the returned value is dropped.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        KeyMaterial(Zeroizing::new(bytes))
+    }
+
+    /// The key bytes. Copy them only into other zeroizing buffers.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length of the key in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the key has no bytes (never true for real keys).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyMaterial({} bytes)", self.0.len())
+    }
+}
+
+/// A key to store for later delivery to its slave SAEs.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    /// Key ID (unique across the store).
+    pub id: Uuid,
+    /// SAE ID of the master that asked for the key (ETSI `enc_keys`).
+    pub master: String,
+    /// SAE IDs that may each fetch the key once (ETSI `dec_keys`).
+    pub slaves: Vec<String>,
+    /// The key bytes.
+    pub material: KeyMaterial,
+    /// Unix seconds after which the key can no longer be delivered and is shredded.
+    pub expires_at: u64,
+}
+
+/// A key handed to a slave SAE.
+#[derive(Debug, Clone)]
+pub struct DeliveredKey {
+    /// Key ID as requested.
+    pub id: Uuid,
+    /// The key bytes.
+    pub material: KeyMaterial,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_only_the_length() {
+        let k = NewKey {
+            id: Uuid::nil(),
+            master: "a".into(),
+            slaves: vec!["b".into()],
+            material: KeyMaterial::new(vec![0xde, 0xad, 0xbe, 0xef]),
+            expires_at: 0,
+        };
+        let text = format!("{k:?} {:?}", k.material);
+        assert!(text.contains("KeyMaterial(4 bytes)"), "{text}");
+        for needle in ["222", "173", "190", "239", "de", "ad", "be", "ef"] {
+            assert!(!text.contains(&format!("[{needle}")), "{text}");
+        }
+    }
+}

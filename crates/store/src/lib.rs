@@ -1,0 +1,85 @@
+//! Key storage for a dqkd KME.
+//!
+//! A master SAE's `enc_keys` request stores keys here for its slave SAEs; each slave later
+//! fetches each key exactly once with `dec_keys`. Everything else in the KME talks to storage
+//! only through the [`KeyStore`] trait (held as `Arc<dyn KeyStore>`), with two implementations:
+//!
+//! * [`EmbeddedStore`]: the durable default, one redb file per site. Key bytes are sealed with
+//!   the site key-encryption key ([`Kek`]), and writes from all callers are group-committed by
+//!   one writer thread, so every answer that depends on a write leaves only after an fsync.
+//! * [`MemoryStore`]: the same rules in memory, for tests of other crates.
+//!
+//! ```
+//! # use dqkd_store::*;
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = MemoryStore::new();
+//! let id = uuid::Uuid::new_v4();
+//! store
+//!     .insert(vec![NewKey {
+//!         id,
+//!         master: "alice".into(),
+//!         slaves: vec!["bob".into()],
+//!         material: KeyMaterial::new(vec![0x42; 32]),
+//!         expires_at: u64::MAX,
+//!     }])
+//!     .await?;
+//! assert_eq!(store.pending("alice", "bob"), 1);
+//! let keys = store.take("bob", &["alice".into()], &[id], 0).await?;
+//! assert_eq!(keys[0].material.as_bytes(), &[0x42; 32]);
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod embedded;
+mod error;
+mod kek;
+mod key;
+mod memory;
+mod meta;
+mod record;
+mod writer;
+
+pub use embedded::{CommitStats, EmbeddedStore};
+pub use error::{RecordError, StoreError, TakeError};
+pub use kek::{Kek, KEK_LEN};
+pub use key::{DeliveredKey, KeyMaterial, NewKey};
+pub use memory::MemoryStore;
+pub use uuid::Uuid;
+
+/// Where a KME keeps keys between `enc_keys` and `dec_keys`.
+///
+/// Implementations must make [`KeyStore::insert`] and [`KeyStore::take`] durable before they
+/// return, because the KME answers SAEs (and peer KMEs) on the strength of them.
+#[async_trait::async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores the keys durably; every slave in `slaves` becomes entitled to fetch the key once.
+    /// Returns only after the write is committed to disk (fsync). All keys or none.
+    async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError>;
+
+    /// All-or-nothing delivery to slave SAE `caller` of the keys `ids`, each of which must have
+    /// been made for a master in `masters` (a set because a KME ID in the URL means "any SAE of
+    /// that site").
+    ///
+    /// If any id exists (and is not expired) but `caller` is not among its slaves, or its master
+    /// is not in `masters`: [`TakeError::Unauthorized`]. Else if any id is unknown, already
+    /// delivered to this caller, expired (`expires_at <= now`) or repeated in the request:
+    /// [`TakeError::NotFound`]. Else removes `caller` from each key's remaining slaves (deleting
+    /// the key when none remain), commits durably, and returns the keys in the order asked.
+    async fn take(
+        &self,
+        caller: &str,
+        masters: &[String],
+        ids: &[Uuid],
+        now: u64,
+    ) -> Result<Vec<DeliveredKey>, TakeError>;
+
+    /// Number of keys stored for `master` that `slave` may still fetch (used for status counts
+    /// and limits). Expired keys count until [`KeyStore::purge_expired`] removes them.
+    fn pending(&self, master: &str, slave: &str) -> u64;
+
+    /// Deletes (shreds) keys whose `expires_at <= now`; returns how many.
+    async fn purge_expired(&self, now: u64) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,190 @@
+//! Key metadata and the delivery rules shared by every store implementation.
+//!
+//! Keeping the authorisation and all-or-nothing checks in one pure function means the memory
+//! store used by other crates' tests and the durable store cannot drift apart.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use crate::TakeError;
+
+/// One entitled slave and whether it already fetched the key.
+///
+/// The original slave list is kept (not just the remaining ones) so a second fetch by the same
+/// slave is answered "not found" while a stranger is answered "unauthorised".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SlaveEntry {
+    pub(crate) sae: String,
+    pub(crate) taken: bool,
+}
+
+/// Everything about a stored key except its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyMeta {
+    pub(crate) master: String,
+    pub(crate) expires_at: u64,
+    pub(crate) slaves: Vec<SlaveEntry>,
+}
+
+impl KeyMeta {
+    /// Builds the metadata of a fresh key: every distinct slave entitled, none served yet.
+    pub(crate) fn new(master: &str, slaves: &[String], expires_at: u64) -> Self {
+        let mut seen = HashSet::new();
+        let slaves = slaves
+            .iter()
+            .filter(|s| seen.insert(s.as_str()))
+            .map(|s| SlaveEntry {
+                sae: s.clone(),
+                taken: false,
+            })
+            .collect();
+        KeyMeta {
+            master: master.to_owned(),
+            expires_at,
+            slaves,
+        }
+    }
+
+    /// Slaves that may still fetch the key.
+    pub(crate) fn remaining(&self) -> impl Iterator<Item = &str> {
+        self.slaves
+            .iter()
+            .filter(|s| !s.taken)
+            .map(|s| s.sae.as_str())
+    }
+
+    /// Marks `caller` served; returns true when nobody is left and the key must be deleted.
+    pub(crate) fn mark_taken(&mut self, caller: &str) -> bool {
+        for s in &mut self.slaves {
+            if s.sae == caller {
+                s.taken = true;
+            }
+        }
+        self.remaining().next().is_none()
+    }
+}
+
+/// Decides a take request against the current metadata of each requested key (`metas[i]`
+/// belongs to `ids[i]`; `None` = unknown). Nothing is changed here; the caller applies the
+/// outcome only if this returns `Ok`.
+///
+/// Unauthorised wins over not-found so that a caller probing IDs it was never given learns
+/// nothing about which of them were already delivered.
+pub(crate) fn check_take(
+    caller: &str,
+    masters: &[String],
+    ids: &[Uuid],
+    metas: &[Option<&KeyMeta>],
+    now: u64,
+) -> Result<(), TakeError> {
+    debug_assert_eq!(ids.len(), metas.len());
+    for meta in metas.iter().flatten() {
+        if meta.expires_at <= now {
+            continue;
+        }
+        let master_ok = masters.contains(&meta.master);
+        let slave_ok = meta.slaves.iter().any(|s| s.sae == caller);
+        if !master_ok || !slave_ok {
+            return Err(TakeError::Unauthorized);
+        }
+    }
+    let mut seen = HashSet::with_capacity(ids.len());
+    for (id, meta) in ids.iter().zip(metas) {
+        if !seen.insert(id) {
+            return Err(TakeError::NotFound);
+        }
+        let Some(meta) = meta else {
+            return Err(TakeError::NotFound);
+        };
+        if meta.expires_at <= now {
+            return Err(TakeError::NotFound);
+        }
+        if !meta.remaining().any(|s| s == caller) {
+            return Err(TakeError::NotFound);
+        }
+    }
+    Ok(())
+}
+
+/// Per-(master, slave) counts of keys the slave may still fetch.
+///
+/// Nested maps so a lookup needs no allocation.
+#[derive(Debug, Default)]
+pub(crate) struct PendingCounts {
+    by_master: std::collections::HashMap<String, std::collections::HashMap<String, u64>>,
+}
+
+impl PendingCounts {
+    pub(crate) fn get(&self, master: &str, slave: &str) -> u64 {
+        self.by_master
+            .get(master)
+            .and_then(|m| m.get(slave))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts every remaining slave of `meta` once more.
+    pub(crate) fn add_key(&mut self, meta: &KeyMeta) {
+        for s in meta.remaining() {
+            self.add(&meta.master, s, 1);
+        }
+    }
+
+    /// Forgets every remaining slave of `meta` (the key was deleted).
+    pub(crate) fn remove_key(&mut self, meta: &KeyMeta) {
+        for s in meta.remaining() {
+            self.sub(&meta.master, s, 1);
+        }
+    }
+
+    pub(crate) fn add(&mut self, master: &str, slave: &str, n: u64) {
+        let inner = self.by_master.entry(master.to_owned()).or_default();
+        *inner.entry(slave.to_owned()).or_default() += n;
+    }
+
+    pub(crate) fn sub(&mut self, master: &str, slave: &str, n: u64) {
+        if let Some(inner) = self.by_master.get_mut(master) {
+            if let Some(c) = inner.get_mut(slave) {
+                *c = c.saturating_sub(n);
+                if *c == 0 {
+                    inner.remove(slave);
+                }
+            }
+            if inner.is_empty() {
+                self.by_master.remove(master);
+            }
+        }
+    }
+}
+
+/// Checks a batch of new keys before anything is written: IDs unique within the batch and not
+/// yet stored (`exists`), at least one slave, and every field small enough for the record
+/// format, so both stores refuse exactly the same inputs.
+pub(crate) fn check_insert<E>(
+    keys: &[crate::NewKey],
+    mut exists: impl FnMut(Uuid) -> Result<bool, E>,
+) -> Result<Result<(), crate::StoreError>, E> {
+    use crate::StoreError;
+    let mut seen = HashSet::with_capacity(keys.len());
+    for k in keys {
+        let invalid = |reason| Ok(Err(StoreError::InvalidKey { id: k.id, reason }));
+        if k.master.is_empty() {
+            return invalid("empty master SAE ID");
+        }
+        if k.slaves.is_empty() || k.slaves.iter().any(String::is_empty) {
+            return invalid("no slave SAE, or an empty slave SAE ID");
+        }
+        if k.material.is_empty() {
+            return invalid("empty key material");
+        }
+        let max = usize::from(u16::MAX);
+        if k.master.len() > max || k.slaves.len() > max || k.slaves.iter().any(|s| s.len() > max) {
+            return invalid(crate::record::TOO_LONG);
+        }
+        if !seen.insert(k.id) || exists(k.id)? {
+            return Ok(Err(StoreError::DuplicateId { id: k.id }));
+        }
+    }
+    Ok(Ok(()))
+}

@@ -1,0 +1,231 @@
+//! The on-disk record of one key: a small versioned binary encoding.
+//!
+//! Layout of version 1 (all integers big-endian):
+//!
+//! ```text
+//! u8   version (= 1)
+//! u64  expires_at (unix seconds)
+//! u16  master length, then the master SAE ID (UTF-8)
+//! u16  slave count, then per slave: u8 flags (bit 0 = already delivered),
+//!      u16 length, the slave SAE ID (UTF-8)
+//! [12] AES-256-GCM nonce
+//! u32  sealed length, then ciphertext ‖ 16-byte tag
+//! ```
+//!
+//! The associated data of the seal is `key ID (16 bytes) ‖ master ‖ version`, so a record
+//! moved to another key ID, or edited to name another master, fails to open. Slaves and expiry
+//! are not bound in: they change as keys are delivered, and an attacker who can edit the file
+//! can delete records anyway.
+
+use uuid::Uuid;
+
+use crate::kek::NONCE_BYTES;
+use crate::meta::{KeyMeta, SlaveEntry};
+use crate::RecordError;
+
+/// Current record format version.
+pub(crate) const VERSION: u8 = 1;
+
+const FLAG_TAKEN: u8 = 0x01;
+
+/// A decoded record: metadata in clear, key bytes still sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) meta: KeyMeta,
+    pub(crate) nonce: [u8; NONCE_BYTES],
+    pub(crate) sealed: Vec<u8>,
+}
+
+/// The associated data binding a sealed key to its ID and master.
+pub(crate) fn aad(id: Uuid, master: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + master.len() + 1);
+    v.extend_from_slice(id.as_bytes());
+    v.extend_from_slice(master.as_bytes());
+    v.push(VERSION);
+    v
+}
+
+/// Why a record cannot be encoded (a field too long for its length prefix).
+pub(crate) const TOO_LONG: &str = "a name, the slave list or the key is too long to store";
+
+impl Record {
+    /// Encodes the record; `Err` if a field exceeds its length prefix.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, &'static str> {
+        let m = &self.meta;
+        let mut out = Vec::with_capacity(
+            1 + 8
+                + 2
+                + m.master.len()
+                + 2
+                + m.slaves.len() * 16
+                + NONCE_BYTES
+                + 4
+                + self.sealed.len(),
+        );
+        out.push(VERSION);
+        out.extend_from_slice(&m.expires_at.to_be_bytes());
+        put_str(&mut out, &m.master)?;
+        let count = u16::try_from(m.slaves.len()).map_err(|_| TOO_LONG)?;
+        out.extend_from_slice(&count.to_be_bytes());
+        for s in &m.slaves {
+            out.push(if s.taken { FLAG_TAKEN } else { 0 });
+            put_str(&mut out, &s.sae)?;
+        }
+        out.extend_from_slice(&self.nonce);
+        let len = u32::try_from(self.sealed.len()).map_err(|_| TOO_LONG)?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&self.sealed);
+        Ok(out)
+    }
+
+    /// Decodes a record, rejecting unknown versions, short input and trailing bytes.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        let mut r = Reader(bytes);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(RecordError::UnknownVersion(version));
+        }
+        let expires_at = u64::from_be_bytes(r.array()?);
+        let master = r.string()?;
+        let count = r.u16()?;
+        let mut slaves = Vec::with_capacity(usize::from(count).min(r.0.len() / 3));
+        for _ in 0..count {
+            let flags = r.u8()?;
+            if flags & !FLAG_TAKEN != 0 {
+                return Err(RecordError::BadFlags(flags));
+            }
+            slaves.push(SlaveEntry {
+                sae: r.string()?,
+                taken: flags & FLAG_TAKEN != 0,
+            });
+        }
+        let nonce = r.array()?;
+        let len = u32::from_be_bytes(r.array()?);
+        let sealed = r.take(usize::try_from(len).map_err(|_| RecordError::Truncated)?)?;
+        if !r.0.is_empty() {
+            return Err(RecordError::TrailingBytes(r.0.len()));
+        }
+        Ok(Record {
+            meta: KeyMeta {
+                master,
+                expires_at,
+                slaves,
+            },
+            nonce,
+            sealed: sealed.to_vec(),
+        })
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), &'static str> {
+    let len = u16::try_from(s.len()).map_err(|_| TOO_LONG)?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// A cursor over the record bytes; every read checks the remaining length.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.0.len() < n {
+            return Err(RecordError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], RecordError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn string(&mut self) -> Result<String, RecordError> {
+        let len = usize::from(self.u16()?);
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| RecordError::BadName)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            meta: KeyMeta {
+                master: "alice".into(),
+                expires_at: 1_700_000_000,
+                slaves: vec![
+                    SlaveEntry {
+                        sae: "bob".into(),
+                        taken: true,
+                    },
+                    SlaveEntry {
+                        sae: "carol".into(),
+                        taken: false,
+                    },
+                ],
+            },
+            nonce: [9; NONCE_BYTES],
+            sealed: vec![1, 2, 3, 4, 5],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let r = sample();
+        let bytes = r.encode().unwrap();
+        assert_eq!(Record::decode(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode().unwrap();
+        for n in 0..bytes.len() {
+            assert_eq!(
+                Record::decode(&bytes[..n]),
+                Err(RecordError::Truncated),
+                "n={n}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_inputs_are_typed_errors() {
+        let mut bytes = sample().encode().unwrap();
+        bytes.push(0);
+        assert_eq!(Record::decode(&bytes), Err(RecordError::TrailingBytes(1)));
+
+        let mut bytes = sample().encode().unwrap();
+        bytes[0] = 2;
+        assert_eq!(Record::decode(&bytes), Err(RecordError::UnknownVersion(2)));
+
+        let mut bytes = sample().encode().unwrap();
+        // first slave's flags byte: version(1) + expiry(8) + len(2) + "alice"(5) + count(2)
+        bytes[18] = 0x80;
+        assert_eq!(Record::decode(&bytes), Err(RecordError::BadFlags(0x80)));
+
+        let mut bytes = sample().encode().unwrap();
+        bytes[11] = 0xff; // first byte of "alice"
+        assert_eq!(Record::decode(&bytes), Err(RecordError::BadName));
+    }
+
+    #[test]
+    fn too_long_names_are_refused() {
+        let mut r = sample();
+        r.meta.master = "x".repeat(70_000);
+        assert!(r.encode().is_err());
+    }
+}

@@ -1,0 +1,418 @@
+//! The group-commit writer thread of [`crate::EmbeddedStore`].
+//!
+//! One thread owns the write side of the database. It blocks for the first queued operation,
+//! drains whatever else is queued (up to [`MAX_BATCH`]), applies them in arrival order inside
+//! one write transaction, commits with `Durability::Immediate` (one fsync for the whole batch),
+//! and only then answers each caller. Each operation is validated against the state the earlier
+//! operations of the batch left behind, before it writes anything, so a failing operation
+//! leaves no trace and does not disturb the others, and two takes of the same key can never
+//! both succeed. Pending counts change only after the commit succeeded.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::embedded::KEYS;
+use crate::kek::Cipher;
+use crate::meta::{check_insert, check_take, KeyMeta, PendingCounts};
+use crate::record::{aad, Record};
+use crate::{DeliveredKey, KeyMaterial, NewKey, StoreError, TakeError};
+
+/// Upper bound on operations per transaction, to bound the latency of the first caller.
+const MAX_BATCH: usize = 1024;
+
+/// One operation sent to the writer with the channel for its answer.
+pub(crate) enum Request {
+    Insert {
+        keys: Vec<NewKey>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Take {
+        caller: String,
+        masters: Vec<String>,
+        ids: Vec<Uuid>,
+        now: u64,
+        reply: oneshot::Sender<Result<Vec<DeliveredKey>, TakeError>>,
+    },
+    Purge {
+        now: u64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+}
+
+/// Shared group-commit counters.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) batches: AtomicU64,
+    pub(crate) ops: AtomicU64,
+    pub(crate) max_batch: AtomicU64,
+}
+
+/// A change to the pending counts, applied only once the batch is on disk.
+enum Delta {
+    Add(KeyMeta),
+    Remove(KeyMeta),
+    Taken { master: String, slave: String },
+}
+
+/// The result of one operation, held until the commit decides whether it stands.
+enum Outcome {
+    Insert(
+        oneshot::Sender<Result<(), StoreError>>,
+        Result<(), StoreError>,
+    ),
+    Take(
+        oneshot::Sender<Result<Vec<DeliveredKey>, TakeError>>,
+        Result<Vec<DeliveredKey>, TakeError>,
+    ),
+    Purge(
+        oneshot::Sender<Result<u64, StoreError>>,
+        Result<u64, StoreError>,
+    ),
+}
+
+impl Outcome {
+    /// The answer for an operation the batch never reached.
+    fn failed(request: Request, err: &StoreError) -> Self {
+        let e = || clone_batch_error(err);
+        match request {
+            Request::Insert { reply, .. } => Outcome::Insert(reply, Err(e())),
+            Request::Take { reply, .. } => Outcome::Take(reply, Err(TakeError::Store(e()))),
+            Request::Purge { reply, .. } => Outcome::Purge(reply, Err(e())),
+        }
+    }
+
+    /// Replaces a success with `err` (the commit failed, so nothing of it is on disk).
+    fn fail_if_ok(self, err: &StoreError) -> Self {
+        let e = || clone_batch_error(err);
+        match self {
+            Outcome::Insert(tx, Ok(())) => Outcome::Insert(tx, Err(e())),
+            Outcome::Take(tx, Ok(_)) => Outcome::Take(tx, Err(TakeError::Store(e()))),
+            Outcome::Purge(tx, Ok(_)) => Outcome::Purge(tx, Err(e())),
+            other => other,
+        }
+    }
+
+    fn answer(self) {
+        // A send fails only if the caller stopped waiting (e.g. its request was cancelled).
+        let gone = match self {
+            Outcome::Insert(tx, r) => tx.send(r).is_err(),
+            Outcome::Take(tx, r) => {
+                let delivered = r.is_ok();
+                tx.send(r).is_err() && delivered
+            }
+            Outcome::Purge(tx, r) => tx.send(r).is_err(),
+        };
+        if gone {
+            tracing::warn!("caller went away before its committed key delivery was answered");
+        }
+    }
+}
+
+/// Errors that fail a whole batch are redb errors (shared by `Arc`) or I/O-free variants.
+fn clone_batch_error(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Redb { context, source } => StoreError::Redb {
+            context,
+            source: Arc::clone(source),
+        },
+        _ => StoreError::Closed,
+    }
+}
+
+/// The writer loop; returns when every sender is gone and the queue is drained.
+pub(crate) fn run(
+    db: Database,
+    cipher: Cipher,
+    requests: mpsc::Receiver<Request>,
+    pending: Arc<Mutex<PendingCounts>>,
+    stats: Arc<Stats>,
+) {
+    while let Ok(first) = requests.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        // Counted before answering, so a caller that saw its answer also sees its batch counted.
+        let n = batch.len() as u64;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.ops.fetch_add(n, Ordering::Relaxed);
+        stats.max_batch.fetch_max(n, Ordering::Relaxed);
+        process(&db, &cipher, batch, &pending);
+    }
+    tracing::debug!("key store writer stopped");
+}
+
+/// Applies, commits and answers one batch.
+fn process(db: &Database, cipher: &Cipher, batch: Vec<Request>, pending: &Mutex<PendingCounts>) {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut deltas = Vec::new();
+    let txn = match begin(db) {
+        Ok(txn) => txn,
+        Err(err) => {
+            tracing::error!(error = %err, "key store batch could not start");
+            for r in batch {
+                Outcome::failed(r, &err).answer();
+            }
+            return;
+        }
+    };
+    let result = apply_all(&txn, cipher, batch, &mut outcomes, &mut deltas).and_then(|()| {
+        // Every write records a delta, so no deltas means nothing to make durable: skip the
+        // fsync (a batch of only refused takes costs no disk flush).
+        if !deltas.is_empty() {
+            txn.commit()
+                .map_err(|e| StoreError::redb("committing a batch", e))
+        } else {
+            txn.abort()
+                .map_err(|e| StoreError::redb("aborting a read-only batch", e))
+        }
+    });
+    match result {
+        Ok(()) => {
+            let mut counts = pending.lock().unwrap_or_else(PoisonError::into_inner);
+            for d in &deltas {
+                match d {
+                    Delta::Add(meta) => counts.add_key(meta),
+                    Delta::Remove(meta) => counts.remove_key(meta),
+                    Delta::Taken { master, slave } => counts.sub(master, slave, 1),
+                }
+            }
+            drop(counts);
+            outcomes.into_iter().for_each(Outcome::answer);
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "key store batch failed; nothing of it was written");
+            // Successes become the batch error; operations that failed on their own keep
+            // their own answer, since nothing of them was written either way.
+            for o in outcomes {
+                o.fail_if_ok(&err).answer();
+            }
+        }
+    }
+}
+
+fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {
+    let mut txn = db
+        .begin_write()
+        .map_err(|e| StoreError::redb("starting a write transaction", e))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| StoreError::redb("setting durability", e))?;
+    Ok(txn)
+}
+
+/// Applies every request in order, recording a delta for every write. An `Err` is a storage
+/// failure that makes the whole transaction unusable.
+fn apply_all(
+    txn: &WriteTransaction,
+    cipher: &Cipher,
+    batch: Vec<Request>,
+    outcomes: &mut Vec<Outcome>,
+    deltas: &mut Vec<Delta>,
+) -> Result<(), StoreError> {
+    let mut table = txn
+        .open_table(KEYS)
+        .map_err(|e| StoreError::redb("opening the keys table", e))?;
+    let mut queue = batch.into_iter();
+    while let Some(request) = queue.next() {
+        let step = match request {
+            Request::Insert { keys, reply } => match insert(&mut table, cipher, keys, deltas) {
+                Ok(r) => Ok(Outcome::Insert(reply, r)),
+                Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
+            },
+            Request::Take {
+                caller,
+                masters,
+                ids,
+                now,
+                reply,
+            } => match take(&mut table, cipher, &caller, &masters, &ids, now, deltas) {
+                Ok(r) => Ok(Outcome::Take(reply, r)),
+                Err(e) => Err((
+                    Outcome::Take(reply, Err(TakeError::Store(clone_batch_error(&e)))),
+                    e,
+                )),
+            },
+            Request::Purge { now, reply } => match purge(&mut table, now, deltas) {
+                Ok(r) => Ok(Outcome::Purge(reply, r)),
+                Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
+            },
+        };
+        match step {
+            Ok(outcome) => {
+                outcomes.push(outcome);
+            }
+            Err((failed, err)) => {
+                // The transaction is unusable: every operation of the batch, reached or not,
+                // is answered with this error and nothing is committed.
+                outcomes.push(failed);
+                outcomes.extend(queue.map(|r| Outcome::failed(r, &err)));
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
+}
+
+type KeysTable<'t> = Table<'t, u128, &'static [u8]>;
+
+fn read_error(e: redb::StorageError) -> StoreError {
+    StoreError::redb("reading a key record", e)
+}
+
+fn write_error(e: redb::StorageError) -> StoreError {
+    StoreError::redb("writing a key record", e)
+}
+
+fn insert(
+    table: &mut KeysTable<'_>,
+    cipher: &Cipher,
+    keys: Vec<NewKey>,
+    deltas: &mut Vec<Delta>,
+) -> Result<Result<(), StoreError>, StoreError> {
+    let checked = check_insert(&keys, |id| {
+        table
+            .get(id.as_u128())
+            .map(|v| v.is_some())
+            .map_err(read_error)
+    })?;
+    if let Err(e) = checked {
+        return Ok(Err(e));
+    }
+    let mut encoded = Vec::with_capacity(keys.len());
+    for k in &keys {
+        let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
+        let (nonce, sealed) = match cipher.seal(k.material.as_bytes(), &aad(k.id, &k.master)) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let record = Record {
+            meta,
+            nonce,
+            sealed,
+        };
+        match record.encode() {
+            Ok(bytes) => encoded.push((k.id, bytes, record.meta)),
+            Err(reason) => return Ok(Err(StoreError::InvalidKey { id: k.id, reason })),
+        }
+    }
+    for (id, bytes, meta) in encoded {
+        table
+            .insert(id.as_u128(), bytes.as_slice())
+            .map_err(write_error)?;
+        deltas.push(Delta::Add(meta));
+    }
+    Ok(Ok(()))
+}
+
+fn take(
+    table: &mut KeysTable<'_>,
+    cipher: &Cipher,
+    caller: &str,
+    masters: &[String],
+    ids: &[Uuid],
+    now: u64,
+    deltas: &mut Vec<Delta>,
+) -> Result<Result<Vec<DeliveredKey>, TakeError>, StoreError> {
+    let mut records = Vec::with_capacity(ids.len());
+    for id in ids {
+        let raw = table.get(id.as_u128()).map_err(read_error)?;
+        let record = match raw.map(|v| Record::decode(v.value())).transpose() {
+            Ok(r) => r,
+            Err(reason) => {
+                return Ok(Err(TakeError::Store(StoreError::CorruptRecord {
+                    id: *id,
+                    reason,
+                })))
+            }
+        };
+        records.push(record);
+    }
+    let metas: Vec<Option<&KeyMeta>> = records
+        .iter()
+        .map(|r| r.as_ref().map(|r| &r.meta))
+        .collect();
+    if let Err(e) = check_take(caller, masters, ids, &metas, now) {
+        return Ok(Err(e));
+    }
+    // Every record is present (check_take passed); open and re-encode all before writing any.
+    let mut delivered = Vec::with_capacity(ids.len());
+    let mut updates = Vec::with_capacity(ids.len());
+    for (id, record) in ids.iter().zip(records.into_iter().flatten()) {
+        let Some(bytes) = cipher.open(record.nonce, &record.sealed, &aad(*id, &record.meta.master))
+        else {
+            return Ok(Err(TakeError::Store(StoreError::Crypto {
+                context: format!("opening key {id}: record does not authenticate"),
+            })));
+        };
+        delivered.push(DeliveredKey {
+            id: *id,
+            material: KeyMaterial::new(bytes.to_vec()),
+        });
+        let mut record = record;
+        let master = record.meta.master.clone();
+        let value = if record.meta.mark_taken(caller) {
+            None
+        } else {
+            match record.encode() {
+                Ok(v) => Some(v),
+                Err(reason) => {
+                    return Ok(Err(TakeError::Store(StoreError::InvalidKey {
+                        id: *id,
+                        reason,
+                    })))
+                }
+            }
+        };
+        updates.push((*id, value, master));
+    }
+    for (id, value, master) in updates {
+        match value {
+            None => {
+                table.remove(id.as_u128()).map_err(write_error)?;
+            }
+            Some(v) => {
+                table
+                    .insert(id.as_u128(), v.as_slice())
+                    .map_err(write_error)?;
+            }
+        }
+        deltas.push(Delta::Taken {
+            master,
+            slave: caller.to_owned(),
+        });
+    }
+    Ok(Ok(delivered))
+}
+
+fn purge(
+    table: &mut KeysTable<'_>,
+    now: u64,
+    deltas: &mut Vec<Delta>,
+) -> Result<Result<u64, StoreError>, StoreError> {
+    let mut expired = Vec::new();
+    for entry in table.iter().map_err(read_error)? {
+        let (k, v) = entry.map_err(read_error)?;
+        let id = Uuid::from_u128(k.value());
+        match Record::decode(v.value()) {
+            Ok(r) if r.meta.expires_at <= now => expired.push((id, r.meta)),
+            Ok(_) => {}
+            // Keep an undecodable record for inspection rather than guessing its expiry.
+            Err(reason) => {
+                tracing::warn!(key_id = %id, %reason, "skipping corrupt key record in purge")
+            }
+        }
+    }
+    let count = expired.len() as u64;
+    for (id, meta) in expired {
+        table.remove(id.as_u128()).map_err(write_error)?;
+        deltas.push(Delta::Remove(meta));
+    }
+    Ok(Ok(count))
+}
