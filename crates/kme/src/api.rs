@@ -1,0 +1,203 @@
+//! HTTP routes of the ETSI GS QKD 014 API.
+//!
+//! Handlers only extract (caller, path, query, body), call the [`KeyService`] and wrap the
+//! answer; every failure is an [`ApiError`], which picks the status and the JSON body.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use dqkd_etsi014::{parse_dec_query, parse_enc_query, parse_key_ids, parse_key_request};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::service::{KeyService, VerifiedSae};
+use crate::ApiError;
+
+/// Largest request body accepted. A dec_keys body naming `max_key_per_request` IDs is far
+/// smaller; anything larger is refused before it is buffered.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// The identity a connection's client certificate proved, inserted into every request's
+/// extensions by the server before routing. `None`: a CA-signed certificate without a
+/// dqkd identity.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Option<Arc<dqkd_pki::Identity>>);
+
+/// Builds the router; the server adds the TLS identity, tests may add it themselves.
+pub fn router(service: Arc<KeyService>) -> Router {
+    Router::new()
+        .route("/api/v1/keys/{slave}/status", get(status))
+        .route(
+            "/api/v1/keys/{slave}/enc_keys",
+            get(enc_keys_get).post(enc_keys_post),
+        )
+        .route(
+            "/api/v1/keys/{master}/dec_keys",
+            get(dec_keys_get).post(dec_keys_post),
+        )
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(log_request))
+        .with_state(service)
+}
+
+/// The caller, proven by its certificate to be an SAE of this site.
+struct Caller(VerifiedSae);
+
+impl FromRequestParts<Arc<KeyService>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        service: &Arc<KeyService>,
+    ) -> Result<Self, Self::Rejection> {
+        let identity = parts
+            .extensions
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.as_deref());
+        service.verify_sae(identity).map(Caller)
+    }
+}
+
+/// The `{slave_SAE_ID}` or `{master_SAE_ID}` segment, percent-decoded.
+struct SaeSegment(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SaeSegment {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| SaeSegment(id))
+            .map_err(|e| ApiError::BadRequest(format!("invalid SAE ID in path: {e}")))
+    }
+}
+
+async fn status(
+    State(service): State<Arc<KeyService>>,
+    Caller(caller): Caller,
+    SaeSegment(slave): SaeSegment,
+) -> Result<Response, ApiError> {
+    Ok(json(&service.status(&caller, &slave)?))
+}
+
+async fn enc_keys_get(
+    State(service): State<Arc<KeyService>>,
+    Caller(caller): Caller,
+    SaeSegment(slave): SaeSegment,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let request = parse_enc_query(query.as_deref(), &service.config().limits.etsi())?;
+    let keys = service.enc_keys(&caller, &slave, request).await?;
+    Ok(secret_json(&keys))
+}
+
+async fn enc_keys_post(
+    State(service): State<Arc<KeyService>>,
+    Caller(caller): Caller,
+    SaeSegment(slave): SaeSegment,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request = parse_key_request(&body, &service.config().limits.etsi())?;
+    let keys = service.enc_keys(&caller, &slave, request).await?;
+    Ok(secret_json(&keys))
+}
+
+async fn dec_keys_get(
+    State(service): State<Arc<KeyService>>,
+    Caller(caller): Caller,
+    SaeSegment(master): SaeSegment,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let id = parse_dec_query(query.as_deref())?;
+    let keys = service.dec_keys(&caller, &master, &[id]).await?;
+    Ok(secret_json(&keys))
+}
+
+async fn dec_keys_post(
+    State(service): State<Arc<KeyService>>,
+    Caller(caller): Caller,
+    SaeSegment(master): SaeSegment,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let ids = parse_key_ids(&body, service.config().limits.max_key_per_request)?;
+    let keys = service.dec_keys(&caller, &master, &ids).await?;
+    Ok(secret_json(&keys))
+}
+
+async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    let _ = method;
+    ApiError::NoRoute(uri.path().to_owned())
+}
+
+async fn wrong_method(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::BodyTooLarge(MAX_BODY_BYTES)
+    } else {
+        ApiError::BadRequest(format!("cannot read request body: {rejection}"))
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => with_json_type(body.into_response()),
+        Err(e) => ApiError::Internal(format!("serialising response: {e}")).into_response(),
+    }
+}
+
+/// A response body holding key material: the buffer is zeroised when the body is freed.
+struct SecretBuffer(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for SecretBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn secret_json<T: Serialize>(value: &T) -> Response {
+    let mut buffer = Zeroizing::new(Vec::with_capacity(256));
+    match serde_json::to_writer(&mut *buffer, value) {
+        Ok(()) => with_json_type(Bytes::from_owner(SecretBuffer(buffer)).into_response()),
+        Err(e) => ApiError::Internal(format!("serialising response: {e}")).into_response(),
+    }
+}
+
+fn with_json_type(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// One debug line per request: method, path, status, time. Never bodies (they hold keys).
+async fn log_request(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    tracing::debug!(
+        %method,
+        %path,
+        status = response.status().as_u16(),
+        micros = start.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}

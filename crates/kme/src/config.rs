@@ -1,0 +1,481 @@
+//! Configuration: the cluster manifest (the same file at every site) and the site file
+//! (what only this site knows: listeners, certificates, store).
+//!
+//! Raw TOML is parsed into the serde types [`Manifest`] and [`SiteFile`], then checked as
+//! a whole into a [`Config`] that the server trusts without further checks. Every problem is
+//! reported with the file and the offending entry named.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dqkd_etsi014::Limits;
+use serde::{Deserialize, Serialize};
+
+/// The cluster manifest, as written in TOML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Cluster name; it is part of every certificate identity (`dqkd://<cluster>/…`).
+    pub cluster: String,
+    /// ETSI 014 limits every site advertises in `status` and enforces.
+    #[serde(default)]
+    pub limits: ManifestLimits,
+    /// How long keys live.
+    #[serde(default)]
+    pub keys: KeyLife,
+    /// The sites of the cluster.
+    pub sites: Vec<SiteEntry>,
+}
+
+/// ETSI 014 limits (sizes in bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManifestLimits {
+    /// Key size used when a request names none.
+    pub default_key_size: u32,
+    /// Smallest key a request may ask for.
+    pub min_key_size: u32,
+    /// Largest key a request may ask for.
+    pub max_key_size: u32,
+    /// Most keys in one request (and most key IDs in one dec_keys).
+    pub max_key_per_request: u32,
+    /// Most undelivered keys a master/slave pair may have stored at once.
+    pub max_key_count: u64,
+    /// Most `additional_slave_SAE_IDs` in one request.
+    pub max_sae_id_count: u32,
+}
+
+impl Default for ManifestLimits {
+    fn default() -> Self {
+        let etsi = Limits::default();
+        Self {
+            default_key_size: etsi.default_key_size,
+            min_key_size: etsi.min_key_size,
+            max_key_size: etsi.max_key_size,
+            max_key_per_request: etsi.max_key_per_request,
+            max_key_count: 100_000,
+            max_sae_id_count: etsi.max_sae_id_count,
+        }
+    }
+}
+
+impl ManifestLimits {
+    /// The subset the ETSI request parser needs.
+    pub fn etsi(&self) -> Limits {
+        Limits {
+            default_key_size: self.default_key_size,
+            min_key_size: self.min_key_size,
+            max_key_size: self.max_key_size,
+            max_key_per_request: self.max_key_per_request,
+            max_sae_id_count: self.max_sae_id_count,
+        }
+    }
+}
+
+/// Key lifetime settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyLife {
+    /// Seconds an undelivered key is kept before it is shredded.
+    pub ttl_secs: u64,
+    /// Seconds between sweeps that shred expired keys.
+    pub purge_interval_secs: u64,
+}
+
+impl Default for KeyLife {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 3600,
+            purge_interval_secs: 10,
+        }
+    }
+}
+
+/// One site of the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteEntry {
+    /// The site's KME ID (unique in the cluster, distinct from every SAE ID).
+    pub kme_id: String,
+    /// Where SAEs reach the site's ETSI API, e.g. `127.0.0.1:8443`.
+    pub api_addr: String,
+    /// The SAE IDs that belong to this site.
+    pub saes: Vec<String>,
+}
+
+/// The site file, as written in TOML. Relative paths are relative to the file's folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteFile {
+    /// Path of the cluster manifest.
+    pub manifest: PathBuf,
+    /// Which site of the manifest this process is.
+    pub kme_id: String,
+    /// Address the ETSI API listens on (`127.0.0.1:0` picks a free port).
+    pub api_listen: SocketAddr,
+    /// Certificates.
+    pub tls: TlsFiles,
+    /// Key store.
+    pub store: StoreFiles,
+}
+
+/// Certificate files of a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The cluster CA certificate (PEM): the one trust anchor.
+    pub ca: PathBuf,
+    /// The KME certificate chain (PEM), issued with role `kme` and this site's KME ID.
+    pub cert: PathBuf,
+    /// The KME private key (PKCS#8 PEM).
+    pub key: PathBuf,
+}
+
+/// Key store files of a site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFiles {
+    /// The embedded store file.
+    pub path: PathBuf,
+    /// The site key-encryption key (64 hex characters), which seals keys at rest.
+    pub kek: PathBuf,
+}
+
+/// A problem with the configuration; each names the file or entry at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML of the expected shape.
+    #[error("{path} is not a valid {what}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// "cluster manifest" or "site file".
+        what: &'static str,
+        /// The parser's explanation (with line and column).
+        message: String,
+    },
+    /// The manifest contradicts itself or the site file.
+    #[error("{path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// A site as the running KME sees it: its KME ID and SAEs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// KME ID.
+    pub kme_id: String,
+    /// ETSI API address SAEs use.
+    pub api_addr: String,
+    /// SAE IDs of the site.
+    pub saes: BTreeSet<String>,
+}
+
+/// The validated configuration of one KME.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Cluster name (the identity namespace of certificates).
+    pub cluster: String,
+    /// This site's KME ID.
+    pub kme_id: String,
+    /// ETSI API listen address.
+    pub api_listen: SocketAddr,
+    /// Limits from the manifest.
+    pub limits: ManifestLimits,
+    /// How long undelivered keys live.
+    pub key_ttl: Duration,
+    /// How often expired keys are shredded.
+    pub purge_interval: Duration,
+    /// All sites by KME ID.
+    pub sites: BTreeMap<String, Site>,
+    /// Which site each SAE belongs to.
+    pub sae_site: BTreeMap<String, String>,
+    /// Certificates, with absolute paths.
+    pub tls: TlsFiles,
+    /// Store, with absolute paths.
+    pub store: StoreFiles,
+}
+
+impl Config {
+    /// Reads the site file and the manifest it names, and checks them together.
+    pub fn load(site_path: &Path) -> Result<Self, ConfigError> {
+        let site: SiteFile = read_toml(site_path, "site file")?;
+        let base = site_path.parent().unwrap_or(Path::new("."));
+        let manifest_path = base.join(&site.manifest);
+        let manifest: Manifest = read_toml(&manifest_path, "cluster manifest")?;
+        Self::from_parts(manifest, &manifest_path, site, base)
+    }
+
+    /// Checks a manifest and a site file together; `base` resolves relative paths.
+    pub fn from_parts(
+        manifest: Manifest,
+        manifest_path: &Path,
+        site: SiteFile,
+        base: &Path,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |problem: String| ConfigError::Invalid {
+            path: manifest_path.to_owned(),
+            problem,
+        };
+        if !valid_name(&manifest.cluster) {
+            return Err(invalid(format!(
+                "cluster name {:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                manifest.cluster
+            )));
+        }
+        check_limits(&manifest.limits).map_err(invalid)?;
+        if manifest.keys.ttl_secs == 0 || manifest.keys.purge_interval_secs == 0 {
+            return Err(invalid(
+                "keys.ttl_secs and keys.purge_interval_secs must be at least 1".into(),
+            ));
+        }
+        if manifest.sites.is_empty() {
+            return Err(invalid("the manifest lists no [[sites]]".into()));
+        }
+        let mut sites = BTreeMap::new();
+        let mut sae_site = BTreeMap::new();
+        for entry in &manifest.sites {
+            if !valid_name(&entry.kme_id) {
+                return Err(invalid(format!(
+                    "KME ID {:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                    entry.kme_id
+                )));
+            }
+            if sites.contains_key(&entry.kme_id) {
+                return Err(invalid(format!("site {:?} is listed twice", entry.kme_id)));
+            }
+            let mut saes = BTreeSet::new();
+            for sae in &entry.saes {
+                if !valid_name(sae) {
+                    return Err(invalid(format!(
+                        "SAE ID {sae:?} of site {:?} must be 1-64 characters of A-Z a-z 0-9 . _ -",
+                        entry.kme_id
+                    )));
+                }
+                if let Some(other) = sae_site.insert(sae.clone(), entry.kme_id.clone()) {
+                    return Err(invalid(format!(
+                        "SAE {sae:?} is listed under both site {other:?} and site {:?}",
+                        entry.kme_id
+                    )));
+                }
+                saes.insert(sae.clone());
+            }
+            sites.insert(
+                entry.kme_id.clone(),
+                Site {
+                    kme_id: entry.kme_id.clone(),
+                    api_addr: entry.api_addr.clone(),
+                    saes,
+                },
+            );
+        }
+        // A path segment may name an SAE or a KME: the two namespaces must not overlap.
+        if let Some(clash) = sites.keys().find(|id| sae_site.contains_key(*id)) {
+            return Err(invalid(format!(
+                "{clash:?} is both a KME ID and an SAE ID; IDs must be unique in the cluster"
+            )));
+        }
+        if !sites.contains_key(&site.kme_id) {
+            return Err(invalid(format!(
+                "this site's kme_id {:?} is not one of the manifest's sites ({})",
+                site.kme_id,
+                sites.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let abs = |p: &Path| base.join(p);
+        Ok(Self {
+            cluster: manifest.cluster,
+            kme_id: site.kme_id,
+            api_listen: site.api_listen,
+            limits: manifest.limits,
+            key_ttl: Duration::from_secs(manifest.keys.ttl_secs),
+            purge_interval: Duration::from_secs(manifest.keys.purge_interval_secs),
+            sites,
+            sae_site,
+            tls: TlsFiles {
+                ca: abs(&site.tls.ca),
+                cert: abs(&site.tls.cert),
+                key: abs(&site.tls.key),
+            },
+            store: StoreFiles {
+                path: abs(&site.store.path),
+                kek: abs(&site.store.kek),
+            },
+        })
+    }
+
+    /// This site's entry.
+    pub fn own_site(&self) -> &Site {
+        // Invariant checked in `from_parts`: kme_id names a site of the manifest.
+        &self.sites[&self.kme_id]
+    }
+}
+
+fn check_limits(l: &ManifestLimits) -> Result<(), String> {
+    if l.min_key_size == 0 || !l.min_key_size.is_multiple_of(8) || !l.max_key_size.is_multiple_of(8) {
+        return Err(
+            "limits.min_key_size and limits.max_key_size must be positive multiples of 8".into(),
+        );
+    }
+    if l.min_key_size > l.max_key_size {
+        return Err("limits.min_key_size is larger than limits.max_key_size".into());
+    }
+    if !l.default_key_size.is_multiple_of(8)
+        || l.default_key_size < l.min_key_size
+        || l.default_key_size > l.max_key_size
+    {
+        return Err(
+            "limits.default_key_size must be a multiple of 8 within [min_key_size, max_key_size]"
+                .into(),
+        );
+    }
+    if l.max_key_per_request == 0 || l.max_key_count == 0 {
+        return Err(
+            "limits.max_key_per_request and limits.max_key_count must be at least 1".into(),
+        );
+    }
+    if u64::from(l.max_key_per_request) > l.max_key_count {
+        return Err("limits.max_key_per_request cannot exceed limits.max_key_count".into());
+    }
+    // 1 MiB keys at most: a response must stay far below the body limits of clients.
+    if l.max_key_size > 8 * 1024 * 1024 {
+        return Err("limits.max_key_size may be at most 8388608 bits (1 MiB)".into());
+    }
+    Ok(())
+}
+
+/// Names that appear in certificates, URLs and file names: a conservative alphabet.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        what,
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(sites: &str) -> Manifest {
+        toml::from_str(&format!("cluster = \"c1\"\n{sites}")).expect("manifest parses")
+    }
+
+    fn site(kme_id: &str) -> SiteFile {
+        SiteFile {
+            manifest: "cluster.toml".into(),
+            kme_id: kme_id.into(),
+            api_listen: "127.0.0.1:0".parse().expect("addr"),
+            tls: TlsFiles {
+                ca: "ca.pem".into(),
+                cert: "kme.pem".into(),
+                key: "kme.key".into(),
+            },
+            store: StoreFiles {
+                path: "store.redb".into(),
+                kek: "kek".into(),
+            },
+        }
+    }
+
+    fn check(sites: &str, kme: &str) -> Result<Config, ConfigError> {
+        Config::from_parts(
+            manifest(sites),
+            Path::new("cluster.toml"),
+            site(kme),
+            Path::new("/etc/dqkd"),
+        )
+    }
+
+    const TWO_SITES: &str = r#"
+[[sites]]
+kme_id = "A"
+api_addr = "127.0.0.1:1"
+saes = ["alice", "carol"]
+[[sites]]
+kme_id = "B"
+api_addr = "127.0.0.1:2"
+saes = ["bob"]
+"#;
+
+    #[test]
+    fn a_consistent_manifest_loads() {
+        let config = check(TWO_SITES, "A").expect("valid");
+        assert_eq!(config.own_site().saes.len(), 2);
+        assert_eq!(config.sae_site["bob"], "B");
+        assert_eq!(config.tls.ca, Path::new("/etc/dqkd/ca.pem"));
+        assert_eq!(config.limits, ManifestLimits::default());
+    }
+
+    #[test]
+    fn inconsistencies_are_named() {
+        let err = check(TWO_SITES, "C").expect_err("unknown site");
+        assert!(err.to_string().contains("\"C\" is not one of"), "{err}");
+
+        let dup_sae = TWO_SITES.replace("[\"bob\"]", "[\"alice\"]");
+        let err = check(&dup_sae, "A").expect_err("SAE twice");
+        assert!(
+            err.to_string().contains("\"alice\" is listed under both"),
+            "{err}"
+        );
+
+        let clash = TWO_SITES.replace("[\"bob\"]", "[\"A\"]");
+        let err = check(&clash, "A").expect_err("KME/SAE clash");
+        assert!(
+            err.to_string().contains("both a KME ID and an SAE ID"),
+            "{err}"
+        );
+
+        let bad_name = TWO_SITES.replace("\"bob\"", "\"b o b\"");
+        assert!(check(&bad_name, "A").is_err());
+    }
+
+    #[test]
+    fn limits_must_make_sense() {
+        let mut m = manifest(TWO_SITES);
+        m.limits.min_key_size = 12;
+        let err = Config::from_parts(m, Path::new("m.toml"), site("A"), Path::new("."))
+            .expect_err("bad limits");
+        assert!(err.to_string().contains("multiples of 8"), "{err}");
+
+        let mut m = manifest(TWO_SITES);
+        m.limits.default_key_size = 16;
+        assert!(Config::from_parts(m, Path::new("m.toml"), site("A"), Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = toml::from_str::<Manifest>("cluster = \"c\"\nsites = []\ncolour = 1")
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+//! The dqkd Key Management Entity (KME).
+//!
+//! A KME serves the ETSI GS QKD 014 API to the SAEs of its site over mutual TLS. The
+//! caller's SAE ID comes from its client certificate, never from the URL. Requests flow
+//! one way: [`api`] (HTTP, status codes) → [`service`] (validation against the cluster,
+//! authorisation, key life) → the key store and the key source.
+//!
+//! [`config`] turns the cluster manifest and the site file into a validated [`Config`];
+//! [`server::run`] serves it until the shutdown future completes.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+mod error;
+pub mod keysource;
+pub mod server;
+pub mod service;
+
+pub use config::{Config, ConfigError, Manifest, SiteFile};
+pub use error::ApiError;
+pub use server::{run, ServeError, Serving};

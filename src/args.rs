@@ -1,0 +1,183 @@
+//! Command-line arguments. Only parsing and shape checks live here; the commands turn
+//! them into library calls.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// dqkd: Digital Quantum Key Distribution — ETSI GS QKD 014 key management entities.
+#[derive(Debug, Parser)]
+#[command(name = "dqkd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, default `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "DQKD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make the cluster CA, certificates and key-encryption keys.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Run a site's KME (the ETSI 014 API) from a site file.
+    Kme(KmeArgs),
+    /// Call a KME's ETSI 014 API as an SAE and print the JSON it answers.
+    Keys(KeysArgs),
+    /// Run a local cluster in the foreground, making certificates and config as needed.
+    Up(UpArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create the cluster CA (`ca.pem`, `ca.key`) in a folder.
+    Init {
+        /// Cluster name; it is part of every identity (`dqkd://<cluster>/…`).
+        #[arg(long)]
+        cluster: String,
+        /// Folder for the CA files.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing CA (every certificate it issued stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate signed by the cluster CA: `.pem`, `.key`, `.combined.pem`, `.p12`.
+    Issue {
+        /// What the certificate is for.
+        #[arg(value_enum)]
+        role: RoleArg,
+        /// The KME ID, SAE ID or entropy server ID.
+        id: String,
+        /// Folder holding `ca.pem` and `ca.key`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Output folder (default: `<ca>/<role>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// DNS name the server answers on (repeatable; default localhost for servers).
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
+        /// IP address the server answers on (repeatable; default 127.0.0.1 and ::1).
+        #[arg(long = "ip")]
+        ip_addresses: Vec<IpAddr>,
+        /// Password of the `.p12` bundle (default empty, as `curl --cert x.p12` expects).
+        #[arg(long, default_value = "")]
+        password: String,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create a site key-encryption key file (seals keys at rest).
+    Kek {
+        /// The file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file (keys sealed under the old one become unreadable).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Certificate roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// A site's KME.
+    Kme,
+    /// An application (SAE).
+    Sae,
+    /// An entropy server.
+    Entropy,
+}
+
+#[derive(Debug, Args)]
+pub struct KmeArgs {
+    /// The site file (TOML); it names the cluster manifest.
+    #[arg(long, env = "DQKD_CONFIG")]
+    pub config: PathBuf,
+    /// Write `{"api_addr": …}` here once the API accepts connections.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// The KME's ETSI API, e.g. https://127.0.0.1:8443
+    #[arg(long, env = "DQKD_KME_URL")]
+    pub kme: String,
+    /// The cluster CA certificate.
+    #[arg(long, env = "DQKD_CA")]
+    pub ca: PathBuf,
+    /// This SAE's certificate chain (PEM); with --key.
+    #[arg(long, env = "DQKD_CERT", requires = "key", conflicts_with = "identity")]
+    pub cert: Option<PathBuf>,
+    /// This SAE's private key (PEM); with --cert.
+    #[arg(long, env = "DQKD_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// This SAE's key and chain in one PEM file (`<id>.combined.pem`).
+    #[arg(long, env = "DQKD_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    #[command(subcommand)]
+    pub call: KeysCall,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCall {
+    /// Get status for a slave SAE (or a KME ID).
+    Status {
+        /// Slave SAE ID.
+        slave: String,
+    },
+    /// Get keys to share with a slave SAE (enc_keys).
+    Enc {
+        /// Slave SAE ID (or KME ID).
+        slave: String,
+        /// Number of keys.
+        #[arg(long)]
+        number: Option<u32>,
+        /// Key size in bits.
+        #[arg(long)]
+        size: Option<u32>,
+        /// Further slave SAEs that get the same keys (repeatable).
+        #[arg(long = "additional")]
+        additional: Vec<String>,
+        /// Use the GET form (number and size only).
+        #[arg(long, conflicts_with = "additional")]
+        get: bool,
+    },
+    /// Get keys by ID as a slave SAE (dec_keys).
+    Dec {
+        /// Master SAE ID (or its KME ID).
+        master: String,
+        /// Key IDs.
+        #[arg(required = true)]
+        key_ids: Vec<String>,
+        /// Use the GET form (one key ID).
+        #[arg(long)]
+        get: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// State folder: certificates, config and key stores live here and are reused.
+    #[arg(long, default_value = "dqkd-local")]
+    pub dir: PathBuf,
+    /// Port of the site's ETSI API on 127.0.0.1.
+    #[arg(long, default_value_t = 8443)]
+    pub port: u16,
+    /// Do not run the Alice→Bob demonstration after start-up.
+    #[arg(long)]
+    pub no_demo: bool,
+}

@@ -1,0 +1,107 @@
+//! `dqkd`: one binary for every role of a Digital QKD cluster.
+//!
+//! This file only parses arguments, sets up logging, wires the library crates and maps the
+//! final error to an exit code; the domain lives in the crates under `crates/`.
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod keys;
+mod pki;
+mod up;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+
+use args::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("dqkd: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Pki(cmd) => pki::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Kme(args) => runtime()?
+            .block_on(serve_kme(args))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Keys(args) => runtime()?.block_on(keys::run(args)),
+        Command::Up(args) => runtime()?
+            .block_on(up::run(args))
+            .map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn serve_kme(args: args::KmeArgs) -> anyhow::Result<()> {
+    let config = dqkd_kme::Config::load(&args.config)?;
+    let serving = dqkd_kme::run(config).await?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, serving.api_addr())?;
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    serving.shutdown().await;
+    Ok(())
+}
+
+/// Tells a supervisor (or a test) where the KME listens once it accepts connections.
+fn write_ready_file(path: &Path, api_addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let text = serde_json::json!({ "api_addr": api_addr.to_string() }).to_string();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

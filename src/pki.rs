@@ -1,0 +1,56 @@
+//! `dqkd pki …`: thin wrappers over `dqkd-pki` and the store's key-encryption key.
+
+use anyhow::Context as _;
+
+use crate::args::{PkiCommand, RoleArg};
+
+pub fn run(command: PkiCommand) -> anyhow::Result<()> {
+    match command {
+        PkiCommand::Init {
+            cluster,
+            out,
+            force,
+        } => {
+            let paths = dqkd_pki::init_ca(&cluster, &out, force)?;
+            println!("cluster CA certificate: {}", paths.cert.display());
+            println!("cluster CA key:         {}", paths.key.display());
+        }
+        PkiCommand::Issue {
+            role,
+            id,
+            ca,
+            out,
+            dns_names,
+            ip_addresses,
+            password,
+            force,
+        } => {
+            let role = match role {
+                RoleArg::Kme => dqkd_pki::Role::Kme,
+                RoleArg::Sae => dqkd_pki::Role::Sae,
+                RoleArg::Entropy => dqkd_pki::Role::Entropy,
+            };
+            let authority = dqkd_pki::load_ca(&ca)
+                .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;
+            let options = dqkd_pki::IssueOptions {
+                out_dir: out.unwrap_or_else(|| ca.join(role.as_str())),
+                dns_names,
+                ip_addresses,
+                p12_password: password,
+                force,
+                ..Default::default()
+            };
+            let issued = authority.issue(role, &id, &options)?;
+            println!("identity:    {}", issued.identity.uri());
+            println!("certificate: {}", issued.cert_chain.display());
+            println!("key:         {}", issued.key.display());
+            println!("combined:    {}", issued.combined.display());
+            println!("pkcs12:      {}", issued.p12.display());
+        }
+        PkiCommand::Kek { out, force } => {
+            dqkd_store::Kek::generate_file(&out, force)?;
+            println!("key-encryption key: {}", out.display());
+        }
+    }
+    Ok(())
+}
