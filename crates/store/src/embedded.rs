@@ -233,4 +233,9 @@ impl KeyStore for EmbeddedStore {
     async fn purge_expired(&self, now: u64) -> Result<u64, StoreError> {
         self.call(|reply| Request::Purge { now, reply }).await?
     }
+
+    async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.call(|reply| Request::Destroy { ids, reply }).await?
+    }
 }

@@ -82,4 +82,9 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Deletes (shreds) keys whose `expires_at <= now`; returns how many.
     async fn purge_expired(&self, now: u64) -> Result<u64, StoreError>;
+
+    /// Deletes (shreds) these keys whatever their entitlements; unknown IDs are skipped.
+    /// Returns how many existed. A KME uses it when a cross-site request fails, so that
+    /// no key of that request can ever be delivered. Durable before it returns.
+    async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError>;
 }

@@ -100,4 +100,17 @@ impl KeyStore for MemoryStore {
         });
         Ok(u64::try_from(before - keys.len()).unwrap_or(u64::MAX))
     }
+
+    async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let Inner { keys, pending } = &mut *inner;
+        let mut count = 0;
+        for id in ids {
+            if let Some((meta, _)) = keys.remove(id) {
+                pending.remove_key(&meta);
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
 }

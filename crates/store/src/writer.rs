@@ -41,6 +41,10 @@ pub(crate) enum Request {
         now: u64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    Destroy {
+        ids: Vec<Uuid>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
 
 /// Shared group-commit counters.
@@ -81,7 +85,9 @@ impl Outcome {
         match request {
             Request::Insert { reply, .. } => Outcome::Insert(reply, Err(e())),
             Request::Take { reply, .. } => Outcome::Take(reply, Err(TakeError::Store(e()))),
-            Request::Purge { reply, .. } => Outcome::Purge(reply, Err(e())),
+            Request::Purge { reply, .. } | Request::Destroy { reply, .. } => {
+                Outcome::Purge(reply, Err(e()))
+            }
         }
     }
 
@@ -241,6 +247,10 @@ fn apply_all(
             },
             Request::Purge { now, reply } => match purge(&mut table, now, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, r)),
+                Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
+            },
+            Request::Destroy { ids, reply } => match destroy(&mut table, &ids, deltas) {
+                Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
         };
@@ -415,4 +425,24 @@ fn purge(
         deltas.push(Delta::Remove(meta));
     }
     Ok(Ok(count))
+}
+
+/// Removes the given keys whatever their entitlements; unknown IDs are skipped.
+fn destroy(
+    table: &mut KeysTable<'_>,
+    ids: &[Uuid],
+    deltas: &mut Vec<Delta>,
+) -> Result<u64, StoreError> {
+    let mut count = 0;
+    for id in ids {
+        let Some(raw) = table.remove(id.as_u128()).map_err(write_error)? else {
+            continue;
+        };
+        count += 1;
+        match Record::decode(raw.value()) {
+            Ok(record) => deltas.push(Delta::Remove(record.meta)),
+            Err(reason) => tracing::warn!(key_id = %id, %reason, "destroyed a corrupt key record"),
+        }
+    }
+    Ok(count)
 }

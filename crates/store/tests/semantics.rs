@@ -261,6 +261,25 @@ async fn concurrent_takes(s: Arc<dyn KeyStore>) {
     assert_eq!(s.pending("alice", "bob"), 0);
 }
 
+async fn destroy_removes_whatever_the_entitlements(s: Arc<dyn KeyStore>) {
+    let a = key("alice", &["bob", "carol"], &[8; 32], NOW + 100);
+    let b = key("alice", &["bob"], &[9; 32], NOW + 100);
+    let (ia, ib) = (a.id, b.id);
+    s.insert(vec![a, b]).await.unwrap();
+    let unknown = Uuid::new_v4();
+    assert_eq!(s.destroy(&[ia, unknown]).await.unwrap(), 1);
+    assert_eq!(s.destroy(&[ia]).await.unwrap(), 0, "destroy is idempotent");
+    for slave in ["bob", "carol"] {
+        let r = s.take(slave, &masters(&["alice"]), &[ia], NOW).await;
+        assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    }
+    assert_eq!(s.pending("alice", "bob"), 1);
+    assert_eq!(s.pending("alice", "carol"), 0);
+    s.take("bob", &masters(&["alice"]), &[ib], NOW)
+        .await
+        .unwrap();
+}
+
 /// Generates one `#[tokio::test]` per case for a store built by `$make`, which returns the
 /// store and a guard (the temp dir) that must outlive it.
 macro_rules! suite {
@@ -269,7 +288,8 @@ macro_rules! suite {
             use super::*;
             suite!(@case $make; round_trip, wrong_caller_and_master, unknown_and_duplicate_ids,
                 all_or_nothing, multi_slave, expiry_and_purge, pending_counts,
-                insert_is_all_or_nothing, concurrent_takes);
+                insert_is_all_or_nothing, concurrent_takes,
+                destroy_removes_whatever_the_entitlements);
         }
     };
     (@case $make:expr; $($case:ident),*) => {
