@@ -33,6 +33,8 @@ pub enum Command {
     Pki(PkiCommand),
     /// Run a site's KME (the ETSI 014 API) from a site file.
     Kme(KmeArgs),
+    /// Run an entropy server (random pools for KMEs) from its config file.
+    Entropy(EntropyArgs),
     /// Call a KME's ETSI 014 API as an SAE and print the JSON it answers.
     Keys(KeysArgs),
     /// Run a local cluster in the foreground, making certificates and config as needed.
@@ -105,6 +107,16 @@ pub enum RoleArg {
 pub struct KmeArgs {
     /// The site file (TOML); it names the cluster manifest.
     #[arg(long, env = "DQKD_CONFIG")]
+    pub config: PathBuf,
+    /// Write `{"api_addr": …}` here once the API accepts connections.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EntropyArgs {
+    /// The entropy server's config file (TOML).
+    #[arg(long, env = "DQKD_ENTROPY_CONFIG")]
     pub config: PathBuf,
     /// Write `{"api_addr": …}` here once the API accepts connections.
     #[arg(long)]

@@ -36,6 +36,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Kme(args) => runtime()?
             .block_on(serve_kme(args))
             .map(|()| ExitCode::SUCCESS),
+        Command::Entropy(args) => runtime()?
+            .block_on(serve_entropy(args))
+            .map(|()| ExitCode::SUCCESS),
         Command::Keys(args) => runtime()?.block_on(keys::run(args)),
         Command::Up(args) => runtime()?
             .block_on(up::run(args))
@@ -62,7 +65,20 @@ async fn serve_kme(args: args::KmeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tells a supervisor (or a test) where the KME listens once it accepts connections.
+async fn serve_entropy(args: args::EntropyArgs) -> anyhow::Result<()> {
+    let config = dqkd_entropy::Config::load(&args.config)?;
+    let serving = dqkd_entropy::run(config).await?;
+    if let Some(path) = &args.ready_file {
+        write_ready_file(path, serving.api_addr())?;
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    serving.shutdown().await;
+    Ok(())
+}
+
+/// Tells a supervisor (or a test) where a server (KME or entropy server) listens once it
+/// accepts connections.
 fn write_ready_file(path: &Path, api_addr: std::net::SocketAddr) -> anyhow::Result<()> {
     let text = serde_json::json!({ "api_addr": api_addr.to_string() }).to_string();
     let tmp = path.with_extension("tmp");

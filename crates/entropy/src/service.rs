@@ -1,0 +1,296 @@
+//! What the entropy server does, independent of HTTP: who may call, allocation, reads,
+//! expiry, health. The [`api`](crate::api) module only maps HTTP onto these calls.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use dqkd_pki::{Identity, Role};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::pool::{Granted, PoolId, PoolLimits, Pools, SharedBytes, Sweep};
+use crate::source::EntropySource;
+use crate::MAX_READERS;
+
+/// The body of `POST /v1/allocate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllocateRequest {
+    /// Bytes wanted, 1 ..= `max_allocation`.
+    pub len: u64,
+    /// KME IDs that may each read the range once (at most [`MAX_READERS`], no repeats).
+    pub readers: Vec<String>,
+}
+
+/// The body of `GET /health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Always `"ok"` when the server answers.
+    pub status: String,
+    /// This server's ID.
+    pub server_id: String,
+    /// Unread range bytes held in memory.
+    pub live_bytes: u64,
+    /// Live pools.
+    pub pools: usize,
+}
+
+/// A caller proven by its certificate to be a KME of this cluster. Only
+/// [`EntropyService::verify_kme`] makes one, so allocation and reads cannot be reached
+/// without the check.
+#[derive(Debug, Clone)]
+pub struct VerifiedKme {
+    id: String,
+}
+
+impl VerifiedKme {
+    /// The KME ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A caller proven to be a KME or entropy server of this cluster (health and metrics).
+#[derive(Debug, Clone)]
+pub struct VerifiedMember {
+    _private: (),
+}
+
+/// The entropy server's state and rules.
+#[derive(Debug)]
+pub struct EntropyService {
+    config: Arc<Config>,
+    pools: Mutex<Pools>,
+    source: Arc<EntropySource>,
+    rng: SystemRandom,
+    metrics: Metrics,
+}
+
+impl EntropyService {
+    /// A service with empty pools.
+    pub fn new(config: Arc<Config>, source: Arc<EntropySource>) -> Self {
+        let limits = PoolLimits {
+            ttl: config.pool_ttl,
+            rotate: config.pool_rotate,
+            pool_max_bytes: config.pool_max_bytes,
+            max_live_bytes: config.max_live_bytes,
+        };
+        Self {
+            config,
+            pools: Mutex::new(Pools::new(limits)),
+            source,
+            rng: SystemRandom::new(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Checks that the caller's certificate is a KME's: only KMEs allocate and read.
+    pub fn verify_kme(&self, identity: Option<&Identity>) -> Result<VerifiedKme, ApiError> {
+        match identity {
+            Some(id) if id.role() == Role::Kme => Ok(VerifiedKme {
+                id: id.id().to_owned(),
+            }),
+            Some(id) => Err(ApiError::Forbidden(format!(
+                "{} may not use the entropy API: only KMEs may",
+                id.uri()
+            ))),
+            None => Err(no_identity()),
+        }
+    }
+
+    /// Checks that the caller is a KME or an entropy server (SAEs have no business here).
+    pub fn verify_member(&self, identity: Option<&Identity>) -> Result<VerifiedMember, ApiError> {
+        match identity {
+            Some(id) if matches!(id.role(), Role::Kme | Role::Entropy) => {
+                Ok(VerifiedMember { _private: () })
+            }
+            Some(id) => Err(ApiError::Forbidden(format!(
+                "{} may not use the entropy server",
+                id.uri()
+            ))),
+            None => Err(no_identity()),
+        }
+    }
+
+    /// Hands out `request.len` fresh random bytes as a never-reused range that each named
+    /// reader may read once.
+    pub async fn allocate(
+        &self,
+        caller: &VerifiedKme,
+        request: AllocateRequest,
+    ) -> Result<(Granted, SharedBytes), ApiError> {
+        let max = self.config.max_allocation;
+        if request.len == 0 || request.len > max {
+            return Err(ApiError::BadRequest(format!(
+                "len {} is out of range: 1 to {max} bytes",
+                request.len
+            )));
+        }
+        check_readers(&request.readers)?;
+        let len = usize::try_from(request.len)
+            .map_err(|_| ApiError::BadRequest(format!("len {} is too large", request.len)))?;
+        let holds = !request.readers.is_empty();
+        self.lock().check_room(request.len, holds)?;
+
+        let bytes = self.generate(len).await?;
+        let mut fresh = [0u8; 16];
+        self.rng
+            .fill(&mut fresh)
+            .map_err(|_| ApiError::Internal("the operating system RNG failed".into()))?;
+        let reader_count = request.readers.len();
+        let granted = self.lock().allocate(
+            Instant::now(),
+            unix_now(),
+            PoolId(fresh),
+            request.readers,
+            bytes.clone(),
+        )?;
+        self.metrics.allocated(granted.len);
+        tracing::info!(
+            kme = caller.id(),
+            pool = %granted.pool_id,
+            offset = granted.offset,
+            len = granted.len,
+            readers = reader_count,
+            "range allocated"
+        );
+        Ok((granted, bytes))
+    }
+
+    /// The bytes of a range, for one of its readers, once.
+    pub fn read(
+        &self,
+        caller: &VerifiedKme,
+        pool_id: PoolId,
+        offset: u64,
+        len: u64,
+    ) -> Result<SharedBytes, ApiError> {
+        let outcome = self
+            .lock()
+            .read(Instant::now(), pool_id, offset, len, caller.id())?;
+        self.metrics.served(len);
+        self.metrics.shredded(outcome.shredded);
+        tracing::info!(
+            kme = caller.id(),
+            pool = %pool_id,
+            offset,
+            len,
+            last_reader = outcome.shredded > 0,
+            "range read"
+        );
+        Ok(outcome.bytes)
+    }
+
+    /// Shreds every expired pool; called about once a second by the server.
+    pub fn sweep(&self) -> Sweep {
+        let sweep = self.lock().expire(Instant::now());
+        self.metrics.shredded(sweep.bytes);
+        if sweep.pools > 0 {
+            tracing::info!(
+                pools = sweep.pools,
+                unread_bytes = sweep.bytes,
+                "expired pools shredded"
+            );
+        }
+        sweep
+    }
+
+    /// Health for `GET /health`.
+    pub fn health(&self, _caller: &VerifiedMember) -> Health {
+        let pools = self.lock();
+        Health {
+            status: "ok".into(),
+            server_id: self.config.server_id.clone(),
+            live_bytes: pools.live_bytes(),
+            pools: pools.pool_count(),
+        }
+    }
+
+    /// Prometheus text for `GET /metrics`.
+    pub fn metrics_text(&self, _caller: &VerifiedMember) -> String {
+        let live = self.lock().live_bytes();
+        self.metrics.render(live)
+    }
+
+    /// Fills a fresh buffer on a blocking thread: megabytes of CSPRNG output (and reads
+    /// from a possibly slow device) must not stall the async workers.
+    async fn generate(&self, len: usize) -> Result<SharedBytes, ApiError> {
+        let source = self.source.clone();
+        let filled = tokio::task::spawn_blocking(move || {
+            let mut buffer = Zeroizing::new(vec![0u8; len]);
+            source.fill(&mut buffer).map(|()| buffer)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("entropy task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(Arc::new(filled))
+    }
+
+    /// The pools. The lock is never held across an await; a poisoned lock means a panic
+    /// mid-update, after which the bookkeeping cannot be trusted, but refusing every later
+    /// request would not make it better: the pool code does not panic between updates.
+    fn lock(&self) -> MutexGuard<'_, Pools> {
+        self.pools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn no_identity() -> ApiError {
+    ApiError::Forbidden("the client certificate carries no dqkd identity of this cluster".into())
+}
+
+fn check_readers(readers: &[String]) -> Result<(), ApiError> {
+    if readers.len() > MAX_READERS {
+        return Err(ApiError::BadRequest(format!(
+            "{} readers named; at most {MAX_READERS}",
+            readers.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for reader in readers {
+        dqkd_pki::validate_name("reader KME ID", reader)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if !seen.insert(reader.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "reader {reader:?} is named twice"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_checked() {
+        assert!(check_readers(&[]).is_ok());
+        assert!(check_readers(&["KME_B".into(), "KME_C".into()]).is_ok());
+        assert!(check_readers(&["KME_B".into(), "KME_B".into()]).is_err());
+        assert!(check_readers(&["a/b".into()]).is_err());
+        let many: Vec<String> = (0..17).map(|i| format!("K{i}")).collect();
+        assert!(check_readers(&many).is_err());
+    }
+}
