@@ -43,6 +43,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => runtime()?
             .block_on(up::run(args))
             .map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => runtime()?
+            .block_on(up::run_demo(args))
+            .map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -113,8 +116,10 @@ pub(crate) async fn shutdown_signal() {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -220,7 +220,7 @@ async fn multicast_reaches_every_slave_once() {
         let (status, _) = api_status(site.client(slave).dec_keys("alice", &ids).await);
         assert_eq!(status, StatusCode::BAD_REQUEST, "{slave} got a key twice");
     }
-    // dave was not named: 401, and the master cannot fetch its own keys as a slave.
+    // dave was not named: 401.
     let fresh = site
         .client("alice")
         .enc_keys(
@@ -233,10 +233,57 @@ async fn multicast_reaches_every_slave_once() {
         .await
         .expect("enc");
     let id = fresh.keys[0].key_ID.as_str();
-    for outsider in ["dave", "alice"] {
-        let (status, _) = api_status(site.client(outsider).dec_keys("alice", &[id]).await);
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "{outsider}");
-    }
+    let (status, _) = api_status(site.client("dave").dec_keys("alice", &[id]).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_master_may_fetch_its_own_keys_again_once() {
+    let site = Site::start();
+    let alice = site.client("alice");
+    let keys = alice
+        .enc_keys("bob", &KeyRequestBody::default())
+        .await
+        .expect("enc");
+    let id = keys.keys[0].key_ID.as_str();
+    // By its own SAE ID or by its site's KME ID.
+    let again = alice
+        .dec_keys("KME_A", &[id])
+        .await
+        .expect("master refetch");
+    assert_eq!(again.keys[0].key, keys.keys[0].key);
+    let (status, _) = api_status(alice.dec_keys("alice", &[id]).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a second refetch");
+    // Bob's copy is independent of Alice's.
+    site.client("bob")
+        .dec_keys("alice", &[id])
+        .await
+        .expect("bob's copy");
+}
+
+const DELIVER_ONCE: &str = r#"
+[limits]
+max_key_per_request = 16
+max_key_count = 40
+[keys]
+master_refetch = false
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deliver_once_policy_refuses_the_master() {
+    let site = Site::start_with(DELIVER_ONCE);
+    let alice = site.client("alice");
+    let keys = alice
+        .enc_keys("bob", &KeyRequestBody::default())
+        .await
+        .expect("enc");
+    let id = keys.keys[0].key_ID.as_str();
+    let (status, _) = api_status(alice.dec_keys("alice", &[id]).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    site.client("bob")
+        .dec_keys("alice", &[id])
+        .await
+        .expect("bob still gets it");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -13,13 +13,14 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use dqkd_etsi014::{parse_dec_query, parse_enc_query, parse_key_ids, parse_key_request};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::service::{KeyService, VerifiedSae};
+use crate::peer::{DeliverRequest, DestroyRequest};
+use crate::service::{KeyService, VerifiedKme, VerifiedSae};
 use crate::ApiError;
 
 /// Largest request body accepted. A dec_keys body naming `max_key_per_request` IDs is far
@@ -49,6 +50,66 @@ pub fn router(service: Arc<KeyService>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(log_request))
         .with_state(service)
+}
+
+/// Largest peer message accepted: regeneration metadata for a large batch of keys.
+pub const MAX_PEER_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Builds the peer (KME-to-KME) router; only other sites' KME certificates may use it.
+pub fn peer_router(service: Arc<KeyService>) -> Router {
+    Router::new()
+        .route("/peer/v1/deliver", post(peer_deliver))
+        .route("/peer/v1/destroy", post(peer_destroy))
+        .route("/peer/v1/health", get(peer_health))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_PEER_BODY_BYTES))
+        .layer(middleware::from_fn(log_request))
+        .with_state(service)
+}
+
+/// The caller, proven by its certificate to be another site's KME.
+struct PeerKme(VerifiedKme);
+
+impl FromRequestParts<Arc<KeyService>> for PeerKme {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        service: &Arc<KeyService>,
+    ) -> Result<Self, Self::Rejection> {
+        let identity = parts
+            .extensions
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.as_deref());
+        service.verify_kme(identity).map(PeerKme)
+    }
+}
+
+async fn peer_deliver(
+    State(service): State<Arc<KeyService>>,
+    PeerKme(peer): PeerKme,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: DeliverRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid deliver message: {e}")))?;
+    Ok(json(&service.peer_deliver(&peer, request).await?))
+}
+
+async fn peer_destroy(
+    State(service): State<Arc<KeyService>>,
+    PeerKme(peer): PeerKme,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: DestroyRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid destroy message: {e}")))?;
+    Ok(json(&service.peer_destroy(&peer, request).await?))
+}
+
+async fn peer_health(State(service): State<Arc<KeyService>>, PeerKme(_peer): PeerKme) -> Response {
+    json(&serde_json::json!({ "status": "ok", "kme_id": service.config().kme_id }))
 }
 
 /// The caller, proven by its certificate to be an SAE of this site.
@@ -148,7 +209,7 @@ async fn wrong_method(method: Method) -> ApiError {
 
 fn body_error(rejection: BytesRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::BodyTooLarge(MAX_BODY_BYTES)
+        ApiError::BodyTooLarge
     } else {
         ApiError::BadRequest(format!("cannot read request body: {rejection}"))
     }

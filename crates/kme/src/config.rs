@@ -22,11 +22,61 @@ pub struct Manifest {
     /// ETSI 014 limits every site advertises in `status` and enforces.
     #[serde(default)]
     pub limits: ManifestLimits,
-    /// How long keys live.
+    /// How long keys live and who may fetch them again.
     #[serde(default)]
     pub keys: KeyLife,
+    /// Parameters of the BLAST-style generator.
+    #[serde(default)]
+    pub keygen: KeygenParams,
+    /// Site-to-site (peer) settings.
+    #[serde(default)]
+    pub peers: PeerSettings,
+    /// The entropy servers every site draws from. With none, keys come from each KME's
+    /// operating-system CSPRNG and only same-site pairs are possible.
+    #[serde(default)]
+    pub entropy: Vec<EntropyEntry>,
     /// The sites of the cluster.
     pub sites: Vec<SiteEntry>,
+}
+
+/// Parameters of the BLAST-style generator (see docs/keygen-protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeygenParams {
+    /// Entropy servers used per key.
+    pub n: u8,
+    /// How many of the `n` servers (or their links) may leak without weakening the key.
+    pub c: u8,
+}
+
+impl Default for KeygenParams {
+    fn default() -> Self {
+        Self { n: 3, c: 1 }
+    }
+}
+
+/// Site-to-site settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeerSettings {
+    /// How long a site waits for a peer (and for entropy servers) before answering 503.
+    pub timeout_ms: u64,
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        Self { timeout_ms: 5000 }
+    }
+}
+
+/// One entropy server of the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyEntry {
+    /// The server's ID (its certificate identity is `dqkd://<cluster>/entropy/<id>`).
+    pub id: String,
+    /// Where KMEs reach it, e.g. `127.0.0.1:7001`.
+    pub addr: String,
 }
 
 /// ETSI 014 limits (sizes in bits).
@@ -82,6 +132,10 @@ pub struct KeyLife {
     pub ttl_secs: u64,
     /// Seconds between sweeps that shred expired keys.
     pub purge_interval_secs: u64,
+    /// Whether the master SAE may fetch its own keys again with dec_keys at its own site
+    /// (the mission's "retrieve the key from either site"). `false` means "deliver once":
+    /// the master gets a key only in its enc_keys answer. Slaves always get a key once.
+    pub master_refetch: bool,
 }
 
 impl Default for KeyLife {
@@ -89,6 +143,7 @@ impl Default for KeyLife {
         Self {
             ttl_secs: 3600,
             purge_interval_secs: 10,
+            master_refetch: true,
         }
     }
 }
@@ -101,6 +156,10 @@ pub struct SiteEntry {
     pub kme_id: String,
     /// Where SAEs reach the site's ETSI API, e.g. `127.0.0.1:8443`.
     pub api_addr: String,
+    /// Where other sites reach this site's peer API, e.g. `127.0.0.1:9443` (required when
+    /// the cluster has more than one site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
     /// The SAE IDs that belong to this site.
     pub saes: Vec<String>,
 }
@@ -115,6 +174,10 @@ pub struct SiteFile {
     pub kme_id: String,
     /// Address the ETSI API listens on (`127.0.0.1:0` picks a free port).
     pub api_listen: SocketAddr,
+    /// Address the peer (KME-to-KME) API listens on; required when the cluster has more
+    /// than one site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<SocketAddr>,
     /// Certificates.
     pub tls: TlsFiles,
     /// Key store.
@@ -182,6 +245,8 @@ pub struct Site {
     pub kme_id: String,
     /// ETSI API address SAEs use.
     pub api_addr: String,
+    /// Peer API address other sites use (`None` only in a one-site cluster).
+    pub peer_addr: Option<String>,
     /// SAE IDs of the site.
     pub saes: BTreeSet<String>,
 }
@@ -195,6 +260,16 @@ pub struct Config {
     pub kme_id: String,
     /// ETSI API listen address.
     pub api_listen: SocketAddr,
+    /// Peer API listen address (`None` in a one-site cluster).
+    pub peer_listen: Option<SocketAddr>,
+    /// Generator parameters.
+    pub keygen: KeygenParams,
+    /// Entropy servers, in manifest order.
+    pub entropy: Vec<EntropyEntry>,
+    /// How long to wait for peers and entropy servers.
+    pub peer_timeout: Duration,
+    /// Whether masters may fetch their keys again (see [`KeyLife::master_refetch`]).
+    pub master_refetch: bool,
     /// Limits from the manifest.
     pub limits: ManifestLimits,
     /// How long undelivered keys live.
@@ -218,16 +293,18 @@ impl Config {
         let base = site_path.parent().unwrap_or(Path::new("."));
         let manifest_path = base.join(&site.manifest);
         let manifest: Manifest = read_toml(&manifest_path, "cluster manifest")?;
-        Self::from_parts(manifest, &manifest_path, site, base)
+        Self::from_parts(manifest, &manifest_path, site, site_path)
     }
 
-    /// Checks a manifest and a site file together; `base` resolves relative paths.
+    /// Checks a manifest and a site file together; paths in the site file are relative to
+    /// `site_path`'s folder.
     pub fn from_parts(
         manifest: Manifest,
         manifest_path: &Path,
         site: SiteFile,
-        base: &Path,
+        site_path: &Path,
     ) -> Result<Self, ConfigError> {
+        let base = site_path.parent().unwrap_or(Path::new("."));
         let invalid = |problem: String| ConfigError::Invalid {
             path: manifest_path.to_owned(),
             problem,
@@ -280,6 +357,7 @@ impl Config {
                 Site {
                     kme_id: entry.kme_id.clone(),
                     api_addr: entry.api_addr.clone(),
+                    peer_addr: entry.peer_addr.clone(),
                     saes,
                 },
             );
@@ -297,11 +375,58 @@ impl Config {
                 sites.keys().cloned().collect::<Vec<_>>().join(", ")
             )));
         }
+        if sites.len() > 1 {
+            if let Some(site) = sites.values().find(|s| s.peer_addr.is_none()) {
+                return Err(invalid(format!(
+                    "site {:?} has no peer_addr; every site of a multi-site cluster needs one",
+                    site.kme_id
+                )));
+            }
+            if site.peer_listen.is_none() {
+                return Err(ConfigError::Invalid {
+                    path: site_path.to_owned(),
+                    problem: format!(
+                        "site {:?} is part of a {}-site cluster and needs peer_listen",
+                        site.kme_id,
+                        sites.len()
+                    ),
+                });
+            }
+        }
+        let mut entropy_ids = BTreeSet::new();
+        for server in &manifest.entropy {
+            if !valid_name(&server.id) || !entropy_ids.insert(server.id.as_str()) {
+                return Err(invalid(format!(
+                    "entropy server ID {:?} must be unique and 1-64 characters of A-Z a-z 0-9 . _ -",
+                    server.id
+                )));
+            }
+        }
+        let KeygenParams { n, c } = manifest.keygen;
+        if n == 0 || c >= n || 2 * usize::from(n) - usize::from(c) > 256 {
+            return Err(invalid(format!(
+                "keygen needs 1 <= n, c < n and 2n - c <= 256; got n = {n}, c = {c}"
+            )));
+        }
+        if !manifest.entropy.is_empty() && manifest.entropy.len() < usize::from(n) {
+            return Err(invalid(format!(
+                "keygen.n = {n} but the manifest lists only {} entropy servers",
+                manifest.entropy.len()
+            )));
+        }
+        if manifest.peers.timeout_ms == 0 {
+            return Err(invalid("peers.timeout_ms must be at least 1".into()));
+        }
         let abs = |p: &Path| base.join(p);
         Ok(Self {
             cluster: manifest.cluster,
             kme_id: site.kme_id,
             api_listen: site.api_listen,
+            peer_listen: site.peer_listen,
+            keygen: manifest.keygen,
+            entropy: manifest.entropy,
+            peer_timeout: Duration::from_millis(manifest.peers.timeout_ms),
+            master_refetch: manifest.keys.master_refetch,
             limits: manifest.limits,
             key_ttl: Duration::from_secs(manifest.keys.ttl_secs),
             purge_interval: Duration::from_secs(manifest.keys.purge_interval_secs),
@@ -327,7 +452,8 @@ impl Config {
 }
 
 fn check_limits(l: &ManifestLimits) -> Result<(), String> {
-    if l.min_key_size == 0 || !l.min_key_size.is_multiple_of(8) || !l.max_key_size.is_multiple_of(8) {
+    if l.min_key_size == 0 || !l.min_key_size.is_multiple_of(8) || !l.max_key_size.is_multiple_of(8)
+    {
         return Err(
             "limits.min_key_size and limits.max_key_size must be positive multiples of 8".into(),
         );
@@ -395,6 +521,7 @@ mod tests {
             manifest: "cluster.toml".into(),
             kme_id: kme_id.into(),
             api_listen: "127.0.0.1:0".parse().expect("addr"),
+            peer_listen: Some("127.0.0.1:0".parse().expect("addr")),
             tls: TlsFiles {
                 ca: "ca.pem".into(),
                 cert: "kme.pem".into(),
@@ -412,7 +539,7 @@ mod tests {
             manifest(sites),
             Path::new("cluster.toml"),
             site(kme),
-            Path::new("/etc/dqkd"),
+            Path::new("/etc/dqkd/site.toml"),
         )
     }
 
@@ -420,10 +547,12 @@ mod tests {
 [[sites]]
 kme_id = "A"
 api_addr = "127.0.0.1:1"
+peer_addr = "127.0.0.1:3"
 saes = ["alice", "carol"]
 [[sites]]
 kme_id = "B"
 api_addr = "127.0.0.1:2"
+peer_addr = "127.0.0.1:4"
 saes = ["bob"]
 "#;
 
@@ -463,13 +592,40 @@ saes = ["bob"]
     fn limits_must_make_sense() {
         let mut m = manifest(TWO_SITES);
         m.limits.min_key_size = 12;
-        let err = Config::from_parts(m, Path::new("m.toml"), site("A"), Path::new("."))
+        let err = Config::from_parts(m, Path::new("m.toml"), site("A"), Path::new("site.toml"))
             .expect_err("bad limits");
         assert!(err.to_string().contains("multiples of 8"), "{err}");
 
         let mut m = manifest(TWO_SITES);
         m.limits.default_key_size = 16;
-        assert!(Config::from_parts(m, Path::new("m.toml"), site("A"), Path::new(".")).is_err());
+        assert!(
+            Config::from_parts(m, Path::new("m.toml"), site("A"), Path::new("site.toml")).is_err()
+        );
+    }
+
+    #[test]
+    fn multi_site_and_keygen_settings_are_checked() {
+        let no_peer = TWO_SITES.replace("peer_addr = \"127.0.0.1:4\"\n", "");
+        let err = check(&no_peer, "A").expect_err("missing peer_addr");
+        assert!(err.to_string().contains("\"B\" has no peer_addr"), "{err}");
+
+        let mut lonely = site("A");
+        lonely.peer_listen = None;
+        let err = Config::from_parts(
+            manifest(TWO_SITES),
+            Path::new("m.toml"),
+            lonely,
+            Path::new("site.toml"),
+        )
+        .expect_err("missing peer_listen");
+        assert!(err.to_string().contains("needs peer_listen"), "{err}");
+
+        let few = format!("{TWO_SITES}\n[[entropy]]\nid = \"E1\"\naddr = \"127.0.0.1:5\"\n");
+        let err = check(&few, "A").expect_err("n > servers");
+        assert!(err.to_string().contains("only 1 entropy servers"), "{err}");
+
+        let bad_c = format!("[keygen]\nn = 2\nc = 2\n{TWO_SITES}");
+        assert!(check(&bad_c, "A").is_err());
     }
 
     #[test]

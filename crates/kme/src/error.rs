@@ -32,9 +32,9 @@ pub enum ApiError {
     /// The route exists but not for this method (405).
     #[error("method {0} is not allowed here")]
     MethodNotAllowed(String),
-    /// The body is larger than the configured limit (413).
-    #[error("request body is larger than {0} bytes")]
-    BodyTooLarge(usize),
+    /// The body is larger than the endpoint's limit (413).
+    #[error("request body is too large")]
+    BodyTooLarge,
 }
 
 impl ApiError {
@@ -46,7 +46,7 @@ impl ApiError {
             Self::Unavailable(_) | Self::Internal(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }

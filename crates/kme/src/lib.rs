@@ -11,9 +11,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod blast;
 pub mod config;
 mod error;
 pub mod keysource;
+pub mod peer;
 pub mod server;
 pub mod service;
 

@@ -2,6 +2,7 @@
 //! client never stalls the accept loop), learns the caller's identity from its
 //! certificate and serves HTTP/1.1 or HTTP/2 on the connection.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,9 +20,11 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-use crate::api::{router, PeerIdentity};
+use crate::api::{peer_router, router, PeerIdentity};
+use crate::blast::Blast;
 use crate::config::Config;
 use crate::keysource::{KeySource, OsRandom};
+use crate::peer::PeerClient;
 use crate::service::KeyService;
 
 /// How long a client may take to finish its TLS handshake.
@@ -57,6 +60,7 @@ pub enum ServeError {
 /// A running KME. Dropping it without [`Serving::shutdown`] aborts it.
 pub struct Serving {
     api_addr: SocketAddr,
+    peer_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -65,6 +69,11 @@ impl Serving {
     /// The address the ETSI API listens on (with the real port when 0 was configured).
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The address the peer API listens on, in a multi-site cluster.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
     }
 
     /// Stops accepting, lets open requests finish (up to a few seconds), and closes the
@@ -86,7 +95,55 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
             path: config.store.path.clone(),
             source,
         })?;
-    run_with(config, Arc::new(store), Arc::new(OsRandom::default())).await
+    let source = key_source(&config)?;
+    run_with(config, Arc::new(store), source).await
+}
+
+/// The BLAST-style generator when the manifest lists entropy servers, else the OS CSPRNG.
+fn key_source(config: &Config) -> Result<Arc<dyn KeySource>, ServeError> {
+    if config.entropy.is_empty() {
+        return Ok(Arc::new(OsRandom::default()));
+    }
+    let mut servers = Vec::with_capacity(config.entropy.len());
+    for server in &config.entropy {
+        let tls = own_client_tls(config)?;
+        let client = dqkd_entropy::client::EntropyClient::new(
+            &format!("https://{}", server.addr),
+            &server.id,
+            tls,
+        )
+        .map_err(|e| ServeError::Tls(format!("entropy server {}: {e}", server.id)))?
+        .with_timeout(config.peer_timeout);
+        servers.push((server.id.clone(), client));
+    }
+    let blast = Blast::new(servers, config.keygen.n, config.keygen.c)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    Ok(Arc::new(blast))
+}
+
+/// This KME's certificate as a TLS client (to peers and entropy servers).
+fn own_client_tls(config: &Config) -> Result<rustls::ClientConfig, ServeError> {
+    dqkd_pki::client_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
+        .map_err(|e| ServeError::Tls(e.to_string()))
+}
+
+fn peer_clients(config: &Config) -> Result<BTreeMap<String, PeerClient>, ServeError> {
+    let mut peers = BTreeMap::new();
+    for site in config.sites.values() {
+        if site.kme_id == config.kme_id {
+            continue;
+        }
+        if let Some(addr) = &site.peer_addr {
+            let client = PeerClient::new(
+                &site.kme_id,
+                addr,
+                own_client_tls(config)?,
+                config.peer_timeout,
+            );
+            peers.insert(site.kme_id.clone(), client);
+        }
+    }
+    Ok(peers)
 }
 
 /// Like [`run`], over a given store and key source.
@@ -109,20 +166,49 @@ pub async fn run_with(
         addr: config.api_listen,
         source,
     })?;
+    let peer_listener = match config.peer_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let peer_addr = match &peer_listener {
+        Some(l) => Some(l.local_addr().map_err(|source| ServeError::Bind {
+            addr: api_addr,
+            source,
+        })?),
+        None => None,
+    };
+    let peers = peer_clients(&config)?;
     let config = Arc::new(config);
-    let service = Arc::new(KeyService::new(config.clone(), store, source));
+    let service = Arc::new(KeyService::new(config.clone(), store, source, peers));
     let (stop, stopped) = watch::channel(false);
 
     let purge = tokio::spawn(purge_loop(service.clone(), stopped.clone()));
-    let app = router(service);
     let cluster: Arc<str> = config.cluster.as_str().into();
+    let peer_task = peer_listener.map(|listener| {
+        tokio::spawn(accept_loop(
+            listener,
+            acceptor.clone(),
+            peer_router(service.clone()),
+            cluster.clone(),
+            stopped.clone(),
+        ))
+    });
+    let app = router(service);
     let task = tokio::spawn(async move {
         accept_loop(listener, acceptor, app, cluster, stopped).await;
+        if let Some(peer_task) = peer_task {
+            let _ = peer_task.await;
+        }
         let _ = purge.await;
     });
-    tracing::info!(kme_id = %config.kme_id, %api_addr, "KME serving the ETSI 014 API");
+    tracing::info!(kme_id = %config.kme_id, %api_addr, ?peer_addr, "KME serving");
     Ok(Serving {
         api_addr,
+        peer_addr,
         stop,
         task,
     })

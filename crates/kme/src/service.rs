@@ -1,26 +1,31 @@
-//! The key service: what `status`, `enc_keys` and `dec_keys` mean for this site, apart
-//! from HTTP.
+//! The key service: what `status`, `enc_keys` and `dec_keys` mean for this site, and what
+//! this site does when a peer delivers or withdraws keys, apart from HTTP.
 //!
 //! It resolves SAE and KME IDs against the cluster manifest, authorises the caller, asks
-//! the key source for keys, stores them durably for their slaves before the master sees
-//! them, and delivers each key once to each slave.
+//! the key source for keys, has every involved site store them durably before the master
+//! sees them, and delivers each key once to each slave.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use dqkd_etsi014::{Key, KeyContainer, KeyRequest, Status};
-use dqkd_store::{DeliveredKey, KeyStore, NewKey, TakeError};
+use dqkd_store::{DeliveredKey, KeyMaterial, KeyStore, NewKey, TakeError};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::keysource::KeySource;
+use crate::keysource::{KeySource, KeySourceError};
+use crate::peer::{DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, PeerClient, PeerError};
 use crate::ApiError;
+
+/// How many completed deliver request IDs a site remembers for idempotent retries.
+const REMEMBERED_REQUESTS: usize = 65_536;
 
 /// An SAE of this site, as proven by its client certificate.
 ///
-/// Only [`KeyService::verify_sae`] makes one, so no service method can run for a caller
-/// whose certificate was not checked.
+/// Only [`KeyService::verify_sae`] makes one, so no ETSI method can run for a caller whose
+/// certificate was not checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedSae {
     id: String,
@@ -28,6 +33,21 @@ pub struct VerifiedSae {
 
 impl VerifiedSae {
     /// The SAE ID from the certificate.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Another site's KME, as proven by its client certificate.
+///
+/// Only [`KeyService::verify_kme`] makes one, so no peer method can run without it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedKme {
+    id: String,
+}
+
+impl VerifiedKme {
+    /// The peer's KME ID.
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -42,20 +62,45 @@ enum Target {
     Site { site: String },
 }
 
-/// Serves the ETSI 014 methods for one site.
+/// Serves the ETSI 014 methods and the peer API for one site.
 pub struct KeyService {
     config: Arc<Config>,
     store: Arc<dyn KeyStore>,
     source: Arc<dyn KeySource>,
+    peers: BTreeMap<String, PeerClient>,
+    delivered: Mutex<Remembered>,
+}
+
+/// Deliver requests this site completed or had withdrawn, oldest first, bounded.
+#[derive(Default)]
+struct Remembered {
+    order: VecDeque<Uuid>,
+    outcomes: HashMap<Uuid, Outcome>,
+}
+
+/// What became of a deliver request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Stored this many keys.
+    Delivered(usize),
+    /// The origin withdrew it (destroy): it must never store keys again.
+    Withdrawn,
 }
 
 impl KeyService {
-    /// A service over the given store and key source.
-    pub fn new(config: Arc<Config>, store: Arc<dyn KeyStore>, source: Arc<dyn KeySource>) -> Self {
+    /// A service over the given store, key source and peer clients (by KME ID).
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn KeyStore>,
+        source: Arc<dyn KeySource>,
+        peers: BTreeMap<String, PeerClient>,
+    ) -> Self {
         Self {
             config,
             store,
             source,
+            peers,
+            delivered: Mutex::new(Remembered::default()),
         }
     }
 
@@ -90,6 +135,29 @@ impl KeyService {
         })
     }
 
+    /// Accepts a caller whose certificate names another site of the cluster.
+    pub fn verify_kme(
+        &self,
+        identity: Option<&dqkd_pki::Identity>,
+    ) -> Result<VerifiedKme, ApiError> {
+        let identity = identity.ok_or_else(|| {
+            ApiError::Unauthorized("the client certificate carries no dqkd identity".into())
+        })?;
+        if identity.role() != dqkd_pki::Role::Kme
+            || identity.id() == self.config.kme_id
+            || !self.config.sites.contains_key(identity.id())
+        {
+            return Err(ApiError::Unauthorized(format!(
+                "{} is not a peer site of KME {:?}",
+                identity.uri(),
+                self.config.kme_id
+            )));
+        }
+        Ok(VerifiedKme {
+            id: identity.id().to_owned(),
+        })
+    }
+
     /// `Get status` for the pair (caller, `slave`).
     pub fn status(&self, caller: &VerifiedSae, slave: &str) -> Result<Status, ApiError> {
         let target = self.resolve(slave, "slave")?;
@@ -97,7 +165,11 @@ impl KeyService {
         let site = match &target {
             Target::Sae { site, .. } | Target::Site { site } => site.clone(),
         };
+        if site != self.config.kme_id && !self.peers.contains_key(&site) {
+            return Err(self.unreachable(&site));
+        }
         let limits = &self.config.limits;
+        // Keys are made on demand; what limits a pair is how many of its keys wait here.
         let pending = slaves
             .iter()
             .map(|s| self.store.pending(caller.id(), s))
@@ -121,38 +193,30 @@ impl KeyService {
 
     /// `Get key`: makes `request.number` keys for the caller and its slaves.
     ///
-    /// The keys are durably stored for every slave before they are returned, so a key the
-    /// master holds can always be fetched by its slaves.
+    /// Every site with a slave stores the keys durably before the master gets them; if any
+    /// site fails, the request answers 503 and its keys are destroyed everywhere.
     pub async fn enc_keys(
         &self,
         caller: &VerifiedSae,
         slave: &str,
         request: KeyRequest,
     ) -> Result<KeyContainer, ApiError> {
-        let target = self.resolve(slave, "slave")?;
-        let mut slaves = self.slaves_of(caller, &target)?;
-        for extra in &request.additional_slaves {
-            let Target::Sae { sae, site } = self.resolve(extra, "additional slave")? else {
-                return Err(ApiError::BadRequest(format!(
-                    "additional_slave_SAE_IDs must name SAEs, and {extra:?} is a KME ID"
-                )));
-            };
-            if sae == caller.id() {
-                return Err(ApiError::BadRequest(
-                    "additional_slave_SAE_IDs repeats the master SAE".into(),
-                ));
+        let by_site = self.slaves_by_site(caller, slave, &request.additional_slaves)?;
+        let own = self.config.kme_id.as_str();
+        let local: Vec<String> = by_site.get(own).cloned().unwrap_or_default();
+        let remote: Vec<(&str, &[String])> = by_site
+            .iter()
+            .filter(|(site, _)| site.as_str() != own)
+            .map(|(site, saes)| (site.as_str(), saes.as_slice()))
+            .collect();
+        for (site, _) in &remote {
+            if !self.peers.contains_key(*site) {
+                return Err(self.unreachable(site));
             }
-            if slaves.contains(&sae) {
-                return Err(ApiError::BadRequest(format!(
-                    "additional_slave_SAE_IDs repeats the slave SAE {sae:?}"
-                )));
-            }
-            self.require_local(&site)?;
-            slaves.push(sae);
         }
 
         let limits = &self.config.limits;
-        for s in &slaves {
+        for s in &local {
             let pending = self.store.pending(caller.id(), s);
             if pending + u64::from(request.number) > limits.max_key_count {
                 return Err(ApiError::Unavailable(format!(
@@ -164,30 +228,51 @@ impl KeyService {
         }
 
         let len = (request.size_bits / 8) as usize;
-        let materials = self
+        let readers: Vec<String> = remote.iter().map(|(site, _)| (*site).to_owned()).collect();
+        let batch = self
             .source
-            .generate(request.number as usize, len)
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            .generate(request.number as usize, len, &readers)
+            .await
+            .map_err(source_error)?;
+        let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
+        let request_id = Uuid::new_v4();
+
+        if !remote.is_empty() {
+            let metadata = batch.metadata.as_deref().ok_or_else(|| {
+                ApiError::Internal("the key source gave no regeneration metadata".into())
+            })?;
+            self.deliver_to_peers(request_id, caller.id(), &remote, metadata, &ids)
+                .await?;
+        }
+
+        let mut entitled = local.clone();
+        if self.config.master_refetch {
+            entitled.push(caller.id().to_owned());
+        }
         let expires_at = unix_now().saturating_add(self.config.key_ttl.as_secs());
-        let ids: Vec<Uuid> = materials.iter().map(|_| Uuid::new_v4()).collect();
-        let mut keys = Vec::with_capacity(materials.len());
-        let mut container = Vec::with_capacity(materials.len());
-        for (id, material) in ids.iter().zip(materials) {
-            container.push(wire_key(*id, material.as_bytes()));
+        let mut container = Vec::with_capacity(batch.keys.len());
+        let mut keys = Vec::with_capacity(batch.keys.len());
+        for (id, material) in batch.keys {
+            container.push(wire_key(id, material.as_bytes()));
             keys.push(NewKey {
-                id: *id,
+                id,
                 master: caller.id().to_owned(),
-                slaves: slaves.clone(),
+                slaves: entitled.clone(),
                 material,
                 expires_at,
             });
         }
-        self.store.insert(keys).await?;
+        if !entitled.is_empty() {
+            if let Err(e) = self.store.insert(keys).await {
+                self.withdraw(request_id, &remote, &ids);
+                return Err(e.into());
+            }
+        }
         tracing::info!(
             target: "dqkd::audit",
             event = "keys_issued",
             master = caller.id(),
-            slaves = ?slaves,
+            slaves = ?by_site,
             count = ids.len(),
             size_bits = request.size_bits,
             key_ids = ?ids,
@@ -196,6 +281,97 @@ impl KeyService {
             keys: container,
             key_container_extension: None,
         })
+    }
+
+    /// Sends the metadata to every remote site at once; all must acknowledge a durable write.
+    async fn deliver_to_peers(
+        &self,
+        request_id: Uuid,
+        master: &str,
+        remote: &[(&str, &[String])],
+        metadata: &[u8],
+        ids: &[Uuid],
+    ) -> Result<(), ApiError> {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(metadata);
+        // All sites at once: the request waits for the slowest peer, not for their sum.
+        let calls: Vec<_> = remote
+            .iter()
+            .map(|(site, saes)| {
+                let client = self.peers[*site].clone();
+                let message = DeliverRequest {
+                    request_id,
+                    master: master.to_owned(),
+                    slaves: saes.to_vec(),
+                    metadata: encoded.clone(),
+                };
+                (
+                    (*site).to_owned(),
+                    tokio::spawn(async move { client.deliver(&message).await }),
+                )
+            })
+            .collect();
+        let mut failures: Vec<PeerError> = Vec::new();
+        for (site, call) in calls {
+            match call.await {
+                Ok(Ok(_ack)) => {}
+                Ok(Err(e)) => failures.push(e),
+                Err(e) => failures.push(PeerError::Unreachable {
+                    site,
+                    reason: format!("the delivery task failed: {e}"),
+                }),
+            }
+        }
+        if failures.is_empty() {
+            return Ok(());
+        }
+        // A site that timed out may have stored the keys: withdraw them everywhere.
+        self.withdraw(request_id, remote, ids);
+        let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            target: "dqkd::audit",
+            event = "keys_withdrawn",
+            %request_id,
+            failures = ?reasons,
+            key_ids = ?ids,
+            "cross-site key request failed; its keys are destroyed everywhere"
+        );
+        Err(ApiError::Unavailable(reasons.join("; ")))
+    }
+
+    /// Destroys a failed request's keys at every remote site, retrying in the background
+    /// until each site confirms or the keys would have expired anyway.
+    fn withdraw(&self, request_id: Uuid, remote: &[(&str, &[String])], ids: &[Uuid]) {
+        let deadline = self.config.key_ttl;
+        for (site, _) in remote {
+            let Some(client) = self.peers.get(*site).cloned() else {
+                continue;
+            };
+            let message = DestroyRequest {
+                request_id,
+                key_ids: ids.to_vec(),
+            };
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let mut wait = std::time::Duration::from_millis(200);
+                loop {
+                    match client.destroy(&message).await {
+                        Ok(ack) => {
+                            tracing::info!(site = client.site(), %request_id, destroyed = ack.destroyed, "withdrew keys of a failed request");
+                            return;
+                        }
+                        Err(e) if started.elapsed() < deadline => {
+                            tracing::debug!(site = client.site(), error = %e, "withdraw failed; retrying");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                        }
+                        Err(e) => {
+                            tracing::warn!(site = client.site(), error = %e, "gave up withdrawing keys; they expire by TTL");
+                            return;
+                        }
+                    }
+                }
+            });
+        }
     }
 
     /// `Get key with key IDs`: delivers the keys once to the calling slave, all or none.
@@ -244,9 +420,148 @@ impl KeyService {
         })
     }
 
+    /// Peer `deliver`: regenerate the keys another site made and hold them for our SAEs.
+    /// Answers only after they are durably stored.
+    pub async fn peer_deliver(
+        &self,
+        peer: &VerifiedKme,
+        request: DeliverRequest,
+    ) -> Result<DeliverAck, ApiError> {
+        match self.remembered(request.request_id) {
+            Some(Outcome::Delivered(stored)) => {
+                return Ok(DeliverAck {
+                    request_id: request.request_id,
+                    stored,
+                })
+            }
+            Some(Outcome::Withdrawn) => {
+                return Err(ApiError::BadRequest(format!(
+                    "request {} was withdrawn by its origin",
+                    request.request_id
+                )))
+            }
+            None => {}
+        }
+        let peer_site = &self.config.sites[peer.id()];
+        if !peer_site.saes.contains(&request.master) {
+            return Err(ApiError::BadRequest(format!(
+                "master {:?} is not an SAE of site {:?}",
+                request.master,
+                peer.id()
+            )));
+        }
+        if request.slaves.is_empty() {
+            return Err(ApiError::BadRequest("deliver names no slave SAE".into()));
+        }
+        let own = self.config.own_site();
+        if let Some(stranger) = request.slaves.iter().find(|s| !own.saes.contains(*s)) {
+            return Err(ApiError::BadRequest(format!(
+                "{stranger:?} is not an SAE of site {:?}",
+                self.config.kme_id
+            )));
+        }
+        let metadata = base64::engine::general_purpose::STANDARD
+            .decode(&request.metadata)
+            .map_err(|e| ApiError::BadRequest(format!("metadata is not Base64: {e}")))?;
+        let keys = self
+            .source
+            .regenerate(&metadata)
+            .await
+            .map_err(source_error)?;
+        let limits = &self.config.limits;
+        for s in &request.slaves {
+            let pending = self.store.pending(&request.master, s);
+            if pending + keys.len() as u64 > limits.max_key_count {
+                return Err(ApiError::Unavailable(format!(
+                    "{pending} keys for {}→{s} are waiting at {:?}; max_key_count is {}",
+                    request.master, self.config.kme_id, limits.max_key_count
+                )));
+            }
+        }
+        let count = keys.len();
+        let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
+        let expires_at = unix_now().saturating_add(self.config.key_ttl.as_secs());
+        let records = keys
+            .into_iter()
+            .map(|(id, material): (Uuid, KeyMaterial)| NewKey {
+                id,
+                master: request.master.clone(),
+                slaves: request.slaves.clone(),
+                material,
+                expires_at,
+            })
+            .collect();
+        self.store.insert(records).await?;
+        // A destroy for this request may have overtaken it while the keys were being
+        // regenerated; it marked the request first, so checking after the insert closes
+        // the race (either we see the mark, or its destroy runs after our insert).
+        if self.remembered(request.request_id) == Some(Outcome::Withdrawn) {
+            self.store.destroy(&ids).await?;
+            return Err(ApiError::BadRequest(format!(
+                "request {} was withdrawn by its origin",
+                request.request_id
+            )));
+        }
+        self.remember(request.request_id, Outcome::Delivered(count));
+        tracing::info!(
+            target: "dqkd::audit",
+            event = "keys_regenerated",
+            peer = peer.id(),
+            master = %request.master,
+            slaves = ?request.slaves,
+            key_ids = ?ids,
+        );
+        Ok(DeliverAck {
+            request_id: request.request_id,
+            stored: count,
+        })
+    }
+
+    /// Peer `destroy`: shred the keys of a request that failed at its origin.
+    pub async fn peer_destroy(
+        &self,
+        peer: &VerifiedKme,
+        request: DestroyRequest,
+    ) -> Result<DestroyAck, ApiError> {
+        self.remember(request.request_id, Outcome::Withdrawn);
+        let destroyed = self.store.destroy(&request.key_ids).await?;
+        tracing::info!(
+            target: "dqkd::audit",
+            event = "keys_destroyed",
+            peer = peer.id(),
+            request_id = %request.request_id,
+            destroyed,
+            key_ids = ?request.key_ids,
+        );
+        Ok(DestroyAck { destroyed })
+    }
+
     /// Shreds expired keys; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, ApiError> {
         Ok(self.store.purge_expired(unix_now()).await?)
+    }
+
+    fn remembered(&self, request_id: Uuid) -> Option<Outcome> {
+        let guard = self
+            .delivered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        guard.outcomes.get(&request_id).copied()
+    }
+
+    fn remember(&self, request_id: Uuid, outcome: Outcome) {
+        let mut guard = self
+            .delivered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if guard.outcomes.insert(request_id, outcome).is_none() {
+            guard.order.push_back(request_id);
+        }
+        while guard.order.len() > REMEMBERED_REQUESTS {
+            if let Some(old) = guard.order.pop_front() {
+                guard.outcomes.remove(&old);
+            }
+        }
     }
 
     fn resolve(&self, id: &str, role: &str) -> Result<Target, ApiError> {
@@ -275,17 +590,15 @@ impl KeyService {
     /// The SAEs entitled to keys addressed to `target` by `caller`.
     fn slaves_of(&self, caller: &VerifiedSae, target: &Target) -> Result<Vec<String>, ApiError> {
         match target {
-            Target::Sae { sae, site } => {
+            Target::Sae { sae, .. } => {
                 if sae == caller.id() {
                     return Err(ApiError::BadRequest(
                         "master and slave SAE must differ".into(),
                     ));
                 }
-                self.require_local(site)?;
                 Ok(vec![sae.clone()])
             }
             Target::Site { site } => {
-                self.require_local(site)?;
                 let others: Vec<String> = self.config.sites[site]
                     .saes
                     .iter()
@@ -302,16 +615,53 @@ impl KeyService {
         }
     }
 
-    /// Keys can only reach SAEs of this site until peer links exist.
-    fn require_local(&self, site: &str) -> Result<(), ApiError> {
-        if site == self.config.kme_id {
-            Ok(())
-        } else {
-            Err(ApiError::Unavailable(format!(
-                "site {site:?} is not reachable from KME {:?}: this build delivers keys within one site only",
-                self.config.kme_id
-            )))
+    /// Every slave of a request (the path's and the additional ones), grouped by site.
+    fn slaves_by_site(
+        &self,
+        caller: &VerifiedSae,
+        slave: &str,
+        additional: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+        let target = self.resolve(slave, "slave")?;
+        let mut by_site: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let primary_site = match &target {
+            Target::Sae { site, .. } | Target::Site { site } => site.clone(),
+        };
+        by_site.insert(primary_site, self.slaves_of(caller, &target)?);
+        for extra in additional {
+            let Target::Sae { sae, site } = self.resolve(extra, "additional slave")? else {
+                return Err(ApiError::BadRequest(format!(
+                    "additional_slave_SAE_IDs must name SAEs, and {extra:?} is a KME ID"
+                )));
+            };
+            if sae == caller.id() {
+                return Err(ApiError::BadRequest(
+                    "additional_slave_SAE_IDs repeats the master SAE".into(),
+                ));
+            }
+            if by_site.values().flatten().any(|s| *s == sae) {
+                return Err(ApiError::BadRequest(format!(
+                    "additional_slave_SAE_IDs repeats the slave SAE {sae:?}"
+                )));
+            }
+            by_site.entry(site).or_default().push(sae);
         }
+        Ok(by_site)
+    }
+
+    fn unreachable(&self, site: &str) -> ApiError {
+        ApiError::Unavailable(format!(
+            "site {site:?} is not reachable from KME {:?}: it has no peer address",
+            self.config.kme_id
+        ))
+    }
+}
+
+/// Maps a key-source failure to the answer the caller (SAE or peer) gets.
+fn source_error(e: KeySourceError) -> ApiError {
+    match e {
+        KeySourceError::BadMetadata(_) => ApiError::BadRequest(e.to_string()),
+        other => ApiError::Unavailable(other.to_string()),
     }
 }
 

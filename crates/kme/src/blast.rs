@@ -1,0 +1,285 @@
+//! The BLAST-style key source: ranges from `n` entropy servers, Cauchy extraction, and
+//! metadata a peer site uses to regenerate the same keys (docs/keygen-protocol.md).
+//!
+//! One batch costs one allocation per server, however many keys it holds. A server that
+//! does not answer is skipped for another (any `n` healthy servers of those configured),
+//! and is tried last for a while so that one dead server does not slow every request.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dqkd_entropy::client::{Allocation, EntropyClient};
+use dqkd_keygen::metadata::{self, BatchMetadata, KeyEntry, RangeRef};
+use dqkd_keygen::{confirm, Extractor};
+use dqkd_store::KeyMaterial;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::keysource::{Batch, KeySource, KeySourceError};
+
+/// How long a server that failed is tried only after the others.
+const PENALTY: Duration = Duration::from_secs(10);
+
+/// One configured entropy server.
+struct Server {
+    id: String,
+    client: EntropyClient,
+    failed_at: Mutex<Option<Instant>>,
+}
+
+/// The BLAST-style generator of one KME.
+pub struct Blast {
+    servers: Vec<Server>,
+    extractor: Extractor,
+    n: u8,
+    c: u8,
+    /// Rotates the first choice so that load spreads over all servers.
+    next: AtomicUsize,
+}
+
+impl Blast {
+    /// A generator drawing `n` blocks per key (tolerating `c` leaked ones) from `servers`
+    /// (ID and client). Needs at least `n` servers.
+    pub fn new(
+        servers: Vec<(String, EntropyClient)>,
+        n: u8,
+        c: u8,
+    ) -> Result<Self, KeySourceError> {
+        let extractor = Extractor::new(n.into(), c.into())
+            .map_err(|e| KeySourceError::Unavailable(format!("keygen parameters: {e}")))?;
+        if servers.len() < usize::from(n) {
+            return Err(KeySourceError::Unavailable(format!(
+                "n = {n} entropy servers are needed per key but only {} are configured",
+                servers.len()
+            )));
+        }
+        Ok(Self {
+            servers: servers
+                .into_iter()
+                .map(|(id, client)| Server {
+                    id,
+                    client,
+                    failed_at: Mutex::new(None),
+                })
+                .collect(),
+            extractor,
+            n,
+            c,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Server indices in the order to try them: a rotating start, recently failed ones last.
+    fn candidates(&self) -> Vec<usize> {
+        let count = self.servers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
+        let mut order: Vec<usize> = (0..count).map(|i| (start + i) % count).collect();
+        order.sort_by_key(|&i| self.penalised(i));
+        order
+    }
+
+    fn penalised(&self, index: usize) -> bool {
+        let guard = self.servers[index]
+            .failed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.is_some_and(|at| at.elapsed() < PENALTY)
+    }
+
+    fn mark(&self, index: usize, failed: bool) {
+        let mut guard = self.servers[index]
+            .failed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = failed.then(Instant::now);
+    }
+
+    /// Allocates `len` bytes on `n` servers, replacing any that fail by the next candidate.
+    async fn allocate(
+        &self,
+        len: u64,
+        readers: &[String],
+    ) -> Result<Vec<Allocation>, KeySourceError> {
+        let mut order = self.candidates().into_iter();
+        let mut running = JoinSet::new();
+        let start = |index: usize, running: &mut JoinSet<_>| {
+            let client = self.servers[index].client.clone();
+            let readers = readers.to_vec();
+            running.spawn(async move { (index, client.allocate(len, &readers).await) });
+        };
+        for index in order.by_ref().take(usize::from(self.n)) {
+            start(index, &mut running);
+        }
+        let mut got: Vec<(usize, Allocation)> = Vec::with_capacity(usize::from(self.n));
+        let mut failures = Vec::new();
+        while let Some(joined) = running.join_next().await {
+            let (index, result) = joined
+                .map_err(|e| KeySourceError::Unavailable(format!("allocation task failed: {e}")))?;
+            match result {
+                Ok(allocation) => {
+                    self.mark(index, false);
+                    got.push((index, allocation));
+                }
+                Err(e) => {
+                    tracing::warn!(server = %self.servers[index].id, error = %e, "entropy allocation failed");
+                    self.mark(index, true);
+                    failures.push(format!("{}: {e}", self.servers[index].id));
+                    if let Some(next) = order.next() {
+                        start(next, &mut running);
+                    }
+                }
+            }
+        }
+        if got.len() < usize::from(self.n) {
+            return Err(KeySourceError::Unavailable(format!(
+                "only {} of the {} entropy servers needed answered ({})",
+                got.len(),
+                self.n,
+                failures.join("; ")
+            )));
+        }
+        got.sort_by_key(|(index, _)| *index);
+        Ok(got.into_iter().map(|(_, a)| a).collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl KeySource for Blast {
+    async fn generate(
+        &self,
+        count: usize,
+        len: usize,
+        readers: &[String],
+    ) -> Result<Batch, KeySourceError> {
+        let bad =
+            |e: dqkd_keygen::KeygenError| KeySourceError::Unavailable(format!("extraction: {e}"));
+        let block = self.extractor.block_len(len).map_err(bad)?;
+        let range_len = block
+            .checked_mul(count)
+            .ok_or_else(|| KeySourceError::Unavailable("batch too large".into()))?;
+        let allocations = self.allocate(range_len as u64, readers).await?;
+        let ranges: Vec<&[u8]> = allocations.iter().map(|a| a.bytes.as_slice()).collect();
+        let mut out = Zeroizing::new(vec![0u8; len * count]);
+        self.extractor
+            .extract_batch(&ranges, len, count, &mut out)
+            .map_err(bad)?;
+
+        let mut keys = Vec::with_capacity(count);
+        let mut entries = Vec::with_capacity(count);
+        for (t, bytes) in out.chunks_exact(len).enumerate() {
+            let id = Uuid::new_v4();
+            entries.push(KeyEntry {
+                key_id: *id.as_bytes(),
+                size_bits: (len * 8) as u32,
+                block_offset: (t * block) as u64,
+                confirm: confirm::confirm_tag(bytes, id.as_bytes()),
+            });
+            keys.push((id, KeyMaterial::new(bytes.to_vec())));
+        }
+        let metadata = BatchMetadata {
+            version: metadata::VERSION,
+            n: self.n,
+            c: self.c,
+            ranges: allocations
+                .iter()
+                .map(|a| RangeRef {
+                    server_id: a.server_id.clone(),
+                    pool_id: a.pool_id,
+                    offset: a.offset,
+                    len: a.len,
+                })
+                .collect(),
+            expires_at_unix: allocations.iter().map(|a| a.expires_at).min().unwrap_or(0),
+            keys: entries,
+        };
+        let metadata = metadata
+            .encode()
+            .map_err(|e| KeySourceError::BadMetadata(e.to_string()))?;
+        Ok(Batch {
+            keys,
+            metadata: Some(metadata),
+        })
+    }
+
+    async fn regenerate(&self, bytes: &[u8]) -> Result<Vec<(Uuid, KeyMaterial)>, KeySourceError> {
+        let meta =
+            metadata::decode(bytes).map_err(|e| KeySourceError::BadMetadata(e.to_string()))?;
+        let extractor = if (meta.n, meta.c) == (self.n, self.c) {
+            None
+        } else {
+            Some(
+                Extractor::new(meta.n.into(), meta.c.into())
+                    .map_err(|e| KeySourceError::BadMetadata(e.to_string()))?,
+            )
+        };
+        let extractor = extractor.as_ref().unwrap_or(&self.extractor);
+
+        let mut reads = JoinSet::new();
+        for (j, range) in meta.ranges.iter().enumerate() {
+            let server = self
+                .servers
+                .iter()
+                .find(|s| s.id == range.server_id)
+                .ok_or_else(|| {
+                    KeySourceError::BadMetadata(format!(
+                        "entropy server {:?} is not in the cluster manifest",
+                        range.server_id
+                    ))
+                })?;
+            let client = server.client.clone();
+            let (pool, offset, len) = (range.pool_id, range.offset, range.len);
+            reads.spawn(async move { (j, client.read(&pool, offset, len).await) });
+        }
+        let mut blocks: Vec<Option<Zeroizing<Vec<u8>>>> = vec![None; meta.ranges.len()];
+        while let Some(joined) = reads.join_next().await {
+            let (j, result) =
+                joined.map_err(|e| KeySourceError::Regenerate(format!("read task failed: {e}")))?;
+            let range = &meta.ranges[j];
+            match result {
+                Ok(bytes) if bytes.len() as u64 == range.len => blocks[j] = Some(bytes),
+                Ok(bytes) => {
+                    return Err(KeySourceError::Regenerate(format!(
+                        "entropy server {:?} returned {} bytes for a range of {}",
+                        range.server_id,
+                        bytes.len(),
+                        range.len
+                    )))
+                }
+                Err(e) if e.is_unavailable() => {
+                    return Err(KeySourceError::Unavailable(format!(
+                        "{}: {e}",
+                        range.server_id
+                    )))
+                }
+                Err(e) => {
+                    return Err(KeySourceError::Regenerate(format!(
+                        "{}: {e}",
+                        range.server_id
+                    )))
+                }
+            }
+        }
+        let blocks: Vec<Zeroizing<Vec<u8>>> = blocks.into_iter().flatten().collect();
+
+        let mut keys = Vec::with_capacity(meta.keys.len());
+        for (index, entry) in meta.keys.iter().enumerate() {
+            let block = meta
+                .block_len(index)
+                .ok_or_else(|| KeySourceError::BadMetadata("key without a block length".into()))?;
+            let start = entry.block_offset as usize;
+            let slices: Vec<&[u8]> = blocks.iter().map(|b| &b[start..start + block]).collect();
+            let mut key = Zeroizing::new(vec![0u8; entry.size_bytes()]);
+            extractor
+                .extract(&slices, &mut key)
+                .map_err(|e| KeySourceError::BadMetadata(e.to_string()))?;
+            let id = Uuid::from_bytes(entry.key_id);
+            if !confirm::verify_confirm(&key, &entry.key_id, &entry.confirm) {
+                return Err(KeySourceError::Confirmation { key_id: id });
+            }
+            keys.push((id, KeyMaterial::new(key.to_vec())));
+        }
+        Ok(keys)
+    }
+}

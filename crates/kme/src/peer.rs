@@ -1,0 +1,193 @@
+//! The peer API: how one site's KME tells another which keys to regenerate and who may
+//! fetch them, and how it withdraws them when a request fails.
+//!
+//! Only KME certificates of the cluster may call it. Every message carries a request ID
+//! and the key IDs it concerns, so a retry after a timeout is harmless: `deliver` answers a
+//! request it already completed with the same acknowledgement, and `destroy` of keys that
+//! are already gone succeeds.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// `POST /peer/v1/deliver`: regenerate these keys and hold them for these SAEs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverRequest {
+    /// Idempotency key of this message.
+    pub request_id: Uuid,
+    /// The master SAE (an SAE of the calling site).
+    pub master: String,
+    /// The SAEs of the receiving site that may fetch the keys, once each.
+    pub slaves: Vec<String>,
+    /// Regeneration metadata (`dqkd-keygen` encoding), standard Base64.
+    pub metadata: String,
+}
+
+/// Answer to [`DeliverRequest`]: the keys are durably stored at the receiving site.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliverAck {
+    /// The request acknowledged.
+    pub request_id: Uuid,
+    /// How many keys are stored.
+    pub stored: usize,
+}
+
+/// `POST /peer/v1/destroy`: shred these keys whoever may fetch them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyRequest {
+    /// Idempotency key of this message.
+    pub request_id: Uuid,
+    /// The keys to shred.
+    pub key_ids: Vec<Uuid>,
+}
+
+/// Answer to [`DestroyRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DestroyAck {
+    /// How many of the keys still existed.
+    pub destroyed: u64,
+}
+
+/// Why a peer call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// No answer in time, or no connection: the peer may or may not have acted.
+    #[error("site {site:?} is unreachable: {reason}")]
+    Unreachable {
+        /// The peer's KME ID.
+        site: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The peer answered and refused.
+    #[error("site {site:?} refused ({status}): {message}")]
+    Refused {
+        /// The peer's KME ID.
+        site: String,
+        /// HTTP status.
+        status: StatusCode,
+        /// Its message.
+        message: String,
+    },
+}
+
+/// A kept-alive connection pool to one peer site's peer API.
+#[derive(Clone)]
+pub struct PeerClient {
+    site: String,
+    base: String,
+    http: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl PeerClient {
+    /// A client for site `site` at `addr` (`host:port`), authenticating with this KME's
+    /// certificate in `tls`.
+    pub fn new(site: &str, addr: &str, mut tls: rustls::ClientConfig, timeout: Duration) -> Self {
+        tls.alpn_protocols.clear();
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_all_versions()
+            .wrap_connector(http);
+        Self {
+            site: site.to_owned(),
+            base: format!("https://{addr}"),
+            http: HyperClient::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector),
+            timeout,
+        }
+    }
+
+    /// The peer's KME ID.
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// Sends a deliver message and waits for the durable acknowledgement.
+    pub async fn deliver(&self, request: &DeliverRequest) -> Result<DeliverAck, PeerError> {
+        self.call("/peer/v1/deliver", request).await
+    }
+
+    /// Sends a destroy message.
+    pub async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
+        self.call("/peer/v1/destroy", request).await
+    }
+
+    async fn call<Q: Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Q,
+    ) -> Result<A, PeerError> {
+        let unreachable = |reason: String| PeerError::Unreachable {
+            site: self.site.clone(),
+            reason,
+        };
+        let body = serde_json::to_vec(body).map_err(|e| unreachable(e.to_string()))?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}{path}", self.base))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| unreachable(error_chain(&e)))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| unreachable(error_chain(&e)))?
+                .to_bytes();
+            Ok::<_, PeerError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))??;
+        if status != StatusCode::OK {
+            let message = serde_json::from_slice::<dqkd_etsi014::ErrorBody>(&body)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(PeerError::Refused {
+                site: self.site.clone(),
+                status,
+                message,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| PeerError::Refused {
+            site: self.site.clone(),
+            status,
+            message: format!("unreadable answer: {e}"),
+        })
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,330 @@
+//! The multi-site cluster end to end: three sites and four entropy servers as real
+//! processes on loopback; keys made at one site, regenerated at another from metadata.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use dqkd_client::{ClientError, KeyRequestBody};
+use http::StatusCode;
+
+fn status_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
+    match result {
+        Err(ClientError::Api { status, message }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alice_and_bob_share_keys_across_sites_in_every_form() {
+    let cluster = Cluster::start_with(&["KME_A", "KME_B"], 3, 2000);
+    let alice = cluster.client("alice");
+    let bob = cluster.client("bob");
+
+    let status = alice.status("KME_B").await.expect("status by KME ID");
+    assert_eq!(status.source_KME_ID, "KME_A");
+    assert_eq!(status.target_KME_ID, "KME_B");
+    let status = alice.status("bob").await.expect("status by SAE ID");
+    assert_eq!(status.target_KME_ID, "KME_B");
+
+    // The mission's addressing: slave = Bob's KME ID, master = Alice's KME ID.
+    let get = alice
+        .enc_keys_get("KME_B", None, None)
+        .await
+        .expect("GET enc_keys");
+    let got = bob
+        .dec_keys("KME_A", &[get.keys[0].key_ID.as_str()])
+        .await
+        .expect("dec");
+    assert_eq!(got.keys[0].key, get.keys[0].key);
+
+    // POST with number and size, fetched by SAE ID, with GET and POST dec_keys.
+    let post = alice
+        .enc_keys(
+            "bob",
+            &KeyRequestBody {
+                number: Some(5),
+                size: Some(1024),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("POST enc_keys");
+    assert_eq!(post.keys.len(), 5);
+    let first = bob
+        .dec_keys_get("alice", &post.keys[0].key_ID)
+        .await
+        .expect("GET dec");
+    assert_eq!(first.keys[0].key, post.keys[0].key);
+    let rest: Vec<&str> = post.keys[1..].iter().map(|k| k.key_ID.as_str()).collect();
+    let got = bob.dec_keys("alice", &rest).await.expect("POST dec");
+    for (sent, received) in post.keys[1..].iter().zip(&got.keys) {
+        assert_eq!(sent.key_ID, received.key_ID);
+        assert_eq!(sent.key, received.key);
+        assert_eq!(common::base64_decode(&received.key).len(), 128);
+    }
+    // Once for Bob; Alice may fetch her copy at her own site (master_refetch).
+    let (status, message) = status_of(bob.dec_keys("alice", &rest).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(message, "one or more keys specified are not found on KME");
+    let mine = alice.dec_keys("alice", &rest).await.expect("refetch at A");
+    assert_eq!(mine.keys[0].key, post.keys[1].key);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multicast_reaches_three_sites() {
+    let cluster = Cluster::start();
+    let keys = cluster
+        .client("alice")
+        .enc_keys(
+            "bob",
+            &KeyRequestBody {
+                number: Some(3),
+                additional_slave_SAE_IDs: vec!["carol".into(), "dave".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("multicast enc_keys");
+    let ids: Vec<&str> = keys.keys.iter().map(|k| k.key_ID.as_str()).collect();
+    for slave in ["bob", "dave", "carol"] {
+        let client = cluster.client(slave);
+        let got = client.dec_keys("alice", &ids).await.expect(slave);
+        for (sent, received) in keys.keys.iter().zip(&got.keys) {
+            assert_eq!(sent.key, received.key, "{slave}");
+        }
+        let (status, _) = status_of(client.dec_keys("alice", &ids).await);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{slave} got a key twice");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_site_and_wrong_sae_get_401() {
+    let cluster = Cluster::start();
+    let keys = cluster
+        .client("alice")
+        .enc_keys("bob", &KeyRequestBody::default())
+        .await
+        .expect("enc");
+    let id = keys.keys[0].key_ID.as_str();
+    // Bob at the wrong site: not an SAE of KME_A.
+    let (status, _) = status_of(
+        cluster
+            .client_at("bob", "KME_A")
+            .dec_keys("alice", &[id])
+            .await,
+    );
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = status_of(cluster.client_at("bob", "KME_C").status("alice").await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Dave at the right site, but the key is Bob's.
+    let (status, _) = status_of(cluster.client("dave").dec_keys("alice", &[id]).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Carol's site never had the key.
+    let (status, _) = status_of(cluster.client("carol").dec_keys("alice", &[id]).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Nothing was consumed.
+    cluster
+        .client("bob")
+        .dec_keys("alice", &[id])
+        .await
+        .expect("bob's key");
+}
+
+/// Key IDs of requests the origin site withdrew, from its audit log.
+fn withdrawn_key_ids(log: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for line in log.lines().filter(|l| l.contains("keys_withdrawn")) {
+        let Some(start) = line.find("key_ids=[") else {
+            continue;
+        };
+        let rest = &line[start + 9..];
+        let end = rest.find(']').unwrap_or(rest.len());
+        ids.extend(
+            rest[..end]
+                .split(", ")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unresponsive_peer_gives_503_in_time_and_leaves_no_orphan_key() {
+    let mut cluster = Cluster::start_with(&["KME_A", "KME_B"], 3, 1500);
+    let alice = cluster.client("alice");
+
+    // B is alive but frozen: A must give up within its timeout.
+    cluster.site("KME_B").signal("-STOP");
+    let started = Instant::now();
+    let (status, message) = status_of(
+        alice
+            .enc_keys(
+                "bob",
+                &KeyRequestBody {
+                    number: Some(2),
+                    ..Default::default()
+                },
+            )
+            .await,
+    );
+    let waited = started.elapsed();
+    cluster.site("KME_B").signal("-CONT");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("KME_B"), "{message}");
+    assert!(
+        waited < Duration::from_millis(1500 + 1500),
+        "waited {waited:?}"
+    );
+
+    // B wakes up and may finish the old request, but A withdraws it: after recovery none
+    // of its keys is deliverable at either site.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ids = withdrawn_key_ids(&cluster.sites["KME_A"].log_text());
+    assert_eq!(ids.len(), 2, "A logs the withdrawn key IDs: {ids:?}");
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (status, _) = status_of(cluster.client("bob").dec_keys("alice", &id_refs).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = status_of(alice.dec_keys("alice", &id_refs).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // A dead peer: refused at once; after it restarts, no manual repair is needed.
+    cluster.site("KME_B").kill9();
+    let (status, message) = status_of(alice.enc_keys("bob", &KeyRequestBody::default()).await);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("KME_B"), "{message}");
+    cluster.site("KME_B").launch();
+    let keys = alice
+        .enc_keys("bob", &KeyRequestBody::default())
+        .await
+        .expect("after recovery");
+    let got = cluster
+        .client("bob")
+        .dec_keys("alice", &[keys.keys[0].key_ID.as_str()])
+        .await
+        .expect("dec after recovery");
+    assert_eq!(got.keys[0].key, keys.keys[0].key);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_entropy_server_down_is_routed_around() {
+    let mut cluster = Cluster::start_with(&["KME_A", "KME_B"], 4, 2000);
+    cluster.entropy[0].kill9();
+    for _ in 0..4 {
+        let keys = cluster
+            .client("alice")
+            .enc_keys("bob", &KeyRequestBody::default())
+            .await
+            .expect("enc_keys with E1 down");
+        let got = cluster
+            .client("bob")
+            .dec_keys("alice", &[keys.keys[0].key_ID.as_str()])
+            .await
+            .expect("dec");
+        assert_eq!(got.keys[0].key, keys.keys[0].key);
+    }
+    // With two of four down, three servers cannot be found: a clear 503.
+    cluster.entropy[1].kill9();
+    let (status, message) = status_of(
+        cluster
+            .client("alice")
+            .enc_keys("bob", &KeyRequestBody::default())
+            .await,
+    );
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("entropy servers"), "{message}");
+}
+
+/// Streams enc_keys at A while `victim` is killed and restarted; then checks that every
+/// key Alice was given reaches Bob exactly once.
+async fn crash_during_stream(victim: &str) {
+    let mut cluster = Cluster::start_with(&["KME_A", "KME_B"], 3, 1500);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let alice = cluster.client("alice");
+        let tx = tx.clone();
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let mut errors = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match alice
+                    .enc_keys(
+                        "bob",
+                        &KeyRequestBody {
+                            number: Some(2),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                {
+                    Ok(keys) => {
+                        for k in keys.keys {
+                            let _ = tx.send((k.key_ID.clone(), k.key.clone()));
+                        }
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            errors
+        }));
+    }
+    drop(tx);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.site(victim).kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.site(victim).launch();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    let mut issued = BTreeMap::new();
+    while let Some((id, key)) = rx.recv().await {
+        assert!(
+            issued.insert(id, key).is_none(),
+            "a key ID was issued twice"
+        );
+    }
+    assert!(
+        issued.len() > 10,
+        "too few keys issued to prove anything: {}",
+        issued.len()
+    );
+
+    let bob = cluster.client("bob");
+    let ids: Vec<&String> = issued.keys().collect();
+    for chunk in ids.chunks(16) {
+        let refs: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
+        let got = bob
+            .dec_keys("alice", &refs)
+            .await
+            .expect("every issued key is at B");
+        for k in &got.keys {
+            assert_eq!(
+                &issued[&k.key_ID], &k.key,
+                "B has another key under {}",
+                k.key_ID
+            );
+        }
+        let (status, _) = status_of(bob.dec_keys("alice", &refs).await);
+        assert_eq!(status, StatusCode::BAD_REQUEST, "delivered twice");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_master_site_mid_stream_loses_nothing() {
+    crash_during_stream("KME_A").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_of_the_slave_site_mid_stream_loses_nothing() {
+    crash_during_stream("KME_B").await;
+}

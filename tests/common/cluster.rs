@@ -1,0 +1,268 @@
+//! A multi-site cluster of real processes on loopback: entropy servers started with
+//! `dqkd entropy`, sites started with `dqkd kme`, certificates from `dqkd pki`.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dqkd_client::Client;
+
+use super::{dqkd, BIN};
+
+/// One child process with its config, ready file and log.
+pub struct Proc {
+    pub name: String,
+    args: Vec<String>,
+    ready: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    pub addr: String,
+}
+
+impl Proc {
+    fn new(dir: &Path, name: &str, args: Vec<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            args,
+            ready: dir.join(format!("{name}.ready")),
+            log: dir.join(format!("{name}.log")),
+            child: None,
+            addr: String::new(),
+        }
+    }
+
+    /// Starts the process and waits until it accepts connections.
+    pub fn launch(&mut self) {
+        let _ = std::fs::remove_file(&self.ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .arg("--ready-file")
+            .arg(&self.ready)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn dqkd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&self.ready) {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("ready JSON");
+                self.addr = v["api_addr"].as_str().expect("api_addr").to_owned();
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("{} exited with {status}: {}", self.name, self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready: {}",
+                self.name,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill -9");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: a peer that is alive but does not answer.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sites `KME_A`, `KME_B`, `KME_C` with SAEs alice (A), bob and dave (B), carol (C), and
+/// four entropy servers E1..E4 of which each key uses three (`n = 3`, `c = 1`).
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub sites: BTreeMap<String, Proc>,
+    pub entropy: Vec<Proc>,
+    pub sae_site: BTreeMap<&'static str, &'static str>,
+    pub timeout_ms: u64,
+}
+
+/// A free port on 127.0.0.1 (released before use: the manifest must name peer ports).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        Self::start_with(&["KME_A", "KME_B", "KME_C"], 4, 2000)
+    }
+
+    pub fn start_with(site_ids: &[&str], entropy_count: usize, timeout_ms: u64) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let pki = d.join("pki");
+        let pki_s = pki.to_str().expect("utf-8");
+        dqkd(&["pki", "init", "--cluster", "test", "--out", pki_s]);
+        let all_saes: [(&str, &str); 4] = [
+            ("alice", "KME_A"),
+            ("bob", "KME_B"),
+            ("dave", "KME_B"),
+            ("carol", "KME_C"),
+        ];
+        let sae_site: BTreeMap<&str, &str> = all_saes
+            .iter()
+            .filter(|(_, site)| site_ids.contains(site))
+            .copied()
+            .collect();
+        for kme in site_ids {
+            dqkd(&["pki", "issue", "kme", kme, "--ca", pki_s]);
+            dqkd(&[
+                "pki",
+                "kek",
+                "--out",
+                d.join(format!("{kme}.kek")).to_str().expect("utf-8"),
+            ]);
+        }
+        for sae in sae_site.keys() {
+            dqkd(&["pki", "issue", "sae", sae, "--ca", pki_s]);
+        }
+        let entropy_ids: Vec<String> = (1..=entropy_count).map(|j| format!("E{j}")).collect();
+        let mut manifest = format!(
+            "cluster = \"test\"\n[peers]\ntimeout_ms = {timeout_ms}\n[keygen]\nn = 3\nc = 1\n"
+        );
+        let mut entropy = Vec::new();
+        for id in &entropy_ids {
+            dqkd(&["pki", "issue", "entropy", id, "--ca", pki_s]);
+            let port = free_port();
+            manifest.push_str(&format!(
+                "[[entropy]]\nid = \"{id}\"\naddr = \"127.0.0.1:{port}\"\n"
+            ));
+            let config = d.join(format!("{id}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "cluster = \"test\"\nserver_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\
+                     [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/entropy/{id}.pem\"\nkey = \"pki/entropy/{id}.key\"\n"
+                ),
+            )
+            .expect("entropy config");
+            entropy.push(Proc::new(
+                d,
+                id,
+                vec![
+                    "entropy".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                ],
+            ));
+        }
+        let mut sites = BTreeMap::new();
+        for kme in site_ids {
+            let (api, peer) = (free_port(), free_port());
+            let saes: Vec<String> = sae_site
+                .iter()
+                .filter(|(_, s)| *s == kme)
+                .map(|(sae, _)| format!("\"{sae}\""))
+                .collect();
+            manifest.push_str(&format!(
+                "[[sites]]\nkme_id = \"{kme}\"\napi_addr = \"127.0.0.1:{api}\"\npeer_addr = \"127.0.0.1:{peer}\"\nsaes = [{}]\n",
+                saes.join(", ")
+            ));
+            let config = d.join(format!("site-{kme}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "manifest = \"cluster.toml\"\nkme_id = \"{kme}\"\napi_listen = \"127.0.0.1:{api}\"\n\
+                     peer_listen = \"127.0.0.1:{peer}\"\n[tls]\nca = \"pki/ca.pem\"\n\
+                     cert = \"pki/kme/{kme}.pem\"\nkey = \"pki/kme/{kme}.key\"\n\
+                     [store]\npath = \"{kme}.redb\"\nkek = \"{kme}.kek\"\n"
+                ),
+            )
+            .expect("site config");
+            sites.insert(
+                (*kme).to_owned(),
+                Proc::new(
+                    d,
+                    kme,
+                    vec![
+                        "kme".into(),
+                        "--config".into(),
+                        config.display().to_string(),
+                    ],
+                ),
+            );
+        }
+        std::fs::write(d.join("cluster.toml"), manifest).expect("manifest");
+        let mut cluster = Self {
+            dir,
+            sites,
+            entropy,
+            sae_site,
+            timeout_ms,
+        };
+        for server in &mut cluster.entropy {
+            server.launch();
+        }
+        for site in cluster.sites.values_mut() {
+            site.launch();
+        }
+        cluster
+    }
+
+    pub fn site(&mut self, kme: &str) -> &mut Proc {
+        self.sites.get_mut(kme).expect("site")
+    }
+
+    /// A client for `sae` at its own site.
+    pub fn client(&self, sae: &str) -> Client {
+        let site = self.sae_site[sae];
+        self.client_at(sae, site)
+    }
+
+    /// A client for `sae` talking to site `kme` (which may not be its own).
+    pub fn client_at(&self, sae: &str, kme: &str) -> Client {
+        let d = self.dir.path();
+        let tls = dqkd_pki::client_config_from_combined(
+            &d.join("pki/ca.pem"),
+            &d.join(format!("pki/sae/{sae}.combined.pem")),
+        )
+        .expect("client TLS");
+        Client::new(&format!("https://{}", self.sites[kme].addr), tls)
+            .expect("client")
+            .with_timeout(Duration::from_secs(20))
+    }
+}
