@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs the mission's flow with plain curl and .p12 bundles against `dqkd up`:
-# Alice asks for a key to share with Bob, Bob fetches it by key ID, both must match,
-# and a second fetch must be refused. Usage: scripts/curl-flow.sh [path/to/dqkd]
+# Runs the mission's flow with plain curl and .p12 bundles against `dqkd up` (two sites,
+# three entropy servers): Alice at site A asks for a key for Bob's KME ID, Bob fetches it
+# at site B by key ID with Alice's KME ID, both must match, and a second fetch must be
+# refused. Usage: scripts/curl-flow.sh [path/to/dqkd]
 set -euo pipefail
 dqkd="$(realpath "${1:-target/debug/dqkd}")"
 port="${DQKD_FLOW_PORT:-18443}"
@@ -23,10 +24,11 @@ done
 grep -q "Press Ctrl-C" up.out || { cat up.out up.err; echo "dqkd up did not start"; exit 1; }
 
 pki=dqkd-local/pki
-url="https://127.0.0.1:$port"
+site_a="https://127.0.0.1:$port"
+site_b="https://127.0.0.1:$((port + 1))"
 enc=$(curl --silent --show-error --fail-with-body \
     --cert "$pki/sae/alice.p12" --cert-type P12 --cacert "$pki/ca.pem" \
-    "$url/api/v1/keys/bob/enc_keys")
+    "$site_a/api/v1/keys/KME_B/enc_keys")
 echo "alice enc_keys: $enc" | sed 's/"key":"[^"]*"/"key":"<hidden>"/'
 key_id=$(printf '%s' "$enc" | grep -o '"key_ID":"[^"]*"' | head -n 1 | cut -d'"' -f4)
 key=$(printf '%s' "$enc" | grep -o '"key":"[^"]*"' | head -n 1 | cut -d'"' -f4)
@@ -34,16 +36,16 @@ key=$(printf '%s' "$enc" | grep -o '"key":"[^"]*"' | head -n 1 | cut -d'"' -f4)
 
 dec=$(curl --silent --show-error --fail-with-body \
     --cert "$pki/sae/bob.p12" --cert-type P12 --cacert "$pki/ca.pem" \
-    "$url/api/v1/keys/alice/dec_keys" \
+    "$site_b/api/v1/keys/KME_A/dec_keys" \
     -H "Content-Type: application/json" \
     -d "{\"key_IDs\": [{\"key_ID\": \"$key_id\"}]}")
 got=$(printf '%s' "$dec" | grep -o '"key":"[^"]*"' | head -n 1 | cut -d'"' -f4)
 [ "$got" = "$key" ] || { echo "Bob's key differs from Alice's"; exit 1; }
-echo "bob dec_keys: same key for $key_id"
+echo "bob dec_keys at site B: same key for $key_id"
 
 code=$(curl --silent --output /dev/null --write-out '%{http_code}' \
     --cert "$pki/sae/bob.p12" --cert-type P12 --cacert "$pki/ca.pem" \
-    "$url/api/v1/keys/alice/dec_keys?key_ID=$key_id")
+    "$site_b/api/v1/keys/KME_A/dec_keys?key_ID=$key_id")
 [ "$code" = "400" ] || { echo "second dec_keys answered $code, expected 400"; exit 1; }
 echo "bob dec_keys again: 400 (delivered once)"
 echo "curl-flow: 1 passed, 0 failed"

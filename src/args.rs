@@ -39,6 +39,8 @@ pub enum Command {
     Keys(KeysArgs),
     /// Run a local cluster in the foreground, making certificates and config as needed.
     Up(UpArgs),
+    /// Run the Alice→Bob flow against a cluster that `dqkd up` is running.
+    Demo(DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,10 +188,21 @@ pub struct UpArgs {
     /// State folder: certificates, config and key stores live here and are reused.
     #[arg(long, default_value = "dqkd-local")]
     pub dir: PathBuf,
-    /// Port of the site's ETSI API on 127.0.0.1.
+    /// Number of sites (KME_A, KME_B, …), each with one SAE (alice, bob, …).
+    #[arg(long, default_value_t = 2)]
+    pub sites: u8,
+    /// Port of site A's ETSI API on 127.0.0.1; site i uses port+i, its peer API
+    /// port+100+i, entropy server j port+200+j.
     #[arg(long, default_value_t = 8443)]
     pub port: u16,
     /// Do not run the Alice→Bob demonstration after start-up.
     #[arg(long)]
     pub no_demo: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The state folder `dqkd up` runs from.
+    #[arg(long, default_value = "dqkd-local")]
+    pub dir: PathBuf,
 }

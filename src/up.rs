@@ -1,22 +1,24 @@
-//! `dqkd up`: a local cluster in the foreground, ready to try with curl.
+//! `dqkd up` and `dqkd demo`: a local cluster in the foreground, ready to try with curl.
 //!
-//! The state folder keeps the CA, the certificates, the key-encryption key and the key
-//! store, so a second run serves the same keys with the same certificates. The manifest and
-//! site file are written anew each run from the flags (they hold nothing secret).
+//! The state folder keeps the CA, the certificates, the key-encryption keys and the key
+//! stores, so a second run serves the same keys with the same certificates. The manifest,
+//! site files and entropy-server files are written anew each run from the flags (they hold
+//! nothing secret).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use dqkd_client::{Client, KeyRequestBody};
-use dqkd_kme::config::{KeyLife, ManifestLimits, SiteEntry, StoreFiles, TlsFiles};
+use dqkd_kme::config::{
+    EntropyEntry, KeyLife, KeygenParams, ManifestLimits, PeerSettings, SiteEntry, StoreFiles,
+    TlsFiles,
+};
 use dqkd_kme::{Config, Manifest, SiteFile};
 
-use crate::args::UpArgs;
+use crate::args::{DemoArgs, UpArgs};
 
 const CLUSTER: &str = "local";
-const SITE: &str = "KME_A";
-const ALICE: &str = "alice";
-const BOB: &str = "bob";
+const ENTROPY_SERVERS: usize = 3;
 
 /// File locations inside the state folder.
 struct Layout {
@@ -24,120 +26,273 @@ struct Layout {
 }
 
 impl Layout {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        Ok(Self { dir })
+    }
     fn pki(&self) -> PathBuf {
         self.dir.join("pki")
     }
     fn ca(&self) -> PathBuf {
         self.pki().join(dqkd_pki::CA_CERT_FILE)
     }
-    fn kme_dir(&self) -> PathBuf {
-        self.pki().join("kme")
+    fn role_dir(&self, role: dqkd_pki::Role) -> PathBuf {
+        self.pki().join(role.as_str())
     }
-    fn sae_dir(&self) -> PathBuf {
-        self.pki().join("sae")
-    }
-    fn sae_file(&self, sae: &str, ext: &str) -> PathBuf {
-        self.sae_dir().join(format!("{sae}.{ext}"))
+    fn cert(&self, role: dqkd_pki::Role, id: &str, ext: &str) -> PathBuf {
+        self.role_dir(role).join(format!("{id}.{ext}"))
     }
     fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
+    fn manifest(&self) -> PathBuf {
+        self.dir.join("cluster.toml")
+    }
+    /// A path relative to the state folder, as written into config files.
+    fn rel(&self, path: &Path) -> PathBuf {
+        path.strip_prefix(&self.dir).unwrap_or(path).to_owned()
+    }
+}
+
+/// The local cluster's names: site `i` is `KME_<letter>` with one SAE.
+struct Plan {
+    sites: Vec<(String, String)>,
+    entropy: Vec<String>,
+    port: u16,
+}
+
+impl Plan {
+    fn new(sites: u8, port: u16) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            (1..=26).contains(&sites),
+            "--sites must be between 1 and 26"
+        );
+        let saes = ["alice", "bob", "carol", "dave", "erin", "frank"];
+        let sites = (0..sites)
+            .map(|i| {
+                let letter = char::from(b'A' + i);
+                let sae = saes
+                    .get(usize::from(i))
+                    .map(|s| (*s).to_owned())
+                    .unwrap_or_else(|| format!("sae-{}", letter.to_ascii_lowercase()));
+                (format!("KME_{letter}"), sae)
+            })
+            .collect();
+        let entropy = (1..=ENTROPY_SERVERS).map(|j| format!("E{j}")).collect();
+        Ok(Self {
+            sites,
+            entropy,
+            port,
+        })
+    }
+    fn api_port(&self, i: usize) -> u16 {
+        self.port + i as u16
+    }
+    fn peer_port(&self, i: usize) -> u16 {
+        self.port + 100 + i as u16
+    }
+    fn entropy_port(&self, j: usize) -> u16 {
+        self.port + 200 + j as u16
+    }
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let dir = args
-        .dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", args.dir.display()))?;
-    let layout = Layout { dir };
-    ensure_pki(&layout)?;
-    let site_path = write_config(&layout, args.port)?;
-    let config = Config::load(&site_path)?;
-    let serving = dqkd_kme::run(config).await?;
-    let url = format!("https://{}", serving.api_addr());
+    let layout = Layout::new(&args.dir)?;
+    let plan = Plan::new(args.sites, args.port)?;
+    ensure_pki(&layout, &plan)?;
+    write_configs(&layout, &plan)?;
+
+    let mut entropy = Vec::new();
+    for (j, id) in plan.entropy.iter().enumerate() {
+        let path = layout.dir.join(format!("entropy-{id}.toml"));
+        let config = dqkd_entropy::Config::load(&path)?;
+        let serving = dqkd_entropy::run(config).await.with_context(|| {
+            format!(
+                "starting entropy server {id} on port {}",
+                plan.entropy_port(j)
+            )
+        })?;
+        entropy.push(serving);
+    }
+    let mut kmes = Vec::new();
+    for (i, (kme, _)) in plan.sites.iter().enumerate() {
+        let config = Config::load(&layout.dir.join(format!("site-{kme}.toml")))?;
+        let serving = dqkd_kme::run(config)
+            .await
+            .with_context(|| format!("starting site {kme} on port {}", plan.api_port(i)))?;
+        kmes.push(serving);
+    }
 
     println!();
     println!(
         "dqkd local cluster {CLUSTER:?} is up (state in {})",
         layout.dir.display()
     );
-    println!("  site {SITE}: ETSI 014 API at {url}  SAEs: {ALICE}, {BOB}");
+    for (i, (kme, sae)) in plan.sites.iter().enumerate() {
+        println!(
+            "  site {kme}: ETSI 014 API https://127.0.0.1:{}  peer API :{}  SAE {sae}",
+            plan.api_port(i),
+            plan.peer_port(i)
+        );
+    }
+    println!(
+        "  entropy servers: {}  (n = 3, c = 1)",
+        plan.entropy
+            .iter()
+            .enumerate()
+            .map(|(j, id)| format!("{id} :{}", plan.entropy_port(j)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
-    if !args.no_demo {
-        if let Err(e) = demo(&layout, &url).await {
+    if !args.no_demo && plan.sites.len() >= 2 {
+        if let Err(e) = demo(&layout, &plan).await {
             println!("demo failed: {e:#}");
         }
     }
-    print_curl(&layout, &url);
+    print_curl(&layout, &plan);
     println!("Press Ctrl-C to stop.");
     crate::shutdown_signal().await;
     println!("stopping…");
-    serving.shutdown().await;
+    for kme in kmes {
+        kme.shutdown().await;
+    }
+    for server in entropy {
+        server.shutdown().await;
+    }
     Ok(())
 }
 
-fn ensure_pki(layout: &Layout) -> anyhow::Result<()> {
+/// `dqkd demo`: the Alice→Bob flow against a cluster that `dqkd up` is running.
+pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&args.dir)?;
+    let text = std::fs::read_to_string(layout.manifest()).with_context(|| {
+        format!(
+            "reading {}: start the cluster first with `dqkd up --dir {}`",
+            layout.manifest().display(),
+            args.dir.display()
+        )
+    })?;
+    let manifest: Manifest = toml::from_str(&text)?;
+    anyhow::ensure!(
+        manifest.sites.len() >= 2,
+        "the demo needs a cluster of at least two sites"
+    );
+    let port = manifest.sites[0]
+        .api_addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("reading site A's port from the manifest")?;
+    let plan = Plan::new(manifest.sites.len() as u8, port)?;
+    demo(&layout, &plan).await
+}
+
+fn ensure_pki(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
+    use dqkd_pki::Role;
     if !layout.ca().exists() {
         dqkd_pki::init_ca(CLUSTER, &layout.pki(), false)?;
     }
     let ca = dqkd_pki::load_ca(&layout.pki())?;
-    let issue = |role: dqkd_pki::Role, id: &str, dir: PathBuf| -> anyhow::Result<()> {
-        if dir.join(format!("{id}.pem")).exists() {
+    let issue = |role: Role, id: &str| -> anyhow::Result<()> {
+        if layout.cert(role, id, "pem").exists() {
             return Ok(());
         }
         let options = dqkd_pki::IssueOptions {
-            out_dir: dir,
+            out_dir: layout.role_dir(role),
             ..Default::default()
         };
         ca.issue(role, id, &options)?;
         Ok(())
     };
-    issue(dqkd_pki::Role::Kme, SITE, layout.kme_dir())?;
-    issue(dqkd_pki::Role::Sae, ALICE, layout.sae_dir())?;
-    issue(dqkd_pki::Role::Sae, BOB, layout.sae_dir())?;
-    let kek = layout.data().join(format!("{SITE}.kek"));
-    if !kek.exists() {
-        std::fs::create_dir_all(layout.data())?;
-        dqkd_store::Kek::generate_file(&kek, false)?;
+    std::fs::create_dir_all(layout.data())?;
+    for (kme, sae) in &plan.sites {
+        issue(Role::Kme, kme)?;
+        issue(Role::Sae, sae)?;
+        let kek = layout.data().join(format!("{kme}.kek"));
+        if !kek.exists() {
+            dqkd_store::Kek::generate_file(&kek, false)?;
+        }
+    }
+    for id in &plan.entropy {
+        issue(Role::Entropy, id)?;
     }
     Ok(())
 }
 
-fn write_config(layout: &Layout, port: u16) -> anyhow::Result<PathBuf> {
+fn write_configs(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
+    use dqkd_pki::Role;
     let manifest = Manifest {
         cluster: CLUSTER.into(),
         limits: ManifestLimits::default(),
         keys: KeyLife::default(),
-        sites: vec![SiteEntry {
-            kme_id: SITE.into(),
-            api_addr: format!("127.0.0.1:{port}"),
-            saes: vec![ALICE.into(), BOB.into()],
-        }],
+        keygen: KeygenParams::default(),
+        peers: PeerSettings::default(),
+        entropy: plan
+            .entropy
+            .iter()
+            .enumerate()
+            .map(|(j, id)| EntropyEntry {
+                id: id.clone(),
+                addr: format!("127.0.0.1:{}", plan.entropy_port(j)),
+            })
+            .collect(),
+        sites: plan
+            .sites
+            .iter()
+            .enumerate()
+            .map(|(i, (kme, sae))| SiteEntry {
+                kme_id: kme.clone(),
+                api_addr: format!("127.0.0.1:{}", plan.api_port(i)),
+                peer_addr: Some(format!("127.0.0.1:{}", plan.peer_port(i))),
+                saes: vec![sae.clone()],
+            })
+            .collect(),
     };
-    let site = SiteFile {
-        manifest: "cluster.toml".into(),
-        kme_id: SITE.into(),
-        api_listen: ([127, 0, 0, 1], port).into(),
-        tls: TlsFiles {
-            ca: relative(layout, &layout.ca()),
-            cert: relative(layout, &layout.kme_dir().join(format!("{SITE}.pem"))),
-            key: relative(layout, &layout.kme_dir().join(format!("{SITE}.key"))),
-        },
-        store: StoreFiles {
-            path: relative(layout, &layout.data().join(format!("{SITE}.redb"))),
-            kek: relative(layout, &layout.data().join(format!("{SITE}.kek"))),
-        },
+    write_toml(&layout.manifest(), &manifest)?;
+    let tls = |role: Role, id: &str| TlsFiles {
+        ca: layout.rel(&layout.ca()),
+        cert: layout.rel(&layout.cert(role, id, "pem")),
+        key: layout.rel(&layout.cert(role, id, "key")),
     };
-    write_toml(&layout.dir.join("cluster.toml"), &manifest)?;
-    let site_path = layout.dir.join(format!("site-{SITE}.toml"));
-    write_toml(&site_path, &site)?;
-    Ok(site_path)
-}
-
-fn relative(layout: &Layout, path: &Path) -> PathBuf {
-    path.strip_prefix(&layout.dir).unwrap_or(path).to_owned()
+    for (i, (kme, _)) in plan.sites.iter().enumerate() {
+        let site = SiteFile {
+            manifest: "cluster.toml".into(),
+            kme_id: kme.clone(),
+            api_listen: ([127, 0, 0, 1], plan.api_port(i)).into(),
+            peer_listen: Some(([127, 0, 0, 1], plan.peer_port(i)).into()),
+            tls: tls(Role::Kme, kme),
+            store: StoreFiles {
+                path: layout.rel(&layout.data().join(format!("{kme}.redb"))),
+                kek: layout.rel(&layout.data().join(format!("{kme}.kek"))),
+            },
+        };
+        write_toml(&layout.dir.join(format!("site-{kme}.toml")), &site)?;
+    }
+    for (j, id) in plan.entropy.iter().enumerate() {
+        let t = tls(Role::Entropy, id);
+        let file = dqkd_entropy::config::ConfigFile {
+            cluster: CLUSTER.into(),
+            server_id: id.clone(),
+            listen: ([127, 0, 0, 1], plan.entropy_port(j)).into(),
+            tls: dqkd_entropy::config::TlsFiles {
+                ca: t.ca,
+                cert: t.cert,
+                key: t.key,
+            },
+            pool_ttl_secs: None,
+            pool_rotate_secs: None,
+            pool_max_bytes: None,
+            max_allocation: None,
+            max_live_bytes: None,
+            mix_file: None,
+        };
+        write_toml(&layout.dir.join(format!("entropy-{id}.toml")), &file)?;
+    }
+    Ok(())
 }
 
 fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
@@ -145,30 +300,40 @@ fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()>
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Alice asks for a key to share with Bob; Bob fetches it by ID; both must be equal.
-async fn demo(layout: &Layout, url: &str) -> anyhow::Result<()> {
-    let client = |sae: &str| -> anyhow::Result<Client> {
+/// Alice at site A asks for a key for Bob's site; Bob fetches it at site B by ID.
+async fn demo(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
+    let client = |i: usize| -> anyhow::Result<Client> {
+        let sae = &plan.sites[i].1;
         let tls = dqkd_pki::client_config_from_combined(
             &layout.ca(),
-            &layout.sae_file(sae, "combined.pem"),
+            &layout.cert(dqkd_pki::Role::Sae, sae, "combined.pem"),
         )?;
-        Ok(Client::new(url, tls)?)
+        Ok(Client::new(
+            &format!("https://127.0.0.1:{}", plan.api_port(i)),
+            tls,
+        )?)
     };
-    let alice = client(ALICE)?;
-    let bob = client(BOB)?;
-    println!("Alice→Bob, as the ETSI 014 API sees it:");
-    let status = alice.status(BOB).await?;
+    let (kme_a, alice) = &plan.sites[0];
+    let (kme_b, bob) = &plan.sites[1];
+    let a = client(0)?;
+    let b = client(1)?;
+    println!("The mission's flow: {alice} at {kme_a} shares a key with {bob} at {kme_b}.");
+    let status = a.status(kme_b).await?;
     println!(
-        "  1. alice: status for {BOB}: {} keys of {} bits available from {}",
-        status.stored_key_count, status.key_size, status.source_KME_ID
+        "  1. {alice}: status for {kme_b}: target {}, {} keys of {} bits available",
+        status.target_KME_ID, status.stored_key_count, status.key_size
     );
-    let sent = alice.enc_keys(BOB, &KeyRequestBody::default()).await?;
+    let sent = a.enc_keys(kme_b, &KeyRequestBody::default()).await?;
     let key = sent.keys.first().context("enc_keys returned no key")?;
-    println!("  2. alice: enc_keys for {BOB} → key_ID {}", key.key_ID);
-    let got = bob.dec_keys(ALICE, &[key.key_ID.as_str()]).await?;
+    println!(
+        "  2. {alice}: enc_keys for {kme_b} → key_ID {} ({kme_a} made it from 3 entropy servers,",
+        key.key_ID
+    );
+    println!("     {kme_b} regenerated it from the metadata and stored it before {alice} got it)");
+    let got = b.dec_keys(kme_a, &[key.key_ID.as_str()]).await?;
     let same = got.keys.first().is_some_and(|k| k.key == key.key);
     println!(
-        "  3. bob:   dec_keys from {ALICE} with that key_ID → {}",
+        "  3. {bob}:   dec_keys from {kme_a} with that key_ID → {}",
         if same {
             "the same key"
         } else {
@@ -176,11 +341,20 @@ async fn demo(layout: &Layout, url: &str) -> anyhow::Result<()> {
         }
     );
     anyhow::ensure!(same, "Bob's key differs from Alice's");
+    let again = a.dec_keys(alice, &[key.key_ID.as_str()]).await;
+    println!(
+        "  4. {alice}: dec_keys at her own site with the same key_ID → {}",
+        match &again {
+            Ok(k) if k.keys.first().is_some_and(|k| k.key == key.key) => "the same key",
+            Ok(_) => "A DIFFERENT KEY (bug)",
+            Err(_) => "refused",
+        }
+    );
     println!();
     Ok(())
 }
 
-fn print_curl(layout: &Layout, url: &str) {
+fn print_curl(layout: &Layout, plan: &Plan) {
     let rel = |p: PathBuf| {
         std::env::current_dir()
             .ok()
@@ -190,17 +364,23 @@ fn print_curl(layout: &Layout, url: &str) {
             .to_string()
     };
     let ca = rel(layout.ca());
-    let alice = rel(layout.sae_file(ALICE, "p12"));
-    let bob = rel(layout.sae_file(BOB, "p12"));
-    println!("Try it with curl. Alice asks for a key to share with Bob:");
+    let (kme_a, alice) = &plan.sites[0];
+    let (kme_b, bob) = plan.sites.get(1).unwrap_or(&plan.sites[0]);
+    let alice_p12 = rel(layout.cert(dqkd_pki::Role::Sae, alice, "p12"));
+    let bob_p12 = rel(layout.cert(dqkd_pki::Role::Sae, bob, "p12"));
+    let b_port = plan.api_port(usize::from(plan.sites.len() > 1));
+    println!("Try it with curl. {alice} asks site {kme_a} for a key to share with {bob}'s site:");
     println!();
-    println!("  curl --cert {alice} --cert-type P12 --cacert {ca} \\");
-    println!("      \"{url}/api/v1/keys/{BOB}/enc_keys\"");
+    println!("  curl --cert {alice_p12} --cert-type P12 --cacert {ca} \\");
+    println!(
+        "      \"https://127.0.0.1:{}/api/v1/keys/{kme_b}/enc_keys\"",
+        plan.api_port(0)
+    );
     println!();
-    println!("Bob fetches it with the key_ID Alice got:");
+    println!("{bob} fetches it at site {kme_b} with the key_ID {alice} got:");
     println!();
-    println!("  curl --cert {bob} --cert-type P12 --cacert {ca} \\");
-    println!("      \"{url}/api/v1/keys/{ALICE}/dec_keys\" \\");
+    println!("  curl --cert {bob_p12} --cert-type P12 --cacert {ca} \\");
+    println!("      \"https://127.0.0.1:{b_port}/api/v1/keys/{kme_a}/dec_keys\" \\");
     println!("      -H \"Content-Type: application/json\" \\");
     println!("      -d '{{\"key_IDs\": [{{\"key_ID\": \"SOME_KEY_ID\"}}]}}'");
     println!();
