@@ -246,6 +246,7 @@ mod tests {
             max_allocation: 1 << 16,
             max_live_bytes: 1 << 20,
             mix_file: None,
+            insecure_corrupt_reads: false,
         };
         router(Arc::new(EntropyService::new(
             Arc::new(config),

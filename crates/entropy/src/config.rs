@@ -125,6 +125,11 @@ pub struct Config {
     pub max_live_bytes: u64,
     /// Optional mixing source.
     pub mix_file: Option<PathBuf>,
+    /// For tests of the confirmation tag only: flips one bit of every range served to
+    /// readers (the allocator still gets the true bytes); never enable in production.
+    /// Deliberately not a config-file key, so no deployed file can turn it on: a test sets
+    /// it on the loaded `Config`. Always `false` from [`Config::load`].
+    pub insecure_corrupt_reads: bool,
 }
 
 impl Config {
@@ -207,6 +212,7 @@ impl Config {
             max_allocation,
             max_live_bytes,
             mix_file: file.mix_file.as_deref().map(abs),
+            insecure_corrupt_reads: false,
         })
     }
 }
@@ -242,6 +248,7 @@ key = "pki/entropy/E1.key"
         assert_eq!(c.max_live_bytes, 256 * 1024 * 1024);
         assert_eq!(c.tls.ca, PathBuf::from("/etc/dqkd/pki/ca.pem"));
         assert_eq!(c.mix_file, None);
+        assert!(!c.insecure_corrupt_reads);
     }
 
     #[test]

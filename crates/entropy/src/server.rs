@@ -114,6 +114,13 @@ pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serv
         accept_loop(listener, acceptor, app, cluster, stopped).await;
         let _ = sweeper.await;
     });
+    if config.insecure_corrupt_reads {
+        tracing::warn!(
+            server_id = %config.server_id,
+            "INSECURE: insecure_corrupt_reads is on; every range served to a reader has a \
+             flipped bit, so no key regenerated from this server will match. For tests only"
+        );
+    }
     tracing::info!(
         server_id = %config.server_id,
         %api_addr,

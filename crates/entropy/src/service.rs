@@ -193,6 +193,9 @@ impl EntropyService {
             last_reader = outcome.shredded > 0,
             "range read"
         );
+        if self.config.insecure_corrupt_reads {
+            return Ok(corrupted(&outcome.bytes));
+        }
         Ok(outcome.bytes)
     }
 
@@ -273,6 +276,17 @@ fn check_readers(readers: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A copy of `bytes` with the lowest bit of the first byte flipped, for
+/// [`Config::insecure_corrupt_reads`]. A copy: the pool's buffer stays true for the other
+/// readers, so each reader gets exactly one flipped bit.
+fn corrupted(bytes: &SharedBytes) -> SharedBytes {
+    let mut copy = Zeroizing::new(bytes.to_vec());
+    if let Some(first) = copy.first_mut() {
+        *first ^= 1;
+    }
+    Arc::new(copy)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -283,6 +297,66 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{ConfigFile, TlsFiles};
+    use std::path::Path;
+
+    fn service(corrupt: bool) -> EntropyService {
+        let file = ConfigFile {
+            cluster: "test".into(),
+            server_id: "E1".into(),
+            listen: ([127, 0, 0, 1], 0).into(),
+            tls: TlsFiles {
+                ca: "ca.pem".into(),
+                cert: "E1.pem".into(),
+                key: "E1.key".into(),
+            },
+            pool_ttl_secs: None,
+            pool_rotate_secs: None,
+            pool_max_bytes: None,
+            max_allocation: None,
+            max_live_bytes: None,
+            mix_file: None,
+        };
+        let mut config = Config::from_file(file, Path::new("e.toml"), Path::new(".")).unwrap();
+        config.insecure_corrupt_reads = corrupt;
+        EntropyService::new(Arc::new(config), Arc::new(EntropySource::system()))
+    }
+
+    fn kme(service: &EntropyService, id: &str) -> VerifiedKme {
+        let identity = Identity::new("test", Role::Kme, id).unwrap();
+        service.verify_kme(Some(&identity)).unwrap()
+    }
+
+    /// Bits in which `a` and `b` differ.
+    fn bit_distance(a: &[u8], b: &[u8]) -> u32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x ^ y).count_ones()).sum()
+    }
+
+    #[tokio::test]
+    async fn corrupt_reads_flip_one_bit_for_each_reader_only() {
+        for corrupt in [false, true] {
+            let service = service(corrupt);
+            let request = AllocateRequest {
+                len: 256,
+                readers: vec!["KME_B".into(), "KME_C".into()],
+            };
+            let (granted, allocated) = service
+                .allocate(&kme(&service, "KME_A"), request)
+                .await
+                .unwrap();
+            let read = |id: &str| {
+                service
+                    .read(&kme(&service, id), granted.pool_id, granted.offset, 256)
+                    .unwrap()
+            };
+            let (b, c) = (read("KME_B"), read("KME_C"));
+            let want = u32::from(corrupt);
+            // One flipped bit per reader, not one more per read: the pool stays true.
+            assert_eq!(bit_distance(&allocated, &b), want, "corrupt = {corrupt}");
+            assert_eq!(bit_distance(&allocated, &c), want, "corrupt = {corrupt}");
+        }
+    }
 
     #[test]
     fn readers_checked() {
