@@ -41,6 +41,8 @@ pub enum Command {
     Up(UpArgs),
     /// Run the Alice→Bob flow against a cluster that `dqkd up` is running.
     Demo(DemoArgs),
+    /// Start a local cluster and measure it under load over real mutual TLS.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,4 +207,60 @@ pub struct DemoArgs {
     /// The state folder `dqkd up` runs from.
     #[arg(long, default_value = "dqkd-local")]
     pub dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = BenchMode::Cross)]
+    pub mode: BenchMode,
+    /// Concurrent workers, each with its own connection to each site.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Seconds to run each phase.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Stop each phase after this many pairs (or status calls), if sooner.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Keys per enc_keys request.
+    #[arg(long, default_value_t = 1)]
+    pub number: u32,
+    /// Key size in bits.
+    #[arg(long, default_value_t = 256)]
+    pub size: u32,
+    /// Also run a status-only phase first and report pairs/s ÷ (status requests/s ÷ 3).
+    #[arg(long)]
+    pub status_baseline: bool,
+    /// Print one JSON report instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// State folder of the cluster the bench starts (default: a temporary folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Base port of the cluster the bench starts (site A's API; see `dqkd up --port`).
+    #[arg(long, default_value_t = 28443)]
+    pub port: u16,
+}
+
+/// Bench workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// Alice at site A, Bob at site B: enc_keys at A, dec_keys at B.
+    Cross,
+    /// Both SAEs at site A.
+    Same,
+    /// status calls only: the HTTP + TLS ceiling.
+    Status,
+}
+
+impl BenchMode {
+    /// The mode's name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Cross => "cross",
+            Self::Same => "same",
+            Self::Status => "status",
+        }
+    }
 }

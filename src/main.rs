@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod bench;
 mod keys;
 mod pki;
 mod up;
@@ -45,6 +46,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => runtime()?
             .block_on(up::run_demo(args))
+            .map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => runtime()?
+            .block_on(bench::run(args))
             .map(|()| ExitCode::SUCCESS),
     }
 }

@@ -57,7 +57,12 @@ impl Layout {
     }
 }
 
-/// The local cluster's names: site `i` is `KME_<letter>` with one SAE.
+/// Each site's second SAE, for same-site pairs (`alice` → `alice2`).
+fn second_sae(first: &str) -> String {
+    format!("{first}2")
+}
+
+/// The local cluster's names: site `i` is `KME_<letter>` with two SAEs.
 struct Plan {
     sites: Vec<(String, String)>,
     entropy: Vec<String>,
@@ -99,33 +104,86 @@ impl Plan {
     }
 }
 
+/// A local cluster running in this process.
+pub struct LocalCluster {
+    layout: Layout,
+    plan: Plan,
+    entropy: Vec<dqkd_entropy::Serving>,
+    kmes: Vec<dqkd_kme::Serving>,
+}
+
+impl LocalCluster {
+    /// Makes what is missing under `dir` and starts every server on loopback.
+    pub async fn start(dir: &Path, sites: u8, port: u16) -> anyhow::Result<Self> {
+        let layout = Layout::new(dir)?;
+        let plan = Plan::new(sites, port)?;
+        ensure_pki(&layout, &plan)?;
+        write_configs(&layout, &plan)?;
+
+        let mut entropy = Vec::new();
+        for (j, id) in plan.entropy.iter().enumerate() {
+            let path = layout.dir.join(format!("entropy-{id}.toml"));
+            let config = dqkd_entropy::Config::load(&path)?;
+            let serving = dqkd_entropy::run(config).await.with_context(|| {
+                format!(
+                    "starting entropy server {id} on port {}",
+                    plan.entropy_port(j)
+                )
+            })?;
+            entropy.push(serving);
+        }
+        let mut kmes = Vec::new();
+        for (i, (kme, _)) in plan.sites.iter().enumerate() {
+            let config = Config::load(&layout.dir.join(format!("site-{kme}.toml")))?;
+            let serving = dqkd_kme::run(config)
+                .await
+                .with_context(|| format!("starting site {kme} on port {}", plan.api_port(i)))?;
+            kmes.push(serving);
+        }
+        Ok(Self {
+            layout,
+            plan,
+            entropy,
+            kmes,
+        })
+    }
+
+    /// A client for site `i`'s first SAE at its own site.
+    pub fn client(&self, i: usize) -> anyhow::Result<Client> {
+        client_for(&self.layout, &self.plan, i)
+    }
+
+    /// A client for `sae` (an SAE of site `i`) at its own site.
+    pub fn client_as(&self, i: usize, sae: &str) -> anyhow::Result<Client> {
+        sae_client(&self.layout, &self.plan, i, sae)
+    }
+
+    /// Site `i`'s KME ID and first SAE.
+    pub fn site(&self, i: usize) -> (&str, &str) {
+        let (kme, sae) = &self.plan.sites[i];
+        (kme, sae)
+    }
+
+    /// Site `i`'s second SAE (for same-site pairs).
+    pub fn second_sae(&self, i: usize) -> String {
+        second_sae(&self.plan.sites[i].1)
+    }
+
+    /// Stops every server, KMEs first so that no request is left waiting on an entropy
+    /// server that is already gone.
+    pub async fn shutdown(self) {
+        for kme in self.kmes {
+            kme.shutdown().await;
+        }
+        for server in self.entropy {
+            server.shutdown().await;
+        }
+    }
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let layout = Layout::new(&args.dir)?;
-    let plan = Plan::new(args.sites, args.port)?;
-    ensure_pki(&layout, &plan)?;
-    write_configs(&layout, &plan)?;
-
-    let mut entropy = Vec::new();
-    for (j, id) in plan.entropy.iter().enumerate() {
-        let path = layout.dir.join(format!("entropy-{id}.toml"));
-        let config = dqkd_entropy::Config::load(&path)?;
-        let serving = dqkd_entropy::run(config).await.with_context(|| {
-            format!(
-                "starting entropy server {id} on port {}",
-                plan.entropy_port(j)
-            )
-        })?;
-        entropy.push(serving);
-    }
-    let mut kmes = Vec::new();
-    for (i, (kme, _)) in plan.sites.iter().enumerate() {
-        let config = Config::load(&layout.dir.join(format!("site-{kme}.toml")))?;
-        let serving = dqkd_kme::run(config)
-            .await
-            .with_context(|| format!("starting site {kme} on port {}", plan.api_port(i)))?;
-        kmes.push(serving);
-    }
-
+    let cluster = LocalCluster::start(&args.dir, args.sites, args.port).await?;
+    let (layout, plan) = (&cluster.layout, &cluster.plan);
     println!();
     println!(
         "dqkd local cluster {CLUSTER:?} is up (state in {})",
@@ -133,9 +191,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     for (i, (kme, sae)) in plan.sites.iter().enumerate() {
         println!(
-            "  site {kme}: ETSI 014 API https://127.0.0.1:{}  peer API :{}  SAE {sae}",
+            "  site {kme}: ETSI 014 API https://127.0.0.1:{}  peer API :{}  SAEs {sae}, {}",
             plan.api_port(i),
-            plan.peer_port(i)
+            plan.peer_port(i),
+            second_sae(sae)
         );
     }
     println!(
@@ -149,20 +208,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     println!();
     if !args.no_demo && plan.sites.len() >= 2 {
-        if let Err(e) = demo(&layout, &plan).await {
+        if let Err(e) = demo(layout, plan).await {
             println!("demo failed: {e:#}");
         }
     }
-    print_curl(&layout, &plan);
+    print_curl(layout, plan);
     println!("Press Ctrl-C to stop.");
     crate::shutdown_signal().await;
     println!("stopping…");
-    for kme in kmes {
-        kme.shutdown().await;
-    }
-    for server in entropy {
-        server.shutdown().await;
-    }
+    cluster.shutdown().await;
     Ok(())
 }
 
@@ -212,6 +266,7 @@ fn ensure_pki(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
     for (kme, sae) in &plan.sites {
         issue(Role::Kme, kme)?;
         issue(Role::Sae, sae)?;
+        issue(Role::Sae, &second_sae(sae))?;
         let kek = layout.data().join(format!("{kme}.kek"));
         if !kek.exists() {
             dqkd_store::Kek::generate_file(&kek, false)?;
@@ -248,7 +303,7 @@ fn write_configs(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
                 kme_id: kme.clone(),
                 api_addr: format!("127.0.0.1:{}", plan.api_port(i)),
                 peer_addr: Some(format!("127.0.0.1:{}", plan.peer_port(i))),
-                saes: vec![sae.clone()],
+                saes: vec![sae.clone(), second_sae(sae)],
             })
             .collect(),
     };
@@ -301,18 +356,23 @@ fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> anyhow::Result<()>
 }
 
 /// Alice at site A asks for a key for Bob's site; Bob fetches it at site B by ID.
+fn client_for(layout: &Layout, plan: &Plan, i: usize) -> anyhow::Result<Client> {
+    sae_client(layout, plan, i, &plan.sites[i].1)
+}
+
+fn sae_client(layout: &Layout, plan: &Plan, i: usize, sae: &str) -> anyhow::Result<Client> {
+    let tls = dqkd_pki::client_config_from_combined(
+        &layout.ca(),
+        &layout.cert(dqkd_pki::Role::Sae, sae, "combined.pem"),
+    )?;
+    Ok(Client::new(
+        &format!("https://127.0.0.1:{}", plan.api_port(i)),
+        tls,
+    )?)
+}
+
 async fn demo(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
-    let client = |i: usize| -> anyhow::Result<Client> {
-        let sae = &plan.sites[i].1;
-        let tls = dqkd_pki::client_config_from_combined(
-            &layout.ca(),
-            &layout.cert(dqkd_pki::Role::Sae, sae, "combined.pem"),
-        )?;
-        Ok(Client::new(
-            &format!("https://127.0.0.1:{}", plan.api_port(i)),
-            tls,
-        )?)
-    };
+    let client = |i: usize| client_for(layout, plan, i);
     let (kme_a, alice) = &plan.sites[0];
     let (kme_b, bob) = &plan.sites[1];
     let a = client(0)?;

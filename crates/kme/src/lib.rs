@@ -14,6 +14,7 @@ pub mod api;
 pub mod blast;
 pub mod config;
 mod error;
+pub mod issuer;
 pub mod keysource;
 pub mod peer;
 pub mod server;

@@ -17,18 +17,28 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// `POST /peer/v1/deliver`: regenerate these keys and hold them for these SAEs.
+/// `POST /peer/v1/deliver`: regenerate a batch of keys and hold each for its SAEs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliverRequest {
     /// Idempotency key of this message.
     pub request_id: Uuid,
+    /// Regeneration metadata of the whole batch (`dqkd-keygen` encoding), standard Base64.
+    pub metadata: String,
+    /// Who may fetch which keys: every key of the metadata in exactly one grant.
+    pub grants: Vec<Grant>,
+}
+
+/// The keys of one enc_keys request inside a batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
     /// The master SAE (an SAE of the calling site).
     pub master: String,
     /// The SAEs of the receiving site that may fetch the keys, once each.
     pub slaves: Vec<String>,
-    /// Regeneration metadata (`dqkd-keygen` encoding), standard Base64.
-    pub metadata: String,
+    /// The keys.
+    pub key_ids: Vec<Uuid>,
 }
 
 /// Answer to [`DeliverRequest`]: the keys are durably stored at the receiving site.

@@ -5,18 +5,18 @@
 //! the key source for keys, has every involved site store them durably before the master
 //! sees them, and delivers each key once to each slave.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use dqkd_etsi014::{Key, KeyContainer, KeyRequest, Status};
-use dqkd_store::{DeliveredKey, KeyMaterial, KeyStore, NewKey, TakeError};
+use dqkd_store::{DeliveredKey, KeyStore, NewKey, TakeError};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::keysource::{KeySource, KeySourceError};
-use crate::peer::{DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, PeerClient, PeerError};
+use crate::issuer::{source_error, unix_now, Issuer, Order};
+use crate::keysource::KeySource;
+use crate::peer::{DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, PeerClient};
 use crate::ApiError;
 
 /// How many completed deliver request IDs a site remembers for idempotent retries.
@@ -67,7 +67,7 @@ pub struct KeyService {
     config: Arc<Config>,
     store: Arc<dyn KeyStore>,
     source: Arc<dyn KeySource>,
-    peers: BTreeMap<String, PeerClient>,
+    issuer: Issuer,
     delivered: Mutex<Remembered>,
 }
 
@@ -96,10 +96,10 @@ impl KeyService {
         peers: BTreeMap<String, PeerClient>,
     ) -> Self {
         Self {
+            issuer: Issuer::new(config.clone(), store.clone(), source.clone(), peers),
             config,
             store,
             source,
-            peers,
             delivered: Mutex::new(Remembered::default()),
         }
     }
@@ -165,7 +165,7 @@ impl KeyService {
         let site = match &target {
             Target::Sae { site, .. } | Target::Site { site } => site.clone(),
         };
-        if site != self.config.kme_id && !self.peers.contains_key(&site) {
+        if site != self.config.kme_id && !self.issuer.knows_peer(&site) {
             return Err(self.unreachable(&site));
         }
         let limits = &self.config.limits;
@@ -203,18 +203,15 @@ impl KeyService {
     ) -> Result<KeyContainer, ApiError> {
         let by_site = self.slaves_by_site(caller, slave, &request.additional_slaves)?;
         let own = self.config.kme_id.as_str();
-        let local: Vec<String> = by_site.get(own).cloned().unwrap_or_default();
-        let remote: Vec<(&str, &[String])> = by_site
+        let mut local: Vec<String> = by_site.get(own).cloned().unwrap_or_default();
+        let remote: BTreeMap<String, Vec<String>> = by_site
             .iter()
             .filter(|(site, _)| site.as_str() != own)
-            .map(|(site, saes)| (site.as_str(), saes.as_slice()))
+            .map(|(site, saes)| (site.clone(), saes.clone()))
             .collect();
-        for (site, _) in &remote {
-            if !self.peers.contains_key(*site) {
-                return Err(self.unreachable(site));
-            }
+        if let Some(site) = remote.keys().find(|s| !self.issuer.knows_peer(s)) {
+            return Err(self.unreachable(site));
         }
-
         let limits = &self.config.limits;
         for s in &local {
             let pending = self.store.pending(caller.id(), s);
@@ -226,48 +223,20 @@ impl KeyService {
                 )));
             }
         }
-
-        let len = (request.size_bits / 8) as usize;
-        let readers: Vec<String> = remote.iter().map(|(site, _)| (*site).to_owned()).collect();
-        let batch = self
-            .source
-            .generate(request.number as usize, len, &readers)
-            .await
-            .map_err(source_error)?;
-        let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
-        let request_id = Uuid::new_v4();
-
-        if !remote.is_empty() {
-            let metadata = batch.metadata.as_deref().ok_or_else(|| {
-                ApiError::Internal("the key source gave no regeneration metadata".into())
-            })?;
-            self.deliver_to_peers(request_id, caller.id(), &remote, metadata, &ids)
-                .await?;
-        }
-
-        let mut entitled = local.clone();
         if self.config.master_refetch {
-            entitled.push(caller.id().to_owned());
+            local.push(caller.id().to_owned());
         }
-        let expires_at = unix_now().saturating_add(self.config.key_ttl.as_secs());
-        let mut container = Vec::with_capacity(batch.keys.len());
-        let mut keys = Vec::with_capacity(batch.keys.len());
-        for (id, material) in batch.keys {
-            container.push(wire_key(id, material.as_bytes()));
-            keys.push(NewKey {
-                id,
+        let keys = self
+            .issuer
+            .issue(Order {
                 master: caller.id().to_owned(),
-                slaves: entitled.clone(),
-                material,
-                expires_at,
-            });
-        }
-        if !entitled.is_empty() {
-            if let Err(e) = self.store.insert(keys).await {
-                self.withdraw(request_id, &remote, &ids);
-                return Err(e.into());
-            }
-        }
+                local,
+                remote,
+                count: request.number as usize,
+                len: (request.size_bits / 8) as usize,
+            })
+            .await?;
+        let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
         tracing::info!(
             target: "dqkd::audit",
             event = "keys_issued",
@@ -278,100 +247,12 @@ impl KeyService {
             key_ids = ?ids,
         );
         Ok(KeyContainer {
-            keys: container,
+            keys: keys
+                .iter()
+                .map(|(id, material)| wire_key(*id, material.as_bytes()))
+                .collect(),
             key_container_extension: None,
         })
-    }
-
-    /// Sends the metadata to every remote site at once; all must acknowledge a durable write.
-    async fn deliver_to_peers(
-        &self,
-        request_id: Uuid,
-        master: &str,
-        remote: &[(&str, &[String])],
-        metadata: &[u8],
-        ids: &[Uuid],
-    ) -> Result<(), ApiError> {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(metadata);
-        // All sites at once: the request waits for the slowest peer, not for their sum.
-        let calls: Vec<_> = remote
-            .iter()
-            .map(|(site, saes)| {
-                let client = self.peers[*site].clone();
-                let message = DeliverRequest {
-                    request_id,
-                    master: master.to_owned(),
-                    slaves: saes.to_vec(),
-                    metadata: encoded.clone(),
-                };
-                (
-                    (*site).to_owned(),
-                    tokio::spawn(async move { client.deliver(&message).await }),
-                )
-            })
-            .collect();
-        let mut failures: Vec<PeerError> = Vec::new();
-        for (site, call) in calls {
-            match call.await {
-                Ok(Ok(_ack)) => {}
-                Ok(Err(e)) => failures.push(e),
-                Err(e) => failures.push(PeerError::Unreachable {
-                    site,
-                    reason: format!("the delivery task failed: {e}"),
-                }),
-            }
-        }
-        if failures.is_empty() {
-            return Ok(());
-        }
-        // A site that timed out may have stored the keys: withdraw them everywhere.
-        self.withdraw(request_id, remote, ids);
-        let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
-        tracing::warn!(
-            target: "dqkd::audit",
-            event = "keys_withdrawn",
-            %request_id,
-            failures = ?reasons,
-            key_ids = ?ids,
-            "cross-site key request failed; its keys are destroyed everywhere"
-        );
-        Err(ApiError::Unavailable(reasons.join("; ")))
-    }
-
-    /// Destroys a failed request's keys at every remote site, retrying in the background
-    /// until each site confirms or the keys would have expired anyway.
-    fn withdraw(&self, request_id: Uuid, remote: &[(&str, &[String])], ids: &[Uuid]) {
-        let deadline = self.config.key_ttl;
-        for (site, _) in remote {
-            let Some(client) = self.peers.get(*site).cloned() else {
-                continue;
-            };
-            let message = DestroyRequest {
-                request_id,
-                key_ids: ids.to_vec(),
-            };
-            tokio::spawn(async move {
-                let started = std::time::Instant::now();
-                let mut wait = std::time::Duration::from_millis(200);
-                loop {
-                    match client.destroy(&message).await {
-                        Ok(ack) => {
-                            tracing::info!(site = client.site(), %request_id, destroyed = ack.destroyed, "withdrew keys of a failed request");
-                            return;
-                        }
-                        Err(e) if started.elapsed() < deadline => {
-                            tracing::debug!(site = client.site(), error = %e, "withdraw failed; retrying");
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(std::time::Duration::from_secs(10));
-                        }
-                        Err(e) => {
-                            tracing::warn!(site = client.site(), error = %e, "gave up withdrawing keys; they expire by TTL");
-                            return;
-                        }
-                    }
-                }
-            });
-        }
     }
 
     /// `Get key with key IDs`: delivers the keys once to the calling slave, all or none.
@@ -443,54 +324,77 @@ impl KeyService {
             None => {}
         }
         let peer_site = &self.config.sites[peer.id()];
-        if !peer_site.saes.contains(&request.master) {
-            return Err(ApiError::BadRequest(format!(
-                "master {:?} is not an SAE of site {:?}",
-                request.master,
-                peer.id()
-            )));
-        }
-        if request.slaves.is_empty() {
-            return Err(ApiError::BadRequest("deliver names no slave SAE".into()));
-        }
         let own = self.config.own_site();
-        if let Some(stranger) = request.slaves.iter().find(|s| !own.saes.contains(*s)) {
-            return Err(ApiError::BadRequest(format!(
-                "{stranger:?} is not an SAE of site {:?}",
-                self.config.kme_id
-            )));
+        for grant in &request.grants {
+            if !peer_site.saes.contains(&grant.master) {
+                return Err(ApiError::BadRequest(format!(
+                    "master {:?} is not an SAE of site {:?}",
+                    grant.master,
+                    peer.id()
+                )));
+            }
+            if grant.slaves.is_empty() {
+                return Err(ApiError::BadRequest("a grant names no slave SAE".into()));
+            }
+            if let Some(stranger) = grant.slaves.iter().find(|s| !own.saes.contains(*s)) {
+                return Err(ApiError::BadRequest(format!(
+                    "{stranger:?} is not an SAE of site {:?}",
+                    self.config.kme_id
+                )));
+            }
         }
         let metadata = base64::engine::general_purpose::STANDARD
             .decode(&request.metadata)
             .map_err(|e| ApiError::BadRequest(format!("metadata is not Base64: {e}")))?;
-        let keys = self
+        let mut keys: HashMap<Uuid, _> = self
             .source
             .regenerate(&metadata)
             .await
-            .map_err(source_error)?;
+            .map_err(source_error)?
+            .into_iter()
+            .collect();
+        let granted: usize = request.grants.iter().map(|g| g.key_ids.len()).sum();
+        let distinct: BTreeSet<&Uuid> = request.grants.iter().flat_map(|g| &g.key_ids).collect();
+        if granted != keys.len() || distinct.len() != granted {
+            return Err(ApiError::BadRequest(
+                "the grants must name every key of the metadata exactly once".into(),
+            ));
+        }
         let limits = &self.config.limits;
-        for s in &request.slaves {
-            let pending = self.store.pending(&request.master, s);
-            if pending + keys.len() as u64 > limits.max_key_count {
+        let mut wanted: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for grant in &request.grants {
+            for s in &grant.slaves {
+                *wanted
+                    .entry((grant.master.as_str(), s.as_str()))
+                    .or_default() += grant.key_ids.len() as u64;
+            }
+        }
+        for ((master, slave), count) in wanted {
+            let pending = self.store.pending(master, slave);
+            if pending + count > limits.max_key_count {
                 return Err(ApiError::Unavailable(format!(
-                    "{pending} keys for {}→{s} are waiting at {:?}; max_key_count is {}",
-                    request.master, self.config.kme_id, limits.max_key_count
+                    "{pending} keys for {master}→{slave} are waiting at {:?}; max_key_count is {}",
+                    self.config.kme_id, limits.max_key_count
                 )));
             }
         }
-        let count = keys.len();
-        let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
         let expires_at = unix_now().saturating_add(self.config.key_ttl.as_secs());
-        let records = keys
-            .into_iter()
-            .map(|(id, material): (Uuid, KeyMaterial)| NewKey {
-                id,
-                master: request.master.clone(),
-                slaves: request.slaves.clone(),
-                material,
-                expires_at,
-            })
-            .collect();
+        let mut records = Vec::with_capacity(granted);
+        for grant in &request.grants {
+            for id in &grant.key_ids {
+                let material = keys.remove(id).ok_or_else(|| {
+                    ApiError::BadRequest(format!("key {id} is not in the metadata"))
+                })?;
+                records.push(NewKey {
+                    id: *id,
+                    master: grant.master.clone(),
+                    slaves: grant.slaves.clone(),
+                    material,
+                    expires_at,
+                });
+            }
+        }
+        let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
         self.store.insert(records).await?;
         // A destroy for this request may have overtaken it while the keys were being
         // regenerated; it marked the request first, so checking after the insert closes
@@ -502,18 +406,17 @@ impl KeyService {
                 request.request_id
             )));
         }
-        self.remember(request.request_id, Outcome::Delivered(count));
+        self.remember(request.request_id, Outcome::Delivered(granted));
         tracing::info!(
             target: "dqkd::audit",
             event = "keys_regenerated",
             peer = peer.id(),
-            master = %request.master,
-            slaves = ?request.slaves,
+            grants = request.grants.len(),
             key_ids = ?ids,
         );
         Ok(DeliverAck {
             request_id: request.request_id,
-            stored: count,
+            stored: granted,
         })
     }
 
@@ -657,14 +560,6 @@ impl KeyService {
     }
 }
 
-/// Maps a key-source failure to the answer the caller (SAE or peer) gets.
-fn source_error(e: KeySourceError) -> ApiError {
-    match e {
-        KeySourceError::BadMetadata(_) => ApiError::BadRequest(e.to_string()),
-        other => ApiError::Unavailable(other.to_string()),
-    }
-}
-
 fn wire_key(id: Uuid, bytes: &[u8]) -> Key {
     Key {
         key_ID: id.to_string(),
@@ -672,11 +567,4 @@ fn wire_key(id: Uuid, bytes: &[u8]) -> Key {
         key_ID_extension: None,
         key_extension: None,
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

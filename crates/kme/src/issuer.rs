@@ -1,0 +1,366 @@
+//! Issuing keys: coalesces concurrent enc_keys requests into batches.
+//!
+//! Requests that go to the same set of peer sites with the same key size share one
+//! generation (one entropy allocation per server), one `deliver` message per peer site and
+//! one local store commit. Throughput therefore grows with concurrency, while every
+//! request still waits for the durable writes that cover its own keys. There is no
+//! artificial delay: a batch is whatever queued while earlier batches were in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use dqkd_store::{KeyMaterial, KeyStore, NewKey};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::keysource::{KeySource, KeySourceError};
+use crate::peer::{DeliverRequest, DestroyRequest, Grant, PeerClient, PeerError};
+use crate::ApiError;
+
+/// Most keys one batch carries (a single request may exceed it alone).
+const MAX_BATCH_KEYS: usize = 4096;
+/// Batches of one link in flight at once: enough to overlap generation, the peer round
+/// trip and the commit of consecutive batches.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// What one enc_keys request needs issued.
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// The master SAE.
+    pub master: String,
+    /// SAEs of this site entitled to fetch the keys here (slaves, and the master itself
+    /// when it may fetch again).
+    pub local: Vec<String>,
+    /// Slaves at other sites, by KME ID.
+    pub remote: BTreeMap<String, Vec<String>>,
+    /// Number of keys.
+    pub count: usize,
+    /// Key length in bytes.
+    pub len: usize,
+}
+
+/// Keys issued for one order.
+pub type Issued = Vec<(Uuid, KeyMaterial)>;
+
+struct Job {
+    order: Order,
+    reply: oneshot::Sender<Result<Issued, ApiError>>,
+}
+
+/// Requests that can share a batch: same peer sites, same key length.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Link {
+    remote: Vec<String>,
+    len: usize,
+}
+
+/// Everything a batch needs.
+struct Shared {
+    config: Arc<Config>,
+    store: Arc<dyn KeyStore>,
+    source: Arc<dyn KeySource>,
+    peers: BTreeMap<String, PeerClient>,
+}
+
+/// Coalesces enc_keys requests per link.
+pub struct Issuer {
+    shared: Arc<Shared>,
+    queues: Mutex<HashMap<Link, mpsc::UnboundedSender<Job>>>,
+}
+
+impl Issuer {
+    /// An issuer over the given store, key source and peer clients.
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn KeyStore>,
+        source: Arc<dyn KeySource>,
+        peers: BTreeMap<String, PeerClient>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                config,
+                store,
+                source,
+                peers,
+            }),
+            queues: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a peer client exists for `site`.
+    pub fn knows_peer(&self, site: &str) -> bool {
+        self.shared.peers.contains_key(site)
+    }
+
+    /// Issues the order's keys: returns once every involved site has stored them durably.
+    pub async fn issue(&self, order: Order) -> Result<Issued, ApiError> {
+        let link = Link {
+            remote: order.remote.keys().cloned().collect(),
+            len: order.len,
+        };
+        let (reply, answer) = oneshot::channel();
+        let mut job = Job { order, reply };
+        // A queue whose loop ended (it never does while the issuer lives) is replaced.
+        for _ in 0..2 {
+            let sender = self.queue(&link);
+            match sender.send(job) {
+                Ok(()) => {
+                    return answer.await.unwrap_or_else(|_| {
+                        Err(ApiError::Internal("the key batch was dropped".into()))
+                    })
+                }
+                Err(mpsc::error::SendError(returned)) => {
+                    job = returned;
+                    self.queues
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&link);
+                }
+            }
+        }
+        Err(ApiError::Internal("cannot queue the key request".into()))
+    }
+
+    fn queue(&self, link: &Link) -> mpsc::UnboundedSender<Job> {
+        let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+        queues
+            .entry(link.clone())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(batch_loop(rx, self.shared.clone(), link.clone()));
+                tx
+            })
+            .clone()
+    }
+}
+
+async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, link: Link) {
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut keys = first.order.count;
+        let mut jobs = vec![first];
+        while keys < MAX_BATCH_KEYS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    keys += job.order.count;
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        let link = link.clone();
+        tokio::spawn(async move {
+            run_batch(&shared, &link, jobs).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
+    let total: usize = jobs.iter().map(|j| j.order.count).sum();
+    let started = Instant::now();
+    match issue_batch(shared, link, &jobs, total).await {
+        Ok(mut keys) => {
+            tracing::debug!(
+                requests = jobs.len(),
+                keys = total,
+                micros = started.elapsed().as_micros() as u64,
+                "key batch issued"
+            );
+            for job in jobs {
+                let rest = keys.split_off(job.order.count.min(keys.len()));
+                let mine = std::mem::replace(&mut keys, rest);
+                let _ = job.reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            let status_kind = matches!(e, ApiError::BadRequest(_));
+            for job in jobs {
+                let error = if status_kind {
+                    ApiError::BadRequest(message.clone())
+                } else {
+                    ApiError::Unavailable(message.clone())
+                };
+                let _ = job.reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// Generates, delivers and stores one batch; returns the keys in job order.
+async fn issue_batch(
+    shared: &Shared,
+    link: &Link,
+    jobs: &[Job],
+    total: usize,
+) -> Result<Issued, ApiError> {
+    let batch = shared
+        .source
+        .generate(total, link.len, &link.remote)
+        .await
+        .map_err(source_error)?;
+    let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
+    let request_id = Uuid::new_v4();
+
+    if !link.remote.is_empty() {
+        let metadata = batch.metadata.as_deref().ok_or_else(|| {
+            ApiError::Internal("the key source gave no regeneration metadata".into())
+        })?;
+        deliver(shared, link, jobs, request_id, metadata, &ids).await?;
+    }
+
+    let expires_at = unix_now().saturating_add(shared.config.key_ttl.as_secs());
+    let mut records = Vec::new();
+    let mut offset = 0;
+    for job in jobs {
+        let keys = &batch.keys[offset..offset + job.order.count];
+        offset += job.order.count;
+        if job.order.local.is_empty() {
+            continue;
+        }
+        for (id, material) in keys {
+            records.push(NewKey {
+                id: *id,
+                master: job.order.master.clone(),
+                slaves: job.order.local.clone(),
+                material: material.clone(),
+                expires_at,
+            });
+        }
+    }
+    if !records.is_empty() {
+        if let Err(e) = shared.store.insert(records).await {
+            withdraw(shared, request_id, &link.remote, &ids);
+            return Err(e.into());
+        }
+    }
+    Ok(batch.keys)
+}
+
+/// Sends one deliver message per peer site, all at once; every site must acknowledge.
+async fn deliver(
+    shared: &Shared,
+    link: &Link,
+    jobs: &[Job],
+    request_id: Uuid,
+    metadata: &[u8],
+    ids: &[Uuid],
+) -> Result<(), ApiError> {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(metadata);
+    let mut calls = Vec::with_capacity(link.remote.len());
+    for site in &link.remote {
+        let Some(client) = shared.peers.get(site).cloned() else {
+            return Err(ApiError::Unavailable(format!(
+                "site {site:?} has no peer address"
+            )));
+        };
+        let mut grants = Vec::with_capacity(jobs.len());
+        let mut offset = 0;
+        for job in jobs {
+            let key_ids = ids[offset..offset + job.order.count].to_vec();
+            offset += job.order.count;
+            grants.push(Grant {
+                master: job.order.master.clone(),
+                slaves: job.order.remote.get(site).cloned().unwrap_or_default(),
+                key_ids,
+            });
+        }
+        let message = DeliverRequest {
+            request_id,
+            metadata: encoded.clone(),
+            grants,
+        };
+        calls.push((
+            site.clone(),
+            tokio::spawn(async move { client.deliver(&message).await }),
+        ));
+    }
+    let mut failures: Vec<PeerError> = Vec::new();
+    for (site, call) in calls {
+        match call.await {
+            Ok(Ok(_ack)) => {}
+            Ok(Err(e)) => failures.push(e),
+            Err(e) => failures.push(PeerError::Unreachable {
+                site,
+                reason: format!("the delivery task failed: {e}"),
+            }),
+        }
+    }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    // A site that timed out may have stored the keys: withdraw them everywhere.
+    withdraw(shared, request_id, &link.remote, ids);
+    let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    tracing::warn!(
+        target: "dqkd::audit",
+        event = "keys_withdrawn",
+        %request_id,
+        failures = ?reasons,
+        key_ids = ?ids,
+        "cross-site key request failed; its keys are destroyed everywhere"
+    );
+    Err(ApiError::Unavailable(reasons.join("; ")))
+}
+
+/// Destroys a failed batch's keys at every peer site, retrying in the background until
+/// each site confirms or the keys would have expired anyway.
+fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid]) {
+    let deadline = shared.config.key_ttl;
+    for site in sites {
+        let Some(client) = shared.peers.get(site).cloned() else {
+            continue;
+        };
+        let message = DestroyRequest {
+            request_id,
+            key_ids: ids.to_vec(),
+        };
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut wait = Duration::from_millis(200);
+            loop {
+                match client.destroy(&message).await {
+                    Ok(ack) => {
+                        tracing::info!(site = client.site(), %request_id, destroyed = ack.destroyed, "withdrew keys of a failed request");
+                        return;
+                    }
+                    Err(e) if started.elapsed() < deadline => {
+                        tracing::debug!(site = client.site(), error = %e, "withdraw failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
+                    Err(e) => {
+                        tracing::warn!(site = client.site(), error = %e, "gave up withdrawing keys; they expire by TTL");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Maps a key-source failure to the answer the caller (SAE or peer) gets.
+pub(crate) fn source_error(e: KeySourceError) -> ApiError {
+    match e {
+        KeySourceError::BadMetadata(_) => ApiError::BadRequest(e.to_string()),
+        other => ApiError::Unavailable(other.to_string()),
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
