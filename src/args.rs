@@ -194,7 +194,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 2)]
     pub sites: u8,
     /// Port of site A's ETSI API on 127.0.0.1; site i uses port+i, its peer API
-    /// port+100+i, entropy server j port+200+j.
+    /// port+100+i, its metrics port+300+i, entropy server j port+200+j.
     #[arg(long, default_value_t = 8443)]
     pub port: u16,
     /// Do not run the Alice→Bob demonstration after start-up.

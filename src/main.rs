@@ -64,7 +64,14 @@ async fn serve_kme(args: args::KmeArgs) -> anyhow::Result<()> {
     let config = dqkd_kme::Config::load(&args.config)?;
     let serving = dqkd_kme::run(config).await?;
     if let Some(path) = &args.ready_file {
-        write_ready_file(path, serving.api_addr())?;
+        write_ready_file(
+            path,
+            serde_json::json!({
+                "api_addr": serving.api_addr().to_string(),
+                "peer_addr": serving.peer_addr().map(|a| a.to_string()),
+                "metrics_addr": serving.metrics_addr().map(|a| a.to_string()),
+            }),
+        )?;
     }
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -76,7 +83,10 @@ async fn serve_entropy(args: args::EntropyArgs) -> anyhow::Result<()> {
     let config = dqkd_entropy::Config::load(&args.config)?;
     let serving = dqkd_entropy::run(config).await?;
     if let Some(path) = &args.ready_file {
-        write_ready_file(path, serving.api_addr())?;
+        write_ready_file(
+            path,
+            serde_json::json!({ "api_addr": serving.api_addr().to_string() }),
+        )?;
     }
     shutdown_signal().await;
     tracing::info!("shutting down");
@@ -86,8 +96,8 @@ async fn serve_entropy(args: args::EntropyArgs) -> anyhow::Result<()> {
 
 /// Tells a supervisor (or a test) where a server (KME or entropy server) listens once it
 /// accepts connections.
-fn write_ready_file(path: &Path, api_addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let text = serde_json::json!({ "api_addr": api_addr.to_string() }).to_string();
+fn write_ready_file(path: &Path, addresses: serde_json::Value) -> anyhow::Result<()> {
+    let text = addresses.to_string();
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;

@@ -102,6 +102,9 @@ impl Plan {
     fn entropy_port(&self, j: usize) -> u16 {
         self.port + 200 + j as u16
     }
+    fn metrics_port(&self, i: usize) -> u16 {
+        self.port + 300 + i as u16
+    }
 }
 
 /// A local cluster running in this process.
@@ -191,9 +194,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     for (i, (kme, sae)) in plan.sites.iter().enumerate() {
         println!(
-            "  site {kme}: ETSI 014 API https://127.0.0.1:{}  peer API :{}  SAEs {sae}, {}",
+            "  site {kme}: ETSI 014 API https://127.0.0.1:{}  peer API :{}  metrics http://127.0.0.1:{}/metrics  SAEs {sae}, {}",
             plan.api_port(i),
             plan.peer_port(i),
+            plan.metrics_port(i),
             second_sae(sae)
         );
     }
@@ -319,6 +323,7 @@ fn write_configs(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
             kme_id: kme.clone(),
             api_listen: ([127, 0, 0, 1], plan.api_port(i)).into(),
             peer_listen: Some(([127, 0, 0, 1], plan.peer_port(i)).into()),
+            metrics_listen: Some(([127, 0, 0, 1], plan.metrics_port(i)).into()),
             tls: tls(Role::Kme, kme),
             store: StoreFiles {
                 path: layout.rel(&layout.data().join(format!("{kme}.redb"))),

@@ -653,3 +653,36 @@ async fn a_kme_id_in_the_path_means_any_sae_of_the_site() {
         .expect("dec_keys naming the master's KME");
     assert_eq!(got.keys[0].key, keys.keys[0].key);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_requests_by_call_and_code() {
+    let site = Site::start();
+    let alice = site.client("alice");
+    let keys = alice
+        .enc_keys("bob", &KeyRequestBody::default())
+        .await
+        .expect("enc");
+    let _ = alice.enc_keys_get("bob", None, Some(12)).await;
+    site.client("bob")
+        .dec_keys("alice", &[keys.keys[0].key_ID.as_str()])
+        .await
+        .expect("dec");
+    let out = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", &site.metrics_url])
+        .output()
+        .expect("curl the metrics listener");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |call: &str, code: &str| {
+        text.lines().any(|l| {
+            l.starts_with("dqkd_requests_total")
+                && l.contains(&format!("call=\"{call}\""))
+                && l.contains(&format!("code=\"{code}\""))
+                && l.ends_with(" 1")
+        })
+    };
+    assert!(line("enc_keys", "200"), "{text}");
+    assert!(line("enc_keys", "400"), "{text}");
+    assert!(line("dec_keys", "200"), "{text}");
+    assert!(text.contains("dqkd_store_commit_seconds_bucket"), "{text}");
+    assert!(text.contains("dqkd_issue_batch_keys_bucket"), "{text}");
+}

@@ -34,6 +34,7 @@ pub struct Site {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub url: String,
+    pub metrics_url: String,
     pub limits: &'static str,
 }
 
@@ -90,6 +91,7 @@ saes = ["alice", "bob", "carol", "dave"]
             r#"manifest = "cluster.toml"
 kme_id = "KME_A"
 api_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 [tls]
 ca = "pki/ca.pem"
 cert = "pki/kme/KME_A.pem"
@@ -104,6 +106,7 @@ kek = "site.kek"
             dir,
             child: None,
             url: String::new(),
+            metrics_url: String::new(),
             limits,
         };
         site.launch();
@@ -131,6 +134,10 @@ kek = "site.kek"
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 let v: serde_json::Value = serde_json::from_str(&text).expect("ready file JSON");
                 self.url = format!("https://{}", v["api_addr"].as_str().expect("api_addr"));
+                self.metrics_url = format!(
+                    "http://{}/metrics",
+                    v["metrics_addr"].as_str().expect("metrics_addr")
+                );
                 return;
             }
             if let Some(status) = self

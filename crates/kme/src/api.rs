@@ -48,7 +48,10 @@ pub fn router(service: Arc<KeyService>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(
+            (service.clone(), "etsi"),
+            log_request,
+        ))
         .with_state(service)
 }
 
@@ -64,7 +67,10 @@ pub fn peer_router(service: Arc<KeyService>) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_PEER_BODY_BYTES))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(
+            (service.clone(), "peer"),
+            log_request,
+        ))
         .with_state(service)
 }
 
@@ -247,17 +253,37 @@ fn with_json_type(mut response: Response) -> Response {
     response
 }
 
-/// One debug line per request: method, path, status, time. Never bodies (they hold keys).
-async fn log_request(request: Request, next: Next) -> Response {
+/// One debug line and the request metrics per request: API, method, status, time.
+/// Never bodies (they hold keys).
+async fn log_request(
+    State((service, api)): State<(Arc<KeyService>, &'static str)>,
+    request: Request,
+    next: Next,
+) -> Response {
     let start = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
+    let elapsed = start.elapsed();
+    // The last path segment names the call; anything else is one label, so a scanner
+    // cannot blow up the number of series.
+    let call = match path.rsplit('/').next() {
+        Some(c @ ("status" | "enc_keys" | "dec_keys" | "deliver" | "destroy" | "health")) => c,
+        _ => "other",
+    };
+    let labels = [
+        ("kme", service.config().kme_id.clone()),
+        ("api", api.to_owned()),
+        ("call", call.to_owned()),
+        ("code", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("dqkd_requests_total", &labels).increment(1);
+    metrics::histogram!("dqkd_request_seconds", &labels).record(elapsed.as_secs_f64());
     tracing::debug!(
         %method,
         %path,
         status = response.status().as_u16(),
-        micros = start.elapsed().as_micros() as u64,
+        micros = elapsed.as_micros() as u64,
         "request"
     );
     response

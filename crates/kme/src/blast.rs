@@ -117,6 +117,10 @@ impl Blast {
         while let Some(joined) = running.join_next().await {
             let (index, result) = joined
                 .map_err(|e| KeySourceError::Unavailable(format!("allocation task failed: {e}")))?;
+            let server = self.servers[index].id.clone();
+            let outcome = if result.is_ok() { "ok" } else { "failed" };
+            metrics::counter!("dqkd_entropy_allocations_total", "server" => server, "result" => outcome)
+                .increment(1);
             match result {
                 Ok(allocation) => {
                     self.mark(index, false);

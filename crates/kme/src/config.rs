@@ -178,6 +178,10 @@ pub struct SiteFile {
     /// than one site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_listen: Option<SocketAddr>,
+    /// Address of the Prometheus `/metrics` listener (plain HTTP; keep it on a private
+    /// interface). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Certificates.
     pub tls: TlsFiles,
     /// Key store.
@@ -262,6 +266,8 @@ pub struct Config {
     pub api_listen: SocketAddr,
     /// Peer API listen address (`None` in a one-site cluster).
     pub peer_listen: Option<SocketAddr>,
+    /// Prometheus listener address, if any.
+    pub metrics_listen: Option<SocketAddr>,
     /// Generator parameters.
     pub keygen: KeygenParams,
     /// Entropy servers, in manifest order.
@@ -423,6 +429,7 @@ impl Config {
             kme_id: site.kme_id,
             api_listen: site.api_listen,
             peer_listen: site.peer_listen,
+            metrics_listen: site.metrics_listen,
             keygen: manifest.keygen,
             entropy: manifest.entropy,
             peer_timeout: Duration::from_millis(manifest.peers.timeout_ms),
@@ -522,6 +529,7 @@ mod tests {
             kme_id: kme_id.into(),
             api_listen: "127.0.0.1:0".parse().expect("addr"),
             peer_listen: Some("127.0.0.1:0".parse().expect("addr")),
+            metrics_listen: None,
             tls: TlsFiles {
                 ca: "ca.pem".into(),
                 cert: "kme.pem".into(),

@@ -169,7 +169,14 @@ async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, l
 async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
     let total: usize = jobs.iter().map(|j| j.order.count).sum();
     let started = Instant::now();
-    match issue_batch(shared, link, &jobs, total).await {
+    let result = issue_batch(shared, link, &jobs, total).await;
+    let kme = shared.config.kme_id.clone();
+    metrics::histogram!("dqkd_issue_batch_keys", "kme" => kme.clone()).record(total as f64);
+    metrics::histogram!("dqkd_issue_batch_requests_ops", "kme" => kme.clone())
+        .record(jobs.len() as f64);
+    metrics::histogram!("dqkd_issue_batch_seconds", "kme" => kme)
+        .record(started.elapsed().as_secs_f64());
+    match result {
         Ok(mut keys) => {
             tracing::debug!(
                 requests = jobs.len(),
@@ -281,9 +288,24 @@ async fn deliver(
             metadata: encoded.clone(),
             grants,
         };
+        let labels = [
+            ("kme", shared.config.kme_id.clone()),
+            ("peer", site.clone()),
+        ];
         calls.push((
             site.clone(),
-            tokio::spawn(async move { client.deliver(&message).await }),
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let result = client.deliver(&message).await;
+                let outcome = if result.is_ok() { "ok" } else { "failed" };
+                metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("dqkd_peer_deliveries_total", &labels).increment(1);
+                if outcome == "failed" {
+                    metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
+                }
+                result
+            }),
         ));
     }
     let mut failures: Vec<PeerError> = Vec::new();

@@ -19,6 +19,7 @@ pub mod keysource;
 pub mod peer;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 
 pub use config::{Config, ConfigError, Manifest, SiteFile};
 pub use error::ApiError;

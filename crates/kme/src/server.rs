@@ -61,6 +61,7 @@ pub enum ServeError {
 pub struct Serving {
     api_addr: SocketAddr,
     peer_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -74,6 +75,11 @@ impl Serving {
     /// The address the peer API listens on, in a multi-site cluster.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer_addr
+    }
+
+    /// The address of the Prometheus listener, if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops accepting, lets open requests finish (up to a few seconds), and closes the
@@ -181,6 +187,16 @@ pub async fn run_with(
         })?),
         None => None,
     };
+    crate::telemetry::handle();
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let peers = peer_clients(&config)?;
     let config = Arc::new(config);
     let service = Arc::new(KeyService::new(config.clone(), store, source, peers));
@@ -197,18 +213,30 @@ pub async fn run_with(
             stopped.clone(),
         ))
     });
+    let metrics_task = metrics_listener
+        .map(|listener| tokio::spawn(crate::telemetry::serve(listener, stopped.clone())));
     let app = router(service);
     let task = tokio::spawn(async move {
         accept_loop(listener, acceptor, app, cluster, stopped).await;
         if let Some(peer_task) = peer_task {
             let _ = peer_task.await;
         }
+        if let Some(metrics_task) = metrics_task {
+            let _ = metrics_task.await;
+        }
         let _ = purge.await;
     });
-    tracing::info!(kme_id = %config.kme_id, %api_addr, ?peer_addr, "KME serving");
+    tracing::info!(
+        kme_id = %config.kme_id,
+        %api_addr,
+        ?peer_addr,
+        metrics = %crate::telemetry::describe(metrics_addr),
+        "KME serving"
+    );
     Ok(Serving {
         api_addr,
         peer_addr,
+        metrics_addr,
         stop,
         task,
     })

@@ -150,7 +150,10 @@ pub(crate) fn run(
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n, Ordering::Relaxed);
         stats.max_batch.fetch_max(n, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         process(&db, &cipher, batch, &pending);
+        metrics::histogram!("dqkd_store_commit_ops").record(n as f64);
+        metrics::histogram!("dqkd_store_commit_seconds").record(started.elapsed().as_secs_f64());
     }
     tracing::debug!("key store writer stopped");
 }

@@ -1,0 +1,75 @@
+//! Prometheus metrics: one process-wide recorder, rendered on the site's metrics listener.
+//!
+//! Every KME metric carries a `kme` label, so a process that runs several sites (as
+//! `dqkd up` does) still tells them apart.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use axum::http::{header, HeaderValue};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Seconds: from a fraction of a millisecond (a status call) to the peer timeout.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
+];
+/// Counts: keys or operations per batch.
+const SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// The process-wide handle, installing the recorder on first use. If another recorder is
+/// already installed (an embedding program's), metrics go there and this renders nothing.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_keys".into()), SIZE_BUCKETS))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_ops".into()), SIZE_BUCKETS))
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder is already installed; /metrics will be empty");
+        }
+        handle
+    })
+}
+
+/// Serves `GET /metrics` (plain HTTP, Prometheus text format) until `stopped` changes.
+pub async fn serve(listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+    let handle = handle();
+    let app = Router::new().route(
+        "/metrics",
+        get(move || async move {
+            let mut response = handle.render().into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }),
+    );
+    let shutdown = async move {
+        let _ = stopped.changed().await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::warn!(error = %e, "metrics listener stopped");
+    }
+}
+
+/// The bound address of a metrics listener, for logs and ready files.
+pub fn describe(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".into(), |a| format!("http://{a}/metrics"))
+}
