@@ -13,7 +13,7 @@ use redb::{Database, Durability, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::kek::{Cipher, NONCE_BYTES};
+use crate::kek::Cipher;
 use crate::meta::PendingCounts;
 use crate::record::Record;
 use crate::writer::{self, Request, Stats};
@@ -24,8 +24,6 @@ pub(crate) const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys
 /// Store-wide facts, such as the KEK check value.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEK_CHECK: &str = "kek_check";
-const KEK_CHECK_PLAINTEXT: &[u8] = b"dqkd-store key-encryption key check";
-const KEK_CHECK_AAD: &[u8] = b"dqkd-store/kek-check/v1";
 
 /// Counters of the group commit, for metrics and tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -162,14 +160,7 @@ fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts,
             .map(|g| g.value().to_vec());
         match check {
             Some(bytes) => {
-                let ok = bytes.len() > NONCE_BYTES && {
-                    let (nonce, sealed) = bytes.split_at(NONCE_BYTES);
-                    let mut n = [0u8; NONCE_BYTES];
-                    n.copy_from_slice(nonce);
-                    cipher
-                        .open(n, sealed, KEK_CHECK_AAD)
-                        .is_some_and(|p| p.as_slice() == KEK_CHECK_PLAINTEXT)
-                };
+                let ok = cipher.verify_kek_check(&bytes);
                 if !ok {
                     return Err(StoreError::WrongKek {
                         path: path.to_owned(),
@@ -177,9 +168,7 @@ fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts,
                 }
             }
             None => {
-                let (nonce, sealed) = cipher.seal(KEK_CHECK_PLAINTEXT, KEK_CHECK_AAD)?;
-                let mut value = nonce.to_vec();
-                value.extend_from_slice(&sealed);
+                let value = cipher.kek_check_value()?;
                 meta.insert(KEK_CHECK, value.as_slice())
                     .map_err(|e| StoreError::redb("writing the KEK check value", e))?;
             }

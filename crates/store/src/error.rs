@@ -84,6 +84,28 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// A database server (for example PostgreSQL) reported an error, or could not be reached.
+    #[error("key database: {context}: {source}")]
+    Database {
+        /// What was being done.
+        context: String,
+        /// The underlying client or server error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The database schema cannot be used by this build (for example it was migrated by a
+    /// newer version).
+    #[error("key database schema: {reason}")]
+    Schema {
+        /// What is wrong, with the versions involved.
+        reason: String,
+    },
+    /// The key database on a server was created with a different key-encryption key.
+    #[error("key database {database} was created with a different key-encryption key")]
+    WrongKekDatabase {
+        /// The database (host, port and name; never a password).
+        database: String,
+    },
     /// The store has been closed (or its writer thread stopped); no more operations are accepted.
     #[error("key store is closed")]
     Closed,

@@ -128,7 +128,7 @@ impl Kek {
 
     /// Expands the KEK into a cipher. The expanded AES key schedule is owned by ring and is
     /// not zeroized by it; it lives only as long as the store.
-    pub(crate) fn cipher(&self) -> Result<Cipher, StoreError> {
+    pub fn cipher(&self) -> Result<Cipher, StoreError> {
         let key = UnboundKey::new(&AES_256_GCM, &self.0).map_err(|_| StoreError::Crypto {
             context: "loading the key-encryption key".into(),
         })?;
@@ -152,18 +152,28 @@ fn hex_value(c: u8) -> Option<u8> {
     }
 }
 
-/// AES-256-GCM under the KEK, with a fresh random nonce per seal.
-pub(crate) struct Cipher {
+/// AES-256-GCM under the KEK, with a fresh random nonce per seal. `Debug` shows nothing of
+/// the key.
+pub struct Cipher {
     key: LessSafeKey,
     rng: SystemRandom,
 }
 
+impl fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cipher(<redacted>)")
+    }
+}
+
+const KEK_CHECK_PLAINTEXT: &[u8] = b"dqkd-store key-encryption key check";
+const KEK_CHECK_AAD: &[u8] = b"dqkd-store/kek-check/v1";
+
 /// Length of the GCM nonce stored with each record.
-pub(crate) const NONCE_BYTES: usize = NONCE_LEN;
+pub const NONCE_BYTES: usize = NONCE_LEN;
 
 impl Cipher {
     /// Encrypts `plaintext` bound to `aad`; returns the nonce and ciphertext‖tag.
-    pub(crate) fn seal(
+    pub fn seal(
         &self,
         plaintext: &[u8],
         aad: &[u8],
@@ -186,9 +196,29 @@ impl Cipher {
         Ok((nonce, buf))
     }
 
+    /// A fresh KEK check value (nonce ‖ sealed fixed text) for a store to keep next to its
+    /// keys, so that opening it later with another KEK is refused up front.
+    pub fn kek_check_value(&self) -> Result<Vec<u8>, StoreError> {
+        let (nonce, sealed) = self.seal(KEK_CHECK_PLAINTEXT, KEK_CHECK_AAD)?;
+        let mut value = nonce.to_vec();
+        value.extend_from_slice(&sealed);
+        Ok(value)
+    }
+
+    /// Whether `value` (from [`Cipher::kek_check_value`]) was made with this KEK.
+    pub fn verify_kek_check(&self, value: &[u8]) -> bool {
+        value.len() > NONCE_BYTES && {
+            let (nonce, sealed) = value.split_at(NONCE_BYTES);
+            let mut n = [0u8; NONCE_BYTES];
+            n.copy_from_slice(nonce);
+            self.open(n, sealed, KEK_CHECK_AAD)
+                .is_some_and(|p| p.as_slice() == KEK_CHECK_PLAINTEXT)
+        }
+    }
+
     /// Decrypts and authenticates; `None` when the tag does not verify (wrong KEK, moved or
     /// tampered record).
-    pub(crate) fn open(
+    pub fn open(
         &self,
         nonce: [u8; NONCE_BYTES],
         ciphertext: &[u8],

@@ -9,6 +9,10 @@
 //!   one writer thread, so every answer that depends on a write leaves only after an fsync.
 //! * [`MemoryStore`]: the same rules in memory, for tests of other crates.
 //!
+//! Sites that run several KME replicas use `dqkd-store-postgres`, which implements the same
+//! trait with the same rules ([`rules`]) and the same sealed records ([`seal`]). Every
+//! implementation must pass the shared behavioural suite in `dqkd-store-tests`.
+//!
 //! ```
 //! # use dqkd_store::*;
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -48,6 +52,27 @@ pub use kek::{Kek, KEK_LEN};
 pub use key::{DeliveredKey, KeyMaterial, NewKey};
 pub use memory::MemoryStore;
 pub use uuid::Uuid;
+
+/// The pure delivery rules every store applies, for implementations outside this crate (such
+/// as `dqkd-store-postgres`), so all stores refuse and accept exactly the same requests.
+///
+/// A store keeps a [`rules::KeyMeta`] per key, checks a batch with [`rules::check_insert`]
+/// before writing it, checks a take with [`rules::check_take`] against the current metadata of
+/// every requested key (with those keys locked), then calls [`rules::KeyMeta::mark_taken`] on
+/// each and deletes the keys it reports finished. [`rules::PendingCounts`] backs
+/// [`KeyStore::pending`].
+pub mod rules {
+    pub use crate::meta::{check_insert, check_take, KeyMeta, PendingCounts};
+}
+
+/// Encryption at rest, for implementations outside this crate: the AES-256-GCM cipher under
+/// the site KEK ([`Kek::cipher`]), the KEK check value, and the versioned record (metadata in
+/// clear, key bytes sealed with associated data binding the key ID and master) that every
+/// durable store keeps per key.
+pub mod seal {
+    pub use crate::kek::{Cipher, NONCE_BYTES};
+    pub use crate::record::{aad, Record, TOO_LONG, VERSION};
+}
 
 /// Where a KME keeps keys between `enc_keys` and `dec_keys`.
 ///

@@ -1,7 +1,8 @@
 //! Key metadata and the delivery rules shared by every store implementation.
 //!
 //! Keeping the authorisation and all-or-nothing checks in one pure function means the memory
-//! store used by other crates' tests and the durable store cannot drift apart.
+//! store used by other crates' tests and the durable store cannot drift apart. Other store
+//! implementations (such as the PostgreSQL one) use them through [`crate::rules`].
 
 use std::collections::HashSet;
 
@@ -21,7 +22,7 @@ pub(crate) struct SlaveEntry {
 
 /// Everything about a stored key except its bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct KeyMeta {
+pub struct KeyMeta {
     pub(crate) master: String,
     pub(crate) expires_at: u64,
     pub(crate) slaves: Vec<SlaveEntry>,
@@ -29,7 +30,7 @@ pub(crate) struct KeyMeta {
 
 impl KeyMeta {
     /// Builds the metadata of a fresh key: every distinct slave entitled, none served yet.
-    pub(crate) fn new(master: &str, slaves: &[String], expires_at: u64) -> Self {
+    pub fn new(master: &str, slaves: &[String], expires_at: u64) -> Self {
         let mut seen = HashSet::new();
         let slaves = slaves
             .iter()
@@ -46,8 +47,18 @@ impl KeyMeta {
         }
     }
 
+    /// SAE ID of the master the key was made for.
+    pub fn master(&self) -> &str {
+        &self.master
+    }
+
+    /// Unix seconds at which the key expires (`expires_at <= now` is expired).
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+
     /// Slaves that may still fetch the key.
-    pub(crate) fn remaining(&self) -> impl Iterator<Item = &str> {
+    pub fn remaining(&self) -> impl Iterator<Item = &str> {
         self.slaves
             .iter()
             .filter(|s| !s.taken)
@@ -55,7 +66,7 @@ impl KeyMeta {
     }
 
     /// Marks `caller` served; returns true when nobody is left and the key must be deleted.
-    pub(crate) fn mark_taken(&mut self, caller: &str) -> bool {
+    pub fn mark_taken(&mut self, caller: &str) -> bool {
         for s in &mut self.slaves {
             if s.sae == caller {
                 s.taken = true;
@@ -71,7 +82,7 @@ impl KeyMeta {
 ///
 /// Unauthorised wins over not-found so that a caller probing IDs it was never given learns
 /// nothing about which of them were already delivered.
-pub(crate) fn check_take(
+pub fn check_take(
     caller: &str,
     masters: &[String],
     ids: &[Uuid],
@@ -111,12 +122,13 @@ pub(crate) fn check_take(
 ///
 /// Nested maps so a lookup needs no allocation.
 #[derive(Debug, Default)]
-pub(crate) struct PendingCounts {
+pub struct PendingCounts {
     by_master: std::collections::HashMap<String, std::collections::HashMap<String, u64>>,
 }
 
 impl PendingCounts {
-    pub(crate) fn get(&self, master: &str, slave: &str) -> u64 {
+    /// Keys `slave` may still fetch from `master`.
+    pub fn get(&self, master: &str, slave: &str) -> u64 {
         self.by_master
             .get(master)
             .and_then(|m| m.get(slave))
@@ -125,25 +137,27 @@ impl PendingCounts {
     }
 
     /// Counts every remaining slave of `meta` once more.
-    pub(crate) fn add_key(&mut self, meta: &KeyMeta) {
+    pub fn add_key(&mut self, meta: &KeyMeta) {
         for s in meta.remaining() {
             self.add(&meta.master, s, 1);
         }
     }
 
     /// Forgets every remaining slave of `meta` (the key was deleted).
-    pub(crate) fn remove_key(&mut self, meta: &KeyMeta) {
+    pub fn remove_key(&mut self, meta: &KeyMeta) {
         for s in meta.remaining() {
             self.sub(&meta.master, s, 1);
         }
     }
 
-    pub(crate) fn add(&mut self, master: &str, slave: &str, n: u64) {
+    /// Adds `n` keys that `slave` may fetch from `master`.
+    pub fn add(&mut self, master: &str, slave: &str, n: u64) {
         let inner = self.by_master.entry(master.to_owned()).or_default();
         *inner.entry(slave.to_owned()).or_default() += n;
     }
 
-    pub(crate) fn sub(&mut self, master: &str, slave: &str, n: u64) {
+    /// Removes `n` keys that `slave` may fetch from `master` (never below zero).
+    pub fn sub(&mut self, master: &str, slave: &str, n: u64) {
         if let Some(inner) = self.by_master.get_mut(master) {
             if let Some(c) = inner.get_mut(slave) {
                 *c = c.saturating_sub(n);
@@ -161,7 +175,7 @@ impl PendingCounts {
 /// Checks a batch of new keys before anything is written: IDs unique within the batch and not
 /// yet stored (`exists`), at least one slave, and every field small enough for the record
 /// format, so both stores refuse exactly the same inputs.
-pub(crate) fn check_insert<E>(
+pub fn check_insert<E>(
     keys: &[crate::NewKey],
     mut exists: impl FnMut(Uuid) -> Result<bool, E>,
 ) -> Result<Result<(), crate::StoreError>, E> {

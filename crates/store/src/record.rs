@@ -19,25 +19,25 @@
 
 use uuid::Uuid;
 
-use crate::kek::NONCE_BYTES;
+use crate::kek::{Cipher, NONCE_BYTES};
 use crate::meta::{KeyMeta, SlaveEntry};
-use crate::RecordError;
+use crate::{KeyMaterial, NewKey, RecordError, StoreError};
 
 /// Current record format version.
-pub(crate) const VERSION: u8 = 1;
+pub const VERSION: u8 = 1;
 
 const FLAG_TAKEN: u8 = 0x01;
 
 /// A decoded record: metadata in clear, key bytes still sealed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Record {
+pub struct Record {
     pub(crate) meta: KeyMeta,
     pub(crate) nonce: [u8; NONCE_BYTES],
     pub(crate) sealed: Vec<u8>,
 }
 
 /// The associated data binding a sealed key to its ID and master.
-pub(crate) fn aad(id: Uuid, master: &str) -> Vec<u8> {
+pub fn aad(id: Uuid, master: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + master.len() + 1);
     v.extend_from_slice(id.as_bytes());
     v.extend_from_slice(master.as_bytes());
@@ -46,11 +46,44 @@ pub(crate) fn aad(id: Uuid, master: &str) -> Vec<u8> {
 }
 
 /// Why a record cannot be encoded (a field too long for its length prefix).
-pub(crate) const TOO_LONG: &str = "a name, the slave list or the key is too long to store";
+pub const TOO_LONG: &str = "a name, the slave list or the key is too long to store";
 
 impl Record {
+    /// Seals a new key under `cipher` (AAD = [`aad`] of its ID and master) with every distinct
+    /// slave entitled and none served yet. The record is not yet encoded, so a name too long
+    /// for the format surfaces only at [`Record::encode`].
+    pub fn seal(cipher: &Cipher, key: &NewKey) -> Result<Self, StoreError> {
+        let (nonce, sealed) = cipher.seal(key.material.as_bytes(), &aad(key.id, &key.master))?;
+        Ok(Record {
+            meta: KeyMeta::new(&key.master, &key.slaves, key.expires_at),
+            nonce,
+            sealed,
+        })
+    }
+
+    /// Opens the key bytes of the record stored under `id`; fails if the record does not
+    /// authenticate (wrong KEK, or a record moved to another ID or master).
+    pub fn open(&self, cipher: &Cipher, id: Uuid) -> Result<KeyMaterial, StoreError> {
+        cipher
+            .open(self.nonce, &self.sealed, &aad(id, &self.meta.master))
+            .map(|bytes| KeyMaterial::new(bytes.to_vec()))
+            .ok_or_else(|| StoreError::Crypto {
+                context: format!("opening key {id}: record does not authenticate"),
+            })
+    }
+
+    /// The metadata (master, expiry, slaves and who was served).
+    pub fn meta(&self) -> &KeyMeta {
+        &self.meta
+    }
+
+    /// The metadata, for [`KeyMeta::mark_taken`].
+    pub fn meta_mut(&mut self) -> &mut KeyMeta {
+        &mut self.meta
+    }
+
     /// Encodes the record; `Err` if a field exceeds its length prefix.
-    pub(crate) fn encode(&self) -> Result<Vec<u8>, &'static str> {
+    pub fn encode(&self) -> Result<Vec<u8>, &'static str> {
         let m = &self.meta;
         let mut out = Vec::with_capacity(
             1 + 8
@@ -79,7 +112,7 @@ impl Record {
     }
 
     /// Decodes a record, rejecting unknown versions, short input and trailing bytes.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
         if version != VERSION {

@@ -1,0 +1,337 @@
+//! The behavioural suite every [`KeyStore`] implementation must pass, shared by the tests of
+//! `dqkd-store` (memory and embedded stores) and `dqkd-store-postgres`, so no implementation
+//! can drift from the others.
+//!
+//! Each case is a plain async function taking a fresh, empty store. [`suite!`] turns them into
+//! one `#[tokio::test]` each for a store built by an async maker:
+//!
+//! ```ignore
+//! async fn memory() -> Option<(Arc<dyn KeyStore>, ())> {
+//!     Some((Arc::new(MemoryStore::new()), ()))
+//! }
+//! dqkd_store_tests::suite!(memory_store, memory);
+//! ```
+//!
+//! The maker returns the store and a guard that must outlive it (a temp dir, a throwaway
+//! database), or `None` when the backend is unavailable: it must then say so loudly itself,
+//! and every generated test returns without checking anything.
+
+// The cases are assertions: an unwrap here is a failed check, not a crash on a request path.
+#![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+
+use dqkd_store::{KeyMaterial, KeyStore, NewKey, StoreError, TakeError, Uuid};
+
+/// The clock the cases pass to `take`; keys expire relative to it.
+pub const NOW: u64 = 1_000;
+
+/// A fresh key with a random ID.
+pub fn key(master: &str, slaves: &[&str], bytes: &[u8], expires_at: u64) -> NewKey {
+    NewKey {
+        id: Uuid::new_v4(),
+        master: master.into(),
+        slaves: slaves.iter().map(|s| s.to_string()).collect(),
+        material: KeyMaterial::new(bytes.to_vec()),
+        expires_at,
+    }
+}
+
+/// Owned master SAE IDs.
+pub fn masters(m: &[&str]) -> Vec<String> {
+    m.iter().map(|s| s.to_string()).collect()
+}
+
+/// Keys come back in the order asked, once only.
+pub async fn round_trip(s: Arc<dyn KeyStore>) {
+    let a = key("alice", &["bob"], &[1; 32], NOW + 60);
+    let b = key("alice", &["bob"], &[2; 16], NOW + 60);
+    let (ia, ib) = (a.id, b.id);
+    s.insert(vec![a, b]).await.unwrap();
+    let got = s
+        .take("bob", &masters(&["alice"]), &[ib, ia], NOW)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].id, ib);
+    assert_eq!(got[0].material.as_bytes(), &[2; 16]);
+    assert_eq!(got[1].id, ia);
+    assert_eq!(got[1].material.as_bytes(), &[1; 32]);
+    // Delivered once only.
+    let again = s.take("bob", &masters(&["alice"]), &[ia], NOW).await;
+    assert!(matches!(again, Err(TakeError::NotFound)), "{again:?}");
+}
+
+/// Strangers and wrong masters are unauthorised, and unauthorised wins over unknown.
+pub async fn wrong_caller_and_master(s: Arc<dyn KeyStore>) {
+    let k = key("alice", &["bob"], &[3; 32], NOW + 60);
+    let id = k.id;
+    s.insert(vec![k]).await.unwrap();
+    let r = s.take("mallory", &masters(&["alice"]), &[id], NOW).await;
+    assert!(matches!(r, Err(TakeError::Unauthorized)), "{r:?}");
+    let r = s.take("bob", &masters(&["eve"]), &[id], NOW).await;
+    assert!(matches!(r, Err(TakeError::Unauthorized)), "{r:?}");
+    // Unauthorized wins over an unknown id in the same request.
+    let r = s
+        .take("mallory", &masters(&["alice"]), &[Uuid::new_v4(), id], NOW)
+        .await;
+    assert!(matches!(r, Err(TakeError::Unauthorized)), "{r:?}");
+    // A master set containing the right master works, and the failures changed nothing.
+    let got = s
+        .take("bob", &masters(&["eve", "alice"]), &[id], NOW)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[3; 32]);
+}
+
+/// Unknown and repeated IDs are not found and change nothing.
+pub async fn unknown_and_duplicate_ids(s: Arc<dyn KeyStore>) {
+    let r = s
+        .take("bob", &masters(&["alice"]), &[Uuid::new_v4()], NOW)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    let k = key("alice", &["bob"], &[4; 32], NOW + 60);
+    let id = k.id;
+    s.insert(vec![k]).await.unwrap();
+    let r = s.take("bob", &masters(&["alice"]), &[id, id], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    assert_eq!(s.pending("alice", "bob"), 1);
+    s.take("bob", &masters(&["alice"]), &[id], NOW)
+        .await
+        .unwrap();
+}
+
+/// One bad ID (unknown, expired, foreign) fails the whole take.
+pub async fn all_or_nothing(s: Arc<dyn KeyStore>) {
+    let good: Vec<NewKey> = (0..3u8)
+        .map(|i| key("alice", &["bob"], &[i + 10; 32], NOW + 60))
+        .collect();
+    let ids: Vec<Uuid> = good.iter().map(|k| k.id).collect();
+    let expired = key("alice", &["bob"], &[9; 32], NOW);
+    let expired_id = expired.id;
+    let other = key("alice", &["carol"], &[8; 32], NOW + 60);
+    let other_id = other.id;
+    s.insert(good).await.unwrap();
+    s.insert(vec![expired, other]).await.unwrap();
+
+    let mut with_unknown = ids.clone();
+    with_unknown.insert(1, Uuid::new_v4());
+    let r = s
+        .take("bob", &masters(&["alice"]), &with_unknown, NOW)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+
+    let mut with_expired = ids.clone();
+    with_expired.push(expired_id);
+    let r = s
+        .take("bob", &masters(&["alice"]), &with_expired, NOW)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+
+    let mut with_foreign = ids.clone();
+    with_foreign.push(other_id);
+    let r = s
+        .take("bob", &masters(&["alice"]), &with_foreign, NOW)
+        .await;
+    assert!(matches!(r, Err(TakeError::Unauthorized)), "{r:?}");
+
+    assert_eq!(s.pending("alice", "bob"), 4);
+    let got = s
+        .take("bob", &masters(&["alice"]), &ids, NOW)
+        .await
+        .unwrap();
+    let bytes: Vec<u8> = got.iter().map(|k| k.material.as_bytes()[0]).collect();
+    assert_eq!(bytes, vec![10, 11, 12]);
+}
+
+/// Each slave fetches a key once; the key goes when the last slave has it.
+pub async fn multi_slave(s: Arc<dyn KeyStore>) {
+    let k = key("alice", &["bob", "carol"], &[5; 32], NOW + 60);
+    let id = k.id;
+    s.insert(vec![k]).await.unwrap();
+    assert_eq!(s.pending("alice", "bob"), 1);
+    assert_eq!(s.pending("alice", "carol"), 1);
+    s.take("bob", &masters(&["alice"]), &[id], NOW)
+        .await
+        .unwrap();
+    assert_eq!(s.pending("alice", "bob"), 0);
+    assert_eq!(s.pending("alice", "carol"), 1);
+    // Bob already has it: not found, not unauthorised.
+    let r = s.take("bob", &masters(&["alice"]), &[id], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    let got = s
+        .take("carol", &masters(&["alice"]), &[id], NOW)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[5; 32]);
+    assert_eq!(s.pending("alice", "carol"), 0);
+    // Gone for everyone now.
+    let r = s.take("carol", &masters(&["alice"]), &[id], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    assert_eq!(s.purge_expired(u64::MAX).await.unwrap(), 0);
+}
+
+/// Expired keys are not found for anyone and are purged at `expires_at <= now`.
+pub async fn expiry_and_purge(s: Arc<dyn KeyStore>) {
+    let soon = key("alice", &["bob", "carol"], &[6; 32], NOW + 10);
+    let late = key("alice", &["bob"], &[7; 32], NOW + 100);
+    let (soon_id, late_id) = (soon.id, late.id);
+    s.insert(vec![soon, late]).await.unwrap();
+    // expires_at <= now is expired.
+    let r = s
+        .take("bob", &masters(&["alice"]), &[soon_id], NOW + 10)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    // An expired key is not-found even for a stranger.
+    let r = s
+        .take("mallory", &masters(&["alice"]), &[soon_id], NOW + 10)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    assert_eq!(s.pending("alice", "bob"), 2);
+    assert_eq!(s.purge_expired(NOW + 9).await.unwrap(), 0);
+    assert_eq!(s.purge_expired(NOW + 10).await.unwrap(), 1);
+    assert_eq!(s.pending("alice", "bob"), 1);
+    assert_eq!(s.pending("alice", "carol"), 0);
+    // The purged key is gone even at an earlier clock.
+    let r = s.take("bob", &masters(&["alice"]), &[soon_id], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    s.take("bob", &masters(&["alice"]), &[late_id], NOW + 99)
+        .await
+        .unwrap();
+}
+
+/// Pending counts per (master, slave) follow inserts and takes.
+pub async fn pending_counts(s: Arc<dyn KeyStore>) {
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        keys.push(key("alice", &["bob"], &[1; 32], NOW + 60));
+    }
+    for _ in 0..3 {
+        keys.push(key("alice", &["bob", "carol"], &[1; 32], NOW + 60));
+    }
+    keys.push(key("dave", &["bob"], &[1; 32], NOW + 60));
+    let first = keys[0].id;
+    s.insert(keys).await.unwrap();
+    assert_eq!(s.pending("alice", "bob"), 8);
+    assert_eq!(s.pending("alice", "carol"), 3);
+    assert_eq!(s.pending("dave", "bob"), 1);
+    assert_eq!(s.pending("bob", "alice"), 0);
+    s.take("bob", &masters(&["alice"]), &[first], NOW)
+        .await
+        .unwrap();
+    assert_eq!(s.pending("alice", "bob"), 7);
+    // A failed take changes no count.
+    let _ = s
+        .take("bob", &masters(&["alice"]), &[Uuid::new_v4()], NOW)
+        .await;
+    assert_eq!(s.pending("alice", "bob"), 7);
+}
+
+/// A duplicate or invalid key fails the whole insert.
+pub async fn insert_is_all_or_nothing(s: Arc<dyn KeyStore>) {
+    let existing = key("alice", &["bob"], &[1; 32], NOW + 60);
+    let existing_id = existing.id;
+    s.insert(vec![existing]).await.unwrap();
+    let fresh = key("alice", &["bob"], &[2; 32], NOW + 60);
+    let fresh_id = fresh.id;
+    let mut dup = key("alice", &["bob"], &[3; 32], NOW + 60);
+    dup.id = existing_id;
+    let r = s.insert(vec![fresh, dup]).await;
+    assert!(
+        matches!(r, Err(StoreError::DuplicateId { id }) if id == existing_id),
+        "{r:?}"
+    );
+    assert_eq!(s.pending("alice", "bob"), 1);
+    let r = s.take("bob", &masters(&["alice"]), &[fresh_id], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    // The original key is untouched.
+    let got = s
+        .take("bob", &masters(&["alice"]), &[existing_id], NOW)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[1; 32]);
+
+    let r = s.insert(vec![key("alice", &[], &[1; 32], NOW + 60)]).await;
+    assert!(matches!(r, Err(StoreError::InvalidKey { .. })), "{r:?}");
+}
+
+/// 64 concurrent takes of one key: exactly one succeeds.
+pub async fn concurrent_takes(s: Arc<dyn KeyStore>) {
+    let k = key("alice", &["bob"], &[0xAA; 32], NOW + 60);
+    let id = k.id;
+    s.insert(vec![k]).await.unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let s = Arc::clone(&s);
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                s.take("bob", &["alice".to_string()], &[id], NOW).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(keys) => {
+                assert_eq!(keys[0].material.as_bytes(), &[0xAA; 32]);
+                ok += 1;
+            }
+            Err(TakeError::NotFound) => {}
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(s.pending("alice", "bob"), 0);
+}
+
+/// `destroy` removes keys whatever their entitlements and is idempotent.
+pub async fn destroy_removes_whatever_the_entitlements(s: Arc<dyn KeyStore>) {
+    let a = key("alice", &["bob", "carol"], &[8; 32], NOW + 100);
+    let b = key("alice", &["bob"], &[9; 32], NOW + 100);
+    let (ia, ib) = (a.id, b.id);
+    s.insert(vec![a, b]).await.unwrap();
+    let unknown = Uuid::new_v4();
+    assert_eq!(s.destroy(&[ia, unknown]).await.unwrap(), 1);
+    assert_eq!(s.destroy(&[ia]).await.unwrap(), 0, "destroy is idempotent");
+    for slave in ["bob", "carol"] {
+        let r = s.take(slave, &masters(&["alice"]), &[ia], NOW).await;
+        assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    }
+    assert_eq!(s.pending("alice", "bob"), 1);
+    assert_eq!(s.pending("alice", "carol"), 0);
+    s.take("bob", &masters(&["alice"]), &[ib], NOW)
+        .await
+        .unwrap();
+}
+
+/// Generates one `#[tokio::test]` per case in a module `$module`, for stores made by the async
+/// function `$make` (in scope where the macro is used), which returns
+/// `Option<(Arc<dyn KeyStore>, Guard)>`. The calling crate needs `tokio` with `macros` and
+/// `rt-multi-thread`.
+#[macro_export]
+macro_rules! suite {
+    ($module:ident, $make:ident) => {
+        mod $module {
+            $crate::suite!(@case $make; round_trip, wrong_caller_and_master,
+                unknown_and_duplicate_ids, all_or_nothing, multi_slave, expiry_and_purge,
+                pending_counts, insert_is_all_or_nothing, concurrent_takes,
+                destroy_removes_whatever_the_entitlements);
+        }
+    };
+    (@case $make:ident; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let Some((store, guard)) = super::$make().await else {
+                    return;
+                };
+                $crate::$case(store).await;
+                drop(guard);
+            }
+        )*
+    };
+}
