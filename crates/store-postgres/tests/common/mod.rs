@@ -1,0 +1,135 @@
+//! A throwaway database per test, made from the admin URL in `DQKD_TEST_POSTGRES_URL`.
+
+// Test helpers: a panic here is a failed test, not a crash on a request path.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use dqkd_store::Kek;
+
+/// The environment variable naming an admin URL of a PostgreSQL server for the tests, in URL
+/// form (`postgres://user@host:port/db`); the user must be allowed to create databases.
+pub const ENV: &str = "DQKD_TEST_POSTGRES_URL";
+
+pub const KEK: [u8; 32] = [0x5a; 32];
+
+pub fn kek() -> Kek {
+    Kek::from_bytes(KEK)
+}
+
+/// Says loudly that a test checked nothing. The test harness captures (and hides) both
+/// `eprintln!` and the process's stderr handle for passing tests, so the notice is written to
+/// a fresh handle on `/dev/stderr`, with `eprintln!` as the fallback where that cannot be opened.
+pub fn skipped() {
+    use std::io::Write;
+    const NOTICE: &str =
+        "!!! SKIPPED: DQKD_TEST_POSTGRES_URL is not set; PostgreSQL store NOT tested !!!";
+    let direct = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/dev/stderr")
+        .and_then(|mut f| writeln!(f, "{NOTICE}"));
+    if direct.is_err() {
+        eprintln!("{NOTICE}");
+    }
+}
+
+/// A database `dqkd_test_<random hex>` created for one test and dropped (best effort, with
+/// `FORCE` so lingering pool connections do not block it) when this guard goes.
+pub struct TestDb {
+    admin_url: String,
+    name: String,
+    /// URL of the throwaway database.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates a fresh database, or returns `None` after a loud warning if `ENV` is unset.
+    pub async fn create() -> Option<TestDb> {
+        let Ok(admin_url) = std::env::var(ENV) else {
+            skipped();
+            return None;
+        };
+        let name = format!(
+            "dqkd_test_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..16]
+        );
+        let admin = admin(&admin_url).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("creating the test database");
+        let url = with_database(&admin_url, &name);
+        Some(TestDb {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    /// A plain client on the test database, for looking at what the store wrote.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        admin(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread with
+        // its own runtime.
+        let done = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime for dropping the test database");
+            rt.block_on(async {
+                let admin = admin(&url).await;
+                admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+            })
+        })
+        .join();
+        if !matches!(done, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// Connects a plain client and drives its connection in the background.
+pub async fn admin(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connecting to the test PostgreSQL server");
+    tokio::spawn(conn);
+    client
+}
+
+/// `url` with its database name replaced by `name` (URL form only).
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let authority_end = base[after_scheme..]
+        .find('/')
+        .map_or(base.len(), |i| after_scheme + i);
+    let mut out = format!("{}/{name}", &base[..authority_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[test]
+fn database_name_is_replaced() {
+    assert_eq!(
+        with_database("postgres://u@h:5432/postgres", "x"),
+        "postgres://u@h:5432/x"
+    );
+    assert_eq!(with_database("postgres://u@h", "x"), "postgres://u@h/x");
+    assert_eq!(
+        with_database("postgresql://u@h/db?sslmode=disable", "x"),
+        "postgresql://u@h/x?sslmode=disable"
+    );
+}
