@@ -70,7 +70,7 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs) -> anyhow::Result<()> {
     }
     reports.push(phase(cluster, args, args.mode).await?);
     let ratio = match (reports.first(), reports.last()) {
-        (Some(base), Some(main)) if reports.len() == 2 && base.status.len() > 0 => {
+        (Some(base), Some(main)) if reports.len() == 2 && !base.status.is_empty() => {
             let status_rps = base.status.len() as f64 / base.seconds;
             Some((main.pairs as f64 / main.seconds) / (status_rps / 3.0))
         }

@@ -326,7 +326,9 @@ fn write_configs(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
             metrics_listen: Some(([127, 0, 0, 1], plan.metrics_port(i)).into()),
             tls: tls(Role::Kme, kme),
             store: StoreFiles {
-                path: layout.rel(&layout.data().join(format!("{kme}.redb"))),
+                path: Some(layout.rel(&layout.data().join(format!("{kme}.redb")))),
+                url: None,
+                pool_size: None,
                 kek: layout.rel(&layout.data().join(format!("{kme}.kek"))),
             },
         };

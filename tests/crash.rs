@@ -28,13 +28,16 @@ async fn keys_survive_kill_9_and_are_delivered_once() {
     // The last answer has just arrived: kill the process without any chance to flush.
     site.kill9();
 
-    let bytes = std::fs::read(site.store_file()).expect("read store file");
-    for (_, key) in &issued {
-        let raw = base64_decode(key);
-        assert!(
-            !bytes.windows(raw.len()).any(|w| w == raw.as_slice()),
-            "a key is stored in plaintext"
-        );
+    // (The PostgreSQL store has its own test that its rows hold no plaintext key.)
+    if common::postgres_backend().is_none() {
+        let bytes = std::fs::read(site.store_file()).expect("read store file");
+        for (_, key) in &issued {
+            let raw = base64_decode(key);
+            assert!(
+                !bytes.windows(raw.len()).any(|w| w == raw.as_slice()),
+                "a key is stored in plaintext"
+            );
+        }
     }
 
     site.launch();

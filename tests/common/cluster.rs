@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dqkd_client::Client;
 
-use super::{dqkd, BIN};
+use super::{dqkd, store_section, TempDatabase, BIN};
 
 /// One child process with its config, ready file and log.
 pub struct Proc {
@@ -115,6 +115,8 @@ pub struct Cluster {
     pub entropy: Vec<Proc>,
     pub sae_site: BTreeMap<&'static str, &'static str>,
     pub timeout_ms: u64,
+    /// Last, so that it is dropped after the processes that use it.
+    pub databases: Vec<TempDatabase>,
 }
 
 /// A free port on 127.0.0.1 (released before use: the manifest must name peer ports).
@@ -191,6 +193,7 @@ impl Cluster {
             ));
         }
         let mut sites = BTreeMap::new();
+        let mut databases = Vec::new();
         for kme in site_ids {
             let (api, peer) = (free_port(), free_port());
             let saes: Vec<String> = sae_site
@@ -203,13 +206,17 @@ impl Cluster {
                 saes.join(", ")
             ));
             let config = d.join(format!("site-{kme}.toml"));
+            let store = store_section(
+                &format!("{kme}.redb"),
+                &format!("{kme}.kek"),
+                &mut databases,
+            );
             std::fs::write(
                 &config,
                 format!(
                     "manifest = \"cluster.toml\"\nkme_id = \"{kme}\"\napi_listen = \"127.0.0.1:{api}\"\n\
                      peer_listen = \"127.0.0.1:{peer}\"\n[tls]\nca = \"pki/ca.pem\"\n\
-                     cert = \"pki/kme/{kme}.pem\"\nkey = \"pki/kme/{kme}.key\"\n\
-                     [store]\npath = \"{kme}.redb\"\nkek = \"{kme}.kek\"\n"
+                     cert = \"pki/kme/{kme}.pem\"\nkey = \"pki/kme/{kme}.key\"\n{store}"
                 ),
             )
             .expect("site config");
@@ -228,6 +235,7 @@ impl Cluster {
         }
         std::fs::write(d.join("cluster.toml"), manifest).expect("manifest");
         let mut cluster = Self {
+            databases,
             dir,
             sites,
             entropy,
@@ -241,6 +249,42 @@ impl Cluster {
             site.launch();
         }
         cluster
+    }
+
+    /// Starts a second KME process for site `kme` on the same store (a PostgreSQL
+    /// database), with its own API and peer ports; it is reachable as `"<kme>-r2"`.
+    pub fn add_replica(&mut self, kme: &str) -> String {
+        let d = self.dir.path();
+        let primary =
+            std::fs::read_to_string(d.join(format!("site-{kme}.toml"))).expect("primary site file");
+        let name = format!("{kme}-r2");
+        let replica: String = primary
+            .lines()
+            .map(|line| {
+                if line.starts_with("api_listen") {
+                    format!("api_listen = \"127.0.0.1:{}\"", free_port())
+                } else if line.starts_with("peer_listen") {
+                    format!("peer_listen = \"127.0.0.1:{}\"", free_port())
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = d.join(format!("site-{name}.toml"));
+        std::fs::write(&config, replica).expect("replica site file");
+        let mut proc = Proc::new(
+            d,
+            &name,
+            vec![
+                "kme".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+        );
+        proc.launch();
+        self.sites.insert(name.clone(), proc);
+        name
     }
 
     pub fn site(&mut self, kme: &str) -> &mut Proc {

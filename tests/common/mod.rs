@@ -15,6 +15,79 @@ use dqkd_client::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dqkd");
 
+/// Which key store the end-to-end tests run on: the embedded file store by default, or
+/// PostgreSQL when `DQKD_TEST_STORE=postgres` (with `DQKD_TEST_POSTGRES_URL` naming an
+/// admin connection; each site then gets a throwaway database).
+pub fn postgres_backend() -> Option<String> {
+    match std::env::var("DQKD_TEST_STORE").as_deref() {
+        Ok("postgres") => Some(
+            std::env::var("DQKD_TEST_POSTGRES_URL")
+                .expect("DQKD_TEST_STORE=postgres needs DQKD_TEST_POSTGRES_URL (an admin URL)"),
+        ),
+        _ => None,
+    }
+}
+
+/// A throwaway PostgreSQL database, dropped with this guard.
+pub struct TempDatabase {
+    admin: String,
+    name: String,
+    pub url: String,
+}
+
+impl TempDatabase {
+    pub fn create(admin: &str) -> Self {
+        let name = format!("dqkd_e2e_{}", uuid::Uuid::new_v4().simple());
+        psql(admin, &format!("CREATE DATABASE {name}"));
+        let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+        Self {
+            admin: admin.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                &self.admin,
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([url, "-qc", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `[store]` table of a site file: embedded by default, else a fresh database.
+pub fn store_section(file: &str, kek: &str, databases: &mut Vec<TempDatabase>) -> String {
+    match postgres_backend() {
+        Some(admin) => {
+            let db = TempDatabase::create(&admin);
+            let section = format!(
+                "[store]\nurl = \"{}\"\npool_size = 8\nkek = \"{kek}\"\n",
+                db.url
+            );
+            databases.push(db);
+            section
+        }
+        None => format!("[store]\npath = \"{file}\"\nkek = \"{kek}\"\n"),
+    }
+}
+
 /// Runs `dqkd args…` to completion and returns stdout, failing the test on a non-zero exit.
 pub fn dqkd(args: &[&str]) -> String {
     let out = Command::new(BIN).args(args).output().expect("run dqkd");
@@ -31,6 +104,7 @@ pub fn dqkd(args: &[&str]) -> String {
 /// `mallory`, an SAE certificate from the cluster CA that no site lists, and `eve`, an SAE
 /// certificate from a different CA.
 pub struct Site {
+    pub databases: Vec<TempDatabase>,
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub url: String,
@@ -86,9 +160,12 @@ saes = ["alice", "bob", "carol", "dave"]
             ),
         )
         .expect("write manifest");
+        let mut databases = Vec::new();
+        let store = store_section("store.redb", "site.kek", &mut databases);
         std::fs::write(
             d.join("site.toml"),
-            r#"manifest = "cluster.toml"
+            format!(
+                r#"manifest = "cluster.toml"
 kme_id = "KME_A"
 api_listen = "127.0.0.1:0"
 metrics_listen = "127.0.0.1:0"
@@ -96,13 +173,12 @@ metrics_listen = "127.0.0.1:0"
 ca = "pki/ca.pem"
 cert = "pki/kme/KME_A.pem"
 key = "pki/kme/KME_A.key"
-[store]
-path = "store.redb"
-kek = "site.kek"
-"#,
+{store}"#
+            ),
         )
         .expect("write site file");
         let mut site = Site {
+            databases,
             dir,
             child: None,
             url: String::new(),

@@ -267,10 +267,14 @@ async fn log_request(
     let elapsed = start.elapsed();
     // The last path segment names the call; anything else is one label, so a scanner
     // cannot blow up the number of series.
-    let call = match path.rsplit('/').next() {
-        Some(c @ ("status" | "enc_keys" | "dec_keys" | "deliver" | "destroy" | "health")) => c,
-        _ => "other",
-    };
+    const CALLS: [&str; 6] = [
+        "status", "enc_keys", "dec_keys", "deliver", "destroy", "health",
+    ];
+    let call = path
+        .rsplit('/')
+        .next()
+        .filter(|c| CALLS.contains(c))
+        .unwrap_or("other");
     let labels = [
         ("kme", service.config().kme_id.clone()),
         ("api", api.to_owned()),

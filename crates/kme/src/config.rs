@@ -200,13 +200,46 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// Key store files of a site.
+/// Key store of a site, as written: exactly one of `path` (embedded) and `url`
+/// (PostgreSQL).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreFiles {
-    /// The embedded store file.
-    pub path: PathBuf,
-    /// The site key-encryption key (64 hex characters), which seals keys at rest.
+    /// The embedded store file (one KME process per site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL URL, `postgres://user@host:port/database`, shared by every replica
+    /// of the site. The environment variable `DQKD_STORE_URL` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Connections to PostgreSQL per replica (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<usize>,
+    /// The site key-encryption key (64 hex characters), which seals keys at rest. Every
+    /// replica of a site uses the same one.
+    pub kek: PathBuf,
+}
+
+/// Where a site keeps its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded single-file store.
+    Embedded(PathBuf),
+    /// PostgreSQL, shared by the site's replicas.
+    Postgres {
+        /// Connection URL.
+        url: String,
+        /// Connections per replica.
+        pool_size: usize,
+    },
+}
+
+/// The validated key store settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Embedded file or PostgreSQL.
+    pub location: StoreLocation,
+    /// The site key-encryption key file.
     pub kek: PathBuf,
 }
 
@@ -289,7 +322,7 @@ pub struct Config {
     /// Certificates, with absolute paths.
     pub tls: TlsFiles,
     /// Store, with absolute paths.
-    pub store: StoreFiles,
+    pub store: StoreConfig,
 }
 
 impl Config {
@@ -444,8 +477,8 @@ impl Config {
                 cert: abs(&site.tls.cert),
                 key: abs(&site.tls.key),
             },
-            store: StoreFiles {
-                path: abs(&site.store.path),
+            store: StoreConfig {
+                location: store_location(&site.store, base, site_path)?,
                 kek: abs(&site.store.kek),
             },
         })
@@ -455,6 +488,41 @@ impl Config {
     pub fn own_site(&self) -> &Site {
         // Invariant checked in `from_parts`: kme_id names a site of the manifest.
         &self.sites[&self.kme_id]
+    }
+}
+
+/// Exactly one of `path` and `url`; `DQKD_STORE_URL` overrides the URL.
+fn store_location(
+    store: &StoreFiles,
+    base: &Path,
+    site_path: &Path,
+) -> Result<StoreLocation, ConfigError> {
+    let invalid = |problem: &str| ConfigError::Invalid {
+        path: site_path.to_owned(),
+        problem: problem.to_owned(),
+    };
+    let url = std::env::var("DQKD_STORE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| store.url.clone());
+    match (&store.path, url) {
+        (Some(path), None) => Ok(StoreLocation::Embedded(base.join(path))),
+        (None, Some(url)) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(invalid("[store] url must be a postgres:// URL"));
+            }
+            let pool_size = store.pool_size.unwrap_or(16);
+            if pool_size == 0 {
+                return Err(invalid("[store] pool_size must be at least 1"));
+            }
+            Ok(StoreLocation::Postgres { url, pool_size })
+        }
+        (Some(_), Some(_)) => Err(invalid(
+            "[store] names both path and url (or DQKD_STORE_URL is set): choose one store",
+        )),
+        (None, None) => Err(invalid(
+            "[store] needs path (embedded store) or url (PostgreSQL)",
+        )),
     }
 }
 
@@ -536,7 +604,9 @@ mod tests {
                 key: "kme.key".into(),
             },
             store: StoreFiles {
-                path: "store.redb".into(),
+                path: Some("store.redb".into()),
+                url: None,
+                pool_size: None,
                 kek: "kek".into(),
             },
         }
@@ -634,6 +704,40 @@ saes = ["bob"]
 
         let bad_c = format!("[keygen]\nn = 2\nc = 2\n{TWO_SITES}");
         assert!(check(&bad_c, "A").is_err());
+    }
+
+    #[test]
+    fn the_store_is_a_file_or_a_postgres_url() {
+        let files = |path: Option<&str>, url: Option<&str>| StoreFiles {
+            path: path.map(Into::into),
+            url: url.map(Into::into),
+            pool_size: None,
+            kek: "kek".into(),
+        };
+        let base = Path::new("/srv");
+        let site = Path::new("/srv/site.toml");
+        if std::env::var_os("DQKD_STORE_URL").is_none() {
+            assert_eq!(
+                store_location(&files(Some("k.redb"), None), base, site).expect("file"),
+                StoreLocation::Embedded("/srv/k.redb".into())
+            );
+            assert!(store_location(&files(None, None), base, site).is_err());
+            assert!(store_location(&files(None, Some("mysql://x")), base, site).is_err());
+        }
+        assert_eq!(
+            store_location(&files(None, Some("postgres://u@h/db")), base, site).expect("pg"),
+            StoreLocation::Postgres {
+                url: std::env::var("DQKD_STORE_URL").unwrap_or_else(|_| "postgres://u@h/db".into()),
+                pool_size: 16
+            }
+        );
+        let err = store_location(
+            &files(Some("k.redb"), Some("postgres://u@h/db")),
+            base,
+            site,
+        )
+        .expect_err("both");
+        assert!(err.to_string().contains("choose one store"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +21,7 @@ use tower::ServiceExt as _;
 
 use crate::api::{peer_router, router, PeerIdentity};
 use crate::blast::Blast;
-use crate::config::Config;
+use crate::config::{Config, StoreLocation};
 use crate::keysource::{KeySource, OsRandom};
 use crate::peer::PeerClient;
 use crate::service::KeyService;
@@ -42,8 +41,8 @@ pub enum ServeError {
     /// The key store could not be opened.
     #[error("key store {path}: {source}")]
     Store {
-        /// The store file.
-        path: PathBuf,
+        /// The store file or database (without password).
+        path: String,
         /// Why.
         source: dqkd_store::StoreError,
     },
@@ -93,16 +92,39 @@ impl Serving {
 /// Opens the store, loads certificates, binds the listener and starts serving.
 pub async fn run(config: Config) -> Result<Serving, ServeError> {
     let kek = Kek::load(&config.store.kek).map_err(|source| ServeError::Store {
-        path: config.store.kek.clone(),
+        path: config.store.kek.display().to_string(),
         source,
     })?;
-    let store =
-        EmbeddedStore::open(&config.store.path, kek).map_err(|source| ServeError::Store {
-            path: config.store.path.clone(),
-            source,
-        })?;
+    let store: Arc<dyn KeyStore> = match &config.store.location {
+        StoreLocation::Embedded(path) => Arc::new(EmbeddedStore::open(path, kek).map_err(
+            |source| ServeError::Store {
+                path: path.display().to_string(),
+                source,
+            },
+        )?),
+        StoreLocation::Postgres { url, pool_size } => Arc::new(
+            dqkd_store_postgres::PostgresStore::connect(url, kek, *pool_size)
+                .await
+                .map_err(|source| ServeError::Store {
+                    path: redact_url(url),
+                    source,
+                })?,
+        ),
+    };
     let source = key_source(&config)?;
-    run_with(config, Arc::new(store), source).await
+    run_with(config, store, source).await
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user = &url[scheme + 3..at];
+            let user = user.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// The BLAST-style generator when the manifest lists entropy servers, else the OS CSPRNG.
