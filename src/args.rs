@@ -200,6 +200,10 @@ pub struct UpArgs {
     /// Do not run the Alice→Bob demonstration after start-up.
     #[arg(long)]
     pub no_demo: bool,
+    /// Keep each site's keys in PostgreSQL (a database `dqkd_local_<kme>` per site, made
+    /// on the server of this admin URL if missing) instead of an embedded file.
+    #[arg(long, value_name = "ADMIN_URL")]
+    pub postgres: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -241,6 +245,10 @@ pub struct BenchArgs {
     /// Base port of the cluster the bench starts (site A's API; see `dqkd up --port`).
     #[arg(long, default_value_t = 28443)]
     pub port: u16,
+    /// Run the sites on PostgreSQL: a throwaway database per site on the server of this
+    /// admin URL, dropped afterwards.
+    #[arg(long, value_name = "ADMIN_URL")]
+    pub postgres: Option<String>,
 }
 
 /// Bench workloads.

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use dqkd_client::{Client, KeyRequestBody};
 
 use crate::args::{BenchArgs, BenchMode};
-use crate::up::LocalCluster;
+use crate::up::{LocalCluster, LocalStore};
 
 /// What one phase measured.
 struct Report {
@@ -57,13 +57,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.port,
         state.display()
     );
-    let cluster = LocalCluster::start(&state, 2, args.port).await?;
-    let result = bench(&cluster, &args).await;
+    let store = match &args.postgres {
+        Some(admin_url) => LocalStore::Postgres {
+            admin_url: admin_url.clone(),
+            prefix: format!("dqkd_bench_{}", std::process::id()),
+        },
+        None => LocalStore::Embedded,
+    };
+    let cluster = LocalCluster::start(&state, 2, args.port, &store).await?;
+    let result = bench(&cluster, &args, &store).await;
     cluster.shutdown().await;
+    if let LocalStore::Postgres { admin_url, .. } = &store {
+        for kme in ["KME_A", "KME_B"] {
+            if let Err(e) =
+                dqkd_store_postgres::drop_database(admin_url, &store.database(kme)).await
+            {
+                eprintln!("could not drop the bench database of {kme}: {e}");
+            }
+        }
+    }
     result
 }
 
-async fn bench(cluster: &LocalCluster, args: &BenchArgs) -> anyhow::Result<()> {
+async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> anyhow::Result<()> {
+    let store_name = match store {
+        LocalStore::Embedded => "embedded",
+        LocalStore::Postgres { .. } => "postgres",
+    };
     let mut reports = Vec::new();
     if args.status_baseline && args.mode != BenchMode::Status {
         reports.push(phase(cluster, args, BenchMode::Status).await?);
@@ -80,12 +100,13 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs) -> anyhow::Result<()> {
         let phases: Vec<_> = reports.iter().map(|r| r.json(args)).collect();
         let out = serde_json::json!({
             "machine": machine(),
+            "store": store_name,
             "phases": phases,
             "pairs_per_s_over_status_rps_div_3": ratio,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("machine: {}", machine());
+        println!("machine: {}   store: {store_name}", machine());
         for r in &reports {
             r.print(args);
         }

@@ -107,6 +107,41 @@ impl Plan {
     }
 }
 
+/// Where the sites of a local cluster keep their keys.
+pub enum LocalStore {
+    /// One embedded store file per site, in the state folder.
+    Embedded,
+    /// One PostgreSQL database per site, `<prefix>_<kme id>`, on the server of `admin_url`.
+    Postgres {
+        /// A URL whose user may create databases.
+        admin_url: String,
+        /// Database name prefix (lower case, digits, `_`).
+        prefix: String,
+    },
+}
+
+impl LocalStore {
+    /// The database name of site `kme`.
+    pub fn database(&self, kme: &str) -> String {
+        match self {
+            Self::Embedded => String::new(),
+            Self::Postgres { prefix, .. } => format!("{prefix}_{}", kme.to_ascii_lowercase()),
+        }
+    }
+
+    fn url(&self, kme: &str) -> Option<String> {
+        match self {
+            Self::Embedded => None,
+            Self::Postgres { admin_url, .. } => {
+                let base = admin_url
+                    .rsplit_once('/')
+                    .map_or(admin_url.as_str(), |(b, _)| b);
+                Some(format!("{base}/{}", self.database(kme)))
+            }
+        }
+    }
+}
+
 /// A local cluster running in this process.
 pub struct LocalCluster {
     layout: Layout,
@@ -117,11 +152,23 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Makes what is missing under `dir` and starts every server on loopback.
-    pub async fn start(dir: &Path, sites: u8, port: u16) -> anyhow::Result<Self> {
+    pub async fn start(
+        dir: &Path,
+        sites: u8,
+        port: u16,
+        store: &LocalStore,
+    ) -> anyhow::Result<Self> {
         let layout = Layout::new(dir)?;
         let plan = Plan::new(sites, port)?;
         ensure_pki(&layout, &plan)?;
-        write_configs(&layout, &plan)?;
+        if let LocalStore::Postgres { admin_url, .. } = store {
+            for (kme, _) in &plan.sites {
+                dqkd_store_postgres::create_database_if_missing(admin_url, &store.database(kme))
+                    .await
+                    .with_context(|| format!("creating the database of site {kme}"))?;
+            }
+        }
+        write_configs(&layout, &plan, store)?;
 
         let mut entropy = Vec::new();
         for (j, id) in plan.entropy.iter().enumerate() {
@@ -185,7 +232,14 @@ impl LocalCluster {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let cluster = LocalCluster::start(&args.dir, args.sites, args.port).await?;
+    let store = match &args.postgres {
+        Some(admin_url) => LocalStore::Postgres {
+            admin_url: admin_url.clone(),
+            prefix: format!("dqkd_{CLUSTER}"),
+        },
+        None => LocalStore::Embedded,
+    };
+    let cluster = LocalCluster::start(&args.dir, args.sites, args.port, &store).await?;
     let (layout, plan) = (&cluster.layout, &cluster.plan);
     println!();
     println!(
@@ -282,7 +336,7 @@ fn ensure_pki(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_configs(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
+fn write_configs(layout: &Layout, plan: &Plan, store: &LocalStore) -> anyhow::Result<()> {
     use dqkd_pki::Role;
     let manifest = Manifest {
         cluster: CLUSTER.into(),
@@ -326,8 +380,13 @@ fn write_configs(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
             metrics_listen: Some(([127, 0, 0, 1], plan.metrics_port(i)).into()),
             tls: tls(Role::Kme, kme),
             store: StoreFiles {
-                path: Some(layout.rel(&layout.data().join(format!("{kme}.redb")))),
-                url: None,
+                path: match store {
+                    LocalStore::Embedded => {
+                        Some(layout.rel(&layout.data().join(format!("{kme}.redb"))))
+                    }
+                    LocalStore::Postgres { .. } => None,
+                },
+                url: store.url(kme),
                 pool_size: None,
                 kek: layout.rel(&layout.data().join(format!("{kme}.kek"))),
             },

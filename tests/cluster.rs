@@ -328,3 +328,57 @@ async fn kill_9_of_the_master_site_mid_stream_loses_nothing() {
 async fn kill_9_of_the_slave_site_mid_stream_loses_nothing() {
     crash_during_stream("KME_B").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_pair_does_not_fail_other_requests_batched_with_it() {
+    let cluster = Cluster::start_full(
+        &["KME_A", "KME_B"],
+        3,
+        3000,
+        "[limits]\nmax_key_per_request = 8\nmax_key_count = 8\n",
+    );
+    let alice = cluster.client("alice");
+    // Bob never fetches: the pair alice→bob is full at site B.
+    alice
+        .enc_keys(
+            "bob",
+            &KeyRequestBody {
+                number: Some(8),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("fill alice→bob");
+    let mut calls = Vec::new();
+    for i in 0..16 {
+        let client = cluster.client("alice");
+        let slave = if i % 2 == 0 { "bob" } else { "dave" };
+        calls.push(tokio::spawn(async move {
+            (
+                slave,
+                client.enc_keys(slave, &KeyRequestBody::default()).await,
+            )
+        }));
+    }
+    let mut dave_keys = Vec::new();
+    for call in calls {
+        let (slave, result) = call.await.expect("task");
+        match (slave, result) {
+            ("bob", Err(ClientError::Api { status, message })) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+                assert!(message.contains("bob"), "{message}");
+            }
+            ("dave", Ok(keys)) => dave_keys.push(keys.keys[0].clone()),
+            (slave, other) => panic!("{slave}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(dave_keys.len(), 8);
+    let dave = cluster.client("dave");
+    for key in dave_keys {
+        let got = dave
+            .dec_keys("alice", &[key.key_ID.as_str()])
+            .await
+            .expect("dave's key");
+        assert_eq!(got.keys[0].key, key.key);
+    }
+}

@@ -134,6 +134,16 @@ impl Cluster {
     }
 
     pub fn start_with(site_ids: &[&str], entropy_count: usize, timeout_ms: u64) -> Self {
+        Self::start_full(site_ids, entropy_count, timeout_ms, "")
+    }
+
+    /// Like `start_with`, with `extra` TOML (e.g. a `[limits]` table) in the manifest.
+    pub fn start_full(
+        site_ids: &[&str],
+        entropy_count: usize,
+        timeout_ms: u64,
+        extra: &str,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let pki = d.join("pki");
@@ -164,7 +174,7 @@ impl Cluster {
         }
         let entropy_ids: Vec<String> = (1..=entropy_count).map(|j| format!("E{j}")).collect();
         let mut manifest = format!(
-            "cluster = \"test\"\n[peers]\ntimeout_ms = {timeout_ms}\n[keygen]\nn = 3\nc = 1\n"
+            "cluster = \"test\"\n[peers]\ntimeout_ms = {timeout_ms}\n[keygen]\nn = 3\nc = 1\n{extra}\n"
         );
         let mut entropy = Vec::new();
         for id in &entropy_ids {

@@ -100,7 +100,13 @@ async fn peer_deliver(
     let body = body.map_err(body_error)?;
     let request: DeliverRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid deliver message: {e}")))?;
-    Ok(json(&service.peer_deliver(&peer, request).await?))
+    // Run to completion even if the origin hangs up: a cancelled delivery could commit
+    // keys and skip the checks that follow the commit.
+    let task = tokio::spawn(async move { service.peer_deliver(&peer, request).await });
+    let ack = task
+        .await
+        .map_err(|e| ApiError::Internal(format!("delivery task failed: {e}")))??;
+    Ok(json(&ack))
 }
 
 async fn peer_destroy(

@@ -210,15 +210,14 @@ impl KeySource for Blast {
     async fn regenerate(&self, bytes: &[u8]) -> Result<Vec<(Uuid, KeyMaterial)>, KeySourceError> {
         let meta =
             metadata::decode(bytes).map_err(|e| KeySourceError::BadMetadata(e.to_string()))?;
-        let extractor = if (meta.n, meta.c) == (self.n, self.c) {
-            None
-        } else {
-            Some(
-                Extractor::new(meta.n.into(), meta.c.into())
-                    .map_err(|e| KeySourceError::BadMetadata(e.to_string()))?,
-            )
-        };
-        let extractor = extractor.as_ref().unwrap_or(&self.extractor);
+        // A peer must not weaken the cluster's parameters (say n = 1, c = 0: one server).
+        if (meta.n, meta.c) != (self.n, self.c) {
+            return Err(KeySourceError::BadMetadata(format!(
+                "keys made with n = {}, c = {}; this cluster uses n = {}, c = {}",
+                meta.n, meta.c, self.n, self.c
+            )));
+        }
+        let extractor = &self.extractor;
 
         let mut reads = JoinSet::new();
         for (j, range) in meta.ranges.iter().enumerate() {

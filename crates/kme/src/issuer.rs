@@ -177,24 +177,38 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
     metrics::histogram!("dqkd_issue_batch_seconds", "kme" => kme)
         .record(started.elapsed().as_secs_f64());
     match result {
-        Ok(mut keys) => {
+        Ok(keys) => {
             tracing::debug!(
                 requests = jobs.len(),
                 keys = total,
                 micros = started.elapsed().as_micros() as u64,
                 "key batch issued"
             );
+            answer(shared, link, jobs, keys);
+        }
+        // A peer that answered and refused may have refused one request of the batch
+        // (its pair over quota, say): each request is tried alone, so the refusal lands
+        // only where it belongs. An unreachable peer fails everyone alike.
+        Err(BatchError::Refused(_)) if jobs.len() > 1 => {
             for job in jobs {
-                let rest = keys.split_off(job.order.count.min(keys.len()));
-                let mine = std::mem::replace(&mut keys, rest);
-                let _ = job.reply.send(Ok(mine));
+                let single = std::slice::from_ref(&job);
+                match issue_batch(shared, link, single, job.order.count).await {
+                    Ok(keys) => answer(shared, link, vec![job], keys),
+                    Err(e) => {
+                        let _ = job.reply.send(Err(e.into_api()));
+                    }
+                }
             }
         }
         Err(e) => {
+            let e = e.into_api();
+            if let ApiError::Internal(cause) = &e {
+                tracing::error!(%cause, "issuing a key batch failed");
+            }
             let message = e.to_string();
-            let status_kind = matches!(e, ApiError::BadRequest(_));
+            let bad_request = matches!(e, ApiError::BadRequest(_));
             for job in jobs {
-                let error = if status_kind {
+                let error = if bad_request {
                     ApiError::BadRequest(message.clone())
                 } else {
                     ApiError::Unavailable(message.clone())
@@ -205,18 +219,63 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
     }
 }
 
+/// Hands each job its keys, in order. A job whose caller went away (its connection
+/// closed) never gets them: they are destroyed at every site so no one else can.
+fn answer(shared: &Shared, link: &Link, jobs: Vec<Job>, mut keys: Issued) {
+    for job in jobs {
+        let rest = keys.split_off(job.order.count.min(keys.len()));
+        let mine = std::mem::replace(&mut keys, rest);
+        let ids: Vec<Uuid> = mine.iter().map(|(id, _)| *id).collect();
+        if job.reply.send(Ok(mine)).is_err() {
+            tracing::warn!(
+                count = ids.len(),
+                "caller left before its keys were handed over; destroying them"
+            );
+            withdraw(shared, Uuid::new_v4(), &link.remote, &ids);
+            let store = shared.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.destroy(&ids).await {
+                    tracing::warn!(error = %e, "could not destroy keys of a departed caller");
+                }
+            });
+        }
+    }
+}
+
+/// Why a batch failed.
+enum BatchError {
+    /// A peer answered and refused the delivery.
+    Refused(ApiError),
+    /// Anything else: the key source, an unreachable peer, the local store.
+    Other(ApiError),
+}
+
+impl BatchError {
+    fn into_api(self) -> ApiError {
+        match self {
+            Self::Refused(e) | Self::Other(e) => e,
+        }
+    }
+}
+
+impl From<ApiError> for BatchError {
+    fn from(e: ApiError) -> Self {
+        Self::Other(e)
+    }
+}
+
 /// Generates, delivers and stores one batch; returns the keys in job order.
 async fn issue_batch(
     shared: &Shared,
     link: &Link,
     jobs: &[Job],
     total: usize,
-) -> Result<Issued, ApiError> {
+) -> Result<Issued, BatchError> {
     let batch = shared
         .source
         .generate(total, link.len, &link.remote)
         .await
-        .map_err(source_error)?;
+        .map_err(|e| BatchError::Other(source_error(e)))?;
     let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
     let request_id = Uuid::new_v4();
 
@@ -249,7 +308,7 @@ async fn issue_batch(
     if !records.is_empty() {
         if let Err(e) = shared.store.insert(records).await {
             withdraw(shared, request_id, &link.remote, &ids);
-            return Err(e.into());
+            return Err(BatchError::Other(e.into()));
         }
     }
     Ok(batch.keys)
@@ -263,14 +322,14 @@ async fn deliver(
     request_id: Uuid,
     metadata: &[u8],
     ids: &[Uuid],
-) -> Result<(), ApiError> {
+) -> Result<(), BatchError> {
     let encoded = base64::engine::general_purpose::STANDARD.encode(metadata);
     let mut calls = Vec::with_capacity(link.remote.len());
     for site in &link.remote {
         let Some(client) = shared.peers.get(site).cloned() else {
-            return Err(ApiError::Unavailable(format!(
+            return Err(BatchError::Other(ApiError::Unavailable(format!(
                 "site {site:?} has no peer address"
-            )));
+            ))));
         };
         let mut grants = Vec::with_capacity(jobs.len());
         let mut offset = 0;
@@ -311,7 +370,18 @@ async fn deliver(
     let mut failures: Vec<PeerError> = Vec::new();
     for (site, call) in calls {
         match call.await {
-            Ok(Ok(_ack)) => {}
+            // The acknowledgement must be for this request and cover every key.
+            Ok(Ok(ack)) if ack.request_id == request_id && ack.stored == ids.len() => {}
+            Ok(Ok(ack)) => failures.push(PeerError::Refused {
+                site,
+                status: http::StatusCode::OK,
+                message: format!(
+                    "acknowledged request {} with {} keys, expected {request_id} with {}",
+                    ack.request_id,
+                    ack.stored,
+                    ids.len()
+                ),
+            }),
             Ok(Err(e)) => failures.push(e),
             Err(e) => failures.push(PeerError::Unreachable {
                 site,
@@ -324,6 +394,9 @@ async fn deliver(
     }
     // A site that timed out may have stored the keys: withdraw them everywhere.
     withdraw(shared, request_id, &link.remote, ids);
+    let refused = failures
+        .iter()
+        .all(|f| matches!(f, PeerError::Refused { .. }));
     let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
     tracing::warn!(
         target: "dqkd::audit",
@@ -333,7 +406,12 @@ async fn deliver(
         key_ids = ?ids,
         "cross-site key request failed; its keys are destroyed everywhere"
     );
-    Err(ApiError::Unavailable(reasons.join("; ")))
+    let error = ApiError::Unavailable(reasons.join("; "));
+    Err(if refused {
+        BatchError::Refused(error)
+    } else {
+        BatchError::Other(error)
+    })
 }
 
 /// Destroys a failed batch's keys at every peer site, retrying in the background until

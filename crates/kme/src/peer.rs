@@ -91,6 +91,9 @@ pub enum PeerError {
     },
 }
 
+/// Largest peer answer accepted.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
 /// A kept-alive connection pool to one peer site's peer API.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -162,11 +165,11 @@ impl PeerClient {
                 .await
                 .map_err(|e| unreachable(error_chain(&e)))?;
             let status = response.status();
-            let body = response
-                .into_body()
+            // Answers are small JSON; a peer cannot make this site buffer more.
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| unreachable(error_chain(&e)))?
+                .map_err(|e| unreachable(e.to_string()))?
                 .to_bytes();
             Ok::<_, PeerError>((status, body))
         };

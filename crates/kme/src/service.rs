@@ -308,6 +308,7 @@ impl KeyService {
         peer: &VerifiedKme,
         request: DeliverRequest,
     ) -> Result<DeliverAck, ApiError> {
+        let started = std::time::Instant::now();
         match self.remembered(request.request_id) {
             Some(Outcome::Delivered(stored)) => {
                 return Ok(DeliverAck {
@@ -353,6 +354,18 @@ impl KeyService {
             .map_err(source_error)?
             .into_iter()
             .collect();
+        let (min, max) = (
+            self.config.limits.min_key_size as usize / 8,
+            self.config.limits.max_key_size as usize / 8,
+        );
+        if let Some((id, _)) = keys
+            .iter()
+            .find(|(_, k)| !(min..=max).contains(&k.as_bytes().len()))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "key {id} is outside this cluster's key sizes"
+            )));
+        }
         let granted: usize = request.grants.iter().map(|g| g.key_ids.len()).sum();
         let distinct: BTreeSet<&Uuid> = request.grants.iter().flat_map(|g| &g.key_ids).collect();
         if granted != keys.len() || distinct.len() != granted {
@@ -396,6 +409,17 @@ impl KeyService {
         }
         let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
         self.store.insert(records).await?;
+        // The origin gives up after peers.timeout_ms. Keys stored after half of that may
+        // reach it too late to count, so they are withdrawn here rather than left for a
+        // destroy that may already have passed (or gone to another replica).
+        if started.elapsed() > self.config.peer_timeout / 2 {
+            self.store.destroy(&ids).await?;
+            return Err(ApiError::Unavailable(format!(
+                "regenerating request {} took {:?}, too long for the origin to wait",
+                request.request_id,
+                started.elapsed()
+            )));
+        }
         // A destroy for this request may have overtaken it while the keys were being
         // regenerated; it marked the request first, so checking after the insert closes
         // the race (either we see the mark, or its destroy runs after our insert).
