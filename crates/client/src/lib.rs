@@ -109,12 +109,14 @@ impl Client {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
-        // The connector sets ALPN itself from the HTTP versions it enables.
+        // The connector sets ALPN itself from the HTTP versions it enables. HTTP/1.1 with
+        // a pool of kept-alive connections: for small request/response pairs it costs less
+        // CPU than HTTP/2 on both ends (dqkd bench: about twice the status calls per second).
         tls.alpn_protocols.clear();
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
-            .enable_all_versions()
+            .enable_http1()
             .wrap_connector(http);
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
