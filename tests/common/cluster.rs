@@ -120,12 +120,16 @@ pub struct Cluster {
 }
 
 /// A free port on 127.0.0.1 (released before use: the manifest must name peer ports).
+///
+/// Chosen at random below the kernel's ephemeral range (32768 and up), so that the many
+/// outgoing connections of parallel tests cannot take it between release and use.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    loop {
+        let port = 15_000 + (uuid::Uuid::new_v4().as_u128() % 17_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Cluster {

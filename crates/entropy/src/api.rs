@@ -32,11 +32,7 @@ use crate::{HEADER_EXPIRES_AT, HEADER_OFFSET, HEADER_POOL_ID, HEADER_SERVER_ID};
 /// Largest request body accepted: an allocation request with 16 readers is far smaller.
 pub const MAX_BODY_BYTES: usize = 4 * 1024;
 
-/// The identity a connection's client certificate proved, inserted into every request's
-/// extensions by the server before routing. `None`: a CA-signed certificate without a
-/// dqkd identity of this cluster.
-#[derive(Debug, Clone)]
-pub struct PeerIdentity(pub Option<Arc<dqkd_pki::Identity>>);
+pub use dqkd_net::PeerIdentity;
 
 /// Builds the router; the server adds the TLS identity, tests may add it themselves.
 pub fn router(service: Arc<EntropyService>) -> Router {

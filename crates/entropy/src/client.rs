@@ -11,9 +11,6 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
 use zeroize::Zeroizing;
 
 use crate::pool::PoolId;
@@ -131,7 +128,7 @@ impl std::fmt::Debug for Allocation {
 pub struct EntropyClient {
     base: String,
     server_id: String,
-    http: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: dqkd_net::HttpsClient,
     timeout: Duration,
 }
 
@@ -151,7 +148,7 @@ impl EntropyClient {
     pub fn new(
         base_url: &str,
         server_id: &str,
-        mut tls: rustls::ClientConfig,
+        tls: rustls::ClientConfig,
     ) -> Result<Self, EntropyError> {
         let bad = |reason: &str| EntropyError::BadUrl {
             url: base_url.to_owned(),
@@ -164,20 +161,7 @@ impl EntropyClient {
         if uri.host().is_none() {
             return Err(bad("no host"));
         }
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        // hyper-rustls sets ALPN itself from the HTTP versions it enables (and asserts
-        // that the config has none).
-        tls.alpn_protocols.clear();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_all_versions()
-            .wrap_connector(http);
-        let http = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let http = dqkd_net::https_client(tls, dqkd_net::Versions::Any, Some(DEFAULT_TIMEOUT));
         Ok(Self {
             base: base_url.trim_end_matches('/').to_owned(),
             server_id: server_id.to_owned(),
@@ -318,7 +302,7 @@ impl EntropyClient {
                     .await
                     .map_err(|e| EntropyError::Unreachable {
                         server_id: self.server_id.clone(),
-                        reason: error_chain(&e),
+                        reason: dqkd_net::error_chain(&e),
                     })?;
             let status = response.status();
             if status == StatusCode::OK {
@@ -404,20 +388,9 @@ impl EntropyClient {
     fn unreachable(&self, error: &dyn std::error::Error) -> EntropyError {
         EntropyError::Unreachable {
             server_id: self.server_id.clone(),
-            reason: error_chain(error),
+            reason: dqkd_net::error_chain(error),
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

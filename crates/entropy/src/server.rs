@@ -7,26 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt as _;
 
-use crate::api::{router, PeerIdentity};
+use crate::api::router;
 use crate::config::Config;
 use crate::service::EntropyService;
 use crate::source::{EntropySource, SourceError};
 
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for open requests before closing connections.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often expired pools are looked for. Reads check expiry themselves, so this only
 /// bounds how long expired bytes stay in memory.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -90,7 +80,13 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
 pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serving, ServeError> {
     let tls = dqkd_pki::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
         .map_err(|e| ServeError::Tls(e.to_string()))?;
-    check_own_certificate(&config)?;
+    dqkd_net::check_own_certificate(
+        &config.tls.cert,
+        &config.cluster,
+        dqkd_pki::Role::Entropy,
+        &config.server_id,
+    )
+    .map_err(ServeError::Tls)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind(config.listen)
         .await
@@ -111,7 +107,7 @@ pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serv
     let app = router(service.clone());
     let cluster: Arc<str> = config.cluster.as_str().into();
     let task = tokio::spawn(async move {
-        accept_loop(listener, acceptor, app, cluster, stopped).await;
+        dqkd_net::serve_mtls(listener, acceptor, app, cluster, stopped).await;
         let _ = sweeper.await;
     });
     if config.insecure_corrupt_reads {
@@ -134,101 +130,6 @@ pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serv
         stop,
         task,
     })
-}
-
-/// The configured certificate must be this server's entropy identity, or KMEs would be
-/// drawing randomness from a server that cannot prove which one it is.
-fn check_own_certificate(config: &Config) -> Result<(), ServeError> {
-    let chain =
-        dqkd_pki::load_certs(&config.tls.cert).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let leaf = chain.first().ok_or_else(|| {
-        ServeError::Tls(format!(
-            "{} holds no certificate",
-            config.tls.cert.display()
-        ))
-    })?;
-    let identity = dqkd_pki::Identity::from_certificate(leaf.as_ref(), &config.cluster)
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", config.tls.cert.display())))?;
-    if identity.role() != dqkd_pki::Role::Entropy || identity.id() != config.server_id {
-        return Err(ServeError::Tls(format!(
-            "{} is the certificate of {}, not of entropy server {:?}",
-            config.tls.cert.display(),
-            identity.uri(),
-            config.server_id
-        )));
-    }
-    Ok(())
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    app: Router,
-    cluster: Arc<str>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let cluster = cluster.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let identity = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| {
-                    dqkd_pki::Identity::from_certificate(leaf.as_ref(), &cluster)
-                        .map_err(|e| tracing::debug!(%remote, error = %e, "no dqkd identity"))
-                        .ok()
-                })
-                .map(Arc::new);
-            let peer = PeerIdentity(identity);
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(peer.clone());
-                    app.clone().oneshot(request)
-                });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain timeout; closing them");
-    }
 }
 
 async fn sweep_loop(service: Arc<EntropyService>, mut stopped: watch::Receiver<bool>) {

@@ -27,11 +27,7 @@ use crate::ApiError;
 /// smaller; anything larger is refused before it is buffered.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
-/// The identity a connection's client certificate proved, inserted into every request's
-/// extensions by the server before routing. `None`: a CA-signed certificate without a
-/// dqkd identity.
-#[derive(Debug, Clone)]
-pub struct PeerIdentity(pub Option<Arc<dqkd_pki::Identity>>);
+pub use dqkd_net::PeerIdentity;
 
 /// Builds the router; the server adds the TLS identity, tests may add it themselves.
 pub fn router(service: Arc<KeyService>) -> Router {

@@ -11,9 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -99,30 +96,18 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 pub struct PeerClient {
     site: String,
     base: String,
-    http: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: dqkd_net::HttpsClient,
     timeout: Duration,
 }
 
 impl PeerClient {
     /// A client for site `site` at `addr` (`host:port`), authenticating with this KME's
     /// certificate in `tls`.
-    pub fn new(site: &str, addr: &str, mut tls: rustls::ClientConfig, timeout: Duration) -> Self {
-        tls.alpn_protocols.clear();
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_all_versions()
-            .wrap_connector(http);
+    pub fn new(site: &str, addr: &str, tls: rustls::ClientConfig, timeout: Duration) -> Self {
         Self {
             site: site.to_owned(),
             base: format!("https://{addr}"),
-            http: HyperClient::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .build(connector),
+            http: dqkd_net::https_client(tls, dqkd_net::Versions::Any, Some(timeout)),
             timeout,
         }
     }
@@ -163,7 +148,7 @@ impl PeerClient {
                 .http
                 .request(request)
                 .await
-                .map_err(|e| unreachable(error_chain(&e)))?;
+                .map_err(|e| unreachable(dqkd_net::error_chain(&e)))?;
             let status = response.status();
             // Answers are small JSON; a peer cannot make this site buffer more.
             let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
@@ -192,15 +177,4 @@ impl PeerClient {
             message: format!("unreadable answer: {e}"),
         })
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -5,31 +5,19 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Router;
 use dqkd_store::{EmbeddedStore, Kek, KeyStore};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt as _;
 
-use crate::api::{peer_router, router, PeerIdentity};
+use crate::api::{peer_router, router};
 use crate::blast::Blast;
 use crate::config::{Config, StoreLocation};
 use crate::keysource::{KeySource, OsRandom};
 use crate::peer::PeerClient;
 use crate::service::KeyService;
-
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for open requests before closing connections.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the KME could not start.
 #[derive(Debug, thiserror::Error)]
@@ -182,7 +170,13 @@ pub async fn run_with(
 ) -> Result<Serving, ServeError> {
     let tls = dqkd_pki::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
         .map_err(|e| ServeError::Tls(e.to_string()))?;
-    check_own_certificate(&config)?;
+    dqkd_net::check_own_certificate(
+        &config.tls.cert,
+        &config.cluster,
+        dqkd_pki::Role::Kme,
+        &config.kme_id,
+    )
+    .map_err(ServeError::Tls)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind(config.api_listen)
         .await
@@ -227,7 +221,7 @@ pub async fn run_with(
     let purge = tokio::spawn(purge_loop(service.clone(), stopped.clone()));
     let cluster: Arc<str> = config.cluster.as_str().into();
     let peer_task = peer_listener.map(|listener| {
-        tokio::spawn(accept_loop(
+        tokio::spawn(dqkd_net::serve_mtls(
             listener,
             acceptor.clone(),
             peer_router(service.clone()),
@@ -239,7 +233,7 @@ pub async fn run_with(
         .map(|listener| tokio::spawn(crate::telemetry::serve(listener, stopped.clone())));
     let app = router(service);
     let task = tokio::spawn(async move {
-        accept_loop(listener, acceptor, app, cluster, stopped).await;
+        dqkd_net::serve_mtls(listener, acceptor, app, cluster, stopped).await;
         if let Some(peer_task) = peer_task {
             let _ = peer_task.await;
         }
@@ -262,101 +256,6 @@ pub async fn run_with(
         stop,
         task,
     })
-}
-
-/// The configured certificate must be this site's KME identity, or SAEs would be talking
-/// to a server that cannot prove which site it is.
-fn check_own_certificate(config: &Config) -> Result<(), ServeError> {
-    let chain =
-        dqkd_pki::load_certs(&config.tls.cert).map_err(|e| ServeError::Tls(e.to_string()))?;
-    let leaf = chain.first().ok_or_else(|| {
-        ServeError::Tls(format!(
-            "{} holds no certificate",
-            config.tls.cert.display()
-        ))
-    })?;
-    let identity = dqkd_pki::Identity::from_certificate(leaf.as_ref(), &config.cluster)
-        .map_err(|e| ServeError::Tls(format!("{}: {e}", config.tls.cert.display())))?;
-    if identity.role() != dqkd_pki::Role::Kme || identity.id() != config.kme_id {
-        return Err(ServeError::Tls(format!(
-            "{} is the certificate of {}, not of KME {:?}",
-            config.tls.cert.display(),
-            identity.uri(),
-            config.kme_id
-        )));
-    }
-    Ok(())
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    app: Router,
-    cluster: Arc<str>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, remote) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        let cluster = cluster.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%remote, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let identity = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| {
-                    dqkd_pki::Identity::from_certificate(leaf.as_ref(), &cluster)
-                        .map_err(|e| tracing::debug!(%remote, error = %e, "no dqkd identity"))
-                        .ok()
-                })
-                .map(Arc::new);
-            let peer = PeerIdentity(identity);
-            let service =
-                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(peer.clone());
-                    app.clone().oneshot(request)
-                });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after the drain timeout; closing them");
-    }
 }
 
 async fn purge_loop(service: Arc<KeyService>, mut stopped: watch::Receiver<bool>) {

@@ -1,0 +1,214 @@
+//! The mutual-TLS plumbing shared by every dqkd server (KME, entropy server) and client.
+//!
+//! Servers: [`serve_mtls`] accepts connections, runs each TLS handshake on its own task (a
+//! slow client never stalls the accept loop), learns the caller's [`PeerIdentity`] from its
+//! certificate, and serves HTTP/1.1 or HTTP/2 with an axum router until told to stop.
+//! [`check_own_certificate`] makes a server refuse to start with someone else's certificate.
+//!
+//! Clients: [`https_client`] builds a pooled hyper client over a given rustls
+//! configuration (the caller's certificate and the cluster CA), and [`error_chain`] turns
+//! nested transport errors into one readable line.
+
+#![forbid(unsafe_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
+
+/// How long a client may take to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for open requests before closing connections.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The identity a connection's client certificate proved, inserted into every request's
+/// extensions before routing. `None`: a CA-signed certificate without a dqkd identity.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Option<Arc<dqkd_pki::Identity>>);
+
+/// Serves `app` on `listener` over mutual TLS until `stopped` changes, then stops
+/// accepting and lets open requests finish for up to [`DRAIN_TIMEOUT`].
+pub async fn serve_mtls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    cluster: Arc<str>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let cluster = cluster.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| {
+                    dqkd_pki::Identity::from_certificate(leaf.as_ref(), &cluster)
+                        .map_err(|e| tracing::debug!(%remote, error = %e, "no dqkd identity"))
+                        .ok()
+                })
+                .map(Arc::new);
+            let peer = PeerIdentity(identity);
+            let service =
+                hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                    request.extensions_mut().insert(peer.clone());
+                    app.clone().oneshot(request)
+                });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain timeout; closing them");
+    }
+}
+
+/// Checks that the certificate chain in `cert` is `role`/`id` of `cluster`, so a server
+/// never starts with a certificate that cannot prove which server it is.
+pub fn check_own_certificate(
+    cert: &Path,
+    cluster: &str,
+    role: dqkd_pki::Role,
+    id: &str,
+) -> Result<(), String> {
+    let chain = dqkd_pki::load_certs(cert).map_err(|e| e.to_string())?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| format!("{} holds no certificate", cert.display()))?;
+    let identity = dqkd_pki::Identity::from_certificate(leaf.as_ref(), cluster)
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if identity.role() != role || identity.id() != id {
+        return Err(format!(
+            "{} is the certificate of {}, not of {} {id:?}",
+            cert.display(),
+            identity.uri(),
+            role.as_str()
+        ));
+    }
+    Ok(())
+}
+
+/// A pooled HTTPS client over `tls` (which carries the caller's certificate).
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Which HTTP versions a client offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Versions {
+    /// HTTP/1.1 only, one kept-alive connection per request in flight: the least CPU per
+    /// small request (an SAE with its own connections).
+    Http1,
+    /// HTTP/2 when the server offers it: many requests over one connection (KME-to-KME and
+    /// KME-to-entropy traffic).
+    Any,
+}
+
+/// Builds a pooled HTTPS client. `connect_timeout` bounds the TCP connect.
+pub fn https_client(
+    mut tls: rustls::ClientConfig,
+    versions: Versions,
+    connect_timeout: Option<Duration>,
+) -> HttpsClient {
+    // The connector sets ALPN itself from the versions it enables (and insists on it).
+    tls.alpn_protocols.clear();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(connect_timeout);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = match versions {
+        Versions::Http1 => builder.enable_http1().wrap_connector(http),
+        Versions::Any => builder.enable_all_versions().wrap_connector(http),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
+}
+
+/// An error and all its sources, as one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("request failed")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        let e = Outer(std::io::Error::other("connection refused"));
+        assert_eq!(error_chain(&e), "request failed: connection refused");
+    }
+}
