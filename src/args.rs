@@ -208,9 +208,13 @@ pub struct UpArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// The state folder `dqkd up` runs from.
+    /// The state folder `dqkd up` runs from. When no cluster answers there, the demo
+    /// starts a throwaway one of its own.
     #[arg(long, default_value = "dqkd-local")]
     pub dir: PathBuf,
+    /// Base port of the throwaway cluster (see `dqkd up --port`).
+    #[arg(long, default_value_t = 38443)]
+    pub port: u16,
 }
 
 #[derive(Debug, Args)]

@@ -280,15 +280,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
 /// `dqkd demo`: the Alice→Bob flow against a cluster that `dqkd up` is running.
 pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
-    let layout = Layout::new(&args.dir)?;
-    let text = std::fs::read_to_string(layout.manifest()).with_context(|| {
-        format!(
-            "reading {}: start the cluster first with `dqkd up --dir {}`",
-            layout.manifest().display(),
-            args.dir.display()
-        )
-    })?;
-    let manifest: Manifest = toml::from_str(&text)?;
+    if let Some((layout, plan)) = running_cluster(&args.dir)? {
+        match demo(&layout, &plan).await {
+            Ok(()) => return Ok(()),
+            Err(e) if is_unreachable(&e) => {
+                println!("no cluster answers at {}; starting one", args.dir.display());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // Nothing running there: a throwaway cluster of our own, on ports of its own.
+    let dir = tempfile::tempdir().context("creating a temporary state folder")?;
+    let cluster = LocalCluster::start(dir.path(), 2, args.port, &LocalStore::Embedded).await?;
+    let result = demo(&cluster.layout, &cluster.plan).await;
+    cluster.shutdown().await;
+    result
+}
+
+/// The layout and plan of the cluster `dqkd up` wrote under `dir`, if it wrote one.
+fn running_cluster(dir: &Path) -> anyhow::Result<Option<(Layout, Plan)>> {
+    let manifest_path = dir.join("cluster.toml");
+    let Ok(text) = std::fs::read_to_string(&manifest_path) else {
+        return Ok(None);
+    };
+    let manifest: Manifest =
+        toml::from_str(&text).with_context(|| format!("reading {}", manifest_path.display()))?;
     anyhow::ensure!(
         manifest.sites.len() >= 2,
         "the demo needs a cluster of at least two sites"
@@ -300,7 +316,17 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         .and_then(|p| p.parse().ok())
         .context("reading site A's port from the manifest")?;
     let plan = Plan::new(manifest.sites.len() as u8, port)?;
-    demo(&layout, &plan).await
+    Ok(Some((Layout::new(dir)?, plan)))
+}
+
+/// Whether the demo failed because nothing answered (rather than a wrong answer).
+fn is_unreachable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<dqkd_client::ClientError>(),
+            Some(dqkd_client::ClientError::Transport(_) | dqkd_client::ClientError::Timeout(_))
+        )
+    })
 }
 
 fn ensure_pki(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {

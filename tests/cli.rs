@@ -1,0 +1,87 @@
+//! The command line as a user meets it: `dqkd demo`, `dqkd pki` refusals, `dqkd keys`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{dqkd, path_str, Site, BIN};
+
+#[test]
+fn demo_starts_its_own_cluster_when_none_is_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A base port below the ephemeral range, unlikely to be in use by another test.
+    let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 5_000) as u16;
+    let out = Command::new(BIN)
+        .args(["demo", "--dir"])
+        .arg(dir.path().join("nothing-here"))
+        .args(["--port", &port.to_string()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run dqkd demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("→ the same key").count(), 2, "{text}");
+}
+
+#[test]
+fn pki_never_overwrites_silently() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = dir.path().join("pki");
+    dqkd(&["pki", "init", "--cluster", "c1", "--out", path_str(&pki)]);
+    let again = Command::new(BIN)
+        .args(["pki", "init", "--cluster", "c1", "--out", path_str(&pki)])
+        .output()
+        .expect("run");
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("--force"), "{err}");
+    dqkd(&[
+        "pki",
+        "init",
+        "--cluster",
+        "c1",
+        "--out",
+        path_str(&pki),
+        "--force",
+    ]);
+
+    let kek = dir.path().join("site.kek");
+    dqkd(&["pki", "kek", "--out", path_str(&kek)]);
+    let again = Command::new(BIN)
+        .args(["pki", "kek", "--out", path_str(&kek)])
+        .output()
+        .expect("run");
+    assert!(!again.status.success(), "a second KEK overwrote the first");
+}
+
+#[test]
+fn keys_prints_what_the_kme_sent_and_fails_on_errors() {
+    let site = Site::start();
+    let ca = site.ca();
+    let alice = site.path("pki/sae/alice.combined.pem");
+    let base = [
+        "keys",
+        "--kme",
+        &site.url,
+        "--ca",
+        path_str(&ca),
+        "--identity",
+        path_str(&alice),
+    ];
+    let enc = dqkd(&[&base[..], &["enc", "bob", "--number", "2"]].concat());
+    let json: serde_json::Value = serde_json::from_str(enc.trim()).expect("JSON on stdout");
+    assert_eq!(json["keys"].as_array().map(Vec::len), Some(2));
+
+    let bad = Command::new(BIN)
+        .args([&base[..], &["enc", "bob", "--size", "12"]].concat())
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(1));
+    let body: serde_json::Value =
+        serde_json::from_slice(&bad.stdout).expect("the error body on stdout");
+    assert_eq!(body["message"], "size shall be a multiple of 8");
+}
