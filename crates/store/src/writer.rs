@@ -59,7 +59,12 @@ pub(crate) struct Stats {
 enum Delta {
     Add(KeyMeta),
     Remove(KeyMeta),
-    Taken { master: String, slave: String },
+    Taken {
+        master: String,
+        slave: String,
+    },
+    /// A write that changes no count (a corrupt record removed): the batch must still commit.
+    Wrote,
 }
 
 /// The result of one operation, held until the commit decides whether it stands.
@@ -191,6 +196,7 @@ fn process(db: &Database, cipher: &Cipher, batch: Vec<Request>, pending: &Mutex<
                     Delta::Add(meta) => counts.add_key(meta),
                     Delta::Remove(meta) => counts.remove_key(meta),
                     Delta::Taken { master, slave } => counts.sub(master, slave, 1),
+                    Delta::Wrote => {}
                 }
             }
             drop(counts);
@@ -444,7 +450,10 @@ fn destroy(
         count += 1;
         match Record::decode(raw.value()) {
             Ok(record) => deltas.push(Delta::Remove(record.meta)),
-            Err(reason) => tracing::warn!(key_id = %id, %reason, "destroyed a corrupt key record"),
+            Err(reason) => {
+                tracing::warn!(key_id = %id, %reason, "destroyed a corrupt key record");
+                deltas.push(Delta::Wrote);
+            }
         }
     }
     Ok(count)
