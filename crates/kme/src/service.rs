@@ -71,11 +71,12 @@ pub struct KeyService {
     delivered: Mutex<Remembered>,
 }
 
-/// Deliver requests this site completed or had withdrawn, oldest first, bounded.
+/// Deliver requests this site completed or had withdrawn, oldest first, bounded. Keyed
+/// by the requesting site too, so one peer cannot touch another's requests.
 #[derive(Default)]
 struct Remembered {
-    order: VecDeque<Uuid>,
-    outcomes: HashMap<Uuid, Outcome>,
+    order: VecDeque<(String, Uuid)>,
+    outcomes: HashMap<(String, Uuid), Outcome>,
 }
 
 /// What became of a deliver request.
@@ -309,7 +310,7 @@ impl KeyService {
         request: DeliverRequest,
     ) -> Result<DeliverAck, ApiError> {
         let started = std::time::Instant::now();
-        match self.remembered(request.request_id) {
+        match self.remembered(peer, request.request_id) {
             Some(Outcome::Delivered(stored)) => {
                 return Ok(DeliverAck {
                     request_id: request.request_id,
@@ -423,14 +424,14 @@ impl KeyService {
         // A destroy for this request may have overtaken it while the keys were being
         // regenerated; it marked the request first, so checking after the insert closes
         // the race (either we see the mark, or its destroy runs after our insert).
-        if self.remembered(request.request_id) == Some(Outcome::Withdrawn) {
+        if self.remembered(peer, request.request_id) == Some(Outcome::Withdrawn) {
             self.store.destroy(&ids).await?;
             return Err(ApiError::BadRequest(format!(
                 "request {} was withdrawn by its origin",
                 request.request_id
             )));
         }
-        self.remember(request.request_id, Outcome::Delivered(granted));
+        self.remember(peer, request.request_id, Outcome::Delivered(granted));
         tracing::info!(
             target: "dqkd::audit",
             event = "keys_regenerated",
@@ -450,7 +451,7 @@ impl KeyService {
         peer: &VerifiedKme,
         request: DestroyRequest,
     ) -> Result<DestroyAck, ApiError> {
-        self.remember(request.request_id, Outcome::Withdrawn);
+        self.remember(peer, request.request_id, Outcome::Withdrawn);
         let destroyed = self.store.destroy(&request.key_ids).await?;
         tracing::info!(
             target: "dqkd::audit",
@@ -468,21 +469,25 @@ impl KeyService {
         Ok(self.store.purge_expired(unix_now()).await?)
     }
 
-    fn remembered(&self, request_id: Uuid) -> Option<Outcome> {
+    fn remembered(&self, peer: &VerifiedKme, request_id: Uuid) -> Option<Outcome> {
         let guard = self
             .delivered
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        guard.outcomes.get(&request_id).copied()
+        guard
+            .outcomes
+            .get(&(peer.id().to_owned(), request_id))
+            .copied()
     }
 
-    fn remember(&self, request_id: Uuid, outcome: Outcome) {
+    fn remember(&self, peer: &VerifiedKme, request_id: Uuid, outcome: Outcome) {
+        let key = (peer.id().to_owned(), request_id);
         let mut guard = self
             .delivered
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if guard.outcomes.insert(request_id, outcome).is_none() {
-            guard.order.push_back(request_id);
+        if guard.outcomes.insert(key.clone(), outcome).is_none() {
+            guard.order.push_back(key);
         }
         while guard.order.len() > REMEMBERED_REQUESTS {
             if let Some(old) = guard.order.pop_front() {

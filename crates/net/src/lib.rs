@@ -127,11 +127,15 @@ pub fn check_own_certificate(
     let identity = dqkd_pki::Identity::from_certificate(leaf.as_ref(), cluster)
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     if identity.role() != role || identity.id() != id {
+        let what = match role {
+            dqkd_pki::Role::Kme => "KME",
+            dqkd_pki::Role::Sae => "SAE",
+            dqkd_pki::Role::Entropy => "entropy server",
+        };
         return Err(format!(
-            "{} is the certificate of {}, not of {} {id:?}",
+            "{} is the certificate of {}, not of {what} {id:?}",
             cert.display(),
             identity.uri(),
-            role.as_str()
         ));
     }
     Ok(())
