@@ -9,8 +9,10 @@ use common::{dqkd, path_str, Site, BIN};
 #[test]
 fn demo_starts_its_own_cluster_when_none_is_running() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // A base port below the ephemeral range, unlikely to be in use by another test.
-    let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 5_000) as u16;
+    // The demo's cluster uses fixed offsets from its base port (up to +302); this range
+    // stays clear of the one the other fixtures draw ports from (15000 and up) and of
+    // the kernel's ephemeral ports.
+    let port = 10_000 + (uuid::Uuid::new_v4().as_u128() % 4_500) as u16;
     let out = Command::new(BIN)
         .args(["demo", "--dir"])
         .arg(dir.path().join("nothing-here"))
