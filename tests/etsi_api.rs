@@ -688,5 +688,15 @@ async fn metrics_count_requests_by_call_and_code() {
     if common::postgres_backend().is_none() {
         assert!(text.contains("dqkd_store_commit_seconds_bucket"), "{text}");
     }
+    for probe in ["health", "ready"] {
+        let url = site.metrics_url.replace("/metrics", &format!("/{probe}"));
+        let out = std::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--fail", &url])
+            .output()
+            .expect("curl the probe");
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe JSON");
+        assert_eq!(body["status"], "ok", "{probe}");
+        assert_eq!(body["kme_id"], "KME_A", "{probe}");
+    }
     assert!(text.contains("dqkd_issue_batch_keys_bucket"), "{text}");
 }

@@ -229,8 +229,13 @@ pub async fn run_with(
             stopped.clone(),
         ))
     });
-    let metrics_task = metrics_listener
-        .map(|listener| tokio::spawn(crate::telemetry::serve(listener, stopped.clone())));
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(crate::telemetry::serve(
+            listener,
+            config.kme_id.clone(),
+            stopped.clone(),
+        ))
+    });
     let app = router(service);
     let task = tokio::spawn(async move {
         dqkd_net::serve_mtls(listener, acceptor, app, cluster, stopped).await;

@@ -44,20 +44,37 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Serves `GET /metrics` (plain HTTP, Prometheus text format) until `stopped` changes.
-pub async fn serve(listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+/// Serves, in plain HTTP until `stopped` changes: `GET /metrics` (Prometheus text
+/// format), and `GET /health` and `GET /ready` for orchestrators' probes. The listener
+/// only starts once the store is open and the APIs are bound, so both answer 200 from then
+/// on; a process that cannot serve does not answer at all.
+pub async fn serve(listener: TcpListener, kme_id: String, mut stopped: watch::Receiver<bool>) {
     let handle = handle();
-    let app = Router::new().route(
-        "/metrics",
-        get(move || async move {
-            let mut response = handle.render().into_response();
+    let probe = move || {
+        let body = format!(r#"{{"status":"ok","kme_id":{kme_id:?}}}"#);
+        async move {
+            let mut response = body.into_response();
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
+                HeaderValue::from_static("application/json"),
             );
             response
-        }),
-    );
+        }
+    };
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                let mut response = handle.render().into_response();
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            }),
+        )
+        .route("/health", get(probe.clone()))
+        .route("/ready", get(probe));
     let shutdown = async move {
         let _ = stopped.changed().await;
     };
