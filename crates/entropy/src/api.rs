@@ -52,10 +52,7 @@ pub fn router(service: Arc<EntropyService>) -> Router {
 }
 
 fn identity(parts: &Parts) -> Option<&dqkd_pki::Identity> {
-    parts
-        .extensions
-        .get::<PeerIdentity>()
-        .and_then(|p| p.0.as_deref())
+    PeerIdentity::of(&parts.extensions)
 }
 
 /// The caller, proven by its certificate to be a KME of the cluster.

@@ -80,11 +80,9 @@ impl FromRequestParts<Arc<KeyService>> for PeerKme {
         parts: &mut Parts,
         service: &Arc<KeyService>,
     ) -> Result<Self, Self::Rejection> {
-        let identity = parts
-            .extensions
-            .get::<PeerIdentity>()
-            .and_then(|p| p.0.as_deref());
-        service.verify_kme(identity).map(PeerKme)
+        service
+            .verify_kme(PeerIdentity::of(&parts.extensions))
+            .map(PeerKme)
     }
 }
 
@@ -130,11 +128,9 @@ impl FromRequestParts<Arc<KeyService>> for Caller {
         parts: &mut Parts,
         service: &Arc<KeyService>,
     ) -> Result<Self, Self::Rejection> {
-        let identity = parts
-            .extensions
-            .get::<PeerIdentity>()
-            .and_then(|p| p.0.as_deref());
-        service.verify_sae(identity).map(Caller)
+        service
+            .verify_sae(PeerIdentity::of(&parts.extensions))
+            .map(Caller)
     }
 }
 

@@ -39,6 +39,13 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct PeerIdentity(pub Option<Arc<dqkd_pki::Identity>>);
 
+impl PeerIdentity {
+    /// The caller's identity as [`serve_mtls`] recorded it in a request's extensions.
+    pub fn of(extensions: &axum::http::Extensions) -> Option<&dqkd_pki::Identity> {
+        extensions.get::<Self>().and_then(|p| p.0.as_deref())
+    }
+}
+
 /// Serves `app` on `listener` over mutual TLS until `stopped` changes, then stops
 /// accepting and lets open requests finish for up to [`DRAIN_TIMEOUT`].
 pub async fn serve_mtls(
