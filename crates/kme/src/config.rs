@@ -136,6 +136,10 @@ pub struct KeyLife {
     /// (the mission's "retrieve the key from either site"). `false` means "deliver once":
     /// the master gets a key only in its enc_keys answer. Slaves always get a key once.
     pub master_refetch: bool,
+    /// Seconds the master's own copy is kept for such a fetch when no SAE of its site is a
+    /// slave (at most `ttl_secs`). Short by default: most masters never fetch again, and
+    /// every copy kept is a key at rest.
+    pub master_refetch_secs: u64,
 }
 
 impl Default for KeyLife {
@@ -144,6 +148,7 @@ impl Default for KeyLife {
             ttl_secs: 3600,
             purge_interval_secs: 10,
             master_refetch: true,
+            master_refetch_secs: 300,
         }
     }
 }
@@ -309,6 +314,8 @@ pub struct Config {
     pub peer_timeout: Duration,
     /// Whether masters may fetch their keys again (see [`KeyLife::master_refetch`]).
     pub master_refetch: bool,
+    /// How long the master's own copy is kept (see [`KeyLife::master_refetch_secs`]).
+    pub master_refetch_window: Duration,
     /// Limits from the manifest.
     pub limits: ManifestLimits,
     /// How long undelivered keys live.
@@ -355,9 +362,13 @@ impl Config {
             )));
         }
         check_limits(&manifest.limits).map_err(invalid)?;
-        if manifest.keys.ttl_secs == 0 || manifest.keys.purge_interval_secs == 0 {
+        if manifest.keys.ttl_secs == 0
+            || manifest.keys.purge_interval_secs == 0
+            || manifest.keys.master_refetch_secs == 0
+        {
             return Err(invalid(
-                "keys.ttl_secs and keys.purge_interval_secs must be at least 1".into(),
+                "keys.ttl_secs, keys.purge_interval_secs and keys.master_refetch_secs must be at least 1"
+                    .into(),
             ));
         }
         if manifest.sites.is_empty() {
@@ -467,6 +478,12 @@ impl Config {
             entropy: manifest.entropy,
             peer_timeout: Duration::from_millis(manifest.peers.timeout_ms),
             master_refetch: manifest.keys.master_refetch,
+            master_refetch_window: Duration::from_secs(
+                manifest
+                    .keys
+                    .master_refetch_secs
+                    .min(manifest.keys.ttl_secs),
+            ),
             limits: manifest.limits,
             key_ttl: Duration::from_secs(manifest.keys.ttl_secs),
             purge_interval: Duration::from_secs(manifest.keys.purge_interval_secs),

@@ -286,7 +286,9 @@ async fn issue_batch(
         deliver(shared, link, jobs, request_id, metadata, &ids).await?;
     }
 
-    let expires_at = unix_now().saturating_add(shared.config.key_ttl.as_secs());
+    let now = unix_now();
+    let ttl_expiry = now.saturating_add(shared.config.key_ttl.as_secs());
+    let refetch_expiry = now.saturating_add(shared.config.master_refetch_window.as_secs());
     let mut records = Vec::new();
     let mut offset = 0;
     for job in jobs {
@@ -295,6 +297,12 @@ async fn issue_batch(
         if job.order.local.is_empty() {
             continue;
         }
+        // Only the master's own copy: keep it for the (shorter) refetch window.
+        let expires_at = if job.order.local.iter().all(|s| *s == job.order.master) {
+            refetch_expiry
+        } else {
+            ttl_expiry
+        };
         for (id, material) in keys {
             records.push(NewKey {
                 id: *id,

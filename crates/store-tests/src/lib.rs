@@ -5,7 +5,7 @@
 //! Each case is a plain async function taking a fresh, empty store. [`suite!`] turns them into
 //! one `#[tokio::test]` each for a store built by an async maker:
 //!
-//! ```ignore
+//! ```text
 //! async fn memory() -> Option<(Arc<dyn KeyStore>, ())> {
 //!     Some((Arc::new(MemoryStore::new()), ()))
 //! }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -43,6 +43,8 @@ pub struct CommitStats {
 /// `Durability::Immediate`; a take that returned can never deliver the same key to the same
 /// slave again, even after `kill -9`.
 pub struct EmbeddedStore {
+    /// Shared with the writer; read transactions (the expiry scan) never block its commits.
+    db: Arc<Database>,
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     pending: Arc<Mutex<PendingCounts>>,
@@ -70,12 +72,14 @@ impl EmbeddedStore {
         let db =
             Database::create(path).map_err(|e| StoreError::redb("opening the database file", e))?;
         let pending = prepare(&db, &cipher, path)?;
+        let db = Arc::new(db);
         let pending = Arc::new(Mutex::new(pending));
         let stats = Arc::new(Stats::default());
         let (sender, receiver) = mpsc::channel();
         let handle = {
             let pending = Arc::clone(&pending);
             let stats = Arc::clone(&stats);
+            let db = Arc::clone(&db);
             std::thread::Builder::new()
                 .name("dqkd-store-writer".into())
                 .spawn(move || writer::run(db, cipher, receiver, pending, stats))
@@ -83,6 +87,7 @@ impl EmbeddedStore {
         };
         tracing::info!(path = %path.display(), "key store opened");
         Ok(EmbeddedStore {
+            db,
             sender: Mutex::new(Some(sender)),
             writer: Mutex::new(Some(handle)),
             pending,
@@ -135,6 +140,36 @@ impl Drop for EmbeddedStore {
             tracing::error!(error = %e, "closing key store");
         }
     }
+}
+
+/// Expired keys removed per writer operation, so one purge never holds the writer long.
+const PURGE_CHUNK: usize = 4096;
+
+/// IDs of records whose `expires_at <= now`, from a consistent snapshot.
+fn expired_ids(db: &Database, now: u64) -> Result<Vec<Uuid>, StoreError> {
+    let txn = db
+        .begin_read()
+        .map_err(|e| StoreError::redb("starting a read transaction", e))?;
+    let keys = txn
+        .open_table(KEYS)
+        .map_err(|e| StoreError::redb("opening the keys table", e))?;
+    let mut expired = Vec::new();
+    for entry in keys
+        .iter()
+        .map_err(|e| StoreError::redb("scanning keys", e))?
+    {
+        let (k, v) = entry.map_err(|e| StoreError::redb("scanning keys", e))?;
+        let id = Uuid::from_u128(k.value());
+        match Record::decode(v.value()) {
+            Ok(r) if r.meta.expires_at <= now => expired.push(id),
+            Ok(_) => {}
+            // Keep an undecodable record for inspection rather than guessing its expiry.
+            Err(reason) => {
+                tracing::warn!(key_id = %id, %reason, "skipping corrupt key record in purge")
+            }
+        }
+    }
+    Ok(expired)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -220,7 +255,20 @@ impl KeyStore for EmbeddedStore {
     }
 
     async fn purge_expired(&self, now: u64) -> Result<u64, StoreError> {
-        self.call(|reply| Request::Purge { now, reply }).await?
+        // Find candidates in a read transaction, off the writer thread, so a large store is
+        // scanned without stalling commits; the writer re-checks each before removing it.
+        let db = Arc::clone(&self.db);
+        let expired = tokio::task::spawn_blocking(move || expired_ids(&db, now))
+            .await
+            .map_err(|e| StoreError::io("scanning for expired keys", std::io::Error::other(e)))??;
+        let mut purged = 0;
+        for chunk in expired.chunks(PURGE_CHUNK) {
+            let ids = chunk.to_vec();
+            purged += self
+                .call(|reply| Request::Purge { now, ids, reply })
+                .await??;
+        }
+        Ok(purged)
     }
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {

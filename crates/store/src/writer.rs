@@ -39,6 +39,7 @@ pub(crate) enum Request {
     },
     Purge {
         now: u64,
+        ids: Vec<Uuid>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Destroy {
@@ -136,7 +137,7 @@ fn clone_batch_error(err: &StoreError) -> StoreError {
 
 /// The writer loop; returns when every sender is gone and the queue is drained.
 pub(crate) fn run(
-    db: Database,
+    db: Arc<Database>,
     cipher: Cipher,
     requests: mpsc::Receiver<Request>,
     pending: Arc<Mutex<PendingCounts>>,
@@ -254,7 +255,7 @@ fn apply_all(
                     e,
                 )),
             },
-            Request::Purge { now, reply } => match purge(&mut table, now, deltas) {
+            Request::Purge { now, ids, reply } => match purge(&mut table, now, &ids, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, r)),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
@@ -410,21 +411,22 @@ fn take(
     Ok(Ok(delivered))
 }
 
+/// Removes those of `ids` that are still present and expired at `now` (a take may have
+/// removed or a re-check may keep some since the scan that found them).
 fn purge(
     table: &mut KeysTable<'_>,
     now: u64,
+    ids: &[Uuid],
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<u64, StoreError>, StoreError> {
     let mut expired = Vec::new();
-    for entry in table.iter().map_err(read_error)? {
-        let (k, v) = entry.map_err(read_error)?;
-        let id = Uuid::from_u128(k.value());
-        match Record::decode(v.value()) {
-            Ok(r) if r.meta.expires_at <= now => expired.push((id, r.meta)),
-            Ok(_) => {}
-            // Keep an undecodable record for inspection rather than guessing its expiry.
-            Err(reason) => {
-                tracing::warn!(key_id = %id, %reason, "skipping corrupt key record in purge")
+    for id in ids {
+        let Some(raw) = table.get(id.as_u128()).map_err(read_error)? else {
+            continue;
+        };
+        if let Ok(r) = Record::decode(raw.value()) {
+            if r.meta.expires_at <= now {
+                expired.push((*id, r.meta));
             }
         }
     }
