@@ -420,16 +420,11 @@ fn write_configs(layout: &Layout, plan: &Plan, store: &LocalStore) -> anyhow::Re
         write_toml(&layout.dir.join(format!("site-{kme}.toml")), &site)?;
     }
     for (j, id) in plan.entropy.iter().enumerate() {
-        let t = tls(Role::Entropy, id);
         let file = dqkd_entropy::config::ConfigFile {
             cluster: CLUSTER.into(),
             server_id: id.clone(),
             listen: ([127, 0, 0, 1], plan.entropy_port(j)).into(),
-            tls: dqkd_entropy::config::TlsFiles {
-                ca: t.ca,
-                cert: t.cert,
-                key: t.key,
-            },
+            tls: tls(Role::Entropy, id),
             pool_ttl_secs: None,
             pool_rotate_secs: None,
             pool_max_bytes: None,

@@ -58,17 +58,8 @@ pub struct ConfigFile {
     pub mix_file: Option<PathBuf>,
 }
 
-/// Certificate files.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// The cluster CA certificate (PEM): the one trust anchor.
-    pub ca: PathBuf,
-    /// This server's certificate chain (PEM), issued with role `entropy` and `server_id`.
-    pub cert: PathBuf,
-    /// This server's private key (PKCS#8 PEM).
-    pub key: PathBuf,
-}
+/// Certificate files (the same shape for every dqkd process).
+pub use dqkd_net::TlsFiles;
 
 /// A problem with the configuration; each names the file and the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -201,11 +192,7 @@ impl Config {
             cluster: file.cluster,
             server_id: file.server_id,
             listen: file.listen,
-            tls: TlsFiles {
-                ca: abs(&file.tls.ca),
-                cert: abs(&file.tls.cert),
-                key: abs(&file.tls.key),
-            },
+            tls: file.tls.relative_to(base),
             pool_ttl: Duration::from_secs(ttl),
             pool_rotate: Duration::from_secs(rotate),
             pool_max_bytes,

@@ -7,10 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use dqkd_net::{BindError, MtlsListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
 use crate::api::router;
 use crate::config::Config;
@@ -39,6 +38,15 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl From<BindError> for ServeError {
+    fn from(e: BindError) -> Self {
+        match e {
+            BindError::Bind { addr, source } => Self::Bind { addr, source },
+            other => Self::Tls(other.to_string()),
+        }
+    }
 }
 
 /// A running entropy server. Dropping it without [`Serving::shutdown`] aborts it.
@@ -78,26 +86,18 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
 
 /// Like [`run`], over a given entropy source.
 pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serving, ServeError> {
-    let tls = dqkd_pki::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    dqkd_net::check_own_certificate(
-        &config.tls.cert,
+    let MtlsListener {
+        acceptor,
+        listener,
+        addr: api_addr,
+    } = dqkd_net::bind_mtls(
+        &config.tls,
         &config.cluster,
         dqkd_pki::Role::Entropy,
         &config.server_id,
+        config.listen,
     )
-    .map_err(ServeError::Tls)?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let api_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    .await?;
     let mix = source.mix_path().map(|p| p.display().to_string());
     let config = Arc::new(config);
     let service = Arc::new(EntropyService::new(config.clone(), source));

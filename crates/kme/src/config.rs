@@ -193,17 +193,8 @@ pub struct SiteFile {
     pub store: StoreFiles,
 }
 
-/// Certificate files of a site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// The cluster CA certificate (PEM): the one trust anchor.
-    pub ca: PathBuf,
-    /// The KME certificate chain (PEM), issued with role `kme` and this site's KME ID.
-    pub cert: PathBuf,
-    /// The KME private key (PKCS#8 PEM).
-    pub key: PathBuf,
-}
+/// Certificate files (the same shape for every dqkd process).
+pub use dqkd_net::TlsFiles;
 
 /// Key store of a site, as written: exactly one of `path` (embedded) and `url`
 /// (PostgreSQL).
@@ -489,11 +480,7 @@ impl Config {
             purge_interval: Duration::from_secs(manifest.keys.purge_interval_secs),
             sites,
             sae_site,
-            tls: TlsFiles {
-                ca: abs(&site.tls.ca),
-                cert: abs(&site.tls.cert),
-                key: abs(&site.tls.key),
-            },
+            tls: site.tls.relative_to(base),
             store: StoreConfig {
                 location: store_location(&site.store, base, site_path)?,
                 kek: abs(&site.store.kek),

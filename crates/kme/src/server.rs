@@ -6,11 +6,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use dqkd_net::{BindError, MtlsListener};
 use dqkd_store::{EmbeddedStore, Kek, KeyStore};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
 use crate::api::{peer_router, router};
 use crate::blast::Blast;
@@ -42,6 +41,15 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl From<BindError> for ServeError {
+    fn from(e: BindError) -> Self {
+        match e {
+            BindError::Bind { addr, source } => Self::Bind { addr, source },
+            other => Self::Tls(other.to_string()),
+        }
+    }
 }
 
 /// A running KME. Dropping it without [`Serving::shutdown`] aborts it.
@@ -168,48 +176,27 @@ pub async fn run_with(
     store: Arc<dyn KeyStore>,
     source: Arc<dyn KeySource>,
 ) -> Result<Serving, ServeError> {
-    let tls = dqkd_pki::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    dqkd_net::check_own_certificate(
-        &config.tls.cert,
+    let MtlsListener {
+        acceptor,
+        listener,
+        addr: api_addr,
+    } = dqkd_net::bind_mtls(
+        &config.tls,
         &config.cluster,
         dqkd_pki::Role::Kme,
         &config.kme_id,
+        config.api_listen,
     )
-    .map_err(ServeError::Tls)?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind(config.api_listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.api_listen,
-            source,
-        })?;
-    let api_addr = listener.local_addr().map_err(|source| ServeError::Bind {
-        addr: config.api_listen,
-        source,
-    })?;
+    .await?;
+    // The peer API shares the acceptor: same certificate, same trust anchor.
     let peer_listener = match config.peer_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?,
-        ),
+        Some(addr) => Some(dqkd_net::bind(addr).await?),
         None => None,
     };
-    let peer_addr = match &peer_listener {
-        Some(l) => Some(l.local_addr().map_err(|source| ServeError::Bind {
-            addr: api_addr,
-            source,
-        })?),
-        None => None,
-    };
+    let peer_addr = peer_listener.as_ref().and_then(|l| l.local_addr().ok());
     crate::telemetry::handle();
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind { addr, source })?,
-        ),
+        Some(addr) => Some(dqkd_net::bind(addr).await?),
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());

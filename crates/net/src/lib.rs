@@ -11,7 +11,8 @@
 
 #![forbid(unsafe_code)]
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,87 @@ use tower::ServiceExt as _;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open requests before closing connections.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The certificate files of a server or client, as written in its config file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The cluster CA certificate (PEM): the one trust anchor.
+    pub ca: PathBuf,
+    /// This process's certificate chain (PEM), issued for its role and ID.
+    pub cert: PathBuf,
+    /// This process's private key (PKCS#8 PEM).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The same files with relative paths taken from `base` (the config file's folder).
+    pub fn relative_to(&self, base: &Path) -> Self {
+        Self {
+            ca: base.join(&self.ca),
+            cert: base.join(&self.cert),
+            key: base.join(&self.key),
+        }
+    }
+}
+
+/// Why a server could not open its mTLS listener.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// Certificates could not be loaded or are not this server's.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// An mTLS listener ready for [`serve_mtls`].
+pub struct MtlsListener {
+    /// Performs the handshakes (client certificate required).
+    pub acceptor: TlsAcceptor,
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// The bound address (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+}
+
+/// Loads the server's TLS configuration, checks that its certificate is `role`/`id` of
+/// `cluster`, and binds `addr`.
+pub async fn bind_mtls(
+    tls: &TlsFiles,
+    cluster: &str,
+    role: dqkd_pki::Role,
+    id: &str,
+    addr: SocketAddr,
+) -> Result<MtlsListener, BindError> {
+    let config = dqkd_pki::server_config(&tls.ca, &tls.cert, &tls.key)
+        .map_err(|e| BindError::Tls(e.to_string()))?;
+    check_own_certificate(&tls.cert, cluster, role, id).map_err(BindError::Tls)?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = bind(addr).await?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| BindError::Bind { addr, source })?;
+    Ok(MtlsListener {
+        acceptor,
+        listener,
+        addr,
+    })
+}
+
+/// Binds a plain TCP listener, with the address in the error.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError::Bind { addr, source })
+}
 
 /// The identity a connection's client certificate proved, inserted into every request's
 /// extensions before routing. `None`: a CA-signed certificate without a dqkd identity.
