@@ -190,7 +190,8 @@ pub struct UpArgs {
     /// State folder: certificates, config and key stores live here and are reused.
     #[arg(long, default_value = "dqkd-local")]
     pub dir: PathBuf,
-    /// Number of sites (KME_A, KME_B, …), each with one SAE (alice, bob, …).
+    /// Number of sites (KME_A, KME_B, …), each with two SAEs (alice and alice2, bob and
+    /// bob2, …).
     #[arg(long, default_value_t = 2)]
     pub sites: u8,
     /// Port of site A's ETSI API on 127.0.0.1; site i uses port+i, its peer API
