@@ -13,13 +13,22 @@
 //!   order, so two multi-key takes cannot deadlock.
 //! * `insert` writes all keys in one transaction (`ON CONFLICT DO NOTHING` tells which ID
 //!   already existed, and the transaction is rolled back).
+//! * Ready keys (`pool_insert`) live in a table of their own, sealed like ordinary keys with
+//!   the link name in place of the master. No unique index spans both tables, so a pool insert
+//!   also claims its IDs in `dqkd_keys` with placeholder rows that it deletes before `COMMIT`,
+//!   and `insert` looks its IDs up among the ready keys after writing them: an insert and a pool
+//!   insert of one ID, even on two replicas, never both succeed.
+//! * `pool_bind` deletes the ready keys (`DELETE … RETURNING`, rows locked in ID order) and
+//!   writes the ordinary keys in the same transaction, so a concurrent bind of the same key
+//!   waits for it and then finds the key gone. `destroy` deletes ready keys before ordinary
+//!   ones, so a bind racing it either loses or has made a key that `destroy` then deletes.
 //! * An answer leaves only after `COMMIT` returned, which is durable when the server runs with
 //!   its defaults (`fsync = on`, `synchronous_commit = on`); a warning is logged at connect if
 //!   `synchronous_commit` is off.
 //!
 //! Schema migrations are applied at connect (see [`SCHEMA_VERSION`] and
 //! [`MIGRATION_LOCK_KEY`]); the tables are `dqkd_schema_migrations`, `dqkd_meta` (the KEK check
-//! value) and `dqkd_keys`.
+//! value), `dqkd_keys` (keys for SAEs) and `dqkd_pool_keys` (ready keys of every link).
 //!
 //! [`KeyStore::pending`] is answered from memory and is **approximate across replicas**: this
 //! process's own commits show at once, other replicas' within one refresh interval (1 s by
@@ -49,16 +58,18 @@ mod counts;
 mod error;
 mod schema;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use dqkd_store::rules::{check_insert, check_take, KeyMeta};
+use dqkd_store::rules::{
+    check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+};
 use dqkd_store::seal::{Cipher, Record};
-use dqkd_store::{DeliveredKey, Kek, KeyStore, NewKey, StoreError, TakeError};
-use futures_util::future::try_join_all;
+use dqkd_store::{DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError};
+use futures_util::future::{try_join, try_join_all};
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
@@ -123,6 +134,32 @@ const LOCK_FOR_TAKE: &str =
     "SELECT id, record FROM dqkd_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 const DELETE_IDS: &str = "DELETE FROM dqkd_keys WHERE id = ANY($1)";
 const UPDATE_TAKEN: &str = "UPDATE dqkd_keys SET record = $2, remaining = $3 WHERE id = $1";
+/// Which of the IDs `$1` are ready keys (an ID is never both a key and a ready key).
+const IN_POOLS: &str = "SELECT id FROM dqkd_pool_keys WHERE id = ANY($1)";
+/// Stores ready keys of link `$1`; returns the IDs written (the others already were ready).
+const POOL_INSERT: &str = "INSERT INTO dqkd_pool_keys (id, link, expires_at, record) \
+                           SELECT id, $1::text, expires_at, record \
+                           FROM unnest($2::uuid[], $3::bigint[], $4::bytea[]) \
+                               AS k (id, expires_at, record) \
+                           ON CONFLICT (id) DO NOTHING RETURNING id";
+/// Claims IDs `$1` in `dqkd_keys` with placeholder rows (deleted again before commit); returns
+/// the IDs claimed (the others are keys, or being inserted as keys by a transaction that
+/// then committed).
+const CLAIM_KEY_IDS: &str = "INSERT INTO dqkd_keys (id, master, expires_at, remaining, record) \
+                             SELECT id, '', 0, '{}', '' FROM unnest($1::uuid[]) AS id \
+                             ON CONFLICT (id) DO NOTHING RETURNING id";
+/// Moves ready keys `$2` of link `$1` unexpired at `$3` out of the pool, locking them in ID
+/// order first (like take) so that overlapping binds cannot deadlock.
+const POOL_TAKE: &str = "DELETE FROM dqkd_pool_keys WHERE id IN ( \
+                             SELECT id FROM dqkd_pool_keys \
+                             WHERE id = ANY($2) AND link = $1 AND expires_at > $3 \
+                             ORDER BY id FOR UPDATE) \
+                         RETURNING id, record";
+/// The ready keys of link `$1`, soonest expiry first (then by ID, which PostgreSQL compares
+/// bytewise like [`Uuid`]'s `Ord`). The record is fetched only for expiries stored clamped
+/// (`$2` = `i64::MAX`), whose exact value only the record holds.
+const POOL_LIST: &str = "SELECT id, expires_at, CASE WHEN expires_at = $2 THEN record END \
+                         FROM dqkd_pool_keys WHERE link = $1 ORDER BY expires_at, id";
 
 /// `expires_at` and `now` are u64 in the API and `bigint` in the table; instants past
 /// `i64::MAX` seconds (about 292 billion years) are stored as `i64::MAX`.
@@ -294,6 +331,31 @@ impl PostgresStore {
         self.counts.apply(deltas);
         Ok(())
     }
+
+    /// Seals and encodes keys that passed [`check_insert`], all before the database is
+    /// touched, so a key that cannot be stored fails the batch without a round trip.
+    fn seal_keys(&self, keys: &[NewKey]) -> Result<Vec<Sealed>, StoreError> {
+        keys.iter()
+            .map(|k| {
+                let record = Record::seal(&self.cipher, k)?;
+                let bytes = record
+                    .encode()
+                    .map_err(|reason| StoreError::InvalidKey { id: k.id, reason })?;
+                Ok(Sealed {
+                    id: k.id,
+                    record,
+                    bytes,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A key sealed and encoded for `dqkd_keys`; the record is kept for the count deltas.
+struct Sealed {
+    id: Uuid,
+    record: Record,
+    bytes: Vec<u8>,
 }
 
 async fn refresh_loop(pool: Pool, counts: Arc<Counts>, every: Duration) {
@@ -331,62 +393,82 @@ fn decode(id: Uuid, bytes: &[u8]) -> Result<Record, StoreError> {
     Record::decode(bytes).map_err(|reason| StoreError::CorruptRecord { id, reason })
 }
 
+/// Writes sealed keys into `dqkd_keys` inside `txn`. On [`StoreError::DuplicateId`] (the first
+/// key, in batch order, whose ID is already a key or a ready key) the caller drops `txn`,
+/// which rolls it back: none of the batch is stored.
+///
+/// `ON CONFLICT DO NOTHING` tells which ID already was a key. Ready keys live in another
+/// table, so they are looked up separately, and only after every insert finished: an insert
+/// racing a `pool_insert` of the same ID waits on that transaction's claim of the ID in
+/// `dqkd_keys` (see [`CLAIM_KEY_IDS`]), and this later statement, with a fresh snapshot, then
+/// sees its ready key committed. One of the two always fails.
+async fn write_keys(
+    txn: &deadpool_postgres::Transaction<'_>,
+    rows: &[Sealed],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let stmt = txn
+        .prepare_cached(INSERT)
+        .await
+        .map_err(db("preparing an insert"))?;
+    let written = try_join_all(rows.iter().map(|row| {
+        let meta = row.record.meta();
+        let remaining: Vec<&str> = meta.remaining().collect();
+        let stmt = &stmt;
+        async move {
+            txn.execute(
+                stmt,
+                &[
+                    &row.id,
+                    &meta.master(),
+                    &to_db_time(meta.expires_at()),
+                    &remaining,
+                    &row.bytes,
+                ],
+            )
+            .await
+        }
+    }))
+    .await
+    .map_err(db("inserting keys"))?;
+    let stmt = txn
+        .prepare_cached(IN_POOLS)
+        .await
+        .map_err(db("preparing a pool lookup"))?;
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let ready = txn
+        .query(&stmt, &[&ids])
+        .await
+        .map_err(db("looking up new key IDs among the ready keys"))?;
+    let ready = ids_of(&ready, "looking up new key IDs among the ready keys")?;
+    match rows
+        .iter()
+        .zip(&written)
+        .find(|(row, n)| **n == 0 || ready.contains(&row.id))
+    {
+        Some((row, _)) => Err(StoreError::DuplicateId { id: row.id }),
+        None => Ok(()),
+    }
+}
+
 #[async_trait::async_trait]
 impl KeyStore for PostgresStore {
     async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
         check_insert(&keys, |_| Ok::<_, std::convert::Infallible>(false))
             .unwrap_or_else(|never| match never {})?;
-        // Seal and encode everything before touching the database.
-        let mut rows = Vec::with_capacity(keys.len());
-        for k in &keys {
-            let record = Record::seal(&self.cipher, k)?;
-            let bytes = record
-                .encode()
-                .map_err(|reason| StoreError::InvalidKey { id: k.id, reason })?;
-            rows.push((k.id, record, bytes));
-        }
+        let rows = self.seal_keys(&keys)?;
         drop(keys);
         let mut client = self.client().await?;
         let txn = client
             .transaction()
             .await
             .map_err(db("starting an insert"))?;
-        let stmt = txn
-            .prepare_cached(INSERT)
-            .await
-            .map_err(db("preparing an insert"))?;
-        let written = try_join_all(rows.iter().map(|(id, record, bytes)| {
-            let meta = record.meta();
-            let remaining: Vec<&str> = meta.remaining().collect();
-            let (txn, stmt) = (&txn, &stmt);
-            async move {
-                txn.execute(
-                    stmt,
-                    &[
-                        id,
-                        &meta.master(),
-                        &to_db_time(meta.expires_at()),
-                        &remaining,
-                        bytes,
-                    ],
-                )
-                .await
-            }
-        }))
-        .await
-        .map_err(db("inserting keys"))?;
-        if let Some((id, _, _)) = rows
-            .iter()
-            .zip(&written)
-            .find(|(_, n)| **n == 0)
-            .map(|(r, _)| r)
-        {
-            // Dropping the transaction rolls it back: none of the batch is stored.
-            return Err(StoreError::DuplicateId { id: *id });
-        }
+        write_keys(&txn, &rows).await?;
         let deltas = rows
             .into_iter()
-            .map(|(_, record, _)| Delta::Add(record.meta().clone()))
+            .map(|row| Delta::Add(row.record.meta().clone()))
             .collect();
         self.commit(txn, deltas, "committing an insert").await
     }
@@ -478,8 +560,8 @@ impl KeyStore for PostgresStore {
     async fn purge_expired(&self, now: u64) -> Result<u64, StoreError> {
         let mut client = self.client().await?;
         let txn = client.transaction().await.map_err(db("starting a purge"))?;
-        // Rows locked by an in-flight take are skipped; the next purge removes them if they
-        // are still there.
+        // Rows locked by an in-flight take or bind are skipped; the next purge removes them if
+        // they are still there.
         let rows = txn
             .query(
                 "DELETE FROM dqkd_keys WHERE id IN ( \
@@ -490,9 +572,18 @@ impl KeyStore for PostgresStore {
             )
             .await
             .map_err(db("purging expired keys"))?;
+        let ready = txn
+            .execute(
+                "DELETE FROM dqkd_pool_keys WHERE id IN ( \
+                     SELECT id FROM dqkd_pool_keys WHERE expires_at <= $1 \
+                     ORDER BY id FOR UPDATE SKIP LOCKED)",
+                &[&to_db_time(now)],
+            )
+            .await
+            .map_err(db("purging expired ready keys"))?;
         let deltas = deleted_deltas(&rows)?;
         self.commit(txn, deltas, "committing a purge").await?;
-        Ok(rows.len() as u64)
+        Ok(rows.len() as u64 + ready)
     }
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
@@ -501,6 +592,18 @@ impl KeyStore for PostgresStore {
             .transaction()
             .await
             .map_err(db("starting a destroy"))?;
+        // Ready keys first: a bind of one of these IDs that holds its row either commits
+        // before this statement goes on, and the key it made is a row the statements below
+        // see (each takes a fresh snapshot), or finds the row gone. Either way no key of
+        // `ids` survives. Locked in ID order, like a bind, so the two cannot deadlock.
+        let ready = txn
+            .execute(
+                "DELETE FROM dqkd_pool_keys WHERE id IN ( \
+                     SELECT id FROM dqkd_pool_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE)",
+                &[&ids],
+            )
+            .await
+            .map_err(db("destroying ready keys"))?;
         // Lock in ID order first, like take, so a destroy and a take cannot deadlock.
         txn.query(
             "SELECT id FROM dqkd_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE",
@@ -517,8 +620,199 @@ impl KeyStore for PostgresStore {
             .map_err(db("destroying keys"))?;
         let deltas = deleted_deltas(&rows)?;
         self.commit(txn, deltas, "committing a destroy").await?;
-        Ok(rows.len() as u64)
+        Ok(rows.len() as u64 + ready)
     }
+
+    async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {
+        // Distinct IDs and valid keys here; IDs already stored are found by the database,
+        // in the same transaction as the write, like `insert` does.
+        check_pool_insert(link, &keys, |_| Ok::<_, std::convert::Infallible>(false))
+            .unwrap_or_else(|never| match never {})?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        // Sealed like an ordinary key whose master is the link and which has no slaves, so
+        // the link is bound into the seal and a record moved to another pool does not open.
+        let mut ids = Vec::with_capacity(keys.len());
+        let mut expiries = Vec::with_capacity(keys.len());
+        let mut records = Vec::with_capacity(keys.len());
+        for k in keys {
+            let key = NewKey {
+                id: k.id,
+                master: link.to_owned(),
+                slaves: Vec::new(),
+                material: k.material,
+                expires_at: k.expires_at,
+            };
+            let bytes = Record::seal(&self.cipher, &key)?
+                .encode()
+                .map_err(|reason| StoreError::InvalidKey { id: key.id, reason })?;
+            ids.push(key.id);
+            expiries.push(to_db_time(key.expires_at));
+            records.push(bytes);
+        }
+        let mut client = self.client().await?;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(db("starting a pool insert"))?;
+        let insert = txn
+            .prepare_cached(POOL_INSERT)
+            .await
+            .map_err(db("preparing a pool insert"))?;
+        let claim = txn
+            .prepare_cached(CLAIM_KEY_IDS)
+            .await
+            .map_err(db("preparing a pool insert"))?;
+        // No unique index spans both tables, so the IDs are also claimed in `dqkd_keys`: that
+        // finds the IDs that are keys, and makes a concurrent insert of the same ID wait for
+        // this transaction (see `write_keys`). Both statements are pipelined; their order
+        // does not matter, as both take effect only at commit.
+        let (written, claimed) = try_join(
+            async {
+                txn.query(&insert, &[&link, &ids, &expiries, &records])
+                    .await
+                    .map_err(db("inserting ready keys"))
+            },
+            async {
+                txn.query(&claim, &[&ids])
+                    .await
+                    .map_err(db("claiming ready key IDs among the keys"))
+            },
+        )
+        .await?;
+        drop(records);
+        let written = ids_of(&written, "inserting ready keys")?;
+        let claimed = ids_of(&claimed, "claiming ready key IDs among the keys")?;
+        if let Some(id) = ids
+            .iter()
+            .find(|id| !written.contains(id) || !claimed.contains(id))
+        {
+            // Dropping the transaction rolls it back: none of the batch is stored.
+            return Err(StoreError::DuplicateId { id: *id });
+        }
+        // Every row with these IDs in `dqkd_keys` is a placeholder of this transaction.
+        let release = txn
+            .prepare_cached(DELETE_IDS)
+            .await
+            .map_err(db("preparing a delete"))?;
+        txn.execute(&release, &[&ids])
+            .await
+            .map_err(db("releasing ready key IDs among the keys"))?;
+        // Ready keys change no pending count, so the count gate is not needed.
+        txn.commit().await.map_err(db("committing a pool insert"))
+    }
+
+    async fn pool_bind(
+        &self,
+        link: &str,
+        grants: Vec<PoolGrant>,
+        now: u64,
+    ) -> Result<Vec<DeliveredKey>, TakeError> {
+        let ids = pool_bind_ids(&grants)?;
+        let mut client = self.client().await?;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(db("starting a pool bind"))?;
+        let stmt = txn
+            .prepare_cached(POOL_TAKE)
+            .await
+            .map_err(db("preparing a pool bind"))?;
+        // The row locks of this DELETE make a concurrent bind of the same IDs wait for this
+        // transaction, then find the rows gone (or, after a rollback, take them itself): two
+        // binds of one key never both succeed.
+        let rows = txn
+            .query(&stmt, &[&link, &ids, &to_db_time(now)])
+            .await
+            .map_err(db("taking ready keys out of a pool"))?;
+        // On refusal the transaction is dropped, which rolls it back and restores the pool.
+        if rows.len() != ids.len() {
+            return Err(TakeError::NotFound);
+        }
+        let mut material = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let id: Uuid = row.try_get(0).map_err(db("reading a ready key record"))?;
+            let bytes: &[u8] = row.try_get(1).map_err(db("reading a ready key record"))?;
+            let record = decode(id, bytes)?;
+            // The record, sealed with its link, is the authority; the columns only find it.
+            if record.meta().master() != link {
+                return Err(StoreError::Crypto {
+                    context: format!("opening ready key {id}: it was sealed for another pool"),
+                }
+                .into());
+            }
+            if record.meta().expires_at() <= now {
+                return Err(TakeError::NotFound);
+            }
+            material.insert(id, record.open(&self.cipher, id)?);
+        }
+        let bound = pool_bound_keys(&grants, |id| material.get(&id).cloned())?;
+        check_insert(&bound, |_| Ok::<_, std::convert::Infallible>(false))
+            .unwrap_or_else(|never| match never {})?;
+        let sealed = self.seal_keys(&bound)?;
+        drop(bound);
+        write_keys(&txn, &sealed).await?;
+        let delivered = ids
+            .iter()
+            .map(|id| {
+                material
+                    .remove(id)
+                    .map(|material| DeliveredKey { id: *id, material })
+            })
+            .collect::<Option<Vec<_>>>()
+            // Every ID was returned by the DELETE, as the length check showed.
+            .ok_or(TakeError::NotFound)?;
+        let deltas = sealed
+            .into_iter()
+            .map(|row| Delta::Add(row.record.meta().clone()))
+            .collect();
+        self.commit(txn, deltas, "committing a pool bind").await?;
+        Ok(delivered)
+    }
+
+    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(POOL_LIST)
+            .await
+            .map_err(db("preparing a pool listing"))?;
+        let rows = client
+            .query(&stmt, &[&link, &i64::MAX])
+            .await
+            .map_err(db("listing ready keys"))?;
+        let mut ready = Vec::with_capacity(rows.len());
+        let mut clamped = false;
+        for row in &rows {
+            let id: Uuid = row.try_get(0).map_err(db("reading a ready key"))?;
+            let stored: i64 = row.try_get(1).map_err(db("reading a ready key"))?;
+            let record: Option<&[u8]> = row.try_get(2).map_err(db("reading a ready key"))?;
+            let expires_at = match record {
+                Some(bytes) => {
+                    clamped = true;
+                    decode(id, bytes)?.meta().expires_at()
+                }
+                None => u64::try_from(stored).unwrap_or(0),
+            };
+            ready.push((id, expires_at));
+        }
+        if clamped {
+            // Clamped expiries sort last in SQL but may differ in the records.
+            ready.sort_unstable_by_key(|(id, expires_at)| (*expires_at, *id));
+        }
+        Ok(ready)
+    }
+}
+
+/// The key IDs in the first column of `rows`.
+fn ids_of(
+    rows: &[tokio_postgres::Row],
+    context: &'static str,
+) -> Result<HashSet<Uuid>, StoreError> {
+    rows.iter()
+        .map(|row| row.try_get::<_, Uuid>(0))
+        .collect::<Result<_, _>>()
+        .map_err(db(context))
 }
 
 /// Count changes for deleted rows (`id, record`). A record that does not decode is still

@@ -22,13 +22,19 @@ struct Migration {
 }
 
 /// Every migration in order; append only, never edit a released one.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: include_str!("../migrations/0001_keys.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: include_str!("../migrations/0001_keys.sql"),
+    },
+    Migration {
+        version: 2,
+        sql: include_str!("../migrations/0002_pool.sql"),
+    },
+];
 
-/// The schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The schema version this build writes (the version of the last migration).
+pub const SCHEMA_VERSION: i32 = 2;
 
 const KEK_CHECK: &str = "kek_check";
 

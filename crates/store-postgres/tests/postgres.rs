@@ -1,5 +1,6 @@
 //! What only the PostgreSQL store needs: the KEK check, encryption at rest in the table,
-//! exactly-once delivery across replicas, racing migrations and cross-replica counts.
+//! exactly-once delivery and binding across replicas, IDs unique across keys and ready keys,
+//! racing and upgrading migrations, and cross-replica counts.
 
 // Test helpers: an unwrap here is a failed assertion, not a crash on a request path.
 #![allow(clippy::unwrap_used)]
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestDb;
-use dqkd_store::{Kek, KeyMaterial, KeyStore, NewKey, StoreError, TakeError, Uuid};
+use dqkd_store::{
+    Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError, Uuid,
+};
 use dqkd_store_postgres::{Options, PostgresStore, SCHEMA_VERSION};
 
 fn key(master: &str, slaves: &[&str], bytes: Vec<u8>) -> NewKey {
@@ -335,4 +338,277 @@ async fn connect_errors_name_the_database_but_not_the_password() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Database { .. }), "{err:?}");
+}
+
+fn ready(bytes: Vec<u8>, expires_at: u64) -> PoolKey {
+    PoolKey {
+        id: Uuid::new_v4(),
+        material: KeyMaterial::new(bytes),
+        expires_at,
+    }
+}
+
+fn grant(ids: &[Uuid], slaves: &[&str]) -> PoolGrant {
+    PoolGrant {
+        ids: ids.to_vec(),
+        master: "alice".into(),
+        slaves: slaves.iter().map(|s| s.to_string()).collect(),
+        expires_at: u64::MAX,
+    }
+}
+
+/// Ready keys are sealed under the KEK with their link bound in: the table holds no key
+/// bytes, and a row moved to another pool in SQL is refused rather than bound.
+#[tokio::test]
+async fn ready_keys_are_sealed_to_their_link() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = connect(&db, 2).await;
+    let secret: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(29).wrapping_add(7))
+        .collect();
+    let (a, b) = (
+        ready(secret.clone(), u64::MAX),
+        ready(secret.clone(), 5_000),
+    );
+    let (ia, ib) = (a.id, b.id);
+    store.pool_insert("A>B", vec![a, b]).await.unwrap();
+    // u64::MAX is stored clamped in the column, yet listed exactly.
+    assert_eq!(
+        store.pool_list("A>B").await.unwrap(),
+        vec![(ib, 5_000), (ia, u64::MAX)]
+    );
+
+    let client = db.client().await;
+    for row in client
+        .query("SELECT link, record FROM dqkd_pool_keys", &[])
+        .await
+        .unwrap()
+    {
+        assert_eq!(row.get::<_, String>(0), "A>B");
+        let record: Vec<u8> = row.get(1);
+        for chunk in secret.windows(8) {
+            assert!(!record.windows(8).any(|w| w == chunk), "key bytes in clear");
+        }
+    }
+
+    client
+        .execute(
+            "UPDATE dqkd_pool_keys SET link = 'C>B' WHERE id = $1",
+            &[&ia],
+        )
+        .await
+        .unwrap();
+    let r = store
+        .pool_bind("C>B", vec![grant(&[ia], &["bob"])], 0)
+        .await;
+    assert!(
+        matches!(r, Err(TakeError::Store(StoreError::Crypto { .. }))),
+        "{r:?}"
+    );
+    assert_eq!(store.pool_list("C>B").await.unwrap(), vec![(ia, u64::MAX)]);
+    assert_eq!(store.pending("alice", "bob"), 0);
+
+    let got = store
+        .pool_bind("A>B", vec![grant(&[ib], &["bob"])], 0)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), secret.as_slice());
+    let got = store.take("bob", &alice(), &[ib], 0).await.unwrap();
+    assert_eq!(got[0].material.as_bytes(), secret.as_slice());
+}
+
+/// No unique index spans the keys and the ready keys, yet an insert and a pool insert of the
+/// same ID racing on two replicas never both succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_insert_and_pool_insert_of_one_id_store_it_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let a: Arc<dyn KeyStore> = Arc::new(connect(&db, 4).await);
+    let b: Arc<dyn KeyStore> = Arc::new(connect(&db, 4).await);
+    let rounds = 100;
+    for round in 0..rounds {
+        let plain: Vec<NewKey> = (0..4)
+            .map(|_| key("alice", &["bob"], vec![1; 32]))
+            .collect();
+        let pooled: Vec<PoolKey> = plain
+            .iter()
+            .map(|k| PoolKey {
+                id: k.id,
+                material: KeyMaterial::new(vec![2; 32]),
+                expires_at: u64::MAX,
+            })
+            .collect();
+        let (one, two) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let (s1, s2) = (Arc::clone(one), Arc::clone(two));
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let (b1, b2) = (Arc::clone(&barrier), barrier);
+        let inserted = tokio::spawn(async move {
+            b1.wait().await;
+            s1.insert(plain).await
+        });
+        let pooled = tokio::spawn(async move {
+            b2.wait().await;
+            s2.pool_insert("A>B", pooled).await
+        });
+        let (inserted, pooled) = (inserted.await.unwrap(), pooled.await.unwrap());
+        match (&inserted, &pooled) {
+            (Ok(()), Err(StoreError::DuplicateId { .. }))
+            | (Err(StoreError::DuplicateId { .. }), Ok(())) => {}
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+    let client = db.client().await;
+    let keys: i64 = client
+        .query_one("SELECT count(*) FROM dqkd_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let ready: i64 = client
+        .query_one("SELECT count(*) FROM dqkd_pool_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys + ready, 4 * rounds);
+    let both: i64 = client
+        .query_one(
+            "SELECT count(*) FROM dqkd_keys JOIN dqkd_pool_keys USING (id)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(both, 0);
+    let placeholders: i64 = client
+        .query_one("SELECT count(*) FROM dqkd_keys WHERE master = ''", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(placeholders, 0);
+}
+
+/// Binds of overlapping sets of ready keys in opposite orders on two replicas: never a
+/// deadlock, and each key bound once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_pool_binds_across_replicas_bind_each_key_once() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let a: Arc<dyn KeyStore> = Arc::new(connect(&db, 8).await);
+    let b: Arc<dyn KeyStore> = Arc::new(connect(&db, 8).await);
+    for _round in 0..10 {
+        let keys: Vec<PoolKey> = (0..8).map(|i| ready(vec![i; 32], u64::MAX)).collect();
+        let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
+        a.pool_insert("A>B", keys).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let store = Arc::clone(if t % 2 == 0 { &a } else { &b });
+            let mut mine = ids.clone();
+            if t % 2 == 1 {
+                mine.reverse();
+            }
+            tasks.push(tokio::spawn(async move {
+                store
+                    .pool_bind("A>B", vec![grant(&mine, &["bob"])], 0)
+                    .await
+            }));
+        }
+        let mut won = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(got) => {
+                    assert_eq!(got.len(), 8);
+                    won += 1;
+                }
+                Err(TakeError::NotFound) => {}
+                Err(e) => panic!("unexpected error {e:?}"),
+            }
+        }
+        assert_eq!(won, 1);
+        assert!(a.pool_list("A>B").await.unwrap().is_empty());
+        a.take("bob", &alice(), &ids, 0).await.unwrap();
+    }
+}
+
+/// A destroy racing a bind of the same ready key leaves nothing to deliver, whichever
+/// commits first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn destroy_racing_a_bind_leaves_no_key() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let a = Arc::new(connect(&db, 4).await);
+    let b = Arc::new(connect(&db, 4).await);
+    for round in 0..50 {
+        let k = ready(vec![3; 32], u64::MAX);
+        let id = k.id;
+        a.pool_insert("A>B", vec![k]).await.unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let (b1, b2) = (Arc::clone(&barrier), barrier);
+        let (s1, s2) = (Arc::clone(&a), Arc::clone(&b));
+        let bind = tokio::spawn(async move {
+            b1.wait().await;
+            s1.pool_bind("A>B", vec![grant(&[id], &["bob"])], 0).await
+        });
+        let destroy = tokio::spawn(async move {
+            b2.wait().await;
+            s2.destroy(&[id]).await
+        });
+        let bound = bind.await.unwrap();
+        assert_eq!(destroy.await.unwrap().unwrap(), 1, "round {round}");
+        assert!(
+            matches!(bound, Ok(_) | Err(TakeError::NotFound)),
+            "round {round}: {bound:?}"
+        );
+        let r = a.take("bob", &alice(), &[id], 0).await;
+        assert!(
+            matches!(r, Err(TakeError::NotFound)),
+            "round {round}: {r:?}"
+        );
+    }
+    a.refresh_pending().await.unwrap();
+    assert_eq!(a.pending("alice", "bob"), 0);
+}
+
+/// A database of schema version 1 (keys only) gains the pool table at connect and keeps
+/// its keys.
+#[tokio::test]
+async fn version_1_database_is_migrated() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = connect(&db, 1).await;
+    let k = key("alice", &["bob"], vec![4; 32]);
+    let id = k.id;
+    store.insert(vec![k]).await.unwrap();
+    drop(store);
+    db.client()
+        .await
+        .batch_execute(
+            "DROP TABLE dqkd_pool_keys; DELETE FROM dqkd_schema_migrations WHERE version > 1",
+        )
+        .await
+        .unwrap();
+    let store = connect(&db, 1).await;
+    let versions: Vec<i32> = db
+        .client()
+        .await
+        .query(
+            "SELECT version FROM dqkd_schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
+    let r = ready(vec![5; 32], u64::MAX);
+    let ir = r.id;
+    store.pool_insert("A>B", vec![r]).await.unwrap();
+    assert_eq!(store.pool_list("A>B").await.unwrap(), vec![(ir, u64::MAX)]);
+    let got = store.take("bob", &alice(), &[id], 0).await.unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[4; 32]);
 }

@@ -23,7 +23,7 @@
 
 use std::sync::Arc;
 
-use dqkd_store::{KeyMaterial, KeyStore, NewKey, StoreError, TakeError, Uuid};
+use dqkd_store::{KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError, Uuid};
 
 /// The clock the cases pass to `take`; keys expire relative to it.
 pub const NOW: u64 = 1_000;
@@ -308,6 +308,189 @@ pub async fn destroy_removes_whatever_the_entitlements(s: Arc<dyn KeyStore>) {
         .unwrap();
 }
 
+/// A fresh ready key with a random ID.
+pub fn ready(byte: u8, expires_at: u64) -> PoolKey {
+    PoolKey {
+        id: Uuid::new_v4(),
+        material: KeyMaterial::new(vec![byte; 32]),
+        expires_at,
+    }
+}
+
+fn grant(ids: &[Uuid], master: &str, slaves: &[&str]) -> PoolGrant {
+    PoolGrant {
+        ids: ids.to_vec(),
+        master: master.into(),
+        slaves: slaves.iter().map(|s| s.to_string()).collect(),
+        expires_at: NOW + 60,
+    }
+}
+
+/// Ready keys belong to no one until bound; binding makes them ordinary keys (or shreds
+/// them when the grant has no slaves) and returns their bytes in grant order.
+pub async fn pool_keys_are_bound_once(s: Arc<dyn KeyStore>) {
+    let (a, b, c) = (ready(1, NOW + 100), ready(2, NOW + 100), ready(3, NOW + 50));
+    let (ia, ib, ic) = (a.id, b.id, c.id);
+    s.pool_insert("A>B", vec![a, b, c]).await.unwrap();
+    assert_eq!(
+        s.pool_list("A>B").await.unwrap(),
+        vec![(ic, NOW + 50)]
+            .into_iter()
+            .chain({
+                let mut rest = vec![(ia, NOW + 100), (ib, NOW + 100)];
+                rest.sort();
+                rest
+            })
+            .collect::<Vec<_>>(),
+        "soonest expiry first"
+    );
+    assert!(s.pool_list("B>A").await.unwrap().is_empty());
+    assert_eq!(s.pending("alice", "bob"), 0, "ready keys are nobody's");
+    let r = s.take("bob", &masters(&["alice"]), &[ia], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+
+    let got = s
+        .pool_bind(
+            "A>B",
+            vec![grant(&[ib], "alice", &["bob"]), grant(&[ia], "alice", &[])],
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (got[0].id, got[0].material.as_bytes()),
+        (ib, &[2u8; 32][..])
+    );
+    assert_eq!(
+        (got[1].id, got[1].material.as_bytes()),
+        (ia, &[1u8; 32][..])
+    );
+    assert_eq!(s.pool_list("A>B").await.unwrap(), vec![(ic, NOW + 50)]);
+    assert_eq!(s.pending("alice", "bob"), 1);
+
+    let r = s
+        .pool_bind("A>B", vec![grant(&[ib], "alice", &["bob"])], NOW)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "bound twice: {r:?}");
+    let r = s.take("bob", &masters(&["alice"]), &[ia], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "shredded: {r:?}");
+    let got = s
+        .take("bob", &masters(&["alice"]), &[ib], NOW)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[2; 32]);
+}
+
+/// A bind that names a key of another pool, an expired, unknown or repeated key changes
+/// nothing.
+pub async fn pool_bind_is_all_or_nothing(s: Arc<dyn KeyStore>) {
+    let (a, b, other) = (ready(1, NOW + 100), ready(2, NOW), ready(3, NOW + 100));
+    let (ia, ib, io) = (a.id, b.id, other.id);
+    s.pool_insert("A>B", vec![a, b]).await.unwrap();
+    s.pool_insert("C>B", vec![other]).await.unwrap();
+    for bad in [
+        vec![ia, io],
+        vec![ia, ib],
+        vec![ia, Uuid::new_v4()],
+        vec![ia, ia],
+    ] {
+        let r = s
+            .pool_bind("A>B", vec![grant(&bad, "alice", &["bob"])], NOW)
+            .await;
+        assert!(matches!(r, Err(TakeError::NotFound)), "{bad:?}: {r:?}");
+    }
+    let r = s
+        .pool_bind(
+            "A>B",
+            vec![grant(&[ia], "alice", &["bob"]), grant(&[ia], "alice", &[])],
+            NOW,
+        )
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    assert_eq!(s.pending("alice", "bob"), 0);
+    assert_eq!(s.pool_list("A>B").await.unwrap().len(), 2);
+    assert_eq!(s.pool_list("C>B").await.unwrap(), vec![(io, NOW + 100)]);
+    s.pool_bind("A>B", vec![grant(&[ia], "alice", &["bob"])], NOW)
+        .await
+        .unwrap();
+}
+
+/// IDs are unique across pools and ordinary keys; `destroy` and `purge_expired` reach ready
+/// keys too.
+pub async fn pool_ids_destroy_and_purge(s: Arc<dyn KeyStore>) {
+    let a = ready(1, NOW + 100);
+    let ia = a.id;
+    s.pool_insert("A>B", vec![a.clone()]).await.unwrap();
+    let r = s.pool_insert("C>B", vec![a.clone()]).await;
+    assert!(matches!(r, Err(StoreError::DuplicateId { .. })), "{r:?}");
+    let mut plain = key("alice", &["bob"], &[5; 32], NOW + 100);
+    plain.id = ia;
+    let r = s.insert(vec![plain]).await;
+    assert!(matches!(r, Err(StoreError::DuplicateId { .. })), "{r:?}");
+    let k = key("alice", &["bob"], &[5; 32], NOW + 100);
+    let r = s
+        .pool_insert(
+            "A>B",
+            vec![PoolKey {
+                id: k.id,
+                material: KeyMaterial::new(vec![6; 32]),
+                expires_at: NOW + 100,
+            }],
+        )
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    s.insert(vec![k.clone()])
+        .await
+        .expect_err("an ID in a pool cannot be inserted again");
+    let r = s
+        .pool_insert(
+            "A>B",
+            vec![PoolKey {
+                id: Uuid::new_v4(),
+                material: KeyMaterial::new(Vec::new()),
+                expires_at: NOW + 100,
+            }],
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::InvalidKey { .. })), "{r:?}");
+
+    assert_eq!(s.destroy(&[ia]).await.unwrap(), 1);
+    assert_eq!(s.destroy(&[ia]).await.unwrap(), 0);
+    let old = ready(7, NOW + 10);
+    s.pool_insert("A>B", vec![old]).await.unwrap();
+    assert_eq!(s.purge_expired(NOW + 10).await.unwrap(), 1);
+    assert_eq!(s.pool_list("A>B").await.unwrap(), vec![(k.id, NOW + 100)]);
+}
+
+/// Two binds racing for the same ready keys: exactly one wins.
+pub async fn concurrent_pool_binds(s: Arc<dyn KeyStore>) {
+    let keys: Vec<PoolKey> = (0..8).map(|i| ready(i, NOW + 100)).collect();
+    let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
+    s.pool_insert("A>B", keys).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (s, ids) = (s.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            s.pool_bind("A>B", vec![grant(&ids, "alice", &["bob"])], NOW)
+                .await
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(keys) => {
+                assert_eq!(keys.len(), 8);
+                won += 1;
+            }
+            Err(TakeError::NotFound) => {}
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(s.pending("alice", "bob"), 8);
+}
+
 /// Generates one `#[tokio::test]` per case in a module `$module`, for stores made by the async
 /// function `$make` (in scope where the macro is used), which returns
 /// `Option<(Arc<dyn KeyStore>, Guard)>`. The calling crate needs `tokio` with `macros` and
@@ -319,7 +502,8 @@ macro_rules! suite {
             $crate::suite!(@case $make; round_trip, wrong_caller_and_master,
                 unknown_and_duplicate_ids, all_or_nothing, multi_slave, expiry_and_purge,
                 pending_counts, insert_is_all_or_nothing, concurrent_takes,
-                destroy_removes_whatever_the_entitlements);
+                destroy_removes_whatever_the_entitlements, pool_keys_are_bound_once,
+                pool_bind_is_all_or_nothing, pool_ids_destroy_and_purge, concurrent_pool_binds);
         }
     };
     (@case $make:ident; $($case:ident),*) => {

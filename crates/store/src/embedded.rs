@@ -17,10 +17,13 @@ use crate::kek::Cipher;
 use crate::meta::PendingCounts;
 use crate::record::Record;
 use crate::writer::{self, Request, Stats};
-use crate::{DeliveredKey, Kek, KeyStore, NewKey, StoreError, TakeError};
+use crate::{DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError};
 
 /// Key records: key ID (as u128) → encoded [`Record`].
 pub(crate) const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys");
+/// Ready keys of every pool: key ID (as u128) → encoded [`Record`] whose master is the link
+/// name and which has no slaves, so the link is bound into the seal like a master would be.
+pub(crate) const POOL: TableDefinition<u128, &[u8]> = TableDefinition::new("pool");
 /// Store-wide facts, such as the KEK check value.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEK_CHECK: &str = "kek_check";
@@ -153,23 +156,54 @@ fn expired_ids(db: &Database, now: u64) -> Result<Vec<Uuid>, StoreError> {
     let keys = txn
         .open_table(KEYS)
         .map_err(|e| StoreError::redb("opening the keys table", e))?;
+    let pool = txn
+        .open_table(POOL)
+        .map_err(|e| StoreError::redb("opening the pool table", e))?;
     let mut expired = Vec::new();
-    for entry in keys
-        .iter()
-        .map_err(|e| StoreError::redb("scanning keys", e))?
-    {
-        let (k, v) = entry.map_err(|e| StoreError::redb("scanning keys", e))?;
-        let id = Uuid::from_u128(k.value());
-        match Record::decode(v.value()) {
-            Ok(r) if r.meta.expires_at <= now => expired.push(id),
-            Ok(_) => {}
-            // Keep an undecodable record for inspection rather than guessing its expiry.
-            Err(reason) => {
-                tracing::warn!(key_id = %id, %reason, "skipping corrupt key record in purge")
+    for table in [keys, pool] {
+        for entry in table
+            .iter()
+            .map_err(|e| StoreError::redb("scanning keys", e))?
+        {
+            let (k, v) = entry.map_err(|e| StoreError::redb("scanning keys", e))?;
+            let id = Uuid::from_u128(k.value());
+            match Record::head(v.value()) {
+                Ok((expires_at, _)) if expires_at <= now => expired.push(id),
+                Ok(_) => {}
+                // Keep an undecodable record for inspection rather than guessing its expiry.
+                Err(reason) => {
+                    tracing::warn!(key_id = %id, %reason, "skipping corrupt key record in purge")
+                }
             }
         }
     }
     Ok(expired)
+}
+
+/// The ready keys of `link`, soonest expiry first, from a consistent snapshot. Reads only
+/// each record's head, so a pool of a million keys lists in well under a second.
+fn ready_keys(db: &Database, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
+    let txn = db
+        .begin_read()
+        .map_err(|e| StoreError::redb("starting a read transaction", e))?;
+    let pool = txn
+        .open_table(POOL)
+        .map_err(|e| StoreError::redb("opening the pool table", e))?;
+    let mut ready = Vec::new();
+    for entry in pool
+        .iter()
+        .map_err(|e| StoreError::redb("scanning ready keys", e))?
+    {
+        let (k, v) = entry.map_err(|e| StoreError::redb("scanning ready keys", e))?;
+        let id = Uuid::from_u128(k.value());
+        let (expires_at, owner) =
+            Record::head(v.value()).map_err(|reason| StoreError::CorruptRecord { id, reason })?;
+        if owner == link {
+            ready.push((id, expires_at));
+        }
+    }
+    ready.sort_unstable_by_key(|(id, expires_at)| (*expires_at, *id));
+    Ok(ready)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -208,6 +242,8 @@ fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts,
                     .map_err(|e| StoreError::redb("writing the KEK check value", e))?;
             }
         }
+        txn.open_table(POOL)
+            .map_err(|e| StoreError::redb("creating the pool table", e))?;
         let keys = txn
             .open_table(KEYS)
             .map_err(|e| StoreError::redb("opening the keys table", e))?;
@@ -274,5 +310,35 @@ impl KeyStore for EmbeddedStore {
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
         self.call(|reply| Request::Destroy { ids, reply }).await?
+    }
+
+    async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {
+        let link = link.to_owned();
+        self.call(|reply| Request::PoolInsert { link, keys, reply })
+            .await?
+    }
+
+    async fn pool_bind(
+        &self,
+        link: &str,
+        grants: Vec<PoolGrant>,
+        now: u64,
+    ) -> Result<Vec<DeliveredKey>, TakeError> {
+        let link = link.to_owned();
+        self.call(|reply| Request::PoolBind {
+            link,
+            grants,
+            now,
+            reply,
+        })
+        .await?
+    }
+
+    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
+        let db = Arc::clone(&self.db);
+        let link = link.to_owned();
+        tokio::task::spawn_blocking(move || ready_keys(&db, &link))
+            .await
+            .map_err(|e| StoreError::io("listing ready keys", std::io::Error::other(e)))?
     }
 }

@@ -64,6 +64,31 @@ pub struct DeliveredKey {
     pub material: KeyMaterial,
 }
 
+/// A ready key: generated for the link between two sites and held at both of them before
+/// any SAE is named, so that `enc_keys` needs only to bind it (see [`crate::KeyStore::pool_bind`]).
+#[derive(Debug, Clone)]
+pub struct PoolKey {
+    /// Key ID, the same at both sites.
+    pub id: Uuid,
+    /// The key bytes.
+    pub material: KeyMaterial,
+    /// Unix seconds after which the key is never bound and may be shredded.
+    pub expires_at: u64,
+}
+
+/// Who may fetch ready keys once they leave a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolGrant {
+    /// The keys, all from the same pool.
+    pub ids: Vec<Uuid>,
+    /// The master SAE the keys are issued to.
+    pub master: String,
+    /// SAEs of this site that may fetch each key once. Empty: this site keeps no copy.
+    pub slaves: Vec<String>,
+    /// Unix seconds after which undelivered copies expire.
+    pub expires_at: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,7 +49,7 @@ mod writer;
 pub use embedded::{CommitStats, EmbeddedStore};
 pub use error::{RecordError, StoreError, TakeError};
 pub use kek::{Kek, KEK_LEN};
-pub use key::{DeliveredKey, KeyMaterial, NewKey};
+pub use key::{DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey};
 pub use memory::MemoryStore;
 pub use uuid::Uuid;
 
@@ -62,7 +62,10 @@ pub use uuid::Uuid;
 /// each and deletes the keys it reports finished. [`rules::PendingCounts`] backs
 /// [`KeyStore::pending`].
 pub mod rules {
-    pub use crate::meta::{check_insert, check_take, KeyMeta, PendingCounts};
+    pub use crate::meta::{
+        check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+        PendingCounts,
+    };
 }
 
 /// Encryption at rest, for implementations outside this crate: the AES-256-GCM cipher under
@@ -105,11 +108,35 @@ pub trait KeyStore: Send + Sync + 'static {
     /// and limits). Expired keys count until [`KeyStore::purge_expired`] removes them.
     fn pending(&self, master: &str, slave: &str) -> u64;
 
-    /// Deletes (shreds) keys whose `expires_at <= now`; returns how many.
+    /// Deletes (shreds) keys whose `expires_at <= now`, ready keys of every pool included;
+    /// returns how many.
     async fn purge_expired(&self, now: u64) -> Result<u64, StoreError>;
 
-    /// Deletes (shreds) these keys whatever their entitlements; unknown IDs are skipped.
-    /// Returns how many existed. A KME uses it when a cross-site request fails, so that
-    /// no key of that request can ever be delivered. Durable before it returns.
+    /// Deletes (shreds) these keys whatever their entitlements, ready keys of every pool
+    /// included; unknown IDs are skipped. Returns how many existed. A KME uses it when a
+    /// cross-site request fails, so that no key of that request can ever be delivered.
+    /// Durable before it returns.
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError>;
+
+    /// Stores ready keys in the pool of `link` (a name the KME chooses per pair of sites),
+    /// durably, all or none. Ready keys belong to no SAE: `take` never finds them and
+    /// `pending` never counts them. An ID already present (in any pool or as an ordinary
+    /// key) refuses the whole batch with [`StoreError::DuplicateId`].
+    async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError>;
+
+    /// Moves keys out of the pool of `link`, all or nothing, and returns their bytes in grant
+    /// order. The keys of a grant with slaves become ordinary keys of `grant.master` for those
+    /// slaves, exactly as [`KeyStore::insert`] would store them; the keys of a grant without
+    /// slaves are shredded. If any ID is not in that pool, is expired at `now` or appears
+    /// twice: [`TakeError::NotFound`], and nothing changes. Durable before it returns.
+    async fn pool_bind(
+        &self,
+        link: &str,
+        grants: Vec<PoolGrant>,
+        now: u64,
+    ) -> Result<Vec<DeliveredKey>, TakeError>;
+
+    /// The ready keys in the pool of `link` as (ID, expiry), soonest expiry first, so a KME
+    /// can rebuild its view of the pool after a restart.
+    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError>;
 }

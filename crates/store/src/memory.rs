@@ -6,8 +6,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use uuid::Uuid;
 
-use crate::meta::{check_insert, check_take, KeyMeta, PendingCounts};
-use crate::{DeliveredKey, KeyMaterial, KeyStore, NewKey, StoreError, TakeError};
+use crate::meta::{
+    check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+    PendingCounts,
+};
+use crate::{
+    DeliveredKey, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError,
+};
 
 /// In-memory key store behind one mutex.
 #[derive(Debug, Default)]
@@ -19,6 +24,8 @@ pub struct MemoryStore {
 struct Inner {
     keys: HashMap<Uuid, (KeyMeta, KeyMaterial)>,
     pending: PendingCounts,
+    /// Ready keys: ID → (link, expiry, bytes).
+    pool: HashMap<Uuid, (String, u64, KeyMaterial)>,
 }
 
 impl MemoryStore {
@@ -39,7 +46,7 @@ impl KeyStore for MemoryStore {
     async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
         let mut inner = self.lock();
         check_insert(&keys, |id| {
-            Ok::<_, StoreError>(inner.keys.contains_key(&id))
+            Ok::<_, StoreError>(inner.keys.contains_key(&id) || inner.pool.contains_key(&id))
         })??;
         for k in keys {
             let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
@@ -65,7 +72,7 @@ impl KeyStore for MemoryStore {
             check_take(caller, masters, ids, &metas, now)?;
         }
         let mut out = Vec::with_capacity(ids.len());
-        let Inner { keys, pending } = &mut *inner;
+        let Inner { keys, pending, .. } = &mut *inner;
         for id in ids {
             let Some((meta, material)) = keys.get_mut(id) else {
                 // check_take saw every id present, and we hold the lock.
@@ -89,8 +96,12 @@ impl KeyStore for MemoryStore {
 
     async fn purge_expired(&self, now: u64) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        let Inner { keys, pending } = &mut *inner;
-        let before = keys.len();
+        let Inner {
+            keys,
+            pending,
+            pool,
+        } = &mut *inner;
+        let before = keys.len() + pool.len();
         keys.retain(|_, (meta, _)| {
             let keep = meta.expires_at > now;
             if !keep {
@@ -98,19 +109,89 @@ impl KeyStore for MemoryStore {
             }
             keep
         });
-        Ok(u64::try_from(before - keys.len()).unwrap_or(u64::MAX))
+        pool.retain(|_, (_, expires_at, _)| *expires_at > now);
+        Ok(u64::try_from(before - keys.len() - pool.len()).unwrap_or(u64::MAX))
     }
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        let Inner { keys, pending } = &mut *inner;
+        let Inner {
+            keys,
+            pending,
+            pool,
+        } = &mut *inner;
         let mut count = 0;
         for id in ids {
             if let Some((meta, _)) = keys.remove(id) {
                 pending.remove_key(&meta);
                 count += 1;
+            } else if pool.remove(id).is_some() {
+                count += 1;
             }
         }
         Ok(count)
+    }
+
+    async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        check_pool_insert(link, &keys, |id| {
+            Ok::<_, StoreError>(inner.keys.contains_key(&id) || inner.pool.contains_key(&id))
+        })??;
+        for k in keys {
+            inner
+                .pool
+                .insert(k.id, (link.to_owned(), k.expires_at, k.material));
+        }
+        Ok(())
+    }
+
+    async fn pool_bind(
+        &self,
+        link: &str,
+        grants: Vec<PoolGrant>,
+        now: u64,
+    ) -> Result<Vec<DeliveredKey>, TakeError> {
+        let mut inner = self.lock();
+        let ids = pool_bind_ids(&grants)?;
+        let mut delivered = Vec::with_capacity(ids.len());
+        for id in &ids {
+            match inner.pool.get(id) {
+                Some((l, expires_at, material)) if l == link && *expires_at > now => delivered
+                    .push(DeliveredKey {
+                        id: *id,
+                        material: material.clone(),
+                    }),
+                _ => return Err(TakeError::NotFound),
+            }
+        }
+        let bound = pool_bound_keys(&grants, |id| {
+            inner.pool.get(&id).map(|(_, _, material)| material.clone())
+        })?;
+        check_insert(&bound, |id| {
+            Ok::<_, StoreError>(inner.keys.contains_key(&id))
+        })
+        .map_err(TakeError::Store)?
+        .map_err(TakeError::Store)?;
+        for id in &ids {
+            inner.pool.remove(id);
+        }
+        for k in bound {
+            let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
+            inner.pending.add_key(&meta);
+            inner.keys.insert(k.id, (meta, k.material));
+        }
+        Ok(delivered)
+    }
+
+    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
+        let mut ready: Vec<(Uuid, u64)> = self
+            .lock()
+            .pool
+            .iter()
+            .filter(|(_, (l, _, _))| l == link)
+            .map(|(id, (_, expires_at, _))| (*id, *expires_at))
+            .collect();
+        ready.sort_by_key(|(id, expires_at)| (*expires_at, *id));
+        Ok(ready)
     }
 }

@@ -202,3 +202,65 @@ pub fn check_insert<E>(
     }
     Ok(Ok(()))
 }
+
+/// Checks a batch of ready keys for the pool `link` before any is written: a non-empty link
+/// name that fits the record format, non-empty key bytes, and IDs that are distinct and new
+/// (`exists` says whether an ID is already stored, in a pool or as an ordinary key).
+pub fn check_pool_insert<E>(
+    link: &str,
+    keys: &[crate::PoolKey],
+    mut exists: impl FnMut(Uuid) -> Result<bool, E>,
+) -> Result<Result<(), crate::StoreError>, E> {
+    use crate::StoreError;
+    let mut seen = HashSet::with_capacity(keys.len());
+    for k in keys {
+        let invalid = |reason| Ok(Err(StoreError::InvalidKey { id: k.id, reason }));
+        if link.is_empty() {
+            return invalid("empty pool link name");
+        }
+        if link.len() > usize::from(u16::MAX) {
+            return invalid(crate::record::TOO_LONG);
+        }
+        if k.material.is_empty() {
+            return invalid("empty key material");
+        }
+        if !seen.insert(k.id) || exists(k.id)? {
+            return Ok(Err(StoreError::DuplicateId { id: k.id }));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Every ID a pool bind moves, in grant order; [`TakeError::NotFound`] if one repeats, so a
+/// store can check each against its pool and answer in this order.
+pub fn pool_bind_ids(grants: &[crate::PoolGrant]) -> Result<Vec<Uuid>, TakeError> {
+    let mut seen = HashSet::new();
+    let mut ids = Vec::new();
+    for id in grants.iter().flat_map(|g| &g.ids) {
+        if !seen.insert(*id) {
+            return Err(TakeError::NotFound);
+        }
+        ids.push(*id);
+    }
+    Ok(ids)
+}
+
+/// The ordinary keys a pool bind creates (grants with slaves), given each moved key's bytes.
+pub fn pool_bound_keys(
+    grants: &[crate::PoolGrant],
+    mut material: impl FnMut(Uuid) -> Option<crate::KeyMaterial>,
+) -> Result<Vec<crate::NewKey>, TakeError> {
+    let mut keys = Vec::new();
+    for g in grants.iter().filter(|g| !g.slaves.is_empty()) {
+        for id in &g.ids {
+            keys.push(crate::NewKey {
+                id: *id,
+                master: g.master.clone(),
+                slaves: g.slaves.clone(),
+                material: material(*id).ok_or(TakeError::NotFound)?,
+                expires_at: g.expires_at,
+            });
+        }
+    }
+    Ok(keys)
+}

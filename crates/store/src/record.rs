@@ -111,6 +111,20 @@ impl Record {
         Ok(out)
     }
 
+    /// Reads only the expiry and the master (a link name for a ready key) of an encoded
+    /// record, without copying, for scans over many records.
+    pub fn head(bytes: &[u8]) -> Result<(u64, &str), RecordError> {
+        let mut r = Reader(bytes);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(RecordError::UnknownVersion(version));
+        }
+        let expires_at = u64::from_be_bytes(r.array()?);
+        let len = usize::from(r.u16()?);
+        let master = std::str::from_utf8(r.take(len)?).map_err(|_| RecordError::BadName)?;
+        Ok((expires_at, master))
+    }
+
     /// Decodes a record, rejecting unknown versions, short input and trailing bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader(bytes);

@@ -8,6 +8,7 @@
 //! leaves no trace and does not disturb the others, and two takes of the same key can never
 //! both succeed. Pending counts change only after the commit succeeded.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 
@@ -15,11 +16,14 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::embedded::KEYS;
+use crate::embedded::{KEYS, POOL};
 use crate::kek::Cipher;
-use crate::meta::{check_insert, check_take, KeyMeta, PendingCounts};
+use crate::meta::{
+    check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+    PendingCounts,
+};
 use crate::record::{aad, Record};
-use crate::{DeliveredKey, KeyMaterial, NewKey, StoreError, TakeError};
+use crate::{DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, StoreError, TakeError};
 
 /// Upper bound on operations per transaction, to bound the latency of the first caller.
 const MAX_BATCH: usize = 1024;
@@ -45,6 +49,17 @@ pub(crate) enum Request {
     Destroy {
         ids: Vec<Uuid>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    PoolInsert {
+        link: String,
+        keys: Vec<PoolKey>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    PoolBind {
+        link: String,
+        grants: Vec<PoolGrant>,
+        now: u64,
+        reply: oneshot::Sender<Result<Vec<DeliveredKey>, TakeError>>,
     },
 }
 
@@ -89,8 +104,12 @@ impl Outcome {
     fn failed(request: Request, err: &StoreError) -> Self {
         let e = || clone_batch_error(err);
         match request {
-            Request::Insert { reply, .. } => Outcome::Insert(reply, Err(e())),
-            Request::Take { reply, .. } => Outcome::Take(reply, Err(TakeError::Store(e()))),
+            Request::Insert { reply, .. } | Request::PoolInsert { reply, .. } => {
+                Outcome::Insert(reply, Err(e()))
+            }
+            Request::Take { reply, .. } | Request::PoolBind { reply, .. } => {
+                Outcome::Take(reply, Err(TakeError::Store(e())))
+            }
             Request::Purge { reply, .. } | Request::Destroy { reply, .. } => {
                 Outcome::Purge(reply, Err(e()))
             }
@@ -235,10 +254,17 @@ fn apply_all(
     let mut table = txn
         .open_table(KEYS)
         .map_err(|e| StoreError::redb("opening the keys table", e))?;
+    let mut pool = txn
+        .open_table(POOL)
+        .map_err(|e| StoreError::redb("opening the pool table", e))?;
     let mut queue = batch.into_iter();
     while let Some(request) = queue.next() {
+        let mut tables = Tables {
+            keys: &mut table,
+            pool: &mut pool,
+        };
         let step = match request {
-            Request::Insert { keys, reply } => match insert(&mut table, cipher, keys, deltas) {
+            Request::Insert { keys, reply } => match insert(&mut tables, cipher, keys, deltas) {
                 Ok(r) => Ok(Outcome::Insert(reply, r)),
                 Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
             },
@@ -248,20 +274,38 @@ fn apply_all(
                 ids,
                 now,
                 reply,
-            } => match take(&mut table, cipher, &caller, &masters, &ids, now, deltas) {
+            } => match take(tables.keys, cipher, &caller, &masters, &ids, now, deltas) {
                 Ok(r) => Ok(Outcome::Take(reply, r)),
                 Err(e) => Err((
                     Outcome::Take(reply, Err(TakeError::Store(clone_batch_error(&e)))),
                     e,
                 )),
             },
-            Request::Purge { now, ids, reply } => match purge(&mut table, now, &ids, deltas) {
+            Request::Purge { now, ids, reply } => match purge(&mut tables, now, &ids, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, r)),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
-            Request::Destroy { ids, reply } => match destroy(&mut table, &ids, deltas) {
+            Request::Destroy { ids, reply } => match destroy(&mut tables, &ids, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
+            },
+            Request::PoolInsert { link, keys, reply } => {
+                match pool_insert(&mut tables, cipher, &link, keys, deltas) {
+                    Ok(r) => Ok(Outcome::Insert(reply, r)),
+                    Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
+                }
+            }
+            Request::PoolBind {
+                link,
+                grants,
+                now,
+                reply,
+            } => match pool_bind(&mut tables, cipher, &link, grants, now, deltas) {
+                Ok(r) => Ok(Outcome::Take(reply, r)),
+                Err(e) => Err((
+                    Outcome::Take(reply, Err(TakeError::Store(clone_batch_error(&e)))),
+                    e,
+                )),
             },
         };
         match step {
@@ -282,6 +326,20 @@ fn apply_all(
 
 type KeysTable<'t> = Table<'t, u128, &'static [u8]>;
 
+/// The tables of one write transaction: ordinary keys and ready (pool) keys.
+struct Tables<'a, 't> {
+    keys: &'a mut KeysTable<'t>,
+    pool: &'a mut KeysTable<'t>,
+}
+
+impl Tables<'_, '_> {
+    /// Whether `id` is stored at all, as an ordinary or a ready key.
+    fn contains(&self, id: Uuid) -> Result<bool, StoreError> {
+        Ok(self.keys.get(id.as_u128()).map_err(read_error)?.is_some()
+            || self.pool.get(id.as_u128()).map_err(read_error)?.is_some())
+    }
+}
+
 fn read_error(e: redb::StorageError) -> StoreError {
     StoreError::redb("reading a key record", e)
 }
@@ -291,27 +349,30 @@ fn write_error(e: redb::StorageError) -> StoreError {
 }
 
 fn insert(
-    table: &mut KeysTable<'_>,
+    tables: &mut Tables<'_, '_>,
     cipher: &Cipher,
     keys: Vec<NewKey>,
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<(), StoreError>, StoreError> {
-    let checked = check_insert(&keys, |id| {
-        table
-            .get(id.as_u128())
-            .map(|v| v.is_some())
-            .map_err(read_error)
-    })?;
+    let checked = check_insert(&keys, |id| tables.contains(id))?;
     if let Err(e) = checked {
         return Ok(Err(e));
     }
+    match seal_keys(cipher, &keys) {
+        Ok(encoded) => write_sealed(tables.keys, encoded, deltas).map(Ok),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// A key sealed and encoded, ready to write.
+type Sealed = (Uuid, Vec<u8>, KeyMeta);
+
+/// Seals and encodes keys that passed [`check_insert`], all before any is written.
+fn seal_keys(cipher: &Cipher, keys: &[NewKey]) -> Result<Vec<Sealed>, StoreError> {
     let mut encoded = Vec::with_capacity(keys.len());
-    for k in &keys {
+    for k in keys {
         let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
-        let (nonce, sealed) = match cipher.seal(k.material.as_bytes(), &aad(k.id, &k.master)) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
-        };
+        let (nonce, sealed) = cipher.seal(k.material.as_bytes(), &aad(k.id, &k.master))?;
         let record = Record {
             meta,
             nonce,
@@ -319,16 +380,25 @@ fn insert(
         };
         match record.encode() {
             Ok(bytes) => encoded.push((k.id, bytes, record.meta)),
-            Err(reason) => return Ok(Err(StoreError::InvalidKey { id: k.id, reason })),
+            Err(reason) => return Err(StoreError::InvalidKey { id: k.id, reason }),
         }
     }
+    Ok(encoded)
+}
+
+/// Writes sealed keys; an `Err` is a storage failure that spoils the transaction.
+fn write_sealed(
+    table: &mut KeysTable<'_>,
+    encoded: Vec<Sealed>,
+    deltas: &mut Vec<Delta>,
+) -> Result<(), StoreError> {
     for (id, bytes, meta) in encoded {
         table
             .insert(id.as_u128(), bytes.as_slice())
             .map_err(write_error)?;
         deltas.push(Delta::Add(meta));
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 fn take(
@@ -414,39 +484,57 @@ fn take(
 /// Removes those of `ids` that are still present and expired at `now` (a take may have
 /// removed or a re-check may keep some since the scan that found them).
 fn purge(
-    table: &mut KeysTable<'_>,
+    tables: &mut Tables<'_, '_>,
     now: u64,
     ids: &[Uuid],
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<u64, StoreError>, StoreError> {
     let mut expired = Vec::new();
+    let mut expired_ready = Vec::new();
     for id in ids {
-        let Some(raw) = table.get(id.as_u128()).map_err(read_error)? else {
-            continue;
-        };
-        if let Ok(r) = Record::decode(raw.value()) {
-            if r.meta.expires_at <= now {
-                expired.push((*id, r.meta));
+        if let Some(raw) = tables.keys.get(id.as_u128()).map_err(read_error)? {
+            if let Ok(r) = Record::decode(raw.value()) {
+                if r.meta.expires_at <= now {
+                    expired.push((*id, r.meta));
+                }
+            }
+        } else if let Some(raw) = tables.pool.get(id.as_u128()).map_err(read_error)? {
+            if Record::decode(raw.value()).is_ok_and(|r| r.meta.expires_at <= now) {
+                expired_ready.push(*id);
             }
         }
     }
-    let count = expired.len() as u64;
+    let count = (expired.len() + expired_ready.len()) as u64;
     for (id, meta) in expired {
-        table.remove(id.as_u128()).map_err(write_error)?;
+        tables.keys.remove(id.as_u128()).map_err(write_error)?;
         deltas.push(Delta::Remove(meta));
+    }
+    for id in expired_ready {
+        tables.pool.remove(id.as_u128()).map_err(write_error)?;
+        deltas.push(Delta::Wrote);
     }
     Ok(Ok(count))
 }
 
 /// Removes the given keys whatever their entitlements; unknown IDs are skipped.
 fn destroy(
-    table: &mut KeysTable<'_>,
+    tables: &mut Tables<'_, '_>,
     ids: &[Uuid],
     deltas: &mut Vec<Delta>,
 ) -> Result<u64, StoreError> {
     let mut count = 0;
     for id in ids {
-        let Some(raw) = table.remove(id.as_u128()).map_err(write_error)? else {
+        if tables
+            .pool
+            .remove(id.as_u128())
+            .map_err(write_error)?
+            .is_some()
+        {
+            count += 1;
+            deltas.push(Delta::Wrote);
+            continue;
+        }
+        let Some(raw) = tables.keys.remove(id.as_u128()).map_err(write_error)? else {
             continue;
         };
         count += 1;
@@ -459,4 +547,106 @@ fn destroy(
         }
     }
     Ok(count)
+}
+
+/// Seals ready keys into the pool table under the link name (in the AAD, as a master would
+/// be), after checking the whole batch.
+fn pool_insert(
+    tables: &mut Tables<'_, '_>,
+    cipher: &Cipher,
+    link: &str,
+    keys: Vec<PoolKey>,
+    deltas: &mut Vec<Delta>,
+) -> Result<Result<(), StoreError>, StoreError> {
+    if let Err(e) = check_pool_insert(link, &keys, |id| tables.contains(id))? {
+        return Ok(Err(e));
+    }
+    let mut encoded = Vec::with_capacity(keys.len());
+    for k in &keys {
+        let (nonce, sealed) = match cipher.seal(k.material.as_bytes(), &aad(k.id, link)) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let record = Record {
+            meta: KeyMeta::new(link, &[], k.expires_at),
+            nonce,
+            sealed,
+        };
+        match record.encode() {
+            Ok(bytes) => encoded.push((k.id, bytes)),
+            Err(reason) => return Ok(Err(StoreError::InvalidKey { id: k.id, reason })),
+        }
+    }
+    for (id, bytes) in encoded {
+        tables
+            .pool
+            .insert(id.as_u128(), bytes.as_slice())
+            .map_err(write_error)?;
+    }
+    deltas.push(Delta::Wrote);
+    Ok(Ok(()))
+}
+
+/// Moves ready keys of `link` out of the pool: checks and opens every one before writing,
+/// then deletes them and stores the bound ones as ordinary keys.
+fn pool_bind(
+    tables: &mut Tables<'_, '_>,
+    cipher: &Cipher,
+    link: &str,
+    grants: Vec<PoolGrant>,
+    now: u64,
+    deltas: &mut Vec<Delta>,
+) -> Result<Result<Vec<DeliveredKey>, TakeError>, StoreError> {
+    let ids = match pool_bind_ids(&grants) {
+        Ok(ids) => ids,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut delivered = Vec::with_capacity(ids.len());
+    for id in &ids {
+        let Some(raw) = tables.pool.get(id.as_u128()).map_err(read_error)? else {
+            return Ok(Err(TakeError::NotFound));
+        };
+        let record = match Record::decode(raw.value()) {
+            Ok(r) => r,
+            Err(reason) => {
+                return Ok(Err(TakeError::Store(StoreError::CorruptRecord {
+                    id: *id,
+                    reason,
+                })))
+            }
+        };
+        if record.meta.master != link || record.meta.expires_at <= now {
+            return Ok(Err(TakeError::NotFound));
+        }
+        match record.open(cipher, *id) {
+            Ok(material) => delivered.push(DeliveredKey { id: *id, material }),
+            Err(e) => return Ok(Err(TakeError::Store(e))),
+        }
+    }
+    let by_id: HashMap<Uuid, &KeyMaterial> =
+        delivered.iter().map(|d| (d.id, &d.material)).collect();
+    let bound = match pool_bound_keys(&grants, |id| by_id.get(&id).map(|m| (*m).clone())) {
+        Ok(keys) => keys,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Err(e) = check_insert(&bound, |id| {
+        tables
+            .keys
+            .get(id.as_u128())
+            .map(|v| v.is_some())
+            .map_err(read_error)
+    })? {
+        return Ok(Err(TakeError::Store(e)));
+    }
+    let encoded = match seal_keys(cipher, &bound) {
+        Ok(encoded) => encoded,
+        Err(e) => return Ok(Err(TakeError::Store(e))),
+    };
+    drop(by_id);
+    for id in &ids {
+        tables.pool.remove(id.as_u128()).map_err(write_error)?;
+    }
+    deltas.push(Delta::Wrote);
+    write_sealed(tables.keys, encoded, deltas)?;
+    Ok(Ok(delivered))
 }

@@ -10,7 +10,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use dqkd_store::{EmbeddedStore, Kek, KeyMaterial, KeyStore, NewKey, StoreError, TakeError, Uuid};
+use dqkd_store::{
+    EmbeddedStore, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError,
+    Uuid,
+};
 use redb::ReadableTable;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -61,6 +64,60 @@ async fn reopen_keeps_keys_and_rebuilds_counts() {
     assert_eq!(got[0].material.as_bytes(), &[1; 32]);
     let got = s.take("bob", &alice(), &[i2], 0).await.unwrap();
     assert_eq!(got[0].material.as_bytes(), &[2; 32]);
+}
+
+/// Ready keys survive a restart sealed (never in clear in the file) and bind afterwards.
+#[tokio::test]
+async fn ready_keys_survive_reopen_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let ready: Vec<PoolKey> = (0..200)
+        .map(|_| PoolKey {
+            id: Uuid::new_v4(),
+            material: KeyMaterial::new(random_bytes(32)),
+            expires_at: u64::MAX,
+        })
+        .collect();
+    let secrets: HashSet<Vec<u8>> = ready
+        .iter()
+        .map(|k| k.material.as_bytes().to_vec())
+        .collect();
+    {
+        let s = open(&path);
+        s.pool_insert("site-a>site-b", ready.clone()).await.unwrap();
+    }
+    let file = std::fs::read(&path).unwrap();
+    let found = file.windows(32).filter(|w| secrets.contains(*w)).count();
+    assert_eq!(found, 0, "ready key bytes found in clear in the store file");
+
+    let s = open(&path);
+    let listed = s.pool_list("site-a>site-b").await.unwrap();
+    assert_eq!(listed.len(), 200);
+    let first = ready[0].id;
+    let got = s
+        .pool_bind(
+            "site-a>site-b",
+            vec![PoolGrant {
+                ids: vec![first],
+                master: "alice".into(),
+                slaves: vec!["bob".into()],
+                expires_at: u64::MAX,
+            }],
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), ready[0].material.as_bytes());
+    drop(s);
+    let s = open(&path);
+    assert_eq!(s.pool_list("site-a>site-b").await.unwrap().len(), 199);
+    assert_eq!(
+        s.pending("alice", "bob"),
+        1,
+        "the bound key survives as an ordinary key"
+    );
+    let got = s.take("bob", &alice(), &[first], 0).await.unwrap();
+    assert_eq!(got[0].material.as_bytes(), ready[0].material.as_bytes());
 }
 
 #[tokio::test]
