@@ -19,7 +19,7 @@ use dqkd_etsi014::{parse_dec_query, parse_enc_query, parse_key_ids, parse_key_re
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::peer::{DeliverRequest, DestroyRequest};
+use crate::peer::{BindRequest, DeliverRequest, DestroyRequest, FillRequest};
 use crate::service::{KeyService, VerifiedKme, VerifiedSae};
 use crate::ApiError;
 
@@ -59,6 +59,8 @@ pub fn peer_router(service: Arc<KeyService>) -> Router {
     Router::new()
         .route("/peer/v1/deliver", post(peer_deliver))
         .route("/peer/v1/destroy", post(peer_destroy))
+        .route("/peer/v1/fill", post(peer_fill))
+        .route("/peer/v1/bind", post(peer_bind))
         .route("/peer/v1/health", get(peer_health))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -100,6 +102,37 @@ async fn peer_deliver(
     let ack = task
         .await
         .map_err(|e| ApiError::Internal(format!("delivery task failed: {e}")))??;
+    Ok(json(&ack))
+}
+
+async fn peer_fill(
+    State(service): State<Arc<KeyService>>,
+    PeerKme(peer): PeerKme,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: FillRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid fill message: {e}")))?;
+    // Like a delivery, a fill runs to completion: its post-commit checks must not be skipped.
+    let task = tokio::spawn(async move { service.peer_fill(&peer, request).await });
+    let ack = task
+        .await
+        .map_err(|e| ApiError::Internal(format!("fill task failed: {e}")))??;
+    Ok(json(&ack))
+}
+
+async fn peer_bind(
+    State(service): State<Arc<KeyService>>,
+    PeerKme(peer): PeerKme,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: BindRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid bind message: {e}")))?;
+    let task = tokio::spawn(async move { service.peer_bind(&peer, request).await });
+    let ack = task
+        .await
+        .map_err(|e| ApiError::Internal(format!("bind task failed: {e}")))??;
     Ok(json(&ack))
 }
 

@@ -31,6 +31,9 @@ pub struct Manifest {
     /// Site-to-site (peer) settings.
     #[serde(default)]
     pub peers: PeerSettings,
+    /// Ready-key pools per peer link.
+    #[serde(default)]
+    pub pools: PoolSettings,
     /// The entropy servers every site draws from. With none, keys come from each KME's
     /// operating-system CSPRNG and only same-site pairs are possible.
     #[serde(default)]
@@ -68,6 +71,38 @@ impl Default for PeerSettings {
         Self { timeout_ms: 5000 }
     }
 }
+
+/// Ready-key pools: keys generated ahead of demand for each pair of sites and already
+/// regenerated at the peer, so `enc_keys` needs one peer round trip to name their SAEs and
+/// none to the entropy servers. Pools hold keys of `limits.default_key_size`; requests for
+/// other sizes, multicast requests and same-site pairs are served on demand, as is any
+/// request a pool cannot cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// Ready keys each site keeps per peer site. 0 turns pools off.
+    pub target: u64,
+    /// A refill starts when a pool falls below this many keys and runs up to `target`.
+    pub low_water: u64,
+    /// Keys per refill batch: one entropy allocation per server and one peer message each.
+    pub batch: u32,
+    /// Seconds a ready key is kept unused before it is shredded at both sites.
+    pub ttl_secs: u64,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            target: 0,
+            low_water: 0,
+            batch: 8192,
+            ttl_secs: 86_400,
+        }
+    }
+}
+
+/// Most keys in one refill batch; its peer message (IDs and metadata) stays a few MiB.
+pub const MAX_POOL_BATCH: u32 = 65_536;
 
 /// One entropy server of the manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,6 +338,8 @@ pub struct Config {
     pub entropy: Vec<EntropyEntry>,
     /// How long to wait for peers and entropy servers.
     pub peer_timeout: Duration,
+    /// Ready-key pools (`target == 0`: off).
+    pub pools: PoolSettings,
     /// Whether masters may fetch their keys again (see [`KeyLife::master_refetch`]).
     pub master_refetch: bool,
     /// How long the master's own copy is kept (see [`KeyLife::master_refetch_secs`]).
@@ -458,6 +495,7 @@ impl Config {
         if manifest.peers.timeout_ms == 0 {
             return Err(invalid("peers.timeout_ms must be at least 1".into()));
         }
+        check_pools(&manifest.pools, manifest.entropy.is_empty()).map_err(invalid)?;
         let abs = |p: &Path| base.join(p);
         Ok(Self {
             cluster: manifest.cluster,
@@ -468,6 +506,7 @@ impl Config {
             keygen: manifest.keygen,
             entropy: manifest.entropy,
             peer_timeout: Duration::from_millis(manifest.peers.timeout_ms),
+            pools: manifest.pools,
             master_refetch: manifest.keys.master_refetch,
             master_refetch_window: Duration::from_secs(
                 manifest
@@ -493,6 +532,40 @@ impl Config {
         // Invariant checked in `from_parts`: kme_id names a site of the manifest.
         &self.sites[&self.kme_id]
     }
+}
+
+/// Pools need entropy servers (only they make keys another site can regenerate), a low-water
+/// mark under the target, and a batch the peer message can carry.
+fn check_pools(pools: &PoolSettings, no_entropy: bool) -> Result<(), String> {
+    if pools.target == 0 {
+        return Ok(());
+    }
+    if no_entropy {
+        return Err(
+            "pools.target is set but the manifest lists no [[entropy]] servers; ready keys for \
+             other sites need them"
+                .into(),
+        );
+    }
+    if pools.low_water >= pools.target {
+        return Err(format!(
+            "pools.low_water ({}) must be below pools.target ({})",
+            pools.low_water, pools.target
+        ));
+    }
+    if pools.batch == 0 || pools.batch > MAX_POOL_BATCH {
+        return Err(format!(
+            "pools.batch must be 1 to {MAX_POOL_BATCH}; got {}",
+            pools.batch
+        ));
+    }
+    if pools.ttl_secs < 60 {
+        return Err(format!(
+            "pools.ttl_secs must be at least 60; got {}",
+            pools.ttl_secs
+        ));
+    }
+    Ok(())
 }
 
 /// Exactly one of `path` and `url`; `DQKD_STORE_URL` overrides the URL.
@@ -708,6 +781,41 @@ saes = ["bob"]
 
         let bad_c = format!("[keygen]\nn = 2\nc = 2\n{TWO_SITES}");
         assert!(check(&bad_c, "A").is_err());
+    }
+
+    #[test]
+    fn pool_settings_are_checked() {
+        let entropy = "[[entropy]]\nid = \"E1\"\naddr = \"127.0.0.1:5\"\n\
+                       [[entropy]]\nid = \"E2\"\naddr = \"127.0.0.1:6\"\n\
+                       [[entropy]]\nid = \"E3\"\naddr = \"127.0.0.1:7\"\n";
+        let with = |pools: &str, entropy: &str| format!("[pools]\n{pools}\n{entropy}{TWO_SITES}");
+        let config = check(&with("target = 1000\nlow_water = 500", entropy), "A").expect("valid");
+        assert_eq!(config.pools.target, 1000);
+        assert_eq!(config.pools.batch, PoolSettings::default().batch);
+        assert_eq!(check(TWO_SITES, "A").expect("valid").pools.target, 0);
+
+        for (pools, entropy, needle) in [
+            ("target = 1000", "", "no [[entropy]] servers"),
+            (
+                "target = 1000\nlow_water = 1000",
+                entropy,
+                "must be below pools.target",
+            ),
+            (
+                "target = 10\nbatch = 0",
+                entropy,
+                "pools.batch must be 1 to",
+            ),
+            (
+                "target = 10\nbatch = 70000",
+                entropy,
+                "pools.batch must be 1 to",
+            ),
+            ("target = 10\nttl_secs = 5", entropy, "at least 60"),
+        ] {
+            let err = check(&with(pools, entropy), "A").expect_err(pools);
+            assert!(err.to_string().contains(needle), "{pools}: {err}");
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum ApiError {
     /// The body is larger than the endpoint's limit (413).
     #[error("request body is too large")]
     BodyTooLarge,
+    /// A peer named ready keys this site no longer holds for it (409): the origin falls back
+    /// to making the keys on demand.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl ApiError {
@@ -47,6 +51,7 @@ impl ApiError {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
         }
     }
 }

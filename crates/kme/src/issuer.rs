@@ -1,4 +1,5 @@
-//! Issuing keys: coalesces concurrent enc_keys requests into batches.
+//! Issuing keys: coalesces concurrent enc_keys requests into batches, serves them from the
+//! ready-key pools when it can, and keeps those pools filled.
 //!
 //! Requests that go to the same set of peer sites with the same key size share one
 //! generation (one entropy allocation per server), one `deliver` message per peer site and
@@ -11,13 +12,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use dqkd_store::{KeyMaterial, KeyStore, NewKey};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use dqkd_store::{KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::keysource::{KeySource, KeySourceError};
-use crate::peer::{DeliverRequest, DestroyRequest, Grant, PeerClient, PeerError};
+use crate::peer::{
+    BindRequest, DeliverRequest, DestroyRequest, FillRequest, Grant, PeerClient, PeerError,
+};
+use crate::pools::{LinkPool, Pools};
 use crate::ApiError;
 
 /// Most keys one batch carries (a single request may exceed it alone).
@@ -63,6 +67,7 @@ struct Shared {
     store: Arc<dyn KeyStore>,
     source: Arc<dyn KeySource>,
     peers: BTreeMap<String, PeerClient>,
+    pools: Pools,
 }
 
 /// Coalesces enc_keys requests per link.
@@ -79,12 +84,19 @@ impl Issuer {
         source: Arc<dyn KeySource>,
         peers: BTreeMap<String, PeerClient>,
     ) -> Self {
+        let pools = Pools::new(
+            &config.kme_id,
+            config.pools,
+            (config.limits.default_key_size / 8) as usize,
+            peers.keys(),
+        );
         Self {
             shared: Arc::new(Shared {
                 config,
                 store,
                 source,
                 peers,
+                pools,
             }),
             queues: Mutex::new(HashMap::new()),
         }
@@ -93,6 +105,25 @@ impl Issuer {
     /// Whether a peer client exists for `site`.
     pub fn knows_peer(&self, site: &str) -> bool {
         self.shared.peers.contains_key(site)
+    }
+
+    /// `(level, target)` of the ready-key pool toward `site`, if there is one.
+    pub fn pool_level(&self, site: &str) -> Option<(u64, u64)> {
+        self.shared.pools.level(site)
+    }
+
+    /// Reads the pools back from the store and starts one refill task per link, which
+    /// stops when `stopped` turns true. Returns how many ready keys were loaded.
+    pub async fn start_pools(&self, stopped: watch::Receiver<bool>) -> Result<u64, StoreError> {
+        let loaded = self.shared.pools.load(self.shared.store.as_ref()).await?;
+        for pool in self.shared.pools.links() {
+            tokio::spawn(refill_loop(
+                self.shared.clone(),
+                pool.clone(),
+                stopped.clone(),
+            ));
+        }
+        Ok(loaded)
     }
 
     /// Issues the order's keys: returns once every involved site has stored them durably.
@@ -264,13 +295,23 @@ impl From<ApiError> for BatchError {
     }
 }
 
-/// Generates, delivers and stores one batch; returns the keys in job order.
+/// Issues one batch from the ready pool when it covers it, else generates, delivers and
+/// stores it now; returns the keys in job order.
 async fn issue_batch(
     shared: &Shared,
     link: &Link,
     jobs: &[Job],
     total: usize,
 ) -> Result<Issued, BatchError> {
+    if let [site] = link.remote.as_slice() {
+        if let Some(ids) = shared.pools.take(site, total, link.len, unix_now()) {
+            match bind_ready(shared, site, jobs, &ids).await {
+                Ok(keys) => return Ok(keys),
+                Err(Bound::Missed) => {}
+                Err(Bound::Failed(e)) => return Err(e),
+            }
+        }
+    }
     let batch = shared
         .source
         .generate(total, link.len, &link.remote)
@@ -287,8 +328,6 @@ async fn issue_batch(
     }
 
     let now = unix_now();
-    let ttl_expiry = now.saturating_add(shared.config.key_ttl.as_secs());
-    let refetch_expiry = now.saturating_add(shared.config.master_refetch_window.as_secs());
     let mut records = Vec::new();
     let mut offset = 0;
     for job in jobs {
@@ -297,12 +336,7 @@ async fn issue_batch(
         if job.order.local.is_empty() {
             continue;
         }
-        // Only the master's own copy: keep it for the (shorter) refetch window.
-        let expires_at = if job.order.local.iter().all(|s| *s == job.order.master) {
-            refetch_expiry
-        } else {
-            ttl_expiry
-        };
+        let expires_at = local_expiry(shared, &job.order, now);
         for (id, material) in keys {
             records.push(NewKey {
                 id: *id,
@@ -320,6 +354,249 @@ async fn issue_batch(
         }
     }
     Ok(batch.keys)
+}
+
+/// Why ready keys could not be bound.
+enum Bound {
+    /// They were no longer ready at one of the sites (nothing was bound): make keys on demand.
+    Missed,
+    /// The peer refused or did not answer; the keys are withdrawn.
+    Failed(BatchError),
+}
+
+/// Binds ready keys toward `site` to the batch's SAEs: at the peer first (one round trip),
+/// then here; returns the keys in job order. On any failure the keys are shredded at both
+/// sites, so a ready key is bound once or never.
+async fn bind_ready(
+    shared: &Shared,
+    site: &str,
+    jobs: &[Job],
+    ids: &[Uuid],
+) -> Result<Issued, Bound> {
+    let Some(client) = shared.peers.get(site) else {
+        return Err(Bound::Missed);
+    };
+    let request_id = Uuid::new_v4();
+    let mut grants = Vec::with_capacity(jobs.len());
+    let mut offset = 0;
+    for job in jobs {
+        grants.push(Grant {
+            master: job.order.master.clone(),
+            slaves: job.order.remote.get(site).cloned().unwrap_or_default(),
+            key_ids: ids[offset..offset + job.order.count].to_vec(),
+        });
+        offset += job.order.count;
+    }
+    let labels = [
+        ("kme", shared.config.kme_id.clone()),
+        ("peer", site.to_owned()),
+    ];
+    let started = Instant::now();
+    let result = client.bind(&BindRequest { request_id, grants }).await;
+    metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("dqkd_peer_binds_total", &labels).increment(1);
+    let shred = |why: &str| {
+        tracing::debug!(site, count = ids.len(), why, "shredding ready keys");
+        destroy_here(shared, ids);
+    };
+    match result {
+        Ok(ack) if ack.request_id == request_id && ack.bound == ids.len() => {}
+        Err(PeerError::Refused { status, .. }) if status == http::StatusCode::CONFLICT => {
+            shred("the peer no longer holds them");
+            let stale = shared.pools.discard(site);
+            tracing::warn!(
+                site,
+                discarded = stale.len(),
+                "the peer does not hold keys this site thought ready; refilling the pool from scratch"
+            );
+            destroy_here(shared, &stale);
+            return Err(Bound::Missed);
+        }
+        other => {
+            metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
+            withdraw(shared, request_id, &[site.to_owned()], ids);
+            shred("the bind failed");
+            let (refused, reason) = match other {
+                Err(e @ PeerError::Refused { .. }) => (true, e.to_string()),
+                Err(e) => (false, e.to_string()),
+                Ok(ack) => (
+                    true,
+                    format!(
+                        "site {site:?} acknowledged bind {} of {} keys, expected {request_id} of {}",
+                        ack.request_id,
+                        ack.bound,
+                        ids.len()
+                    ),
+                ),
+            };
+            tracing::warn!(
+                target: "dqkd::audit",
+                event = "keys_withdrawn",
+                %request_id,
+                failure = %reason,
+                key_ids = ?ids,
+                "binding ready keys failed; they are destroyed at both sites"
+            );
+            let error = ApiError::Unavailable(reason);
+            return Err(Bound::Failed(if refused {
+                BatchError::Refused(error)
+            } else {
+                BatchError::Other(error)
+            }));
+        }
+    }
+    let now = unix_now();
+    let mut local = Vec::with_capacity(jobs.len());
+    let mut offset = 0;
+    for job in jobs {
+        local.push(PoolGrant {
+            ids: ids[offset..offset + job.order.count].to_vec(),
+            master: job.order.master.clone(),
+            slaves: job.order.local.clone(),
+            expires_at: local_expiry(shared, &job.order, now),
+        });
+        offset += job.order.count;
+    }
+    let name = crate::pools::link_name(&shared.config.kme_id, site);
+    match shared.store.pool_bind(&name, local, now).await {
+        Ok(keys) => Ok(keys.into_iter().map(|k| (k.id, k.material)).collect()),
+        Err(e) => {
+            // Bound at the peer but not here (shredded as expired, say): undo the peer's
+            // side and make the keys on demand instead.
+            tracing::warn!(site, error = %e, "ready keys could not be bound here; withdrawing them");
+            withdraw(shared, request_id, &[site.to_owned()], ids);
+            shred("the local bind failed");
+            Err(Bound::Missed)
+        }
+    }
+}
+
+/// When this site's copy of a job's keys expires: the master's own copy only for the
+/// (shorter) refetch window, copies for slaves of this site for the full TTL.
+fn local_expiry(shared: &Shared, order: &Order, now: u64) -> u64 {
+    if order.local.iter().all(|s| *s == order.master) {
+        now.saturating_add(shared.config.master_refetch_window.as_secs())
+    } else {
+        now.saturating_add(shared.config.key_ttl.as_secs())
+    }
+}
+
+/// Shreds keys at this site in the background (they are unusable either way).
+fn destroy_here(shared: &Shared, ids: &[Uuid]) {
+    let store = shared.store.clone();
+    let ids = ids.to_vec();
+    tokio::spawn(async move {
+        if let Err(e) = store.destroy(&ids).await {
+            tracing::warn!(error = %e, "could not shred unusable keys; they expire by TTL");
+        }
+    });
+}
+
+/// Keeps one link's pool between its low-water mark and its target: once the level is at
+/// or below the low-water mark, fills batch after batch until the target is reached.
+async fn refill_loop(shared: Arc<Shared>, pool: Arc<LinkPool>, mut stopped: watch::Receiver<bool>) {
+    let settings = shared.pools.settings();
+    let mut filling = false;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let level = pool.level();
+        filling = (filling || level <= settings.low_water) && level < settings.target;
+        if !filling {
+            tokio::select! {
+                _ = pool.woken() => {}
+                // Keys dropped near expiry lower the level without a take's wake-up.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopped.changed() => return,
+            }
+            continue;
+        }
+        let count = (settings.target - level).min(u64::from(settings.batch)) as usize;
+        let started = Instant::now();
+        match fill_once(&shared, &pool, count).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(200);
+                metrics::histogram!("dqkd_pool_refill_seconds", "kme" => shared.config.kme_id.clone())
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                tracing::warn!(peer = pool.peer(), error = %e, retry_in = ?backoff, "refilling the ready-key pool failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// One refill batch: generate, have the peer regenerate and store it, then store it here.
+/// The peer stores first, so this site never holds a ready key its peer lacks.
+async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(), ApiError> {
+    let peer = pool.peer().to_owned();
+    let client = shared
+        .peers
+        .get(&peer)
+        .ok_or_else(|| ApiError::Unavailable(format!("site {peer:?} has no peer address")))?;
+    let batch = shared
+        .source
+        .generate(count, shared.pools.key_len(), std::slice::from_ref(&peer))
+        .await
+        .map_err(source_error)?;
+    let metadata = batch
+        .metadata
+        .as_deref()
+        .ok_or_else(|| ApiError::Internal("the key source gave no regeneration metadata".into()))?;
+    let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
+    let request_id = Uuid::new_v4();
+    let expires_at = unix_now().saturating_add(shared.pools.settings().ttl_secs);
+    let request = FillRequest {
+        request_id,
+        metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
+        expires_at,
+    };
+    let labels = [
+        ("kme", shared.config.kme_id.clone()),
+        ("peer", peer.clone()),
+    ];
+    match client.fill(&request).await {
+        Ok(ack) if ack.request_id == request_id && ack.stored == ids.len() => {}
+        other => {
+            metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
+            withdraw(shared, request_id, std::slice::from_ref(&peer), &ids);
+            return Err(ApiError::Unavailable(match other {
+                Err(e) => e.to_string(),
+                Ok(ack) => format!(
+                    "site {peer:?} acknowledged fill {} of {} keys, expected {request_id} of {}",
+                    ack.request_id,
+                    ack.stored,
+                    ids.len()
+                ),
+            }));
+        }
+    }
+    let keys = batch
+        .keys
+        .into_iter()
+        .map(|(id, material)| PoolKey {
+            id,
+            material,
+            expires_at,
+        })
+        .collect();
+    if let Err(e) = shared.store.pool_insert(pool.name(), keys).await {
+        withdraw(shared, request_id, std::slice::from_ref(&peer), &ids);
+        return Err(e.into());
+    }
+    pool.push(ids.iter().map(|id| (*id, expires_at)));
+    shared.pools.gauge(pool);
+    metrics::counter!("dqkd_pool_filled_keys_total", &labels).increment(ids.len() as u64);
+    tracing::debug!(peer, keys = ids.len(), "ready-key pool refilled");
+    Ok(())
 }
 
 /// Sends one deliver message per peer site, all at once; every site must acknowledge.

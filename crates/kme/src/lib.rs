@@ -17,6 +17,7 @@ mod error;
 pub mod issuer;
 pub mod keysource;
 pub mod peer;
+pub mod pools;
 pub mod server;
 pub mod service;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! The peer API: how one site's KME tells another which keys to regenerate and who may
-//! fetch them, and how it withdraws them when a request fails.
+//! fetch them, how it keeps ready keys at both ends of a link (`fill`, then `bind` when an
+//! SAE asks), and how it withdraws keys when a request fails.
 //!
 //! Only KME certificates of the cluster may call it. Every message carries a request ID
 //! and the key IDs it concerns, so a retry after a timeout is harmless: `deliver` answers a
@@ -64,6 +65,49 @@ pub struct DestroyAck {
     pub destroyed: u64,
 }
 
+/// `POST /peer/v1/fill`: regenerate a batch of ready keys for the calling site's pool
+/// toward this site. They belong to no SAE until a [`BindRequest`] names them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FillRequest {
+    /// Idempotency key of this message.
+    pub request_id: Uuid,
+    /// Regeneration metadata of the batch (`dqkd-keygen` encoding, key IDs included),
+    /// standard Base64.
+    pub metadata: String,
+    /// Unix seconds after which both sites shred the keys if still unbound.
+    pub expires_at: u64,
+}
+
+/// Answer to [`FillRequest`]: the ready keys are durably stored at the receiving site.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FillAck {
+    /// The request acknowledged.
+    pub request_id: Uuid,
+    /// How many ready keys are stored.
+    pub stored: usize,
+}
+
+/// `POST /peer/v1/bind`: ready keys of the calling site's pool leave it for these SAEs.
+/// Refused with 409 (and nothing changed) if any key is no longer ready here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindRequest {
+    /// Idempotency key of this message.
+    pub request_id: Uuid,
+    /// Who may fetch which ready keys: one grant per enc_keys request.
+    pub grants: Vec<Grant>,
+}
+
+/// Answer to [`BindRequest`]: the keys are durably held for their SAEs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BindAck {
+    /// The request acknowledged.
+    pub request_id: Uuid,
+    /// How many keys are bound.
+    pub bound: usize,
+}
+
 /// Why a peer call failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -120,6 +164,16 @@ impl PeerClient {
     /// Sends a deliver message and waits for the durable acknowledgement.
     pub async fn deliver(&self, request: &DeliverRequest) -> Result<DeliverAck, PeerError> {
         self.call("/peer/v1/deliver", request).await
+    }
+
+    /// Sends a batch of ready keys to regenerate and waits for the durable acknowledgement.
+    pub async fn fill(&self, request: &FillRequest) -> Result<FillAck, PeerError> {
+        self.call("/peer/v1/fill", request).await
+    }
+
+    /// Binds ready keys to SAEs and waits for the durable acknowledgement.
+    pub async fn bind(&self, request: &BindRequest) -> Result<BindAck, PeerError> {
+        self.call("/peer/v1/bind", request).await
     }
 
     /// Sends a destroy message.

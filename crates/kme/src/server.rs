@@ -204,6 +204,20 @@ pub async fn run_with(
     let config = Arc::new(config);
     let service = Arc::new(KeyService::new(config.clone(), store, source, peers));
     let (stop, stopped) = watch::channel(false);
+    let loaded = service
+        .start_pools(stopped.clone())
+        .await
+        .map_err(|source| ServeError::Store {
+            path: "reading the ready-key pools".into(),
+            source,
+        })?;
+    if config.pools.target > 0 {
+        tracing::info!(
+            ready_keys = loaded,
+            target = config.pools.target,
+            "ready-key pools loaded"
+        );
+    }
 
     let purge = tokio::spawn(purge_loop(service.clone(), stopped.clone()));
     let cluster: Arc<str> = config.cluster.as_str().into();

@@ -10,13 +10,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine as _;
 use dqkd_etsi014::{Key, KeyContainer, KeyRequest, Status};
-use dqkd_store::{DeliveredKey, KeyStore, NewKey, TakeError};
+use dqkd_store::{DeliveredKey, KeyStore, NewKey, PoolGrant, PoolKey, TakeError};
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::issuer::{source_error, unix_now, Issuer, Order};
 use crate::keysource::KeySource;
-use crate::peer::{DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, PeerClient};
+use crate::peer::{
+    BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
+    FillRequest, Grant, PeerClient,
+};
 use crate::ApiError;
 
 /// How many completed deliver request IDs a site remembers for idempotent retries.
@@ -170,20 +173,31 @@ impl KeyService {
             return Err(self.unreachable(&site));
         }
         let limits = &self.config.limits;
-        // Keys are made on demand; what limits a pair is how many of its keys wait here.
-        let pending = slaves
-            .iter()
-            .map(|s| self.store.pending(caller.id(), s))
-            .max()
-            .unwrap_or(0);
+        // With a ready pool toward the slave's site, the keys ready now are its level.
+        // Without one keys are made on demand, and what limits a pair is how many of its
+        // keys wait here.
+        let (stored_key_count, max_key_count) = match self.issuer.pool_level(&site) {
+            Some(level) => level,
+            None => {
+                let pending = slaves
+                    .iter()
+                    .map(|s| self.store.pending(caller.id(), s))
+                    .max()
+                    .unwrap_or(0);
+                (
+                    limits.max_key_count.saturating_sub(pending),
+                    limits.max_key_count,
+                )
+            }
+        };
         Ok(Status {
             source_KME_ID: self.config.kme_id.clone(),
             target_KME_ID: site,
             master_SAE_ID: caller.id().to_owned(),
             slave_SAE_ID: slave.to_owned(),
             key_size: limits.default_key_size,
-            stored_key_count: limits.max_key_count.saturating_sub(pending),
-            max_key_count: limits.max_key_count,
+            stored_key_count,
+            max_key_count,
             max_key_per_request: limits.max_key_per_request,
             max_key_size: limits.max_key_size,
             min_key_size: limits.min_key_size,
@@ -325,26 +339,7 @@ impl KeyService {
             }
             None => {}
         }
-        let peer_site = &self.config.sites[peer.id()];
-        let own = self.config.own_site();
-        for grant in &request.grants {
-            if !peer_site.saes.contains(&grant.master) {
-                return Err(ApiError::BadRequest(format!(
-                    "master {:?} is not an SAE of site {:?}",
-                    grant.master,
-                    peer.id()
-                )));
-            }
-            if grant.slaves.is_empty() {
-                return Err(ApiError::BadRequest("a grant names no slave SAE".into()));
-            }
-            if let Some(stranger) = grant.slaves.iter().find(|s| !own.saes.contains(*s)) {
-                return Err(ApiError::BadRequest(format!(
-                    "{stranger:?} is not an SAE of site {:?}",
-                    self.config.kme_id
-                )));
-            }
-        }
+        self.check_grants(peer, &request.grants)?;
         let metadata = base64::engine::general_purpose::STANDARD
             .decode(&request.metadata)
             .map_err(|e| ApiError::BadRequest(format!("metadata is not Base64: {e}")))?;
@@ -355,18 +350,7 @@ impl KeyService {
             .map_err(source_error)?
             .into_iter()
             .collect();
-        let (min, max) = (
-            self.config.limits.min_key_size as usize / 8,
-            self.config.limits.max_key_size as usize / 8,
-        );
-        if let Some((id, _)) = keys
-            .iter()
-            .find(|(_, k)| !(min..=max).contains(&k.as_bytes().len()))
-        {
-            return Err(ApiError::BadRequest(format!(
-                "key {id} is outside this cluster's key sizes"
-            )));
-        }
+        self.check_sizes(keys.iter().map(|(id, k)| (id, k.as_bytes().len())))?;
         let granted: usize = request.grants.iter().map(|g| g.key_ids.len()).sum();
         let distinct: BTreeSet<&Uuid> = request.grants.iter().flat_map(|g| &g.key_ids).collect();
         if granted != keys.len() || distinct.len() != granted {
@@ -374,24 +358,7 @@ impl KeyService {
                 "the grants must name every key of the metadata exactly once".into(),
             ));
         }
-        let limits = &self.config.limits;
-        let mut wanted: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for grant in &request.grants {
-            for s in &grant.slaves {
-                *wanted
-                    .entry((grant.master.as_str(), s.as_str()))
-                    .or_default() += grant.key_ids.len() as u64;
-            }
-        }
-        for ((master, slave), count) in wanted {
-            let pending = self.store.pending(master, slave);
-            if pending + count > limits.max_key_count {
-                return Err(ApiError::Unavailable(format!(
-                    "{pending} keys for {master}→{slave} are waiting at {:?}; max_key_count is {}",
-                    self.config.kme_id, limits.max_key_count
-                )));
-            }
-        }
+        self.check_quota(&request.grants)?;
         let expires_at = unix_now().saturating_add(self.config.key_ttl.as_secs());
         let mut records = Vec::with_capacity(granted);
         for grant in &request.grants {
@@ -445,6 +412,209 @@ impl KeyService {
         })
     }
 
+    /// Peer `fill`: regenerate ready keys the peer made for its pool toward this site and
+    /// hold them, bound to no SAE, until the peer binds or they expire. Answers only after
+    /// they are durably stored.
+    pub async fn peer_fill(
+        &self,
+        peer: &VerifiedKme,
+        request: FillRequest,
+    ) -> Result<FillAck, ApiError> {
+        match self.remembered(peer, request.request_id) {
+            Some(Outcome::Delivered(stored)) => {
+                return Ok(FillAck {
+                    request_id: request.request_id,
+                    stored,
+                })
+            }
+            Some(Outcome::Withdrawn) => return Err(withdrawn(request.request_id)),
+            None => {}
+        }
+        let now = unix_now();
+        if request.expires_at <= now {
+            return Err(ApiError::BadRequest(
+                "the ready keys of this fill have already expired".into(),
+            ));
+        }
+        let metadata = base64::engine::general_purpose::STANDARD
+            .decode(&request.metadata)
+            .map_err(|e| ApiError::BadRequest(format!("metadata is not Base64: {e}")))?;
+        let keys = self
+            .source
+            .regenerate(&metadata)
+            .await
+            .map_err(source_error)?;
+        self.check_sizes(keys.iter().map(|(id, k)| (id, k.as_bytes().len())))?;
+        // The origin sets the expiry; this site caps it by its own pool TTL so no peer can
+        // park keys here for longer than the manifest allows.
+        let max_life = self
+            .config
+            .pools
+            .ttl_secs
+            .max(self.config.key_ttl.as_secs());
+        let expires_at = request.expires_at.min(now.saturating_add(max_life));
+        let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
+        let stored = keys.len();
+        let ready = keys
+            .into_iter()
+            .map(|(id, material)| PoolKey {
+                id,
+                material,
+                expires_at,
+            })
+            .collect();
+        let link = crate::pools::link_name(peer.id(), &self.config.kme_id);
+        self.store.pool_insert(&link, ready).await?;
+        // As for deliveries: a destroy that overtook this fill marked the request first.
+        if self.remembered(peer, request.request_id) == Some(Outcome::Withdrawn) {
+            self.store.destroy(&ids).await?;
+            return Err(withdrawn(request.request_id));
+        }
+        self.remember(peer, request.request_id, Outcome::Delivered(stored));
+        tracing::debug!(peer = peer.id(), stored, "ready keys regenerated");
+        Ok(FillAck {
+            request_id: request.request_id,
+            stored,
+        })
+    }
+
+    /// Peer `bind`: ready keys the peer filled leave the pool for the SAEs it names, all or
+    /// none. 409 if any is no longer ready here, so the origin makes keys on demand.
+    pub async fn peer_bind(
+        &self,
+        peer: &VerifiedKme,
+        request: BindRequest,
+    ) -> Result<BindAck, ApiError> {
+        let started = std::time::Instant::now();
+        match self.remembered(peer, request.request_id) {
+            Some(Outcome::Delivered(bound)) => {
+                return Ok(BindAck {
+                    request_id: request.request_id,
+                    bound,
+                })
+            }
+            Some(Outcome::Withdrawn) => return Err(withdrawn(request.request_id)),
+            None => {}
+        }
+        self.check_grants(peer, &request.grants)?;
+        self.check_quota(&request.grants)?;
+        let now = unix_now();
+        let expires_at = now.saturating_add(self.config.key_ttl.as_secs());
+        let grants: Vec<PoolGrant> = request
+            .grants
+            .iter()
+            .map(|g| PoolGrant {
+                ids: g.key_ids.clone(),
+                master: g.master.clone(),
+                slaves: g.slaves.clone(),
+                expires_at,
+            })
+            .collect();
+        let ids: Vec<Uuid> = grants.iter().flat_map(|g| g.ids.iter().copied()).collect();
+        let link = crate::pools::link_name(peer.id(), &self.config.kme_id);
+        let bound = match self.store.pool_bind(&link, grants, now).await {
+            Ok(keys) => keys.len(),
+            Err(TakeError::NotFound) => {
+                return Err(ApiError::Conflict(format!(
+                    "some of these keys are not ready at {:?} (unknown, expired or bound)",
+                    self.config.kme_id
+                )))
+            }
+            Err(TakeError::Store(e)) => return Err(e.into()),
+            Err(other) => return Err(ApiError::Internal(format!("key store: {other}"))),
+        };
+        // The same late-answer and overtaking-destroy rules as a delivery.
+        if started.elapsed() > self.config.peer_timeout / 2 {
+            self.store.destroy(&ids).await?;
+            return Err(ApiError::Unavailable(format!(
+                "binding request {} took {:?}, too long for the origin to wait",
+                request.request_id,
+                started.elapsed()
+            )));
+        }
+        if self.remembered(peer, request.request_id) == Some(Outcome::Withdrawn) {
+            self.store.destroy(&ids).await?;
+            return Err(withdrawn(request.request_id));
+        }
+        self.remember(peer, request.request_id, Outcome::Delivered(bound));
+        tracing::info!(
+            target: "dqkd::audit",
+            event = "keys_bound",
+            peer = peer.id(),
+            grants = request.grants.len(),
+            key_ids = ?ids,
+        );
+        Ok(BindAck {
+            request_id: request.request_id,
+            bound,
+        })
+    }
+
+    /// Every grant's master is an SAE of the calling site and its slaves SAEs of this one.
+    fn check_grants(&self, peer: &VerifiedKme, grants: &[Grant]) -> Result<(), ApiError> {
+        let peer_site = &self.config.sites[peer.id()];
+        let own = self.config.own_site();
+        for grant in grants {
+            if !peer_site.saes.contains(&grant.master) {
+                return Err(ApiError::BadRequest(format!(
+                    "master {:?} is not an SAE of site {:?}",
+                    grant.master,
+                    peer.id()
+                )));
+            }
+            if grant.slaves.is_empty() {
+                return Err(ApiError::BadRequest("a grant names no slave SAE".into()));
+            }
+            if let Some(stranger) = grant.slaves.iter().find(|s| !own.saes.contains(*s)) {
+                return Err(ApiError::BadRequest(format!(
+                    "{stranger:?} is not an SAE of site {:?}",
+                    self.config.kme_id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// No master/slave pair may have more than `max_key_count` keys waiting here.
+    fn check_quota(&self, grants: &[Grant]) -> Result<(), ApiError> {
+        let limits = &self.config.limits;
+        let mut wanted: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for grant in grants {
+            for s in &grant.slaves {
+                *wanted
+                    .entry((grant.master.as_str(), s.as_str()))
+                    .or_default() += grant.key_ids.len() as u64;
+            }
+        }
+        for ((master, slave), count) in wanted {
+            let pending = self.store.pending(master, slave);
+            if pending + count > limits.max_key_count {
+                return Err(ApiError::Unavailable(format!(
+                    "{pending} keys for {master}→{slave} are waiting at {:?}; max_key_count is {}",
+                    self.config.kme_id, limits.max_key_count
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every regenerated key has a size this cluster allows.
+    fn check_sizes<'a>(
+        &self,
+        mut keys: impl Iterator<Item = (&'a Uuid, usize)>,
+    ) -> Result<(), ApiError> {
+        let (min, max) = (
+            self.config.limits.min_key_size as usize / 8,
+            self.config.limits.max_key_size as usize / 8,
+        );
+        match keys.find(|(_, len)| !(min..=max).contains(len)) {
+            Some((id, _)) => Err(ApiError::BadRequest(format!(
+                "key {id} is outside this cluster's key sizes"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Peer `destroy`: shred the keys of a request that failed at its origin.
     pub async fn peer_destroy(
         &self,
@@ -462,6 +632,14 @@ impl KeyService {
             key_ids = ?request.key_ids,
         );
         Ok(DestroyAck { destroyed })
+    }
+
+    /// Reads the ready-key pools back from the store and starts their refill tasks.
+    pub async fn start_pools(
+        &self,
+        stopped: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<u64, dqkd_store::StoreError> {
+        self.issuer.start_pools(stopped).await
     }
 
     /// Shreds expired keys; returns how many.
@@ -587,6 +765,10 @@ impl KeyService {
             self.config.kme_id
         ))
     }
+}
+
+fn withdrawn(request_id: Uuid) -> ApiError {
+    ApiError::BadRequest(format!("request {request_id} was withdrawn by its origin"))
 }
 
 fn wire_key(id: Uuid, bytes: &[u8]) -> Key {

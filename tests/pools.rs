@@ -1,0 +1,208 @@
+//! Ready-key pools end to end, with real processes: pools fill in the background, enc_keys
+//! takes from them with one bind round trip, they survive `kill -9` of either site, refill
+//! below the low-water mark, and fall back to on-demand keys when they cannot serve.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use dqkd_client::{Client, ClientError, KeyRequestBody};
+use http::StatusCode;
+
+const POOLS: &str = "[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n";
+
+/// Waits until `alice`'s status toward `target` reports `want` ready keys exactly.
+async fn wait_level(client: &Client, target: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let level = client
+            .status(target)
+            .await
+            .expect("status")
+            .stored_key_count;
+        if level == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool toward {target} at {level}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn request(number: u32) -> KeyRequestBody {
+    KeyRequestBody {
+        number: Some(number),
+        ..Default::default()
+    }
+}
+
+/// Asks for `number` keys for Bob and checks that Bob gets exactly the same ones.
+async fn share(cluster: &Cluster, number: u32) -> Vec<String> {
+    let sent = cluster
+        .client("alice")
+        .enc_keys("bob", &request(number))
+        .await
+        .expect("enc_keys");
+    assert_eq!(sent.keys.len(), number as usize);
+    let ids: Vec<&str> = sent.keys.iter().map(|k| k.key_ID.as_str()).collect();
+    let got = cluster
+        .client("bob")
+        .dec_keys("alice", &ids)
+        .await
+        .expect("dec_keys");
+    for (s, g) in sent.keys.iter().zip(&got.keys) {
+        assert_eq!((&s.key_ID, &s.key), (&g.key_ID, &g.key));
+    }
+    ids.into_iter().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pools_fill_serve_survive_kill_9_and_refill() {
+    let mut cluster = Cluster::start_full(&["KME_A", "KME_B"], 3, 2000, POOLS);
+    let alice = cluster.client("alice");
+    let bob = cluster.client("bob");
+    wait_level(&alice, "KME_B", 2000).await;
+    wait_level(&bob, "KME_A", 2000).await;
+    let status = alice.status("bob").await.expect("status");
+    assert_eq!(
+        (status.stored_key_count, status.max_key_count),
+        (2000, 2000)
+    );
+
+    // Served from the pool: the level drops by exactly the keys handed out.
+    let ids = share(&cluster, 10).await;
+    wait_level(&alice, "KME_B", 1990).await;
+    let refetched = alice
+        .dec_keys("alice", &[ids[0].as_str()])
+        .await
+        .expect("the master's own copy at A");
+    assert_eq!(refetched.keys[0].key_ID, ids[0]);
+    let (status, _) = status_of(bob.dec_keys("alice", &[ids[0].as_str()]).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "Bob gets each key once");
+
+    // Both sites keep their ready keys across kill -9.
+    cluster.site("KME_A").kill9();
+    cluster.site("KME_B").kill9();
+    cluster.site("KME_B").launch();
+    cluster.site("KME_A").launch();
+    let alice = cluster.client("alice");
+    wait_level(&alice, "KME_B", 1990).await;
+    share(&cluster, 5).await;
+    wait_level(&alice, "KME_B", 1985).await;
+
+    // Below the low-water mark the pool refills to its target.
+    for _ in 0..2 {
+        share(&cluster, 500).await;
+    }
+    wait_level(&alice, "KME_B", 2000).await;
+    share(&cluster, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_that_cannot_serve_falls_back_to_keys_on_demand() {
+    let mut cluster = Cluster::start_full(&["KME_A", "KME_B"], 3, 2000, POOLS);
+    let alice = cluster.client("alice");
+    wait_level(&alice, "KME_B", 2000).await;
+
+    // Another size than the pool's: made on demand, the pool untouched.
+    let odd = alice
+        .enc_keys(
+            "bob",
+            &KeyRequestBody {
+                number: Some(2),
+                size: Some(512),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("512-bit keys");
+    let ids: Vec<&str> = odd.keys.iter().map(|k| k.key_ID.as_str()).collect();
+    let got = cluster
+        .client("bob")
+        .dec_keys("alice", &ids)
+        .await
+        .expect("dec");
+    assert_eq!(got.keys[1].key, odd.keys[1].key);
+    assert_eq!(
+        alice.status("bob").await.expect("status").stored_key_count,
+        2000
+    );
+
+    // B loses every ready key (its store is gone): A's pool no longer matches, B refuses the
+    // bind, and A serves the request on demand instead of failing it.
+    if std::env::var("DQKD_TEST_STORE").as_deref() == Ok("postgres") {
+        eprintln!(
+            "SKIPPED the lost-store half of this test: it deletes an embedded store file, and \
+             this run keeps site B's keys in PostgreSQL"
+        );
+        return;
+    }
+    cluster.site("KME_B").kill9();
+    std::fs::remove_file(cluster.dir.path().join("KME_B.redb")).expect("B's store file");
+    cluster.site("KME_B").launch();
+    share(&cluster, 3).await;
+    let log = cluster.sites["KME_A"].log_text();
+    assert!(
+        !log.contains("keys_withdrawn"),
+        "a pool miss is not a failure: {log}"
+    );
+    // A started its pool over, and the fresh one serves again.
+    wait_level(&alice, "KME_B", 2000).await;
+    share(&cluster, 3).await;
+    wait_level(&alice, "KME_B", 1997).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_peer_during_a_bind_gives_503_and_the_keys_are_withdrawn() {
+    let mut cluster = Cluster::start_full(&["KME_A", "KME_B"], 3, 1500, POOLS);
+    let alice = cluster.client("alice");
+    wait_level(&alice, "KME_B", 2000).await;
+    cluster.site("KME_B").signal("-STOP");
+    let started = Instant::now();
+    let (status, message) = status_of(alice.enc_keys("bob", &request(2)).await);
+    let waited = started.elapsed();
+    cluster.site("KME_B").signal("-CONT");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("KME_B"), "{message}");
+    assert!(waited < Duration::from_millis(3000), "waited {waited:?}");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = cluster.sites["KME_A"].log_text();
+    let ids = withdrawn_key_ids(&log);
+    assert_eq!(ids.len(), 2, "A logs the withdrawn key IDs: {log}");
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let (status, _) = status_of(cluster.client("bob").dec_keys("alice", &refs).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = status_of(alice.dec_keys("alice", &refs).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    share(&cluster, 1).await;
+}
+
+fn status_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
+    match result {
+        Err(ClientError::Api { status, message }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Key IDs of requests the origin site withdrew, from its audit log.
+fn withdrawn_key_ids(log: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for line in log.lines().filter(|l| l.contains("keys_withdrawn")) {
+        let Some(start) = line.find("key_ids=[") else {
+            continue;
+        };
+        let rest = &line[start + 9..];
+        let end = rest.find(']').unwrap_or(rest.len());
+        ids.extend(
+            rest[..end]
+                .split(", ")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    ids
+}
