@@ -205,6 +205,10 @@ pub struct UpArgs {
     /// on the server of this admin URL if missing) instead of an embedded file.
     #[arg(long, value_name = "ADMIN_URL")]
     pub postgres: Option<String>,
+    /// Ready keys each site keeps per peer site (refilled when half are used); 0 makes
+    /// every key on demand.
+    #[arg(long, default_value_t = 100_000)]
+    pub pool_target: u64,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +258,10 @@ pub struct BenchArgs {
     /// admin URL, dropped afterwards.
     #[arg(long, value_name = "ADMIN_URL")]
     pub postgres: Option<String>,
+    /// Ready keys each site keeps per peer site; the bench waits until both pools are full
+    /// before it measures. 0 makes every key on demand.
+    #[arg(long, default_value_t = 100_000)]
+    pub pool_target: u64,
 }
 
 /// Bench workloads.

@@ -64,7 +64,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         None => LocalStore::Embedded,
     };
-    let cluster = LocalCluster::start(&state, 2, args.port, &store).await?;
+    let cluster = LocalCluster::start(
+        &state,
+        2,
+        args.port,
+        &store,
+        crate::up::local_pools(args.pool_target),
+    )
+    .await?;
     let result = bench(&cluster, &args, &store).await;
     cluster.shutdown().await;
     if let LocalStore::Postgres { admin_url, .. } = &store {
@@ -84,6 +91,11 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> 
         LocalStore::Embedded => "embedded",
         LocalStore::Postgres { .. } => "postgres",
     };
+    let fill = if args.pool_target > 0 {
+        Some(wait_for_pools(cluster, args.pool_target).await?)
+    } else {
+        None
+    };
     let mut reports = Vec::new();
     if args.status_baseline && args.mode != BenchMode::Status {
         reports.push(phase(cluster, args, BenchMode::Status).await?);
@@ -101,12 +113,24 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> 
         let out = serde_json::json!({
             "machine": machine(),
             "store": store_name,
+            "pool_target": args.pool_target,
+            "pool_fill_seconds": fill.map(|d| d.as_secs_f64()),
             "phases": phases,
             "pairs_per_s_over_status_rps_div_3": ratio,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("machine: {}   store: {store_name}", machine());
+        if let Some(fill) = fill {
+            let secs = fill.as_secs_f64();
+            println!(
+                "ready pools: {} keys per link, both links filled in {secs:.1} s ({:.0} keys/min per link)",
+                args.pool_target,
+                args.pool_target as f64 / secs * 60.0
+            );
+        } else {
+            println!("ready pools: off (every key made on demand)");
+        }
         for r in &reports {
             r.print(args);
         }
@@ -117,6 +141,43 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> 
     let failed: u64 = reports.iter().map(|r| r.mismatches).sum();
     anyhow::ensure!(failed == 0, "{failed} keys differed between Alice and Bob");
     Ok(())
+}
+
+/// Waits until both sites' pools toward each other hold `target` ready keys (as `status`
+/// reports them) and returns how long that took from the cluster's start.
+async fn wait_for_pools(cluster: &LocalCluster, target: u64) -> anyhow::Result<Duration> {
+    let started = cluster.started();
+    let a = cluster.client(0)?;
+    let b = cluster.client(1)?;
+    let (kme_a, _) = cluster.site(0);
+    let (kme_b, _) = cluster.site(1);
+    // Refill runs at well over 10,000 keys/s per link; allow a generous margin.
+    let limit = Duration::from_secs(60 + target / 5_000);
+    let progress = std::io::stderr().is_terminal();
+    loop {
+        let ab = a.status(kme_b).await.context("status at site A")?;
+        let ba = b.status(kme_a).await.context("status at site B")?;
+        if ab.stored_key_count >= target && ba.stored_key_count >= target {
+            if progress {
+                eprintln!();
+            }
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            started.elapsed() < limit,
+            "ready pools did not fill within {limit:?}: A→B {}, B→A {} of {target}",
+            ab.stored_key_count,
+            ba.stored_key_count
+        );
+        if progress {
+            eprint!(
+                "\r  pools: A→B {:>9}  B→A {:>9} of {target}",
+                ab.stored_key_count, ba.stored_key_count
+            );
+            let _ = std::io::stderr().flush();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn phase(

@@ -6,12 +6,13 @@
 //! nothing secret).
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use dqkd_client::{Client, KeyRequestBody};
 use dqkd_kme::config::{
-    EntropyEntry, KeyLife, KeygenParams, ManifestLimits, PeerSettings, SiteEntry, StoreFiles,
-    TlsFiles,
+    EntropyEntry, KeyLife, KeygenParams, ManifestLimits, PeerSettings, PoolSettings, SiteEntry,
+    StoreFiles, TlsFiles,
 };
 use dqkd_kme::{Config, Manifest, SiteFile};
 
@@ -148,6 +149,7 @@ pub struct LocalCluster {
     plan: Plan,
     entropy: Vec<dqkd_entropy::Serving>,
     kmes: Vec<dqkd_kme::Serving>,
+    started: Instant,
 }
 
 impl LocalCluster {
@@ -157,7 +159,9 @@ impl LocalCluster {
         sites: u8,
         port: u16,
         store: &LocalStore,
+        pools: PoolSettings,
     ) -> anyhow::Result<Self> {
+        let started = Instant::now();
         let layout = Layout::new(dir)?;
         let plan = Plan::new(sites, port)?;
         ensure_pki(&layout, &plan)?;
@@ -168,7 +172,7 @@ impl LocalCluster {
                     .with_context(|| format!("creating the database of site {kme}"))?;
             }
         }
-        write_configs(&layout, &plan, store)?;
+        write_configs(&layout, &plan, store, pools)?;
 
         let mut entropy = Vec::new();
         for (j, id) in plan.entropy.iter().enumerate() {
@@ -195,7 +199,13 @@ impl LocalCluster {
             plan,
             entropy,
             kmes,
+            started,
         })
+    }
+
+    /// When `start` began.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// A client for site `i`'s first SAE at its own site.
@@ -239,7 +249,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         },
         None => LocalStore::Embedded,
     };
-    let cluster = LocalCluster::start(&args.dir, args.sites, args.port, &store).await?;
+    let cluster = LocalCluster::start(
+        &args.dir,
+        args.sites,
+        args.port,
+        &store,
+        local_pools(args.pool_target),
+    )
+    .await?;
     let (layout, plan) = (&cluster.layout, &cluster.plan);
     println!();
     println!(
@@ -278,6 +295,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ready keys per link of the demo's throwaway cluster: enough to show pools at work.
+const DEMO_POOL_TARGET: u64 = 10_000;
+
 /// `dqkd demo`: the Alice→Bob flow against a cluster that `dqkd up` is running.
 pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     if let Some((layout, plan)) = running_cluster(&args.dir)? {
@@ -291,7 +311,14 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     // Nothing running there: a throwaway cluster of our own, on ports of its own.
     let dir = tempfile::tempdir().context("creating a temporary state folder")?;
-    let cluster = LocalCluster::start(dir.path(), 2, args.port, &LocalStore::Embedded).await?;
+    let cluster = LocalCluster::start(
+        dir.path(),
+        2,
+        args.port,
+        &LocalStore::Embedded,
+        local_pools(DEMO_POOL_TARGET),
+    )
+    .await?;
     let result = demo(&cluster.layout, &cluster.plan).await;
     cluster.shutdown().await;
     result
@@ -362,7 +389,21 @@ fn ensure_pki(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_configs(layout: &Layout, plan: &Plan, store: &LocalStore) -> anyhow::Result<()> {
+/// Pool settings of a local cluster: refill when half the target is used.
+pub fn local_pools(target: u64) -> PoolSettings {
+    PoolSettings {
+        target,
+        low_water: target / 2,
+        ..PoolSettings::default()
+    }
+}
+
+fn write_configs(
+    layout: &Layout,
+    plan: &Plan,
+    store: &LocalStore,
+    pools: PoolSettings,
+) -> anyhow::Result<()> {
     use dqkd_pki::Role;
     let manifest = Manifest {
         cluster: CLUSTER.into(),
@@ -370,6 +411,7 @@ fn write_configs(layout: &Layout, plan: &Plan, store: &LocalStore) -> anyhow::Re
         keys: KeyLife::default(),
         keygen: KeygenParams::default(),
         peers: PeerSettings::default(),
+        pools,
         entropy: plan
             .entropy
             .iter()
