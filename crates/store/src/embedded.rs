@@ -28,6 +28,11 @@ pub(crate) const POOL: TableDefinition<u128, &[u8]> = TableDefinition::new("pool
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEK_CHECK: &str = "kek_check";
 
+/// redb's page cache. Its default (1 GiB) would keep every page a start-up scan touched,
+/// so a site with a million ready keys would hold half a gigabyte; pages beyond this stay
+/// in the operating system's file cache, a copy away.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Counters of the group commit, for metrics and tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -72,8 +77,10 @@ impl EmbeddedStore {
     pub fn open(path: &Path, kek: Kek) -> Result<EmbeddedStore, StoreError> {
         let cipher = kek.cipher()?;
         drop(kek);
-        let db =
-            Database::create(path).map_err(|e| StoreError::redb("opening the database file", e))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| StoreError::redb("opening the database file", e))?;
         let pending = prepare(&db, &cipher, path)?;
         let db = Arc::new(db);
         let pending = Arc::new(Mutex::new(pending));
