@@ -146,6 +146,10 @@ async fn a_pool_that_cannot_serve_falls_back_to_keys_on_demand() {
     share(&cluster, 3).await;
     let log = cluster.sites["KME_A"].log_text();
     assert!(
+        log.contains("does not hold keys this site thought ready"),
+        "the request met the stale pool: {log}"
+    );
+    assert!(
         !log.contains("keys_withdrawn"),
         "a pool miss is not a failure: {log}"
     );
