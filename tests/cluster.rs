@@ -6,16 +6,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
+use common::cluster::{status_of, withdrawn_key_ids, Cluster};
 use dqkd_client::{ClientError, KeyRequestBody};
 use http::StatusCode;
-
-fn status_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
-    match result {
-        Err(ClientError::Api { status, message }) => (status, message),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn alice_and_bob_share_keys_across_sites_in_every_form() {
@@ -131,25 +124,6 @@ async fn wrong_site_and_wrong_sae_get_401() {
         .dec_keys("alice", &[id])
         .await
         .expect("bob's key");
-}
-
-/// Key IDs of requests the origin site withdrew, from its audit log.
-fn withdrawn_key_ids(log: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    for line in log.lines().filter(|l| l.contains("keys_withdrawn")) {
-        let Some(start) = line.find("key_ids=[") else {
-            continue;
-        };
-        let rest = &line[start + 9..];
-        let end = rest.find(']').unwrap_or(rest.len());
-        ids.extend(
-            rest[..end]
-                .split(", ")
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned),
-        );
-    }
-    ids
 }
 
 #[tokio::test(flavor = "multi_thread")]

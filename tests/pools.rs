@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
-use dqkd_client::{Client, ClientError, KeyRequestBody};
+use common::cluster::{status_of, withdrawn_key_ids, Cluster};
+use dqkd_client::{Client, KeyRequestBody};
 use http::StatusCode;
 
 const POOLS: &str = "[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n";
@@ -183,30 +183,4 @@ async fn a_frozen_peer_during_a_bind_gives_503_and_the_keys_are_withdrawn() {
     let (status, _) = status_of(alice.dec_keys("alice", &refs).await);
     assert_eq!(status, StatusCode::BAD_REQUEST);
     share(&cluster, 1).await;
-}
-
-fn status_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
-    match result {
-        Err(ClientError::Api { status, message }) => (status, message),
-        other => panic!("expected an API error, got {other:?}"),
-    }
-}
-
-/// Key IDs of requests the origin site withdrew, from its audit log.
-fn withdrawn_key_ids(log: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    for line in log.lines().filter(|l| l.contains("keys_withdrawn")) {
-        let Some(start) = line.find("key_ids=[") else {
-            continue;
-        };
-        let rest = &line[start + 9..];
-        let end = rest.find(']').unwrap_or(rest.len());
-        ids.extend(
-            rest[..end]
-                .split(", ")
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned),
-        );
-    }
-    ids
 }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dqkd_client::Client;
+use dqkd_client::{Client, ClientError};
+use http::StatusCode;
 
 use super::{dqkd, store_section, TempDatabase, BIN};
 
@@ -323,4 +324,31 @@ impl Cluster {
             .expect("client")
             .with_timeout(Duration::from_secs(20))
     }
+}
+
+/// The status and message of an API error (panics on anything else).
+pub fn status_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
+    match result {
+        Err(ClientError::Api { status, message }) => (status, message),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Key IDs of requests the origin site withdrew, from its audit log.
+pub fn withdrawn_key_ids(log: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for line in log.lines().filter(|l| l.contains("keys_withdrawn")) {
+        let Some(start) = line.find("key_ids=[") else {
+            continue;
+        };
+        let rest = &line[start + 9..];
+        let end = rest.find(']').unwrap_or(rest.len());
+        ids.extend(
+            rest[..end]
+                .split(", ")
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+    }
+    ids
 }

@@ -93,16 +93,11 @@ async fn peer_deliver(
     PeerKme(peer): PeerKme,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
-    let request: DeliverRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid deliver message: {e}")))?;
-    // Run to completion even if the origin hangs up: a cancelled delivery could commit
-    // keys and skip the checks that follow the commit.
-    let task = tokio::spawn(async move { service.peer_deliver(&peer, request).await });
-    let ack = task
-        .await
-        .map_err(|e| ApiError::Internal(format!("delivery task failed: {e}")))??;
-    Ok(json(&ack))
+    let request: DeliverRequest = peer_message(body, "deliver")?;
+    to_completion("delivery", async move {
+        service.peer_deliver(&peer, request).await
+    })
+    .await
 }
 
 async fn peer_fill(
@@ -110,15 +105,12 @@ async fn peer_fill(
     PeerKme(peer): PeerKme,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
-    let request: FillRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid fill message: {e}")))?;
-    // Like a delivery, a fill runs to completion: its post-commit checks must not be skipped.
-    let task = tokio::spawn(async move { service.peer_fill(&peer, request).await });
-    let ack = task
-        .await
-        .map_err(|e| ApiError::Internal(format!("fill task failed: {e}")))??;
-    Ok(json(&ack))
+    let request: FillRequest = peer_message(body, "fill")?;
+    to_completion(
+        "fill",
+        async move { service.peer_fill(&peer, request).await },
+    )
+    .await
 }
 
 async fn peer_bind(
@@ -126,13 +118,33 @@ async fn peer_bind(
     PeerKme(peer): PeerKme,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let request: BindRequest = peer_message(body, "bind")?;
+    to_completion(
+        "bind",
+        async move { service.peer_bind(&peer, request).await },
+    )
+    .await
+}
+
+/// Parses the JSON body of a peer message.
+fn peer_message<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    what: &str,
+) -> Result<T, ApiError> {
     let body = body.map_err(body_error)?;
-    let request: BindRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid bind message: {e}")))?;
-    let task = tokio::spawn(async move { service.peer_bind(&peer, request).await });
-    let ack = task
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid {what} message: {e}")))
+}
+
+/// Runs a peer operation that stores keys to completion even if the origin hangs up: a
+/// cancelled one could commit keys and skip the checks that follow the commit.
+async fn to_completion<A: serde::Serialize + Send + 'static>(
+    what: &str,
+    operation: impl std::future::Future<Output = Result<A, ApiError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let ack = tokio::spawn(operation)
         .await
-        .map_err(|e| ApiError::Internal(format!("bind task failed: {e}")))??;
+        .map_err(|e| ApiError::Internal(format!("{what} task failed: {e}")))??;
     Ok(json(&ack))
 }
 
@@ -141,9 +153,7 @@ async fn peer_destroy(
     PeerKme(peer): PeerKme,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
-    let request: DestroyRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid destroy message: {e}")))?;
+    let request: DestroyRequest = peer_message(body, "destroy")?;
     Ok(json(&service.peer_destroy(&peer, request).await?))
 }
 
