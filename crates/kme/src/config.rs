@@ -75,14 +75,14 @@ impl Default for PeerSettings {
 /// Ready-key pools: keys generated ahead of demand for each pair of sites and already
 /// regenerated at the peer, so `enc_keys` needs one peer round trip to name their SAEs and
 /// none to the entropy servers. Pools hold keys of `limits.default_key_size`; requests for
-/// other sizes, multicast requests and same-site pairs are served on demand, as is any
-/// request a pool cannot cover.
+/// other sizes, multicast requests, same-site pairs and batches of more than 512 keys are
+/// served on demand, as is any request a pool cannot cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolSettings {
     /// Ready keys each site keeps per peer site. 0 turns pools off.
     pub target: u64,
-    /// A refill starts when a pool falls below this many keys and runs up to `target`.
+    /// A refill starts when a pool falls to this many keys or fewer and runs up to `target`.
     pub low_water: u64,
     /// Keys per refill batch: one entropy allocation per server and one peer message each.
     pub batch: u32,
