@@ -363,6 +363,21 @@ async fn issue_batch(
     Ok(batch.keys)
 }
 
+/// One grant per job for the slaves at `site`: job `i` gets the next `count` of `ids`.
+fn grants_for(site: &str, jobs: &[Job], ids: &[Uuid]) -> Vec<Grant> {
+    let mut grants = Vec::with_capacity(jobs.len());
+    let mut offset = 0;
+    for job in jobs {
+        grants.push(Grant {
+            master: job.order.master.clone(),
+            slaves: job.order.remote.get(site).cloned().unwrap_or_default(),
+            key_ids: ids[offset..offset + job.order.count].to_vec(),
+        });
+        offset += job.order.count;
+    }
+    grants
+}
+
 /// Why ready keys could not be bound.
 enum Bound {
     /// They were no longer ready at one of the sites (nothing was bound): make keys on demand.
@@ -384,16 +399,7 @@ async fn bind_ready(
         return Err(Bound::Missed);
     };
     let request_id = Uuid::new_v4();
-    let mut grants = Vec::with_capacity(jobs.len());
-    let mut offset = 0;
-    for job in jobs {
-        grants.push(Grant {
-            master: job.order.master.clone(),
-            slaves: job.order.remote.get(site).cloned().unwrap_or_default(),
-            key_ids: ids[offset..offset + job.order.count].to_vec(),
-        });
-        offset += job.order.count;
-    }
+    let grants = grants_for(site, jobs, ids);
     let labels = [
         ("kme", shared.config.kme_id.clone()),
         ("peer", site.to_owned()),
@@ -623,17 +629,7 @@ async fn deliver(
                 "site {site:?} has no peer address"
             ))));
         };
-        let mut grants = Vec::with_capacity(jobs.len());
-        let mut offset = 0;
-        for job in jobs {
-            let key_ids = ids[offset..offset + job.order.count].to_vec();
-            offset += job.order.count;
-            grants.push(Grant {
-                master: job.order.master.clone(),
-                slaves: job.order.remote.get(site).cloned().unwrap_or_default(),
-                key_ids,
-            });
-        }
+        let grants = grants_for(site, jobs, ids);
         let message = DeliverRequest {
             request_id,
             metadata: encoded.clone(),
