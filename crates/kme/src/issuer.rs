@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use dqkd_store::{KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError};
+use dqkd_store::{KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use uuid::Uuid;
 
@@ -269,7 +269,7 @@ fn answer(shared: &Shared, link: &Link, jobs: Vec<Job>, mut keys: Issued) {
                 count = ids.len(),
                 "caller left before its keys were handed over; destroying them"
             );
-            withdraw(shared, Uuid::new_v4(), &link.remote, &ids);
+            withdraw(shared, Uuid::new_v4(), &link.remote, &ids, &[]);
             let store = shared.store.clone();
             tokio::spawn(async move {
                 if let Err(e) = store.destroy(&ids).await {
@@ -311,8 +311,8 @@ async fn issue_batch(
     total: usize,
 ) -> Result<Issued, BatchError> {
     if let ([site], true) = (link.remote.as_slice(), total <= POOL_MAX_BATCH_KEYS) {
-        if let Some(ids) = shared.pools.take(site, total, link.len, unix_now()) {
-            match bind_ready(shared, site, jobs, &ids).await {
+        if let Some(slots) = shared.pools.take(site, total, link.len, unix_now()) {
+            match bind_ready(shared, site, jobs, &slots).await {
                 Ok(keys) => return Ok(keys),
                 Err(Bound::Missed) => {}
                 Err(Bound::Failed(e)) => return Err(e),
@@ -356,7 +356,7 @@ async fn issue_batch(
     }
     if !records.is_empty() {
         if let Err(e) = shared.store.insert(records).await {
-            withdraw(shared, request_id, &link.remote, &ids);
+            withdraw(shared, request_id, &link.remote, &ids, &[]);
             return Err(BatchError::Other(e.into()));
         }
     }
@@ -393,42 +393,56 @@ async fn bind_ready(
     shared: &Shared,
     site: &str,
     jobs: &[Job],
-    ids: &[Uuid],
+    slots: &[Slot],
 ) -> Result<Issued, Bound> {
     let Some(client) = shared.peers.get(site) else {
         return Err(Bound::Missed);
     };
+    let name = crate::pools::link_name(&shared.config.kme_id, site);
     let request_id = Uuid::new_v4();
+    let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
+    let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
+    let ids = ids.as_slice();
     let grants = grants_for(site, jobs, ids);
     let labels = [
         ("kme", shared.config.kme_id.clone()),
         ("peer", site.to_owned()),
     ];
     let started = Instant::now();
-    let result = client.bind(&BindRequest { request_id, grants }).await;
+    let result = client
+        .bind(&BindRequest {
+            request_id,
+            grants,
+            positions: seqs.clone(),
+        })
+        .await;
     metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("dqkd_peer_binds_total", &labels).increment(1);
     let shred = |why: &str| {
         tracing::debug!(site, count = ids.len(), why, "shredding ready keys");
-        destroy_here(shared, ids);
+        remove_ready_here(shared, &name, seqs.clone());
     };
     match result {
         Ok(ack) if ack.request_id == request_id && ack.bound == ids.len() => {}
         Err(PeerError::Refused { status, .. }) if status == http::StatusCode::CONFLICT => {
             shred("the peer no longer holds them");
-            let stale = shared.pools.discard(site);
+            let stale: Vec<u64> = shared.pools.discard(site).iter().map(|s| s.seq).collect();
             tracing::warn!(
                 site,
                 discarded = stale.len(),
                 "the peer does not hold keys this site thought ready; refilling the pool from scratch"
             );
-            destroy_here(shared, &stale);
+            // The peer may still hold some of them: shred those there too.
+            for chunk in stale.chunks(REMOVE_CHUNK) {
+                withdraw(shared, Uuid::new_v4(), &[site.to_owned()], &[], chunk);
+            }
+            remove_ready_here(shared, &name, stale);
             return Err(Bound::Missed);
         }
         other => {
             metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(shared, request_id, &[site.to_owned()], ids);
+            withdraw(shared, request_id, &[site.to_owned()], ids, &seqs);
             shred("the bind failed");
             let (refused, reason) = match other {
                 Err(e @ PeerError::Refused { .. }) => (true, e.to_string()),
@@ -464,21 +478,20 @@ async fn bind_ready(
     let mut offset = 0;
     for job in jobs {
         local.push(PoolGrant {
-            ids: ids[offset..offset + job.order.count].to_vec(),
+            slots: slots[offset..offset + job.order.count].to_vec(),
             master: job.order.master.clone(),
             slaves: job.order.local.clone(),
             expires_at: local_expiry(shared, &job.order, now),
         });
         offset += job.order.count;
     }
-    let name = crate::pools::link_name(&shared.config.kme_id, site);
     match shared.store.pool_bind(&name, local, now).await {
         Ok(keys) => Ok(keys.into_iter().map(|k| (k.id, k.material)).collect()),
         Err(e) => {
             // Bound at the peer but not here (shredded as expired, say): undo the peer's
             // side and make the keys on demand instead.
             tracing::warn!(site, error = %e, "ready keys could not be bound here; withdrawing them");
-            withdraw(shared, request_id, &[site.to_owned()], ids);
+            withdraw(shared, request_id, &[site.to_owned()], ids, &seqs);
             shred("the local bind failed");
             Err(Bound::Missed)
         }
@@ -495,13 +508,21 @@ fn local_expiry(shared: &Shared, order: &Order, now: u64) -> u64 {
     }
 }
 
-/// Shreds keys at this site in the background (they are unusable either way).
-fn destroy_here(shared: &Shared, ids: &[Uuid]) {
+/// Ready keys shredded per store call, so discarding a large pool never holds the store's
+/// writer for long.
+const REMOVE_CHUNK: usize = 16_384;
+
+/// Shreds ready keys of pool `link` at this site in the background (they are unusable
+/// either way).
+fn remove_ready_here(shared: &Shared, link: &str, seqs: Vec<u64>) {
     let store = shared.store.clone();
-    let ids = ids.to_vec();
+    let link = link.to_owned();
     tokio::spawn(async move {
-        if let Err(e) = store.destroy(&ids).await {
-            tracing::warn!(error = %e, "could not shred unusable keys; they expire by TTL");
+        for chunk in seqs.chunks(REMOVE_CHUNK) {
+            if let Err(e) = store.pool_remove(&link, chunk).await {
+                tracing::warn!(error = %e, "could not shred unusable ready keys; they expire by TTL");
+                return;
+            }
         }
     });
 }
@@ -565,12 +586,20 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
         .as_deref()
         .ok_or_else(|| ApiError::Internal("the key source gave no regeneration metadata".into()))?;
     let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
+    let first_seq = pool.reserve(ids.len());
+    let slots: Vec<Slot> = ids
+        .iter()
+        .zip(first_seq..)
+        .map(|(&id, seq)| Slot { seq, id })
+        .collect();
+    let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
     let request_id = Uuid::new_v4();
     let expires_at = unix_now().saturating_add(shared.pools.settings().ttl_secs);
     let request = FillRequest {
         request_id,
         metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
         expires_at,
+        first_seq,
     };
     let labels = [
         ("kme", shared.config.kme_id.clone()),
@@ -580,7 +609,7 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
         Ok(ack) if ack.request_id == request_id && ack.stored == ids.len() => {}
         other => {
             metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(shared, request_id, std::slice::from_ref(&peer), &ids);
+            withdraw(shared, request_id, std::slice::from_ref(&peer), &[], &seqs);
             return Err(ApiError::Unavailable(match other {
                 Err(e) => e.to_string(),
                 Ok(ack) => format!(
@@ -595,17 +624,18 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
     let keys = batch
         .keys
         .into_iter()
-        .map(|(id, material)| PoolKey {
-            id,
+        .zip(&slots)
+        .map(|((_, material), &slot)| PoolKey {
+            slot,
             material,
             expires_at,
         })
         .collect();
     if let Err(e) = shared.store.pool_insert(pool.name(), keys).await {
-        withdraw(shared, request_id, std::slice::from_ref(&peer), &ids);
+        withdraw(shared, request_id, std::slice::from_ref(&peer), &[], &seqs);
         return Err(e.into());
     }
-    pool.push(ids.iter().map(|id| (*id, expires_at)));
+    pool.push(slots, expires_at);
     shared.pools.gauge(pool);
     metrics::counter!("dqkd_pool_filled_keys_total", &labels).increment(ids.len() as u64);
     tracing::debug!(peer, keys = ids.len(), "ready-key pool refilled");
@@ -681,7 +711,7 @@ async fn deliver(
         return Ok(());
     }
     // A site that timed out may have stored the keys: withdraw them everywhere.
-    withdraw(shared, request_id, &link.remote, ids);
+    withdraw(shared, request_id, &link.remote, ids, &[]);
     let refused = failures
         .iter()
         .all(|f| matches!(f, PeerError::Refused { .. }));
@@ -702,9 +732,10 @@ async fn deliver(
     })
 }
 
-/// Destroys a failed batch's keys at every peer site, retrying in the background until
-/// each site confirms or the keys would have expired anyway.
-fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid]) {
+/// Destroys a failed batch's keys at every peer site (ordinary keys by ID, ready keys of this
+/// site's pool toward it by position), retrying in the background until each site confirms
+/// or the keys would have expired anyway.
+fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid], ready: &[u64]) {
     let deadline = shared.config.key_ttl;
     for site in sites {
         let Some(client) = shared.peers.get(site).cloned() else {
@@ -713,6 +744,7 @@ fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid]) {
         let message = DestroyRequest {
             request_id,
             key_ids: ids.to_vec(),
+            ready: ready.to_vec(),
         };
         tokio::spawn(async move {
             let started = Instant::now();

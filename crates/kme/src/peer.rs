@@ -56,6 +56,10 @@ pub struct DestroyRequest {
     pub request_id: Uuid,
     /// The keys to shred.
     pub key_ids: Vec<Uuid>,
+    /// Positions of ready keys to shred in the calling site's pool toward this site (a fill
+    /// or bind that failed), so that no late bind can ever take them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ready: Vec<u64>,
 }
 
 /// Answer to [`DestroyRequest`].
@@ -77,6 +81,9 @@ pub struct FillRequest {
     pub metadata: String,
     /// Unix seconds after which both sites shred the keys if still unbound.
     pub expires_at: u64,
+    /// Pool position of the batch's first key; the others follow one by one, in the order
+    /// of the metadata. Both sites file each key at the same position.
+    pub first_seq: u64,
 }
 
 /// Answer to [`FillRequest`]: the ready keys are durably stored at the receiving site.
@@ -97,6 +104,8 @@ pub struct BindRequest {
     pub request_id: Uuid,
     /// Who may fetch which ready keys: one grant per enc_keys request.
     pub grants: Vec<Grant>,
+    /// The pool position of every key of the grants, in grant order.
+    pub positions: Vec<u64>,
 }
 
 /// Answer to [`BindRequest`]: the keys are durably held for their SAEs.

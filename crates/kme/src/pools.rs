@@ -4,16 +4,20 @@
 //! server on its path. A refill task per link keeps each pool between its low-water mark
 //! and its target, in large batches.
 //!
+//! Every ready key has a position in its link's fill order, chosen here and stored at both
+//! sites, and keys leave in that order: both stores keep pools by position, so a bind takes
+//! from one end of the table and a refill appends at the other.
+//!
 //! The pool's contents live in the key store (so they survive a restart at both sites);
-//! this module keeps only the IDs and expiries, in the order they are handed out, so a
-//! million ready keys cost about 24 MiB here.
+//! this module keeps only the positions and IDs in the order they are handed out, plus one
+//! expiry per fill, so a million ready keys cost about 24 MiB here.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use dqkd_store::{KeyStore, StoreError};
+use dqkd_store::{KeyStore, ReadyKey, Slot, StoreError};
 use tokio::sync::Notify;
-use uuid::Uuid;
 
 use crate::config::PoolSettings;
 
@@ -39,8 +43,70 @@ pub struct Pools {
 pub struct LinkPool {
     peer: String,
     name: String,
-    ready: Mutex<VecDeque<(Uuid, u64)>>,
+    ready: Mutex<Queue>,
     wake: Notify,
+}
+
+/// Ready keys in the order they are handed out (position order), with their expiries
+/// stored once per run of keys that share one (a fill), since a fill's keys all do.
+#[derive(Default)]
+struct Queue {
+    slots: VecDeque<Slot>,
+    /// (number of keys, expiry) covering `slots` front to back.
+    runs: VecDeque<(usize, u64)>,
+    /// The lowest position the next fill may use: past every position ever used here.
+    next_seq: u64,
+}
+
+impl Queue {
+    fn push(&mut self, slots: impl IntoIterator<Item = Slot>, expires_at: u64) {
+        let before = self.slots.len();
+        for slot in slots {
+            self.next_seq = self.next_seq.max(slot.seq.saturating_add(1));
+            self.slots.push_back(slot);
+        }
+        let added = self.slots.len() - before;
+        match self.runs.back_mut() {
+            Some((count, exp)) if *exp == expires_at => *count += added,
+            _ if added > 0 => self.runs.push_back((added, expires_at)),
+            _ => {}
+        }
+    }
+
+    /// Drops keys from the front while they expire at or before `deadline`.
+    fn drop_expiring(&mut self, deadline: u64) {
+        while let Some(&(count, expires_at)) = self.runs.front() {
+            if expires_at > deadline {
+                break;
+            }
+            self.slots.drain(..count.min(self.slots.len()));
+            self.runs.pop_front();
+        }
+    }
+
+    /// Removes the first `count` keys (there must be that many).
+    fn take_front(&mut self, count: usize) -> Vec<Slot> {
+        let taken: Vec<Slot> = self.slots.drain(..count).collect();
+        let mut left = count;
+        while left > 0 {
+            let Some(front) = self.runs.front_mut() else {
+                break;
+            };
+            if front.0 > left {
+                front.0 -= left;
+                left = 0;
+            } else {
+                left -= front.0;
+                self.runs.pop_front();
+            }
+        }
+        taken
+    }
+
+    fn clear(&mut self) -> Vec<Slot> {
+        self.runs.clear();
+        self.slots.drain(..).collect()
+    }
 }
 
 impl LinkPool {
@@ -56,12 +122,22 @@ impl LinkPool {
 
     /// Ready keys held now.
     pub fn level(&self) -> u64 {
-        self.lock().len() as u64
+        self.lock().slots.len() as u64
     }
 
-    /// Adds freshly filled keys at the back.
-    pub fn push(&self, keys: impl IntoIterator<Item = (Uuid, u64)>) {
-        self.lock().extend(keys);
+    /// Reserves `count` positions for a fill: they follow every position used so far and
+    /// are at least the current time in nanoseconds, so a site that lost its pool (and its
+    /// memory of positions) still never reuses a position its peer may hold.
+    pub fn reserve(&self, count: usize) -> u64 {
+        let mut queue = self.lock();
+        let first = queue.next_seq.max(unix_nanos());
+        queue.next_seq = first.saturating_add(count as u64);
+        first
+    }
+
+    /// Adds freshly filled keys, all expiring at `expires_at`, at the back.
+    pub fn push(&self, slots: impl IntoIterator<Item = Slot>, expires_at: u64) {
+        self.lock().push(slots, expires_at);
     }
 
     /// Waits until a take lowers the pool (or another reason to look again).
@@ -69,9 +145,16 @@ impl LinkPool {
         self.wake.notified().await;
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<(Uuid, u64)>> {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
         self.ready.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl Pools {
@@ -91,7 +174,7 @@ impl Pools {
                     let pool = LinkPool {
                         peer: peer.clone(),
                         name: link_name(kme, peer),
-                        ready: Mutex::new(VecDeque::new()),
+                        ready: Mutex::new(Queue::default()),
                         wake: Notify::new(),
                     };
                     (peer.clone(), Arc::new(pool))
@@ -134,17 +217,29 @@ impl Pools {
         for pool in self.links.values() {
             let ready = store.pool_list(&pool.name).await?;
             total += ready.len() as u64;
-            // Reuses the list's allocation: a million IDs are not held twice.
-            *pool.lock() = VecDeque::from(ready);
+            let mut queue = Queue::default();
+            let mut rest = ready.as_slice();
+            while let Some(first) = rest.first() {
+                let run = rest
+                    .iter()
+                    .take_while(|k| k.expires_at == first.expires_at)
+                    .count();
+                queue.push(
+                    rest[..run].iter().map(|k: &ReadyKey| k.slot),
+                    first.expires_at,
+                );
+                rest = &rest[run..];
+            }
+            *pool.lock() = queue;
             self.gauge(pool);
         }
         Ok(total)
     }
 
-    /// Takes `count` ready keys of `len` bytes for `peer`, all or none; `None` means the
-    /// request is served on demand. Keys about to expire are dropped on the way (the
-    /// store shreds them at both sites).
-    pub fn take(&self, peer: &str, count: usize, len: usize, now: u64) -> Option<Vec<Uuid>> {
+    /// Takes `count` ready keys of `len` bytes for `peer`, oldest first, all or none; `None`
+    /// means the request is served on demand. Keys about to expire are dropped on the way
+    /// (the store shreds them at both sites).
+    pub fn take(&self, peer: &str, count: usize, len: usize, now: u64) -> Option<Vec<Slot>> {
         let pool = self.links.get(peer)?;
         if len != self.key_len {
             return None;
@@ -152,11 +247,8 @@ impl Pools {
         let labels = [("kme", self.kme.clone()), ("peer", peer.to_owned())];
         let taken = {
             let mut queue = pool.lock();
-            let fresh_after = now.saturating_add(EXPIRY_MARGIN_SECS);
-            while queue.front().is_some_and(|(_, exp)| *exp <= fresh_after) {
-                queue.pop_front();
-            }
-            (queue.len() >= count).then(|| queue.drain(..count).map(|(id, _)| id).collect())
+            queue.drop_expiring(now.saturating_add(EXPIRY_MARGIN_SECS));
+            (queue.slots.len() >= count).then(|| queue.take_front(count))
         };
         let level = pool.level();
         if level <= self.settings.low_water {
@@ -173,11 +265,11 @@ impl Pools {
     /// Empties the pool toward `peer` and returns what it held: when the peer no longer
     /// holds keys this site thinks are ready (it lost its store, say), the two views of the
     /// pool disagree and the pool starts over from fresh fills.
-    pub fn discard(&self, peer: &str) -> Vec<Uuid> {
+    pub fn discard(&self, peer: &str) -> Vec<Slot> {
         let Some(pool) = self.links.get(peer) else {
             return Vec::new();
         };
-        let stale: Vec<Uuid> = pool.lock().drain(..).map(|(id, _)| id).collect();
+        let stale = pool.lock().clear();
         pool.wake.notify_one();
         self.gauge(pool);
         stale
@@ -207,22 +299,27 @@ mod tests {
         Pools::new("A", settings, 32, &["B".to_owned()])
     }
 
-    fn ids(n: usize, expires_at: u64) -> Vec<(Uuid, u64)> {
-        (0..n).map(|_| (Uuid::new_v4(), expires_at)).collect()
+    fn fill(p: &Pools, n: usize, expires_at: u64) -> Vec<Slot> {
+        let pool = &p.links["B"];
+        let first = pool.reserve(n);
+        let slots: Vec<Slot> = (0..n as u64)
+            .map(|i| Slot {
+                seq: first + i,
+                id: uuid::Uuid::new_v4(),
+            })
+            .collect();
+        pool.push(slots.clone(), expires_at);
+        slots
     }
 
     #[test]
     fn takes_all_or_none_in_order() {
         let p = pools(10, 2);
-        let ready = ids(5, 10_000);
-        p.links["B"].push(ready.clone());
+        let ready = fill(&p, 5, 10_000);
         assert_eq!(p.take("B", 6, 32, 0), None, "not enough: on demand");
         assert_eq!(p.level("B"), Some((5, 10)));
         let got = p.take("B", 3, 32, 0).expect("enough");
-        assert_eq!(
-            got,
-            ready[..3].iter().map(|(id, _)| *id).collect::<Vec<_>>()
-        );
+        assert_eq!(got, ready[..3]);
         assert_eq!(p.level("B"), Some((2, 10)));
         assert_eq!(
             p.take("B", 1, 16, 0),
@@ -234,23 +331,59 @@ mod tests {
             None,
             "no pool toward an unknown site"
         );
+        assert_eq!(p.discard("B"), ready[3..]);
+        assert_eq!(p.level("B"), Some((0, 10)));
     }
 
     #[test]
     fn keys_near_expiry_are_dropped() {
         let p = pools(10, 2);
-        p.links["B"].push(ids(3, 1_000));
-        p.links["B"].push(ids(2, 5_000));
+        fill(&p, 3, 1_000);
+        let later = fill(&p, 2, 5_000);
         assert_eq!(
-            p.take("B", 1, 32, 1_000 - EXPIRY_MARGIN_SECS)
-                .map(|v| v.len()),
-            Some(1)
+            p.take("B", 1, 32, 1_000 - EXPIRY_MARGIN_SECS),
+            Some(later[..1].to_vec())
         );
         assert_eq!(
             p.level("B"),
             Some((1, 10)),
             "three expiring keys were dropped"
         );
+    }
+
+    #[test]
+    fn takes_across_fills_keep_expiries_aligned() {
+        let p = pools(10, 2);
+        let first = fill(&p, 3, 1_000);
+        let second = fill(&p, 3, 5_000);
+        assert_eq!(
+            p.take("B", 4, 32, 0),
+            Some([&first[..], &second[..1]].concat())
+        );
+        // The remaining two belong to the second fill: they survive the first's expiry.
+        assert_eq!(p.take("B", 2, 32, 2_000), Some(second[1..].to_vec()));
+    }
+
+    #[test]
+    fn positions_never_repeat() {
+        let p = pools(10, 2);
+        let pool = &p.links["B"];
+        let a = pool.reserve(5);
+        let b = pool.reserve(5);
+        assert!(b >= a + 5, "{a} then {b}");
+        assert!(
+            a >= unix_nanos() - 60_000_000_000,
+            "positions start at the clock"
+        );
+        // A pool loaded with a position from the future continues after it.
+        pool.push(
+            [Slot {
+                seq: u64::MAX / 2,
+                id: uuid::Uuid::new_v4(),
+            }],
+            9,
+        );
+        assert_eq!(pool.reserve(1), u64::MAX / 2 + 1);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine as _;
 use dqkd_etsi014::{Key, KeyContainer, KeyRequest, Status};
-use dqkd_store::{DeliveredKey, KeyStore, NewKey, PoolGrant, PoolKey, TakeError};
+use dqkd_store::{DeliveredKey, KeyStore, NewKey, PoolGrant, PoolKey, Slot, TakeError};
 use uuid::Uuid;
 
 use crate::config::Config;
@@ -453,12 +453,19 @@ impl KeyService {
             .ttl_secs
             .max(self.config.key_ttl.as_secs());
         let expires_at = request.expires_at.min(now.saturating_add(max_life));
-        let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
         let stored = keys.len();
+        if request.first_seq.checked_add(stored as u64).is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "pool positions from {} for {stored} keys overflow",
+                request.first_seq
+            )));
+        }
+        let seqs: Vec<u64> = (request.first_seq..).take(stored).collect();
         let ready = keys
             .into_iter()
-            .map(|(id, material)| PoolKey {
-                id,
+            .zip(&seqs)
+            .map(|((id, material), &seq)| PoolKey {
+                slot: Slot { seq, id },
                 material,
                 expires_at,
             })
@@ -467,7 +474,7 @@ impl KeyService {
         self.store.pool_insert(&link, ready).await?;
         // As for deliveries: a destroy that overtook this fill marked the request first.
         if self.remembered(peer, request.request_id) == Some(Outcome::Withdrawn) {
-            self.store.destroy(&ids).await?;
+            self.store.pool_remove(&link, &seqs).await?;
             return Err(withdrawn(request.request_id));
         }
         self.remember(peer, request.request_id, Outcome::Delivered(stored));
@@ -498,19 +505,36 @@ impl KeyService {
         }
         self.check_grants(peer, &request.grants)?;
         self.check_quota(&request.grants)?;
+        let ids: Vec<Uuid> = request
+            .grants
+            .iter()
+            .flat_map(|g| g.key_ids.iter().copied())
+            .collect();
+        if request.positions.len() != ids.len() {
+            return Err(ApiError::BadRequest(format!(
+                "{} pool positions for {} keys",
+                request.positions.len(),
+                ids.len()
+            )));
+        }
         let now = unix_now();
         let expires_at = now.saturating_add(self.config.key_ttl.as_secs());
+        let mut positions = request.positions.iter();
         let grants: Vec<PoolGrant> = request
             .grants
             .iter()
             .map(|g| PoolGrant {
-                ids: g.key_ids.clone(),
+                slots: g
+                    .key_ids
+                    .iter()
+                    .zip(positions.by_ref())
+                    .map(|(&id, &seq)| Slot { seq, id })
+                    .collect(),
                 master: g.master.clone(),
                 slaves: g.slaves.clone(),
                 expires_at,
             })
             .collect();
-        let ids: Vec<Uuid> = grants.iter().flat_map(|g| g.ids.iter().copied()).collect();
         let link = crate::pools::link_name(peer.id(), &self.config.kme_id);
         let bound = match self.store.pool_bind(&link, grants, now).await {
             Ok(keys) => keys.len(),
@@ -622,7 +646,11 @@ impl KeyService {
         request: DestroyRequest,
     ) -> Result<DestroyAck, ApiError> {
         self.remember(peer, request.request_id, Outcome::Withdrawn);
-        let destroyed = self.store.destroy(&request.key_ids).await?;
+        let mut destroyed = self.store.destroy(&request.key_ids).await?;
+        if !request.ready.is_empty() {
+            let link = crate::pools::link_name(peer.id(), &self.config.kme_id);
+            destroyed += self.store.pool_remove(&link, &request.ready).await?;
+        }
         tracing::info!(
             target: "dqkd::audit",
             event = "keys_destroyed",

@@ -13,15 +13,19 @@
 //!   order, so two multi-key takes cannot deadlock.
 //! * `insert` writes all keys in one transaction (`ON CONFLICT DO NOTHING` tells which ID
 //!   already existed, and the transaction is rolled back).
-//! * Ready keys (`pool_insert`) live in a table of their own, sealed like ordinary keys with
-//!   the link name in place of the master. No unique index spans both tables, so a pool insert
-//!   also claims its IDs in `dqkd_keys` with placeholder rows that it deletes before `COMMIT`,
-//!   and `insert` looks its IDs up among the ready keys after writing them: an insert and a pool
-//!   insert of one ID, even on two replicas, never both succeed.
-//! * `pool_bind` deletes the ready keys (`DELETE … RETURNING`, rows locked in ID order) and
-//!   writes the ordinary keys in the same transaction, so a concurrent bind of the same key
-//!   waits for it and then finds the key gone. `destroy` deletes ready keys before ordinary
-//!   ones, so a bind racing it either loses or has made a key that `destroy` then deletes.
+//! * Ready keys (`pool_insert`) live in a table of their own, keyed by link and position
+//!   (`seq`), sealed like ordinary keys with the link name in place of the master. A taken
+//!   position is found by the primary key (`ON CONFLICT DO NOTHING` again, rows written in
+//!   position order so that overlapping batches on two replicas wait for each other instead of
+//!   deadlocking). The IDs are looked up among the ordinary keys in the same transaction. No
+//!   lock spans both tables, and none is needed: an insert does not check ready keys, so an
+//!   insert and a pool insert of one ID that race may both succeed, which is the outcome of
+//!   running the pool insert first (and random IDs do not collide in practice).
+//! * `pool_bind` deletes the ready keys it names (`DELETE … RETURNING`, rows found by link,
+//!   position and ID, locked in position order) and writes the ordinary keys in the same
+//!   transaction, so a concurrent bind or `pool_remove` of the same position waits for it and
+//!   then finds the key gone; `pool_remove` locks in the same order, so neither can deadlock.
+//!   `destroy` reaches ordinary keys only.
 //! * An answer leaves only after `COMMIT` returned, which is durable when the server runs with
 //!   its defaults (`fsync = on`, `synchronous_commit = on`); a warning is logged at connect if
 //!   `synchronous_commit` is off.
@@ -65,10 +69,13 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use dqkd_store::rules::{
-    check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+    check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
 };
 use dqkd_store::seal::{Cipher, Record};
-use dqkd_store::{DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError};
+use dqkd_store::{
+    DeliveredKey, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
+    StoreError, TakeError,
+};
 use futures_util::future::{try_join, try_join_all};
 use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
@@ -134,32 +141,57 @@ const LOCK_FOR_TAKE: &str =
     "SELECT id, record FROM dqkd_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 const DELETE_IDS: &str = "DELETE FROM dqkd_keys WHERE id = ANY($1)";
 const UPDATE_TAKEN: &str = "UPDATE dqkd_keys SET record = $2, remaining = $3 WHERE id = $1";
-/// Which of the IDs `$1` are ready keys (an ID is never both a key and a ready key).
-const IN_POOLS: &str = "SELECT id FROM dqkd_pool_keys WHERE id = ANY($1)";
-/// Stores ready keys of link `$1`; returns the IDs written (the others already were ready).
-const POOL_INSERT: &str = "INSERT INTO dqkd_pool_keys (id, link, expires_at, record) \
-                           SELECT id, $1::text, expires_at, record \
-                           FROM unnest($2::uuid[], $3::bigint[], $4::bytea[]) \
-                               AS k (id, expires_at, record) \
-                           ON CONFLICT (id) DO NOTHING RETURNING id";
-/// Claims IDs `$1` in `dqkd_keys` with placeholder rows (deleted again before commit); returns
-/// the IDs claimed (the others are keys, or being inserted as keys by a transaction that
-/// then committed).
-const CLAIM_KEY_IDS: &str = "INSERT INTO dqkd_keys (id, master, expires_at, remaining, record) \
-                             SELECT id, '', 0, '{}', '' FROM unnest($1::uuid[]) AS id \
-                             ON CONFLICT (id) DO NOTHING RETURNING id";
-/// Moves ready keys `$2` of link `$1` unexpired at `$3` out of the pool, locking them in ID
-/// order first (like take) so that overlapping binds cannot deadlock.
-const POOL_TAKE: &str = "DELETE FROM dqkd_pool_keys WHERE id IN ( \
-                             SELECT id FROM dqkd_pool_keys \
-                             WHERE id = ANY($2) AND link = $1 AND expires_at > $3 \
-                             ORDER BY id FOR UPDATE) \
+/// Which of the IDs `$1` are ordinary keys.
+const KEY_IDS: &str = "SELECT id FROM dqkd_keys WHERE id = ANY($1)";
+/// Stores ready keys of link `$1`; returns the positions written (the others were taken).
+/// Rows go in position order, so two overlapping batches wait for each other's positions in
+/// the same order and cannot deadlock.
+const POOL_INSERT: &str = "INSERT INTO dqkd_pool_keys (link, seq, id, expires_at, record) \
+                           SELECT $1::text, seq, id, expires_at, record \
+                           FROM unnest($2::bigint[], $3::uuid[], $4::bigint[], $5::bytea[]) \
+                               AS k (seq, id, expires_at, record) \
+                           ORDER BY seq \
+                           ON CONFLICT (link, seq) DO NOTHING RETURNING seq";
+/// Moves the ready keys of link `$1` at positions `$2` with IDs `$3` (pairwise) and unexpired
+/// at `$4` out of the pool, locking them in position order first (like take) so that
+/// overlapping binds and removals cannot deadlock. A position holding another ID is not
+/// returned, which refuses the bind.
+const POOL_TAKE: &str = "DELETE FROM dqkd_pool_keys WHERE link = $1 AND seq IN ( \
+                             SELECT p.seq FROM dqkd_pool_keys p \
+                             JOIN unnest($2::bigint[], $3::uuid[]) AS s (seq, id) \
+                                 ON p.seq = s.seq AND p.id = s.id \
+                             WHERE p.link = $1 AND p.expires_at > $4 \
+                             ORDER BY p.seq FOR UPDATE OF p) \
                          RETURNING id, record";
-/// The ready keys of link `$1`, soonest expiry first (then by ID, which PostgreSQL compares
-/// bytewise like [`Uuid`]'s `Ord`). The record is fetched only for expiries stored clamped
-/// (`$2` = `i64::MAX`), whose exact value only the record holds.
-const POOL_LIST: &str = "SELECT id, expires_at, CASE WHEN expires_at = $2 THEN record END \
-                         FROM dqkd_pool_keys WHERE link = $1 ORDER BY expires_at, id";
+/// Deletes the ready keys of link `$1` at positions `$2`, locked in position order like a bind.
+const POOL_REMOVE: &str = "DELETE FROM dqkd_pool_keys WHERE link = $1 AND seq IN ( \
+                               SELECT seq FROM dqkd_pool_keys \
+                               WHERE link = $1 AND seq = ANY($2) \
+                               ORDER BY seq FOR UPDATE)";
+/// The ready keys of link `$1` in position order (the primary key's). The record is fetched
+/// only for expiries stored clamped (`$2` = `i64::MAX`), whose exact value only the record
+/// holds.
+const POOL_LIST: &str = "SELECT seq, id, expires_at, CASE WHEN expires_at = $2 THEN record END \
+                         FROM dqkd_pool_keys WHERE link = $1 ORDER BY seq";
+
+/// Why a ready key is refused whose position has no `bigint` form.
+const SEQ_TOO_LARGE: &str = "pool position above i64::MAX, which the PostgreSQL store cannot hold";
+
+/// A pool position as stored. Positions are u64 in the API and `bigint` in the table; real
+/// ones (nanoseconds since the Unix epoch, or smaller) are far below `i64::MAX`. A larger one
+/// has no stored form: clamping or wrapping it would reorder the pool or merge positions, so
+/// `None`, and nothing can be stored there.
+fn to_db_seq(seq: u64) -> Option<i64> {
+    i64::try_from(seq).ok()
+}
+
+/// A stored position back in API form (never negative: the table checks `seq >= 0`).
+fn from_db_seq(id: Uuid, seq: i64) -> Result<u64, StoreError> {
+    u64::try_from(seq).map_err(|e| StoreError::Database {
+        context: format!("reading ready key {id}: negative pool position {seq}"),
+        source: Box::new(e),
+    })
+}
 
 /// `expires_at` and `now` are u64 in the API and `bigint` in the table; instants past
 /// `i64::MAX` seconds (about 292 billion years) are stored as `i64::MAX`.
@@ -349,6 +381,77 @@ impl PostgresStore {
             })
             .collect()
     }
+
+    /// Seals and encodes ready keys that passed [`check_pool_insert`] as columns for
+    /// [`POOL_INSERT`], all before the database is touched. Each is sealed like an ordinary
+    /// key whose master is the link and which has no slaves, so the link is bound into the
+    /// seal and a record moved to another pool does not open.
+    fn seal_ready(&self, link: &str, keys: Vec<PoolKey>) -> Result<ReadyBatch, StoreError> {
+        let mut batch = ReadyBatch {
+            seqs: Vec::with_capacity(keys.len()),
+            ids: Vec::with_capacity(keys.len()),
+            expiries: Vec::with_capacity(keys.len()),
+            records: Vec::with_capacity(keys.len()),
+        };
+        for k in keys {
+            let id = k.slot.id;
+            let seq = to_db_seq(k.slot.seq).ok_or(StoreError::InvalidKey {
+                id,
+                reason: SEQ_TOO_LARGE,
+            })?;
+            let key = NewKey {
+                id,
+                master: link.to_owned(),
+                slaves: Vec::new(),
+                material: k.material,
+                expires_at: k.expires_at,
+            };
+            let bytes = Record::seal(&self.cipher, &key)?
+                .encode()
+                .map_err(|reason| StoreError::InvalidKey { id, reason })?;
+            batch.seqs.push(seq);
+            batch.ids.push(id);
+            batch.expiries.push(to_db_time(key.expires_at));
+            batch.records.push(bytes);
+        }
+        Ok(batch)
+    }
+
+    /// Opens the ready keys a bind took out of the pool of `link` (rows of [`POOL_TAKE`]),
+    /// by ID. The record, sealed with its link, is the authority; the columns only found it.
+    fn open_ready(
+        &self,
+        link: &str,
+        rows: &[tokio_postgres::Row],
+        now: u64,
+    ) -> Result<HashMap<Uuid, KeyMaterial>, TakeError> {
+        let mut material = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: Uuid = row.try_get(0).map_err(db("reading a ready key record"))?;
+            let bytes: &[u8] = row.try_get(1).map_err(db("reading a ready key record"))?;
+            let record = decode(id, bytes)?;
+            if record.meta().master() != link {
+                return Err(StoreError::Crypto {
+                    context: format!("opening ready key {id}: it was sealed for another pool"),
+                }
+                .into());
+            }
+            if record.meta().expires_at() <= now {
+                return Err(TakeError::NotFound);
+            }
+            material.insert(id, record.open(&self.cipher, id)?);
+        }
+        Ok(material)
+    }
+}
+
+/// Ready keys sealed for [`POOL_INSERT`], one array per column, in batch order.
+struct ReadyBatch {
+    seqs: Vec<i64>,
+    ids: Vec<Uuid>,
+    expiries: Vec<i64>,
+    /// Sealed records: ciphertext only, so they need no wiping.
+    records: Vec<Vec<u8>>,
 }
 
 /// A key sealed and encoded for `dqkd_keys`; the record is kept for the count deltas.
@@ -394,14 +497,13 @@ fn decode(id: Uuid, bytes: &[u8]) -> Result<Record, StoreError> {
 }
 
 /// Writes sealed keys into `dqkd_keys` inside `txn`. On [`StoreError::DuplicateId`] (the first
-/// key, in batch order, whose ID is already a key or a ready key) the caller drops `txn`,
-/// which rolls it back: none of the batch is stored.
+/// key, in batch order, whose ID is already a key) the caller drops `txn`, which rolls it
+/// back: none of the batch is stored.
 ///
-/// `ON CONFLICT DO NOTHING` tells which ID already was a key. Ready keys live in another
-/// table, so they are looked up separately, and only after every insert finished: an insert
-/// racing a `pool_insert` of the same ID waits on that transaction's claim of the ID in
-/// `dqkd_keys` (see [`CLAIM_KEY_IDS`]), and this later statement, with a fresh snapshot, then
-/// sees its ready key committed. One of the two always fails.
+/// `ON CONFLICT DO NOTHING` tells which ID already was a key; a concurrent write of the same
+/// ID waits for this transaction on the primary key and then finds it taken (or, after a
+/// rollback, writes it itself). Ready keys are not consulted: IDs are not checked across the
+/// two tables any more (see the crate docs).
 async fn write_keys(
     txn: &deadpool_postgres::Transaction<'_>,
     rows: &[Sealed],
@@ -433,21 +535,7 @@ async fn write_keys(
     }))
     .await
     .map_err(db("inserting keys"))?;
-    let stmt = txn
-        .prepare_cached(IN_POOLS)
-        .await
-        .map_err(db("preparing a pool lookup"))?;
-    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-    let ready = txn
-        .query(&stmt, &[&ids])
-        .await
-        .map_err(db("looking up new key IDs among the ready keys"))?;
-    let ready = ids_of(&ready, "looking up new key IDs among the ready keys")?;
-    match rows
-        .iter()
-        .zip(&written)
-        .find(|(row, n)| **n == 0 || ready.contains(&row.id))
-    {
+    match rows.iter().zip(&written).find(|(_, n)| **n == 0) {
         Some((row, _)) => Err(StoreError::DuplicateId { id: row.id }),
         None => Ok(()),
     }
@@ -574,9 +662,9 @@ impl KeyStore for PostgresStore {
             .map_err(db("purging expired keys"))?;
         let ready = txn
             .execute(
-                "DELETE FROM dqkd_pool_keys WHERE id IN ( \
-                     SELECT id FROM dqkd_pool_keys WHERE expires_at <= $1 \
-                     ORDER BY id FOR UPDATE SKIP LOCKED)",
+                "DELETE FROM dqkd_pool_keys WHERE (link, seq) IN ( \
+                     SELECT link, seq FROM dqkd_pool_keys WHERE expires_at <= $1 \
+                     ORDER BY link, seq FOR UPDATE SKIP LOCKED)",
                 &[&to_db_time(now)],
             )
             .await
@@ -592,18 +680,6 @@ impl KeyStore for PostgresStore {
             .transaction()
             .await
             .map_err(db("starting a destroy"))?;
-        // Ready keys first: a bind of one of these IDs that holds its row either commits
-        // before this statement goes on, and the key it made is a row the statements below
-        // see (each takes a fresh snapshot), or finds the row gone. Either way no key of
-        // `ids` survives. Locked in ID order, like a bind, so the two cannot deadlock.
-        let ready = txn
-            .execute(
-                "DELETE FROM dqkd_pool_keys WHERE id IN ( \
-                     SELECT id FROM dqkd_pool_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE)",
-                &[&ids],
-            )
-            .await
-            .map_err(db("destroying ready keys"))?;
         // Lock in ID order first, like take, so a destroy and a take cannot deadlock.
         txn.query(
             "SELECT id FROM dqkd_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE",
@@ -620,37 +696,18 @@ impl KeyStore for PostgresStore {
             .map_err(db("destroying keys"))?;
         let deltas = deleted_deltas(&rows)?;
         self.commit(txn, deltas, "committing a destroy").await?;
-        Ok(rows.len() as u64 + ready)
+        Ok(rows.len() as u64)
     }
 
     async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {
-        // Distinct IDs and valid keys here; IDs already stored are found by the database,
-        // in the same transaction as the write, like `insert` does.
+        // Valid keys with distinct positions and IDs here; taken positions and IDs that are
+        // keys are found by the database, in the same transaction as the write.
         check_pool_insert(link, &keys, |_| Ok::<_, std::convert::Infallible>(false))
             .unwrap_or_else(|never| match never {})?;
         if keys.is_empty() {
             return Ok(());
         }
-        // Sealed like an ordinary key whose master is the link and which has no slaves, so
-        // the link is bound into the seal and a record moved to another pool does not open.
-        let mut ids = Vec::with_capacity(keys.len());
-        let mut expiries = Vec::with_capacity(keys.len());
-        let mut records = Vec::with_capacity(keys.len());
-        for k in keys {
-            let key = NewKey {
-                id: k.id,
-                master: link.to_owned(),
-                slaves: Vec::new(),
-                material: k.material,
-                expires_at: k.expires_at,
-            };
-            let bytes = Record::seal(&self.cipher, &key)?
-                .encode()
-                .map_err(|reason| StoreError::InvalidKey { id: key.id, reason })?;
-            ids.push(key.id);
-            expiries.push(to_db_time(key.expires_at));
-            records.push(bytes);
-        }
+        let batch = self.seal_ready(link, keys)?;
         let mut client = self.client().await?;
         let txn = client
             .transaction()
@@ -660,45 +717,44 @@ impl KeyStore for PostgresStore {
             .prepare_cached(POOL_INSERT)
             .await
             .map_err(db("preparing a pool insert"))?;
-        let claim = txn
-            .prepare_cached(CLAIM_KEY_IDS)
+        let lookup = txn
+            .prepare_cached(KEY_IDS)
             .await
-            .map_err(db("preparing a pool insert"))?;
-        // No unique index spans both tables, so the IDs are also claimed in `dqkd_keys`: that
-        // finds the IDs that are keys, and makes a concurrent insert of the same ID wait for
-        // this transaction (see `write_keys`). Both statements are pipelined; their order
-        // does not matter, as both take effect only at commit.
-        let (written, claimed) = try_join(
+            .map_err(db("preparing a key lookup"))?;
+        // Pipelined: the lookup does not depend on the insert, and both count only at commit.
+        let (written, keys_found) = try_join(
             async {
-                txn.query(&insert, &[&link, &ids, &expiries, &records])
-                    .await
-                    .map_err(db("inserting ready keys"))
+                txn.query(
+                    &insert,
+                    &[
+                        &link,
+                        &batch.seqs,
+                        &batch.ids,
+                        &batch.expiries,
+                        &batch.records,
+                    ],
+                )
+                .await
+                .map_err(db("inserting ready keys"))
             },
             async {
-                txn.query(&claim, &[&ids])
+                txn.query(&lookup, &[&batch.ids])
                     .await
-                    .map_err(db("claiming ready key IDs among the keys"))
+                    .map_err(db("looking up ready key IDs among the keys"))
             },
         )
         .await?;
-        drop(records);
-        let written = ids_of(&written, "inserting ready keys")?;
-        let claimed = ids_of(&claimed, "claiming ready key IDs among the keys")?;
-        if let Some(id) = ids
+        let written = seqs_of(&written)?;
+        let keys_found = ids_of(&keys_found, "looking up ready key IDs among the keys")?;
+        if let Some((id, _)) = batch
+            .ids
             .iter()
-            .find(|id| !written.contains(id) || !claimed.contains(id))
+            .zip(&batch.seqs)
+            .find(|(id, seq)| !written.contains(seq) || keys_found.contains(id))
         {
             // Dropping the transaction rolls it back: none of the batch is stored.
             return Err(StoreError::DuplicateId { id: *id });
         }
-        // Every row with these IDs in `dqkd_keys` is a placeholder of this transaction.
-        let release = txn
-            .prepare_cached(DELETE_IDS)
-            .await
-            .map_err(db("preparing a delete"))?;
-        txn.execute(&release, &[&ids])
-            .await
-            .map_err(db("releasing ready key IDs among the keys"))?;
         // Ready keys change no pending count, so the count gate is not needed.
         txn.commit().await.map_err(db("committing a pool insert"))
     }
@@ -709,7 +765,14 @@ impl KeyStore for PostgresStore {
         grants: Vec<PoolGrant>,
         now: u64,
     ) -> Result<Vec<DeliveredKey>, TakeError> {
-        let ids = pool_bind_ids(&grants)?;
+        let slots = pool_bind_slots(&grants)?;
+        // A position with no `bigint` form can hold no key.
+        let seqs: Vec<i64> = slots
+            .iter()
+            .map(|slot| to_db_seq(slot.seq))
+            .collect::<Option<_>>()
+            .ok_or(TakeError::NotFound)?;
+        let ids: Vec<Uuid> = slots.iter().map(|slot| slot.id).collect();
         let mut client = self.client().await?;
         let txn = client
             .transaction()
@@ -719,34 +782,18 @@ impl KeyStore for PostgresStore {
             .prepare_cached(POOL_TAKE)
             .await
             .map_err(db("preparing a pool bind"))?;
-        // The row locks of this DELETE make a concurrent bind of the same IDs wait for this
-        // transaction, then find the rows gone (or, after a rollback, take them itself): two
-        // binds of one key never both succeed.
+        // The row locks of this DELETE make a concurrent bind or removal of the same positions
+        // wait for this transaction, then find the rows gone (or, after a rollback, take them
+        // itself): two binds of one key never both succeed.
         let rows = txn
-            .query(&stmt, &[&link, &ids, &to_db_time(now)])
+            .query(&stmt, &[&link, &seqs, &ids, &to_db_time(now)])
             .await
             .map_err(db("taking ready keys out of a pool"))?;
         // On refusal the transaction is dropped, which rolls it back and restores the pool.
-        if rows.len() != ids.len() {
+        if rows.len() != slots.len() {
             return Err(TakeError::NotFound);
         }
-        let mut material = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let id: Uuid = row.try_get(0).map_err(db("reading a ready key record"))?;
-            let bytes: &[u8] = row.try_get(1).map_err(db("reading a ready key record"))?;
-            let record = decode(id, bytes)?;
-            // The record, sealed with its link, is the authority; the columns only find it.
-            if record.meta().master() != link {
-                return Err(StoreError::Crypto {
-                    context: format!("opening ready key {id}: it was sealed for another pool"),
-                }
-                .into());
-            }
-            if record.meta().expires_at() <= now {
-                return Err(TakeError::NotFound);
-            }
-            material.insert(id, record.open(&self.cipher, id)?);
-        }
+        let mut material = self.open_ready(link, &rows, now)?;
         let bound = pool_bound_keys(&grants, |id| material.get(&id).cloned())?;
         check_insert(&bound, |_| Ok::<_, std::convert::Infallible>(false))
             .unwrap_or_else(|never| match never {})?;
@@ -761,7 +808,7 @@ impl KeyStore for PostgresStore {
                     .map(|material| DeliveredKey { id: *id, material })
             })
             .collect::<Option<Vec<_>>>()
-            // Every ID was returned by the DELETE, as the length check showed.
+            // Every slot was returned by the DELETE, as the length check showed.
             .ok_or(TakeError::NotFound)?;
         let deltas = sealed
             .into_iter()
@@ -771,7 +818,26 @@ impl KeyStore for PostgresStore {
         Ok(delivered)
     }
 
-    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
+    async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError> {
+        // A position with no `bigint` form holds nothing, so it is skipped like any empty one.
+        let seqs: Vec<i64> = seqs.iter().copied().filter_map(to_db_seq).collect();
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(POOL_REMOVE)
+            .await
+            .map_err(db("preparing a pool removal"))?;
+        // One statement, committed on its own before `execute` returns, as durably as every
+        // commit here. Ready keys change no pending count, so the count gate is not needed.
+        client
+            .execute(&stmt, &[&link, &seqs])
+            .await
+            .map_err(db("removing ready keys"))
+    }
+
+    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(POOL_LIST)
@@ -781,27 +847,36 @@ impl KeyStore for PostgresStore {
             .query(&stmt, &[&link, &i64::MAX])
             .await
             .map_err(db("listing ready keys"))?;
-        let mut ready = Vec::with_capacity(rows.len());
-        let mut clamped = false;
-        for row in &rows {
-            let id: Uuid = row.try_get(0).map_err(db("reading a ready key"))?;
-            let stored: i64 = row.try_get(1).map_err(db("reading a ready key"))?;
-            let record: Option<&[u8]> = row.try_get(2).map_err(db("reading a ready key"))?;
-            let expires_at = match record {
-                Some(bytes) => {
-                    clamped = true;
-                    decode(id, bytes)?.meta().expires_at()
-                }
-                None => u64::try_from(stored).unwrap_or(0),
-            };
-            ready.push((id, expires_at));
-        }
-        if clamped {
-            // Clamped expiries sort last in SQL but may differ in the records.
-            ready.sort_unstable_by_key(|(id, expires_at)| (*expires_at, *id));
-        }
-        Ok(ready)
+        rows.iter().map(ready_key).collect()
     }
+}
+
+/// One row of [`POOL_LIST`] as a [`ReadyKey`].
+fn ready_key(row: &tokio_postgres::Row) -> Result<ReadyKey, StoreError> {
+    let seq: i64 = row.try_get(0).map_err(db("reading a ready key"))?;
+    let id: Uuid = row.try_get(1).map_err(db("reading a ready key"))?;
+    let stored: i64 = row.try_get(2).map_err(db("reading a ready key"))?;
+    let record: Option<&[u8]> = row.try_get(3).map_err(db("reading a ready key"))?;
+    let expires_at = match record {
+        // Stored clamped: the record holds the exact expiry.
+        Some(bytes) => decode(id, bytes)?.meta().expires_at(),
+        None => u64::try_from(stored).unwrap_or(0),
+    };
+    Ok(ReadyKey {
+        slot: Slot {
+            seq: from_db_seq(id, seq)?,
+            id,
+        },
+        expires_at,
+    })
+}
+
+/// The positions in the first column of `rows` (as stored).
+fn seqs_of(rows: &[tokio_postgres::Row]) -> Result<HashSet<i64>, StoreError> {
+    rows.iter()
+        .map(|row| row.try_get::<_, i64>(0))
+        .collect::<Result<_, _>>()
+        .map_err(db("inserting ready keys"))
 }
 
 /// The key IDs in the first column of `rows`.

@@ -31,10 +31,14 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../migrations/0002_pool.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../migrations/0003_pool_positions.sql"),
+    },
 ];
 
 /// The schema version this build writes (the version of the last migration).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 const KEK_CHECK: &str = "kek_check";
 

@@ -1,6 +1,6 @@
 //! What only the PostgreSQL store needs: the KEK check, encryption at rest in the table,
-//! exactly-once delivery and binding across replicas, IDs unique across keys and ready keys,
-//! racing and upgrading migrations, and cross-replica counts.
+//! exactly-once delivery, binding and pool positions across replicas, positions beyond the
+//! `bigint` range, racing and upgrading migrations, and cross-replica counts.
 
 // Test helpers: an unwrap here is a failed assertion, not a crash on a request path.
 #![allow(clippy::unwrap_used)]
@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::TestDb;
 use dqkd_store::{
-    Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError, Uuid,
+    Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError, TakeError,
+    Uuid,
 };
 use dqkd_store_postgres::{Options, PostgresStore, SCHEMA_VERSION};
 
@@ -340,21 +341,35 @@ async fn connect_errors_name_the_database_but_not_the_password() {
     assert!(matches!(err, StoreError::Database { .. }), "{err:?}");
 }
 
-fn ready(bytes: Vec<u8>, expires_at: u64) -> PoolKey {
+fn ready(seq: u64, bytes: Vec<u8>, expires_at: u64) -> PoolKey {
     PoolKey {
-        id: Uuid::new_v4(),
+        slot: Slot {
+            seq,
+            id: Uuid::new_v4(),
+        },
         material: KeyMaterial::new(bytes),
         expires_at,
     }
 }
 
-fn grant(ids: &[Uuid], slaves: &[&str]) -> PoolGrant {
+fn grant(slots: &[Slot], slaves: &[&str]) -> PoolGrant {
     PoolGrant {
-        ids: ids.to_vec(),
+        slots: slots.to_vec(),
         master: "alice".into(),
         slaves: slaves.iter().map(|s| s.to_string()).collect(),
         expires_at: u64::MAX,
     }
+}
+
+fn listed(k: &PoolKey) -> ReadyKey {
+    ReadyKey {
+        slot: k.slot,
+        expires_at: k.expires_at,
+    }
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client().await.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 /// Ready keys are sealed under the KEK with their link bound in: the table holds no key
@@ -369,16 +384,14 @@ async fn ready_keys_are_sealed_to_their_link() {
         .map(|i| i.wrapping_mul(29).wrapping_add(7))
         .collect();
     let (a, b) = (
-        ready(secret.clone(), u64::MAX),
-        ready(secret.clone(), 5_000),
+        ready(20, secret.clone(), u64::MAX),
+        ready(10, secret.clone(), 5_000),
     );
-    let (ia, ib) = (a.id, b.id);
+    let (sa, sb) = (a.slot, b.slot);
+    let listing = vec![listed(&b), listed(&a)];
     store.pool_insert("A>B", vec![a, b]).await.unwrap();
-    // u64::MAX is stored clamped in the column, yet listed exactly.
-    assert_eq!(
-        store.pool_list("A>B").await.unwrap(),
-        vec![(ib, 5_000), (ia, u64::MAX)]
-    );
+    // Listed in position order; u64::MAX is stored clamped in the column, yet listed exactly.
+    assert_eq!(store.pool_list("A>B").await.unwrap(), listing);
 
     let client = db.client().await;
     for row in client
@@ -396,97 +409,153 @@ async fn ready_keys_are_sealed_to_their_link() {
     client
         .execute(
             "UPDATE dqkd_pool_keys SET link = 'C>B' WHERE id = $1",
-            &[&ia],
+            &[&sa.id],
         )
         .await
         .unwrap();
     let r = store
-        .pool_bind("C>B", vec![grant(&[ia], &["bob"])], 0)
+        .pool_bind("C>B", vec![grant(&[sa], &["bob"])], 0)
         .await;
     assert!(
         matches!(r, Err(TakeError::Store(StoreError::Crypto { .. }))),
         "{r:?}"
     );
-    assert_eq!(store.pool_list("C>B").await.unwrap(), vec![(ia, u64::MAX)]);
+    assert_eq!(store.pool_list("C>B").await.unwrap(), vec![listing[1]]);
     assert_eq!(store.pending("alice", "bob"), 0);
 
     let got = store
-        .pool_bind("A>B", vec![grant(&[ib], &["bob"])], 0)
+        .pool_bind("A>B", vec![grant(&[sb], &["bob"])], 0)
         .await
         .unwrap();
     assert_eq!(got[0].material.as_bytes(), secret.as_slice());
-    let got = store.take("bob", &alice(), &[ib], 0).await.unwrap();
+    let got = store.take("bob", &alice(), &[sb.id], 0).await.unwrap();
     assert_eq!(got[0].material.as_bytes(), secret.as_slice());
 }
 
-/// No unique index spans the keys and the ready keys, yet an insert and a pool insert of the
-/// same ID racing on two replicas never both succeed.
+/// Positions are stored as `bigint`: one above `i64::MAX` is refused as invalid rather than
+/// wrapped into a negative (and misordered) one, can never be bound, and is skipped by a
+/// removal; `i64::MAX` itself round-trips.
+#[tokio::test]
+async fn positions_beyond_bigint_are_refused_not_wrapped() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = connect(&db, 2).await;
+    let top = ready(i64::MAX as u64, vec![1; 32], u64::MAX);
+    let beyond = ready(i64::MAX as u64 + 1, vec![2; 32], u64::MAX);
+    let beyond_slot = beyond.slot;
+    let r = store.pool_insert("A>B", vec![top.clone(), beyond]).await;
+    assert!(
+        matches!(r, Err(StoreError::InvalidKey { id, .. }) if id == beyond_slot.id),
+        "{r:?}"
+    );
+    assert!(store.pool_list("A>B").await.unwrap().is_empty());
+    store.pool_insert("A>B", vec![top.clone()]).await.unwrap();
+    assert_eq!(store.pool_list("A>B").await.unwrap(), vec![listed(&top)]);
+    let r = store
+        .pool_bind("A>B", vec![grant(&[top.slot, beyond_slot], &["bob"])], 0)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    assert_eq!(
+        store
+            .pool_remove("A>B", &[beyond_slot.seq, u64::MAX])
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .pool_remove("A>B", &[top.slot.seq, beyond_slot.seq])
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store.pool_list("A>B").await.unwrap().is_empty());
+}
+
+/// A pool insert finds IDs stored as ordinary keys and positions taken in that pool, all or
+/// nothing; positions are per link, and (IDs being random) pools are not searched by ID.
+#[tokio::test]
+async fn pool_insert_checks_positions_per_link_and_ids_among_keys() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = connect(&db, 2).await;
+    let k = key("alice", &["bob"], vec![1; 32]);
+    let known = k.id;
+    store.insert(vec![k]).await.unwrap();
+    let first = ready(1, vec![2; 32], u64::MAX);
+    let mut clash = ready(2, vec![3; 32], u64::MAX);
+    clash.slot.id = known;
+    let r = store.pool_insert("A>B", vec![first.clone(), clash]).await;
+    assert!(
+        matches!(r, Err(StoreError::DuplicateId { id }) if id == known),
+        "{r:?}"
+    );
+    assert!(store.pool_list("A>B").await.unwrap().is_empty());
+
+    store.pool_insert("A>B", vec![first.clone()]).await.unwrap();
+    let taken = ready(1, vec![4; 32], u64::MAX);
+    let r = store.pool_insert("A>B", vec![taken.clone()]).await;
+    assert!(
+        matches!(r, Err(StoreError::DuplicateId { id }) if id == taken.slot.id),
+        "{r:?}"
+    );
+    // The same position, and even the same ID, in another link's pool is another key.
+    let mut elsewhere = first.clone();
+    elsewhere.slot.seq = 7;
+    store
+        .pool_insert("C>B", vec![ready(1, vec![5; 32], u64::MAX), elsewhere])
+        .await
+        .unwrap();
+    assert_eq!(store.pool_list("A>B").await.unwrap(), vec![listed(&first)]);
+    assert_eq!(store.pool_list("C>B").await.unwrap().len(), 2);
+    assert_eq!(count(&db, "SELECT count(*) FROM dqkd_keys").await, 1);
+}
+
+/// Two replicas insert batches covering the same positions in opposite orders: never a
+/// deadlock (rows are written in position order), and exactly one batch is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_insert_and_pool_insert_of_one_id_store_it_once() {
+async fn racing_pool_inserts_of_one_position_store_it_once() {
     let Some(db) = TestDb::create().await else {
         return;
     };
     let a: Arc<dyn KeyStore> = Arc::new(connect(&db, 4).await);
     let b: Arc<dyn KeyStore> = Arc::new(connect(&db, 4).await);
-    let rounds = 100;
+    let rounds: u64 = 100;
     for round in 0..rounds {
-        let plain: Vec<NewKey> = (0..4)
-            .map(|_| key("alice", &["bob"], vec![1; 32]))
-            .collect();
-        let pooled: Vec<PoolKey> = plain
+        let seqs: Vec<u64> = (0..8).map(|i| round * 8 + i).collect();
+        let mine: Vec<PoolKey> = seqs
             .iter()
-            .map(|k| PoolKey {
-                id: k.id,
-                material: KeyMaterial::new(vec![2; 32]),
-                expires_at: u64::MAX,
-            })
+            .map(|s| ready(*s, vec![1; 32], u64::MAX))
+            .collect();
+        let theirs: Vec<PoolKey> = seqs
+            .iter()
+            .rev()
+            .map(|s| ready(*s, vec![2; 32], u64::MAX))
             .collect();
         let (one, two) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
         let (s1, s2) = (Arc::clone(one), Arc::clone(two));
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
         let (b1, b2) = (Arc::clone(&barrier), barrier);
-        let inserted = tokio::spawn(async move {
+        let first = tokio::spawn(async move {
             b1.wait().await;
-            s1.insert(plain).await
+            s1.pool_insert("A>B", mine).await
         });
-        let pooled = tokio::spawn(async move {
+        let second = tokio::spawn(async move {
             b2.wait().await;
-            s2.pool_insert("A>B", pooled).await
+            s2.pool_insert("A>B", theirs).await
         });
-        let (inserted, pooled) = (inserted.await.unwrap(), pooled.await.unwrap());
-        match (&inserted, &pooled) {
+        let (first, second) = (first.await.unwrap(), second.await.unwrap());
+        match (&first, &second) {
             (Ok(()), Err(StoreError::DuplicateId { .. }))
             | (Err(StoreError::DuplicateId { .. }), Ok(())) => {}
             other => panic!("round {round}: {other:?}"),
         }
     }
-    let client = db.client().await;
-    let keys: i64 = client
-        .query_one("SELECT count(*) FROM dqkd_keys", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let ready: i64 = client
-        .query_one("SELECT count(*) FROM dqkd_pool_keys", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(keys + ready, 4 * rounds);
-    let both: i64 = client
-        .query_one(
-            "SELECT count(*) FROM dqkd_keys JOIN dqkd_pool_keys USING (id)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(both, 0);
-    let placeholders: i64 = client
-        .query_one("SELECT count(*) FROM dqkd_keys WHERE master = ''", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(placeholders, 0);
+    let listing = a.pool_list("A>B").await.unwrap();
+    let positions: Vec<u64> = listing.iter().map(|r| r.slot.seq).collect();
+    assert_eq!(positions, (0..rounds * 8).collect::<Vec<_>>());
 }
 
 /// Binds of overlapping sets of ready keys in opposite orders on two replicas: never a
@@ -498,14 +567,16 @@ async fn overlapping_pool_binds_across_replicas_bind_each_key_once() {
     };
     let a: Arc<dyn KeyStore> = Arc::new(connect(&db, 8).await);
     let b: Arc<dyn KeyStore> = Arc::new(connect(&db, 8).await);
-    for _round in 0..10 {
-        let keys: Vec<PoolKey> = (0..8).map(|i| ready(vec![i; 32], u64::MAX)).collect();
-        let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
+    for round in 0..10u64 {
+        let keys: Vec<PoolKey> = (0..8u8)
+            .map(|i| ready(round * 8 + u64::from(i), vec![i; 32], u64::MAX))
+            .collect();
+        let slots: Vec<Slot> = keys.iter().map(|k| k.slot).collect();
         a.pool_insert("A>B", keys).await.unwrap();
         let mut tasks = Vec::new();
         for t in 0..8 {
             let store = Arc::clone(if t % 2 == 0 { &a } else { &b });
-            let mut mine = ids.clone();
+            let mut mine = slots.clone();
             if t % 2 == 1 {
                 mine.reverse();
             }
@@ -528,46 +599,62 @@ async fn overlapping_pool_binds_across_replicas_bind_each_key_once() {
         }
         assert_eq!(won, 1);
         assert!(a.pool_list("A>B").await.unwrap().is_empty());
+        let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
         a.take("bob", &alice(), &ids, 0).await.unwrap();
     }
 }
 
-/// A destroy racing a bind of the same ready key leaves nothing to deliver, whichever
-/// commits first.
+/// A removal racing a bind of the same ready keys (in the opposite order, on another
+/// replica): exactly one of them gets the keys, and a lost bind leaves nothing to deliver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn destroy_racing_a_bind_leaves_no_key() {
+async fn pool_remove_racing_a_bind_exactly_one_wins() {
     let Some(db) = TestDb::create().await else {
         return;
     };
     let a = Arc::new(connect(&db, 4).await);
     let b = Arc::new(connect(&db, 4).await);
-    for round in 0..50 {
-        let k = ready(vec![3; 32], u64::MAX);
-        let id = k.id;
-        a.pool_insert("A>B", vec![k]).await.unwrap();
+    let (mut bound, mut removed) = (0, 0);
+    for round in 0..50u64 {
+        let keys: Vec<PoolKey> = (0..4)
+            .map(|i| ready(round * 4 + i, vec![3; 32], u64::MAX))
+            .collect();
+        let slots: Vec<Slot> = keys.iter().map(|k| k.slot).collect();
+        let seqs: Vec<u64> = slots.iter().rev().map(|s| s.seq).collect();
+        a.pool_insert("A>B", keys).await.unwrap();
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
         let (b1, b2) = (Arc::clone(&barrier), barrier);
         let (s1, s2) = (Arc::clone(&a), Arc::clone(&b));
+        let to_bind = slots.clone();
         let bind = tokio::spawn(async move {
             b1.wait().await;
-            s1.pool_bind("A>B", vec![grant(&[id], &["bob"])], 0).await
+            s1.pool_bind("A>B", vec![grant(&to_bind, &["bob"])], 0)
+                .await
         });
-        let destroy = tokio::spawn(async move {
+        let remove = tokio::spawn(async move {
             b2.wait().await;
-            s2.destroy(&[id]).await
+            s2.pool_remove("A>B", &seqs).await
         });
-        let bound = bind.await.unwrap();
-        assert_eq!(destroy.await.unwrap().unwrap(), 1, "round {round}");
-        assert!(
-            matches!(bound, Ok(_) | Err(TakeError::NotFound)),
-            "round {round}: {bound:?}"
-        );
-        let r = a.take("bob", &alice(), &[id], 0).await;
-        assert!(
-            matches!(r, Err(TakeError::NotFound)),
-            "round {round}: {r:?}"
-        );
+        let (bind, remove) = (bind.await.unwrap(), remove.await.unwrap().unwrap());
+        let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
+        match (&bind, remove) {
+            (Ok(got), 0) => {
+                assert_eq!(got.len(), 4, "round {round}");
+                a.take("bob", &alice(), &ids, 0).await.unwrap();
+                bound += 1;
+            }
+            (Err(TakeError::NotFound), 4) => {
+                let r = a.take("bob", &alice(), &ids, 0).await;
+                assert!(
+                    matches!(r, Err(TakeError::NotFound)),
+                    "round {round}: {r:?}"
+                );
+                removed += 1;
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        assert!(a.pool_list("A>B").await.unwrap().is_empty());
     }
+    assert_eq!(bound + removed, 50);
     a.refresh_pending().await.unwrap();
     assert_eq!(a.pending("alice", "bob"), 0);
 }
@@ -592,8 +679,73 @@ async fn version_1_database_is_migrated() {
         .await
         .unwrap();
     let store = connect(&db, 1).await;
-    let versions: Vec<i32> = db
-        .client()
+    assert_eq!(
+        versions(&db).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    let r = ready(1, vec![5; 32], u64::MAX);
+    let listing = vec![listed(&r)];
+    store.pool_insert("A>B", vec![r]).await.unwrap();
+    assert_eq!(store.pool_list("A>B").await.unwrap(), listing);
+    let got = store.take("bob", &alice(), &[id], 0).await.unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[4; 32]);
+}
+
+/// A database of schema version 2 (ready keys found by ID) gains pool positions at connect:
+/// its ready keys, which have none, are dropped; its keys are kept.
+#[tokio::test]
+async fn version_2_database_is_migrated_dropping_ready_keys() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let store = connect(&db, 1).await;
+    let k = key("alice", &["bob"], vec![6; 32]);
+    let id = k.id;
+    store.insert(vec![k]).await.unwrap();
+    drop(store);
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "DROP TABLE dqkd_pool_keys; DELETE FROM dqkd_schema_migrations WHERE version > 2",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(include_str!("../migrations/0002_pool.sql"))
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO dqkd_pool_keys (id, link, expires_at, record) \
+             VALUES ($1, 'A>B', 100, '\\x00')",
+            &[&Uuid::new_v4()],
+        )
+        .await
+        .unwrap();
+    let store = connect(&db, 1).await;
+    assert_eq!(
+        versions(&db).await,
+        (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM dqkd_pool_keys").await, 0);
+    assert!(store.pool_list("A>B").await.unwrap().is_empty());
+    let r = ready(1, vec![7; 32], u64::MAX);
+    let slot = r.slot;
+    store.pool_insert("A>B", vec![r]).await.unwrap();
+    store
+        .pool_bind("A>B", vec![grant(&[slot], &["bob"])], 0)
+        .await
+        .unwrap();
+    let got = store
+        .take("bob", &alice(), &[id, slot.id], 0)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[6; 32]);
+    assert_eq!(got[1].material.as_bytes(), &[7; 32]);
+}
+
+async fn versions(db: &TestDb) -> Vec<i32> {
+    db.client()
         .await
         .query(
             "SELECT version FROM dqkd_schema_migrations ORDER BY version",
@@ -603,12 +755,5 @@ async fn version_1_database_is_migrated() {
         .unwrap()
         .iter()
         .map(|r| r.get(0))
-        .collect();
-    assert_eq!(versions, (1..=SCHEMA_VERSION).collect::<Vec<_>>());
-    let r = ready(vec![5; 32], u64::MAX);
-    let ir = r.id;
-    store.pool_insert("A>B", vec![r]).await.unwrap();
-    assert_eq!(store.pool_list("A>B").await.unwrap(), vec![(ir, u64::MAX)]);
-    let got = store.take("bob", &alice(), &[id], 0).await.unwrap();
-    assert_eq!(got[0].material.as_bytes(), &[4; 32]);
+        .collect()
 }

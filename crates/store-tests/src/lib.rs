@@ -23,7 +23,9 @@
 
 use std::sync::Arc;
 
-use dqkd_store::{KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError, Uuid};
+use dqkd_store::{
+    KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError, TakeError, Uuid,
+};
 
 /// The clock the cases pass to `take`; keys expire relative to it.
 pub const NOW: u64 = 1_000;
@@ -308,51 +310,62 @@ pub async fn destroy_removes_whatever_the_entitlements(s: Arc<dyn KeyStore>) {
         .unwrap();
 }
 
-/// A fresh ready key with a random ID.
-pub fn ready(byte: u8, expires_at: u64) -> PoolKey {
+/// A fresh ready key at position `seq` with a random ID (its bytes are `seq` repeated).
+pub fn ready(seq: u64, expires_at: u64) -> PoolKey {
     PoolKey {
-        id: Uuid::new_v4(),
-        material: KeyMaterial::new(vec![byte; 32]),
+        slot: Slot {
+            seq,
+            id: Uuid::new_v4(),
+        },
+        material: KeyMaterial::new(vec![seq as u8; 32]),
         expires_at,
     }
 }
 
-fn grant(ids: &[Uuid], master: &str, slaves: &[&str]) -> PoolGrant {
+fn grant(slots: &[Slot], master: &str, slaves: &[&str]) -> PoolGrant {
     PoolGrant {
-        ids: ids.to_vec(),
+        slots: slots.to_vec(),
         master: master.into(),
         slaves: slaves.iter().map(|s| s.to_string()).collect(),
         expires_at: NOW + 60,
     }
 }
 
+fn listed(k: &PoolKey) -> ReadyKey {
+    ReadyKey {
+        slot: k.slot,
+        expires_at: k.expires_at,
+    }
+}
+
 /// Ready keys belong to no one until bound; binding makes them ordinary keys (or shreds
-/// them when the grant has no slaves) and returns their bytes in grant order.
+/// them when the grant has no slaves) and returns their bytes in grant order. Pools list in
+/// position order, whatever the order of insertion.
 pub async fn pool_keys_are_bound_once(s: Arc<dyn KeyStore>) {
-    let (a, b, c) = (ready(1, NOW + 100), ready(2, NOW + 100), ready(3, NOW + 50));
-    let (ia, ib, ic) = (a.id, b.id, c.id);
-    s.pool_insert("A>B", vec![a, b, c]).await.unwrap();
+    let (a, b, c) = (
+        ready(11, NOW + 100),
+        ready(12, NOW + 100),
+        ready(13, NOW + 50),
+    );
+    let (sa, sb) = (a.slot, b.slot);
+    s.pool_insert("A>B", vec![c.clone(), a.clone()])
+        .await
+        .unwrap();
+    s.pool_insert("A>B", vec![b.clone()]).await.unwrap();
     assert_eq!(
         s.pool_list("A>B").await.unwrap(),
-        vec![(ic, NOW + 50)]
-            .into_iter()
-            .chain({
-                let mut rest = vec![(ia, NOW + 100), (ib, NOW + 100)];
-                rest.sort();
-                rest
-            })
-            .collect::<Vec<_>>(),
-        "soonest expiry first"
+        vec![listed(&a), listed(&b), listed(&c)],
+        "position order"
     );
     assert!(s.pool_list("B>A").await.unwrap().is_empty());
     assert_eq!(s.pending("alice", "bob"), 0, "ready keys are nobody's");
-    let r = s.take("bob", &masters(&["alice"]), &[ia], NOW).await;
+    let r = s.take("bob", &masters(&["alice"]), &[sa.id], NOW).await;
     assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
 
     let got = s
         .pool_bind(
             "A>B",
-            vec![grant(&[ib], "alice", &["bob"]), grant(&[ia], "alice", &[])],
+            vec![grant(&[sb], "alice", &["bob"]), grant(&[sa], "alice", &[])],
             NOW,
         )
         .await
@@ -360,40 +373,49 @@ pub async fn pool_keys_are_bound_once(s: Arc<dyn KeyStore>) {
     assert_eq!(got.len(), 2);
     assert_eq!(
         (got[0].id, got[0].material.as_bytes()),
-        (ib, &[2u8; 32][..])
+        (sb.id, &[12u8; 32][..])
     );
     assert_eq!(
         (got[1].id, got[1].material.as_bytes()),
-        (ia, &[1u8; 32][..])
+        (sa.id, &[11u8; 32][..])
     );
-    assert_eq!(s.pool_list("A>B").await.unwrap(), vec![(ic, NOW + 50)]);
+    assert_eq!(s.pool_list("A>B").await.unwrap(), vec![listed(&c)]);
     assert_eq!(s.pending("alice", "bob"), 1);
 
     let r = s
-        .pool_bind("A>B", vec![grant(&[ib], "alice", &["bob"])], NOW)
+        .pool_bind("A>B", vec![grant(&[sb], "alice", &["bob"])], NOW)
         .await;
     assert!(matches!(r, Err(TakeError::NotFound)), "bound twice: {r:?}");
-    let r = s.take("bob", &masters(&["alice"]), &[ia], NOW).await;
+    let r = s.take("bob", &masters(&["alice"]), &[sa.id], NOW).await;
     assert!(matches!(r, Err(TakeError::NotFound)), "shredded: {r:?}");
     let got = s
-        .take("bob", &masters(&["alice"]), &[ib], NOW)
+        .take("bob", &masters(&["alice"]), &[sb.id], NOW)
         .await
         .unwrap();
-    assert_eq!(got[0].material.as_bytes(), &[2; 32]);
+    assert_eq!(got[0].material.as_bytes(), &[12; 32]);
 }
 
-/// A bind that names a key of another pool, an expired, unknown or repeated key changes
-/// nothing.
+/// A bind that names a slot of another pool, a position holding another ID, an expired,
+/// empty or repeated slot changes nothing.
 pub async fn pool_bind_is_all_or_nothing(s: Arc<dyn KeyStore>) {
-    let (a, b, other) = (ready(1, NOW + 100), ready(2, NOW), ready(3, NOW + 100));
-    let (ia, ib, io) = (a.id, b.id, other.id);
+    let (a, b, other) = (ready(1, NOW + 100), ready(2, NOW), ready(1, NOW + 100));
+    let (sa, sb, so) = (a.slot, b.slot, other.slot);
     s.pool_insert("A>B", vec![a, b]).await.unwrap();
-    s.pool_insert("C>B", vec![other]).await.unwrap();
+    s.pool_insert("C>B", vec![other.clone()]).await.unwrap();
+    let wrong_id = Slot {
+        seq: sa.seq,
+        id: so.id,
+    };
+    let empty = Slot {
+        seq: 99,
+        id: Uuid::new_v4(),
+    };
     for bad in [
-        vec![ia, io],
-        vec![ia, ib],
-        vec![ia, Uuid::new_v4()],
-        vec![ia, ia],
+        vec![sa, so],
+        vec![sb, sa],
+        vec![wrong_id],
+        vec![sa, empty],
+        vec![sa, sa],
     ] {
         let r = s
             .pool_bind("A>B", vec![grant(&bad, "alice", &["bob"])], NOW)
@@ -403,76 +425,91 @@ pub async fn pool_bind_is_all_or_nothing(s: Arc<dyn KeyStore>) {
     let r = s
         .pool_bind(
             "A>B",
-            vec![grant(&[ia], "alice", &["bob"]), grant(&[ia], "alice", &[])],
+            vec![grant(&[sa], "alice", &["bob"]), grant(&[sa], "alice", &[])],
             NOW,
         )
         .await;
     assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
     assert_eq!(s.pending("alice", "bob"), 0);
     assert_eq!(s.pool_list("A>B").await.unwrap().len(), 2);
-    assert_eq!(s.pool_list("C>B").await.unwrap(), vec![(io, NOW + 100)]);
-    s.pool_bind("A>B", vec![grant(&[ia], "alice", &["bob"])], NOW)
+    assert_eq!(s.pool_list("C>B").await.unwrap(), vec![listed(&other)]);
+    s.pool_bind("A>B", vec![grant(&[sa], "alice", &["bob"])], NOW)
         .await
         .unwrap();
 }
 
-/// IDs are unique across pools and ordinary keys; `destroy` and `purge_expired` reach ready
-/// keys too.
-pub async fn pool_ids_destroy_and_purge(s: Arc<dyn KeyStore>) {
-    let a = ready(1, NOW + 100);
-    let ia = a.id;
+/// Positions are unique per pool, IDs of ready keys never match ordinary keys; bad key bytes
+/// are refused; `pool_remove` shreds by position, `destroy` reaches only ordinary keys, and
+/// `purge_expired` reaches ready keys too.
+pub async fn pool_positions_remove_and_purge(s: Arc<dyn KeyStore>) {
+    let a = ready(5, NOW + 100);
+    let sa = a.slot;
     s.pool_insert("A>B", vec![a.clone()]).await.unwrap();
-    let r = s.pool_insert("C>B", vec![a.clone()]).await;
+    let r = s.pool_insert("A>B", vec![ready(5, NOW + 100)]).await;
     assert!(matches!(r, Err(StoreError::DuplicateId { .. })), "{r:?}");
-    let mut plain = key("alice", &["bob"], &[5; 32], NOW + 100);
-    plain.id = ia;
-    let r = s.insert(vec![plain]).await;
-    assert!(matches!(r, Err(StoreError::DuplicateId { .. })), "{r:?}");
-    let k = key("alice", &["bob"], &[5; 32], NOW + 100);
-    let r = s
-        .pool_insert(
-            "A>B",
-            vec![PoolKey {
-                id: k.id,
-                material: KeyMaterial::new(vec![6; 32]),
-                expires_at: NOW + 100,
-            }],
-        )
-        .await;
-    assert!(r.is_ok(), "{r:?}");
-    s.insert(vec![k.clone()])
+    let same_place = ready(5, NOW + 100);
+    s.pool_insert("C>B", vec![same_place.clone()])
         .await
-        .expect_err("an ID in a pool cannot be inserted again");
-    let r = s
-        .pool_insert(
-            "A>B",
-            vec![PoolKey {
-                id: Uuid::new_v4(),
-                material: KeyMaterial::new(Vec::new()),
-                expires_at: NOW + 100,
-            }],
-        )
-        .await;
-    assert!(matches!(r, Err(StoreError::InvalidKey { .. })), "{r:?}");
+        .expect("positions are per pool");
 
-    assert_eq!(s.destroy(&[ia]).await.unwrap(), 1);
-    assert_eq!(s.destroy(&[ia]).await.unwrap(), 0);
-    let old = ready(7, NOW + 10);
-    s.pool_insert("A>B", vec![old]).await.unwrap();
+    let plain = key("alice", &["bob"], &[5; 32], NOW + 100);
+    s.insert(vec![plain.clone()]).await.unwrap();
+    let mut clash = ready(6, NOW + 100);
+    clash.slot.id = plain.id;
+    let r = s.pool_insert("A>B", vec![clash]).await;
+    assert!(matches!(r, Err(StoreError::DuplicateId { .. })), "{r:?}");
+    let (x, mut y) = (ready(7, NOW + 100), ready(8, NOW + 100));
+    y.slot.id = x.slot.id;
+    let r = s.pool_insert("A>B", vec![x, y]).await;
+    assert!(matches!(r, Err(StoreError::DuplicateId { .. })), "{r:?}");
+    let mut empty = ready(9, NOW + 100);
+    empty.material = KeyMaterial::new(Vec::new());
+    let r = s.pool_insert("A>B", vec![empty]).await;
+    assert!(matches!(r, Err(StoreError::InvalidKey { .. })), "{r:?}");
+    assert_eq!(s.pool_list("A>B").await.unwrap(), vec![listed(&a)]);
+
+    assert_eq!(s.destroy(&[sa.id]).await.unwrap(), 0, "not an ordinary key");
+    assert_eq!(s.pool_list("A>B").await.unwrap().len(), 1);
+    assert_eq!(s.pool_remove("A>B", &[sa.seq, 77]).await.unwrap(), 1);
+    assert_eq!(s.pool_remove("A>B", &[sa.seq]).await.unwrap(), 0);
+    assert!(s.pool_list("A>B").await.unwrap().is_empty());
+    assert_eq!(
+        s.pool_list("C>B").await.unwrap(),
+        vec![listed(&same_place)],
+        "another pool's position is untouched"
+    );
+    let r = s
+        .pool_bind("A>B", vec![grant(&[sa], "alice", &["bob"])], NOW)
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "removed: {r:?}");
+
+    let (old, young) = (ready(20, NOW + 10), ready(21, NOW + 100));
+    s.pool_insert("A>B", vec![old, young.clone()])
+        .await
+        .unwrap();
     assert_eq!(s.purge_expired(NOW + 10).await.unwrap(), 1);
-    assert_eq!(s.pool_list("A>B").await.unwrap(), vec![(k.id, NOW + 100)]);
+    assert_eq!(s.pool_list("A>B").await.unwrap(), vec![listed(&young)]);
+    s.pool_bind("A>B", vec![grant(&[young.slot], "alice", &["bob"])], NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.destroy(&[young.slot.id]).await.unwrap(),
+        1,
+        "bound keys are ordinary"
+    );
+    assert_eq!(s.pending("alice", "bob"), 1);
 }
 
 /// Two binds racing for the same ready keys: exactly one wins.
 pub async fn concurrent_pool_binds(s: Arc<dyn KeyStore>) {
     let keys: Vec<PoolKey> = (0..8).map(|i| ready(i, NOW + 100)).collect();
-    let ids: Vec<Uuid> = keys.iter().map(|k| k.id).collect();
+    let slots: Vec<Slot> = keys.iter().map(|k| k.slot).collect();
     s.pool_insert("A>B", keys).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (s, ids) = (s.clone(), ids.clone());
+        let (s, slots) = (s.clone(), slots.clone());
         tasks.push(tokio::spawn(async move {
-            s.pool_bind("A>B", vec![grant(&ids, "alice", &["bob"])], NOW)
+            s.pool_bind("A>B", vec![grant(&slots, "alice", &["bob"])], NOW)
                 .await
         }));
     }
@@ -503,7 +540,7 @@ macro_rules! suite {
                 unknown_and_duplicate_ids, all_or_nothing, multi_slave, expiry_and_purge,
                 pending_counts, insert_is_all_or_nothing, concurrent_takes,
                 destroy_removes_whatever_the_entitlements, pool_keys_are_bound_once,
-                pool_bind_is_all_or_nothing, pool_ids_destroy_and_purge, concurrent_pool_binds);
+                pool_bind_is_all_or_nothing, pool_positions_remove_and_purge, concurrent_pool_binds);
         }
     };
     (@case $make:ident; $($case:ident),*) => {

@@ -9,7 +9,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableHandle,
+};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -17,13 +20,21 @@ use crate::kek::Cipher;
 use crate::meta::PendingCounts;
 use crate::record::Record;
 use crate::writer::{self, Request, Stats};
-use crate::{DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError};
+use crate::{
+    DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, RecordError, Slot,
+    StoreError, TakeError,
+};
 
 /// Key records: key ID (as u128) → encoded [`Record`].
 pub(crate) const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("keys");
-/// Ready keys of every pool: key ID (as u128) → encoded [`Record`] whose master is the link
-/// name and which has no slaves, so the link is bound into the seal like a master would be.
-pub(crate) const POOL: TableDefinition<u128, &[u8]> = TableDefinition::new("pool");
+/// Ready keys of every pool: (link name, position) → key ID ‖ encoded [`Record`] whose
+/// master is the link name and which has no slaves, so the link is bound into the seal like a
+/// master would be. Keyed by position so that binds (oldest first) and refills (appended)
+/// touch only the ends of each pool.
+pub(crate) const READY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ready");
+/// The ready-key table of earlier versions, keyed by key ID; discarded at open (ready keys
+/// belong to no SAE, so dropping them loses nothing: the peer's copies expire).
+const OLD_POOL: TableDefinition<u128, &[u8]> = TableDefinition::new("pool");
 /// Store-wide facts, such as the KEK check value.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEK_CHECK: &str = "kek_check";
@@ -155,61 +166,100 @@ impl Drop for EmbeddedStore {
 /// Expired keys removed per writer operation, so one purge never holds the writer long.
 const PURGE_CHUNK: usize = 4096;
 
-/// IDs of records whose `expires_at <= now`, from a consistent snapshot.
-fn expired_ids(db: &Database, now: u64) -> Result<Vec<Uuid>, StoreError> {
+/// A ready key's table value: its ID, then its encoded record.
+pub(crate) fn ready_value(id: Uuid, record: &[u8]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(16 + record.len());
+    value.extend_from_slice(id.as_bytes());
+    value.extend_from_slice(record);
+    value
+}
+
+/// Splits a ready key's table value into its ID and encoded record.
+pub(crate) fn split_ready(value: &[u8]) -> Result<(Uuid, &[u8]), RecordError> {
+    let (id, record) = value.split_at_checked(16).ok_or(RecordError::Truncated)?;
+    let id = Uuid::from_slice(id).map_err(|_| RecordError::Truncated)?;
+    Ok((id, record))
+}
+
+/// Keys found expired by a scan: ordinary keys by ID, ready keys by (link, position).
+#[derive(Debug, Default)]
+pub(crate) struct Expired {
+    pub(crate) keys: Vec<Uuid>,
+    pub(crate) ready: Vec<(String, u64)>,
+}
+
+/// Records whose `expires_at <= now`, from a consistent snapshot.
+fn expired(db: &Database, now: u64) -> Result<Expired, StoreError> {
     let txn = db
         .begin_read()
         .map_err(|e| StoreError::redb("starting a read transaction", e))?;
     let keys = txn
         .open_table(KEYS)
         .map_err(|e| StoreError::redb("opening the keys table", e))?;
-    let pool = txn
-        .open_table(POOL)
-        .map_err(|e| StoreError::redb("opening the pool table", e))?;
-    let mut expired = Vec::new();
-    for table in [keys, pool] {
-        for entry in table
-            .iter()
-            .map_err(|e| StoreError::redb("scanning keys", e))?
-        {
-            let (k, v) = entry.map_err(|e| StoreError::redb("scanning keys", e))?;
-            let id = Uuid::from_u128(k.value());
-            match Record::head(v.value()) {
-                Ok((expires_at, _)) if expires_at <= now => expired.push(id),
-                Ok(_) => {}
-                // Keep an undecodable record for inspection rather than guessing its expiry.
-                Err(reason) => {
-                    tracing::warn!(key_id = %id, %reason, "skipping corrupt key record in purge")
-                }
+    let ready = txn
+        .open_table(READY)
+        .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+    let mut found = Expired::default();
+    for entry in keys
+        .iter()
+        .map_err(|e| StoreError::redb("scanning keys", e))?
+    {
+        let (k, v) = entry.map_err(|e| StoreError::redb("scanning keys", e))?;
+        let id = Uuid::from_u128(k.value());
+        match Record::head(v.value()) {
+            Ok((expires_at, _)) if expires_at <= now => found.keys.push(id),
+            Ok(_) => {}
+            // Keep an undecodable record for inspection rather than guessing its expiry.
+            Err(reason) => {
+                tracing::warn!(key_id = %id, %reason, "skipping corrupt key record in purge")
             }
         }
     }
-    Ok(expired)
-}
-
-/// The ready keys of `link`, soonest expiry first, from a consistent snapshot. Reads only
-/// each record's head, so a pool of a million keys lists in well under a second.
-fn ready_keys(db: &Database, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
-    let txn = db
-        .begin_read()
-        .map_err(|e| StoreError::redb("starting a read transaction", e))?;
-    let pool = txn
-        .open_table(POOL)
-        .map_err(|e| StoreError::redb("opening the pool table", e))?;
-    let mut ready = Vec::new();
-    for entry in pool
+    for entry in ready
         .iter()
         .map_err(|e| StoreError::redb("scanning ready keys", e))?
     {
         let (k, v) = entry.map_err(|e| StoreError::redb("scanning ready keys", e))?;
-        let id = Uuid::from_u128(k.value());
-        let (expires_at, owner) =
-            Record::head(v.value()).map_err(|reason| StoreError::CorruptRecord { id, reason })?;
-        if owner == link {
-            ready.push((id, expires_at));
+        let (link, seq) = k.value();
+        match split_ready(v.value()).and_then(|(_, record)| Record::head(record)) {
+            Ok((expires_at, _)) if expires_at <= now => found.ready.push((link.to_owned(), seq)),
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::warn!(link, seq, %reason, "skipping corrupt ready-key record in purge")
+            }
         }
     }
-    ready.sort_unstable_by_key(|(id, expires_at)| (*expires_at, *id));
+    Ok(found)
+}
+
+/// The ready keys of `link` in position order, from a consistent snapshot. Reads only
+/// each record's head, so a pool of a million keys lists in well under a second.
+fn ready_keys(db: &Database, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
+    let txn = db
+        .begin_read()
+        .map_err(|e| StoreError::redb("starting a read transaction", e))?;
+    let table = txn
+        .open_table(READY)
+        .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+    let mut ready = Vec::new();
+    for entry in table
+        .range((link, 0)..=(link, u64::MAX))
+        .map_err(|e| StoreError::redb("scanning ready keys", e))?
+    {
+        let (k, v) = entry.map_err(|e| StoreError::redb("scanning ready keys", e))?;
+        let (_, seq) = k.value();
+        let corrupt = |reason| StoreError::CorruptRecord {
+            id: Uuid::nil(),
+            reason,
+        };
+        let (id, record) = split_ready(v.value()).map_err(corrupt)?;
+        let (expires_at, _) =
+            Record::head(record).map_err(|reason| StoreError::CorruptRecord { id, reason })?;
+        ready.push(ReadyKey {
+            slot: Slot { seq, id },
+            expires_at,
+        });
+    }
     Ok(ready)
 }
 
@@ -249,8 +299,9 @@ fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts,
                     .map_err(|e| StoreError::redb("writing the KEK check value", e))?;
             }
         }
-        txn.open_table(POOL)
-            .map_err(|e| StoreError::redb("creating the pool table", e))?;
+        txn.open_table(READY)
+            .map_err(|e| StoreError::redb("creating the ready-key table", e))?;
+        discard_old_pool(&txn)?;
         let keys = txn
             .open_table(KEYS)
             .map_err(|e| StoreError::redb("opening the keys table", e))?;
@@ -268,6 +319,29 @@ fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts,
     txn.commit()
         .map_err(|e| StoreError::redb("committing the open transaction", e))?;
     Ok(pending)
+}
+
+/// Drops the ready-key table of earlier versions (keyed by ID, which scattered every bind and
+/// refill over the whole table), saying how many ready keys went with it.
+fn discard_old_pool(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let exists = txn
+        .list_tables()
+        .map_err(|e| StoreError::redb("listing tables", e))?
+        .any(|t| t.name() == OLD_POOL.name());
+    if !exists {
+        return Ok(());
+    }
+    let count = txn
+        .open_table(OLD_POOL)
+        .and_then(|table| Ok(table.len()?))
+        .map_err(|e| StoreError::redb("counting old ready keys", e))?;
+    txn.delete_table(OLD_POOL)
+        .map_err(|e| StoreError::redb("dropping the old pool table", e))?;
+    tracing::warn!(
+        discarded = count,
+        "discarded ready keys stored in the old pool layout; pools refill from scratch"
+    );
+    Ok(())
 }
 
 #[async_trait::async_trait]
@@ -301,14 +375,30 @@ impl KeyStore for EmbeddedStore {
         // Find candidates in a read transaction, off the writer thread, so a large store is
         // scanned without stalling commits; the writer re-checks each before removing it.
         let db = Arc::clone(&self.db);
-        let expired = tokio::task::spawn_blocking(move || expired_ids(&db, now))
+        let found = tokio::task::spawn_blocking(move || expired(&db, now))
             .await
             .map_err(|e| StoreError::io("scanning for expired keys", std::io::Error::other(e)))??;
         let mut purged = 0;
-        for chunk in expired.chunks(PURGE_CHUNK) {
+        for chunk in found.keys.chunks(PURGE_CHUNK) {
             let ids = chunk.to_vec();
             purged += self
-                .call(|reply| Request::Purge { now, ids, reply })
+                .call(|reply| Request::Purge {
+                    now,
+                    ids,
+                    ready: Vec::new(),
+                    reply,
+                })
+                .await??;
+        }
+        for chunk in found.ready.chunks(PURGE_CHUNK) {
+            let ready = chunk.to_vec();
+            purged += self
+                .call(|reply| Request::Purge {
+                    now,
+                    ids: Vec::new(),
+                    ready,
+                    reply,
+                })
                 .await??;
         }
         Ok(purged)
@@ -341,7 +431,14 @@ impl KeyStore for EmbeddedStore {
         .await?
     }
 
-    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
+    async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError> {
+        let link = link.to_owned();
+        let seqs = seqs.to_vec();
+        self.call(|reply| Request::PoolRemove { link, seqs, reply })
+            .await?
+    }
+
+    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
         let db = Arc::clone(&self.db);
         let link = link.to_owned();
         tokio::task::spawn_blocking(move || ready_keys(&db, &link))

@@ -64,15 +64,38 @@ pub struct DeliveredKey {
     pub material: KeyMaterial,
 }
 
+/// Where a ready key sits in the pool of its link: its position in fill order, which the
+/// filling site chooses and both sites store, and its ID.
+///
+/// Pools are kept in position order, so taking the oldest ready keys and appending a refill
+/// touch only the ends of the pool: a bind or a refill writes a few pages, however large the
+/// pool grows, where random IDs would scatter it over the whole table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Slot {
+    /// Position in the link's fill order (unique per link, increasing with each fill).
+    pub seq: u64,
+    /// Key ID, the same at both sites.
+    pub id: Uuid,
+}
+
 /// A ready key: generated for the link between two sites and held at both of them before
 /// any SAE is named, so that `enc_keys` needs only to bind it (see [`crate::KeyStore::pool_bind`]).
 #[derive(Debug, Clone)]
 pub struct PoolKey {
-    /// Key ID, the same at both sites.
-    pub id: Uuid,
+    /// Position and ID.
+    pub slot: Slot,
     /// The key bytes.
     pub material: KeyMaterial,
     /// Unix seconds after which the key is never bound and may be shredded.
+    pub expires_at: u64,
+}
+
+/// A ready key as a pool lists it: where it is and when it expires, never its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyKey {
+    /// Position and ID.
+    pub slot: Slot,
+    /// Unix seconds after which the key is never bound.
     pub expires_at: u64,
 }
 
@@ -80,7 +103,7 @@ pub struct PoolKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolGrant {
     /// The keys, all from the same pool.
-    pub ids: Vec<Uuid>,
+    pub slots: Vec<Slot>,
     /// The master SAE the keys are issued to.
     pub master: String,
     /// SAEs of this site that may fetch each key once. Empty: this site keeps no copy.

@@ -49,7 +49,7 @@ mod writer;
 pub use embedded::{CommitStats, EmbeddedStore};
 pub use error::{RecordError, StoreError, TakeError};
 pub use kek::{Kek, KEK_LEN};
-pub use key::{DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey};
+pub use key::{DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, Slot};
 pub use memory::MemoryStore;
 pub use uuid::Uuid;
 
@@ -63,7 +63,7 @@ pub use uuid::Uuid;
 /// [`KeyStore::pending`].
 pub mod rules {
     pub use crate::meta::{
-        check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+        check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
         PendingCounts,
     };
 }
@@ -112,23 +112,27 @@ pub trait KeyStore: Send + Sync + 'static {
     /// returns how many.
     async fn purge_expired(&self, now: u64) -> Result<u64, StoreError>;
 
-    /// Deletes (shreds) these keys whatever their entitlements, ready keys of every pool
-    /// included; unknown IDs are skipped. Returns how many existed. A KME uses it when a
-    /// cross-site request fails, so that no key of that request can ever be delivered.
-    /// Durable before it returns.
+    /// Deletes (shreds) these ordinary keys whatever their entitlements; unknown IDs are
+    /// skipped. Returns how many existed. A KME uses it when a cross-site request fails, so
+    /// that no key of that request can ever be delivered. Ready keys are not reached (a pool
+    /// is found by position, not ID): see [`KeyStore::pool_remove`]. Durable before it
+    /// returns.
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError>;
 
-    /// Stores ready keys in the pool of `link` (a name the KME chooses per pair of sites),
-    /// durably, all or none. Ready keys belong to no SAE: `take` never finds them and
-    /// `pending` never counts them. An ID already present (in any pool or as an ordinary
-    /// key) refuses the whole batch with [`StoreError::DuplicateId`].
+    /// Stores ready keys at their positions in the pool of `link` (a name the KME chooses per
+    /// pair of sites), durably, all or none. Ready keys belong to no SAE: `take` never finds
+    /// them and `pending` never counts them. A position already taken in that pool, or an ID
+    /// already stored as an ordinary key or repeated in the batch, refuses the whole batch
+    /// with [`StoreError::DuplicateId`]. (IDs are random: the pools themselves are not
+    /// searched by ID.)
     async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError>;
 
     /// Moves keys out of the pool of `link`, all or nothing, and returns their bytes in grant
     /// order. The keys of a grant with slaves become ordinary keys of `grant.master` for those
     /// slaves, exactly as [`KeyStore::insert`] would store them; the keys of a grant without
-    /// slaves are shredded. If any ID is not in that pool, is expired at `now` or appears
-    /// twice: [`TakeError::NotFound`], and nothing changes. Durable before it returns.
+    /// slaves are shredded. If any slot is not in that pool (no key at its position, or one
+    /// with another ID), is expired at `now` or appears twice: [`TakeError::NotFound`], and
+    /// nothing changes. Durable before it returns.
     async fn pool_bind(
         &self,
         link: &str,
@@ -136,7 +140,13 @@ pub trait KeyStore: Send + Sync + 'static {
         now: u64,
     ) -> Result<Vec<DeliveredKey>, TakeError>;
 
-    /// The ready keys in the pool of `link` as (ID, expiry), soonest expiry first, so a KME
-    /// can rebuild its view of the pool after a restart.
-    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError>;
+    /// Shreds the ready keys at these positions of the pool of `link`; positions that hold
+    /// nothing are skipped. Returns how many existed. A KME uses it to withdraw ready keys
+    /// whose bind failed, so a bind that arrives late can never succeed, and to discard a
+    /// pool it no longer trusts. Durable before it returns.
+    async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError>;
+
+    /// The ready keys in the pool of `link`, in position order, so a KME can rebuild its
+    /// view of the pool after a restart.
+    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError>;
 }

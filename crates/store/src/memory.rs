@@ -1,17 +1,18 @@
 //! An in-memory [`KeyStore`] with exactly the rules of the durable one, for tests of other
 //! crates (nothing survives a restart).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use uuid::Uuid;
 
 use crate::meta::{
-    check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+    check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
     PendingCounts,
 };
 use crate::{
-    DeliveredKey, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError,
+    DeliveredKey, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError,
+    TakeError,
 };
 
 /// In-memory key store behind one mutex.
@@ -24,8 +25,8 @@ pub struct MemoryStore {
 struct Inner {
     keys: HashMap<Uuid, (KeyMeta, KeyMaterial)>,
     pending: PendingCounts,
-    /// Ready keys: ID → (link, expiry, bytes).
-    pool: HashMap<Uuid, (String, u64, KeyMaterial)>,
+    /// Ready keys: (link, position) → (ID, expiry, bytes).
+    pool: BTreeMap<(String, u64), (Uuid, u64, KeyMaterial)>,
 }
 
 impl MemoryStore {
@@ -46,7 +47,7 @@ impl KeyStore for MemoryStore {
     async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
         let mut inner = self.lock();
         check_insert(&keys, |id| {
-            Ok::<_, StoreError>(inner.keys.contains_key(&id) || inner.pool.contains_key(&id))
+            Ok::<_, StoreError>(inner.keys.contains_key(&id))
         })??;
         for k in keys {
             let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
@@ -115,17 +116,11 @@ impl KeyStore for MemoryStore {
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
         let mut inner = self.lock();
-        let Inner {
-            keys,
-            pending,
-            pool,
-        } = &mut *inner;
+        let Inner { keys, pending, .. } = &mut *inner;
         let mut count = 0;
         for id in ids {
             if let Some((meta, _)) = keys.remove(id) {
                 pending.remove_key(&meta);
-                count += 1;
-            } else if pool.remove(id).is_some() {
                 count += 1;
             }
         }
@@ -134,13 +129,17 @@ impl KeyStore for MemoryStore {
 
     async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        check_pool_insert(link, &keys, |id| {
-            Ok::<_, StoreError>(inner.keys.contains_key(&id) || inner.pool.contains_key(&id))
+        check_pool_insert(link, &keys, |slot| {
+            Ok::<_, StoreError>(
+                inner.keys.contains_key(&slot.id)
+                    || inner.pool.contains_key(&(link.to_owned(), slot.seq)),
+            )
         })??;
         for k in keys {
-            inner
-                .pool
-                .insert(k.id, (link.to_owned(), k.expires_at, k.material));
+            inner.pool.insert(
+                (link.to_owned(), k.slot.seq),
+                (k.slot.id, k.expires_at, k.material),
+            );
         }
         Ok(())
     }
@@ -152,28 +151,31 @@ impl KeyStore for MemoryStore {
         now: u64,
     ) -> Result<Vec<DeliveredKey>, TakeError> {
         let mut inner = self.lock();
-        let ids = pool_bind_ids(&grants)?;
-        let mut delivered = Vec::with_capacity(ids.len());
-        for id in &ids {
-            match inner.pool.get(id) {
-                Some((l, expires_at, material)) if l == link && *expires_at > now => delivered
-                    .push(DeliveredKey {
+        let slots = pool_bind_slots(&grants)?;
+        let mut delivered = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            match inner.pool.get(&(link.to_owned(), slot.seq)) {
+                Some((id, expires_at, material)) if *id == slot.id && *expires_at > now => {
+                    delivered.push(DeliveredKey {
                         id: *id,
                         material: material.clone(),
-                    }),
+                    })
+                }
                 _ => return Err(TakeError::NotFound),
             }
         }
-        let bound = pool_bound_keys(&grants, |id| {
-            inner.pool.get(&id).map(|(_, _, material)| material.clone())
-        })?;
+        let by_id: HashMap<Uuid, KeyMaterial> = delivered
+            .iter()
+            .map(|d| (d.id, d.material.clone()))
+            .collect();
+        let bound = pool_bound_keys(&grants, |id| by_id.get(&id).cloned())?;
         check_insert(&bound, |id| {
             Ok::<_, StoreError>(inner.keys.contains_key(&id))
         })
         .map_err(TakeError::Store)?
         .map_err(TakeError::Store)?;
-        for id in &ids {
-            inner.pool.remove(id);
+        for slot in &slots {
+            inner.pool.remove(&(link.to_owned(), slot.seq));
         }
         for k in bound {
             let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
@@ -183,15 +185,26 @@ impl KeyStore for MemoryStore {
         Ok(delivered)
     }
 
-    async fn pool_list(&self, link: &str) -> Result<Vec<(Uuid, u64)>, StoreError> {
-        let mut ready: Vec<(Uuid, u64)> = self
+    async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let mut count = 0;
+        for seq in seqs {
+            if inner.pool.remove(&(link.to_owned(), *seq)).is_some() {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
+        Ok(self
             .lock()
             .pool
-            .iter()
-            .filter(|(_, (l, _, _))| l == link)
-            .map(|(id, (_, expires_at, _))| (*id, *expires_at))
-            .collect();
-        ready.sort_by_key(|(id, expires_at)| (*expires_at, *id));
-        Ok(ready)
+            .range((link.to_owned(), 0)..=(link.to_owned(), u64::MAX))
+            .map(|((_, seq), (id, expires_at, _))| ReadyKey {
+                slot: Slot { seq: *seq, id: *id },
+                expires_at: *expires_at,
+            })
+            .collect())
     }
 }

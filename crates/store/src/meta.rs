@@ -204,17 +204,20 @@ pub fn check_insert<E>(
 }
 
 /// Checks a batch of ready keys for the pool `link` before any is written: a non-empty link
-/// name that fits the record format, non-empty key bytes, and IDs that are distinct and new
-/// (`exists` says whether an ID is already stored, in a pool or as an ordinary key).
+/// name that fits the record format, non-empty key bytes, and slots whose positions and IDs
+/// are distinct and new (`exists` says whether a slot's position is taken in that pool or its
+/// ID is stored as an ordinary key).
 pub fn check_pool_insert<E>(
     link: &str,
     keys: &[crate::PoolKey],
-    mut exists: impl FnMut(Uuid) -> Result<bool, E>,
+    mut exists: impl FnMut(crate::Slot) -> Result<bool, E>,
 ) -> Result<Result<(), crate::StoreError>, E> {
     use crate::StoreError;
-    let mut seen = HashSet::with_capacity(keys.len());
+    let mut seqs = HashSet::with_capacity(keys.len());
+    let mut ids = HashSet::with_capacity(keys.len());
     for k in keys {
-        let invalid = |reason| Ok(Err(StoreError::InvalidKey { id: k.id, reason }));
+        let id = k.slot.id;
+        let invalid = |reason| Ok(Err(StoreError::InvalidKey { id, reason }));
         if link.is_empty() {
             return invalid("empty pool link name");
         }
@@ -224,25 +227,26 @@ pub fn check_pool_insert<E>(
         if k.material.is_empty() {
             return invalid("empty key material");
         }
-        if !seen.insert(k.id) || exists(k.id)? {
-            return Ok(Err(StoreError::DuplicateId { id: k.id }));
+        if !seqs.insert(k.slot.seq) || !ids.insert(id) || exists(k.slot)? {
+            return Ok(Err(StoreError::DuplicateId { id }));
         }
     }
     Ok(Ok(()))
 }
 
-/// Every ID a pool bind moves, in grant order; [`TakeError::NotFound`] if one repeats, so a
-/// store can check each against its pool and answer in this order.
-pub fn pool_bind_ids(grants: &[crate::PoolGrant]) -> Result<Vec<Uuid>, TakeError> {
-    let mut seen = HashSet::new();
-    let mut ids = Vec::new();
-    for id in grants.iter().flat_map(|g| &g.ids) {
-        if !seen.insert(*id) {
+/// Every slot a pool bind moves, in grant order; [`TakeError::NotFound`] if a position or an
+/// ID repeats, so a store can check each against its pool and answer in this order.
+pub fn pool_bind_slots(grants: &[crate::PoolGrant]) -> Result<Vec<crate::Slot>, TakeError> {
+    let mut seqs = HashSet::new();
+    let mut ids = HashSet::new();
+    let mut slots = Vec::new();
+    for slot in grants.iter().flat_map(|g| &g.slots) {
+        if !seqs.insert(slot.seq) || !ids.insert(slot.id) {
             return Err(TakeError::NotFound);
         }
-        ids.push(*id);
+        slots.push(*slot);
     }
-    Ok(ids)
+    Ok(slots)
 }
 
 /// The ordinary keys a pool bind creates (grants with slaves), given each moved key's bytes.
@@ -252,12 +256,12 @@ pub fn pool_bound_keys(
 ) -> Result<Vec<crate::NewKey>, TakeError> {
     let mut keys = Vec::new();
     for g in grants.iter().filter(|g| !g.slaves.is_empty()) {
-        for id in &g.ids {
+        for slot in &g.slots {
             keys.push(crate::NewKey {
-                id: *id,
+                id: slot.id,
                 master: g.master.clone(),
                 slaves: g.slaves.clone(),
-                material: material(*id).ok_or(TakeError::NotFound)?,
+                material: material(slot.id).ok_or(TakeError::NotFound)?,
                 expires_at: g.expires_at,
             });
         }

@@ -16,10 +16,10 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::embedded::{KEYS, POOL};
+use crate::embedded::{ready_value, split_ready, KEYS, READY};
 use crate::kek::Cipher;
 use crate::meta::{
-    check_insert, check_pool_insert, check_take, pool_bind_ids, pool_bound_keys, KeyMeta,
+    check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
     PendingCounts,
 };
 use crate::record::{aad, Record};
@@ -44,6 +44,8 @@ pub(crate) enum Request {
     Purge {
         now: u64,
         ids: Vec<Uuid>,
+        /// Ready keys, by (link, position).
+        ready: Vec<(String, u64)>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Destroy {
@@ -60,6 +62,11 @@ pub(crate) enum Request {
         grants: Vec<PoolGrant>,
         now: u64,
         reply: oneshot::Sender<Result<Vec<DeliveredKey>, TakeError>>,
+    },
+    PoolRemove {
+        link: String,
+        seqs: Vec<u64>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
 }
 
@@ -110,9 +117,9 @@ impl Outcome {
             Request::Take { reply, .. } | Request::PoolBind { reply, .. } => {
                 Outcome::Take(reply, Err(TakeError::Store(e())))
             }
-            Request::Purge { reply, .. } | Request::Destroy { reply, .. } => {
-                Outcome::Purge(reply, Err(e()))
-            }
+            Request::Purge { reply, .. }
+            | Request::Destroy { reply, .. }
+            | Request::PoolRemove { reply, .. } => Outcome::Purge(reply, Err(e())),
         }
     }
 
@@ -254,14 +261,14 @@ fn apply_all(
     let mut table = txn
         .open_table(KEYS)
         .map_err(|e| StoreError::redb("opening the keys table", e))?;
-    let mut pool = txn
-        .open_table(POOL)
-        .map_err(|e| StoreError::redb("opening the pool table", e))?;
+    let mut ready = txn
+        .open_table(READY)
+        .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
     let mut queue = batch.into_iter();
     while let Some(request) = queue.next() {
         let mut tables = Tables {
             keys: &mut table,
-            pool: &mut pool,
+            ready: &mut ready,
         };
         let step = match request {
             Request::Insert { keys, reply } => match insert(&mut tables, cipher, keys, deltas) {
@@ -281,11 +288,22 @@ fn apply_all(
                     e,
                 )),
             },
-            Request::Purge { now, ids, reply } => match purge(&mut tables, now, &ids, deltas) {
+            Request::Purge {
+                now,
+                ids,
+                ready,
+                reply,
+            } => match purge(&mut tables, now, &ids, &ready, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, r)),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
-            Request::Destroy { ids, reply } => match destroy(&mut tables, &ids, deltas) {
+            Request::PoolRemove { link, seqs, reply } => {
+                match pool_remove(&mut tables, &link, &seqs, deltas) {
+                    Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
+                    Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
+                }
+            }
+            Request::Destroy { ids, reply } => match destroy(tables.keys, &ids, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
@@ -325,18 +343,18 @@ fn apply_all(
 }
 
 type KeysTable<'t> = Table<'t, u128, &'static [u8]>;
+type ReadyTable<'t> = Table<'t, (&'static str, u64), &'static [u8]>;
 
 /// The tables of one write transaction: ordinary keys and ready (pool) keys.
 struct Tables<'a, 't> {
     keys: &'a mut KeysTable<'t>,
-    pool: &'a mut KeysTable<'t>,
+    ready: &'a mut ReadyTable<'t>,
 }
 
 impl Tables<'_, '_> {
-    /// Whether `id` is stored at all, as an ordinary or a ready key.
-    fn contains(&self, id: Uuid) -> Result<bool, StoreError> {
-        Ok(self.keys.get(id.as_u128()).map_err(read_error)?.is_some()
-            || self.pool.get(id.as_u128()).map_err(read_error)?.is_some())
+    /// Whether `id` is stored as an ordinary key.
+    fn has_key(&self, id: Uuid) -> Result<bool, StoreError> {
+        Ok(self.keys.get(id.as_u128()).map_err(read_error)?.is_some())
     }
 }
 
@@ -354,7 +372,7 @@ fn insert(
     keys: Vec<NewKey>,
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<(), StoreError>, StoreError> {
-    let checked = check_insert(&keys, |id| tables.contains(id))?;
+    let checked = check_insert(&keys, |id| tables.has_key(id))?;
     if let Err(e) = checked {
         return Ok(Err(e));
     }
@@ -481,16 +499,16 @@ fn take(
     Ok(Ok(delivered))
 }
 
-/// Removes those of `ids` that are still present and expired at `now` (a take may have
-/// removed or a re-check may keep some since the scan that found them).
+/// Removes those of `ids` and `ready` that are still present and expired at `now` (a take
+/// may have removed or a re-check may keep some since the scan that found them).
 fn purge(
     tables: &mut Tables<'_, '_>,
     now: u64,
     ids: &[Uuid],
+    ready: &[(String, u64)],
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<u64, StoreError>, StoreError> {
     let mut expired = Vec::new();
-    let mut expired_ready = Vec::new();
     for id in ids {
         if let Some(raw) = tables.keys.get(id.as_u128()).map_err(read_error)? {
             if let Ok(r) = Record::decode(raw.value()) {
@@ -498,9 +516,18 @@ fn purge(
                     expired.push((*id, r.meta));
                 }
             }
-        } else if let Some(raw) = tables.pool.get(id.as_u128()).map_err(read_error)? {
-            if Record::decode(raw.value()).is_ok_and(|r| r.meta.expires_at <= now) {
-                expired_ready.push(*id);
+        }
+    }
+    let mut expired_ready = Vec::new();
+    for (link, seq) in ready {
+        if let Some(raw) = tables
+            .ready
+            .get((link.as_str(), *seq))
+            .map_err(read_error)?
+        {
+            let head = split_ready(raw.value()).and_then(|(_, record)| Record::head(record));
+            if head.is_ok_and(|(expires_at, _)| expires_at <= now) {
+                expired_ready.push((link.as_str(), *seq));
             }
         }
     }
@@ -509,32 +536,22 @@ fn purge(
         tables.keys.remove(id.as_u128()).map_err(write_error)?;
         deltas.push(Delta::Remove(meta));
     }
-    for id in expired_ready {
-        tables.pool.remove(id.as_u128()).map_err(write_error)?;
+    for key in expired_ready {
+        tables.ready.remove(key).map_err(write_error)?;
         deltas.push(Delta::Wrote);
     }
     Ok(Ok(count))
 }
 
-/// Removes the given keys whatever their entitlements; unknown IDs are skipped.
+/// Removes the given ordinary keys whatever their entitlements; unknown IDs are skipped.
 fn destroy(
-    tables: &mut Tables<'_, '_>,
+    keys: &mut KeysTable<'_>,
     ids: &[Uuid],
     deltas: &mut Vec<Delta>,
 ) -> Result<u64, StoreError> {
     let mut count = 0;
     for id in ids {
-        if tables
-            .pool
-            .remove(id.as_u128())
-            .map_err(write_error)?
-            .is_some()
-        {
-            count += 1;
-            deltas.push(Delta::Wrote);
-            continue;
-        }
-        let Some(raw) = tables.keys.remove(id.as_u128()).map_err(write_error)? else {
+        let Some(raw) = keys.remove(id.as_u128()).map_err(write_error)? else {
             continue;
         };
         count += 1;
@@ -549,8 +566,32 @@ fn destroy(
     Ok(count)
 }
 
-/// Seals ready keys into the pool table under the link name (in the AAD, as a master would
-/// be), after checking the whole batch.
+/// Removes the ready keys at these positions of `link`; empty positions are skipped.
+fn pool_remove(
+    tables: &mut Tables<'_, '_>,
+    link: &str,
+    seqs: &[u64],
+    deltas: &mut Vec<Delta>,
+) -> Result<u64, StoreError> {
+    let mut count = 0;
+    for seq in seqs {
+        if tables
+            .ready
+            .remove((link, *seq))
+            .map_err(write_error)?
+            .is_some()
+        {
+            count += 1;
+        }
+    }
+    if count > 0 {
+        deltas.push(Delta::Wrote);
+    }
+    Ok(count)
+}
+
+/// Seals ready keys into their link's positions (the link in the AAD, as a master would be),
+/// after checking the whole batch.
 fn pool_insert(
     tables: &mut Tables<'_, '_>,
     cipher: &Cipher,
@@ -558,12 +599,21 @@ fn pool_insert(
     keys: Vec<PoolKey>,
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<(), StoreError>, StoreError> {
-    if let Err(e) = check_pool_insert(link, &keys, |id| tables.contains(id))? {
+    let taken = |slot: crate::Slot| -> Result<bool, StoreError> {
+        Ok(tables.has_key(slot.id)?
+            || tables
+                .ready
+                .get((link, slot.seq))
+                .map_err(read_error)?
+                .is_some())
+    };
+    if let Err(e) = check_pool_insert(link, &keys, taken)? {
         return Ok(Err(e));
     }
     let mut encoded = Vec::with_capacity(keys.len());
     for k in &keys {
-        let (nonce, sealed) = match cipher.seal(k.material.as_bytes(), &aad(k.id, link)) {
+        let id = k.slot.id;
+        let (nonce, sealed) = match cipher.seal(k.material.as_bytes(), &aad(id, link)) {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
@@ -573,14 +623,14 @@ fn pool_insert(
             sealed,
         };
         match record.encode() {
-            Ok(bytes) => encoded.push((k.id, bytes)),
-            Err(reason) => return Ok(Err(StoreError::InvalidKey { id: k.id, reason })),
+            Ok(bytes) => encoded.push((k.slot.seq, ready_value(id, &bytes))),
+            Err(reason) => return Ok(Err(StoreError::InvalidKey { id, reason })),
         }
     }
-    for (id, bytes) in encoded {
+    for (seq, value) in encoded {
         tables
-            .pool
-            .insert(id.as_u128(), bytes.as_slice())
+            .ready
+            .insert((link, seq), value.as_slice())
             .map_err(write_error)?;
     }
     deltas.push(Delta::Wrote);
@@ -597,29 +647,33 @@ fn pool_bind(
     now: u64,
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<Vec<DeliveredKey>, TakeError>, StoreError> {
-    let ids = match pool_bind_ids(&grants) {
-        Ok(ids) => ids,
+    let slots = match pool_bind_slots(&grants) {
+        Ok(slots) => slots,
         Err(e) => return Ok(Err(e)),
     };
-    let mut delivered = Vec::with_capacity(ids.len());
-    for id in &ids {
-        let Some(raw) = tables.pool.get(id.as_u128()).map_err(read_error)? else {
+    let mut delivered = Vec::with_capacity(slots.len());
+    for slot in &slots {
+        let Some(raw) = tables.ready.get((link, slot.seq)).map_err(read_error)? else {
             return Ok(Err(TakeError::NotFound));
         };
-        let record = match Record::decode(raw.value()) {
-            Ok(r) => r,
-            Err(reason) => {
-                return Ok(Err(TakeError::Store(StoreError::CorruptRecord {
-                    id: *id,
-                    reason,
-                })))
-            }
+        let corrupt = |reason| {
+            Ok(Err(TakeError::Store(StoreError::CorruptRecord {
+                id: slot.id,
+                reason,
+            })))
         };
-        if record.meta.master != link || record.meta.expires_at <= now {
+        let (id, record) = match split_ready(raw.value()) {
+            Ok((id, bytes)) => match Record::decode(bytes) {
+                Ok(record) => (id, record),
+                Err(reason) => return corrupt(reason),
+            },
+            Err(reason) => return corrupt(reason),
+        };
+        if id != slot.id || record.meta.master != link || record.meta.expires_at <= now {
             return Ok(Err(TakeError::NotFound));
         }
-        match record.open(cipher, *id) {
-            Ok(material) => delivered.push(DeliveredKey { id: *id, material }),
+        match record.open(cipher, id) {
+            Ok(material) => delivered.push(DeliveredKey { id, material }),
             Err(e) => return Ok(Err(TakeError::Store(e))),
         }
     }
@@ -629,13 +683,7 @@ fn pool_bind(
         Ok(keys) => keys,
         Err(e) => return Ok(Err(e)),
     };
-    if let Err(e) = check_insert(&bound, |id| {
-        tables
-            .keys
-            .get(id.as_u128())
-            .map(|v| v.is_some())
-            .map_err(read_error)
-    })? {
+    if let Err(e) = check_insert(&bound, |id| tables.has_key(id))? {
         return Ok(Err(TakeError::Store(e)));
     }
     let encoded = match seal_keys(cipher, &bound) {
@@ -643,8 +691,8 @@ fn pool_bind(
         Err(e) => return Ok(Err(TakeError::Store(e))),
     };
     drop(by_id);
-    for id in &ids {
-        tables.pool.remove(id.as_u128()).map_err(write_error)?;
+    for slot in &slots {
+        tables.ready.remove((link, slot.seq)).map_err(write_error)?;
     }
     deltas.push(Delta::Wrote);
     write_sealed(tables.keys, encoded, deltas)?;

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use dqkd_store::{
-    EmbeddedStore, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, StoreError, TakeError,
-    Uuid,
+    EmbeddedStore, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError,
+    TakeError, Uuid,
 };
 use redb::ReadableTable;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -72,8 +72,11 @@ async fn ready_keys_survive_reopen_sealed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.redb");
     let ready: Vec<PoolKey> = (0..200)
-        .map(|_| PoolKey {
-            id: Uuid::new_v4(),
+        .map(|seq| PoolKey {
+            slot: Slot {
+                seq,
+                id: Uuid::new_v4(),
+            },
             material: KeyMaterial::new(random_bytes(32)),
             expires_at: u64::MAX,
         })
@@ -93,12 +96,13 @@ async fn ready_keys_survive_reopen_sealed() {
     let s = open(&path);
     let listed = s.pool_list("site-a>site-b").await.unwrap();
     assert_eq!(listed.len(), 200);
-    let first = ready[0].id;
+    assert_eq!(listed[0].slot, ready[0].slot);
+    let first = ready[0].slot.id;
     let got = s
         .pool_bind(
             "site-a>site-b",
             vec![PoolGrant {
-                ids: vec![first],
+                slots: vec![ready[0].slot],
                 master: "alice".into(),
                 slaves: vec!["bob".into()],
                 expires_at: u64::MAX,
@@ -118,6 +122,41 @@ async fn ready_keys_survive_reopen_sealed() {
     );
     let got = s.take("bob", &alice(), &[first], 0).await.unwrap();
     assert_eq!(got[0].material.as_bytes(), ready[0].material.as_bytes());
+}
+
+/// Stores of earlier versions kept ready keys in a table keyed by ID; opening one drops that
+/// table (ready keys belong to no one) and keeps every ordinary key.
+#[tokio::test]
+async fn old_pool_layout_is_discarded_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let kept = key("alice", &["bob"], vec![4; 32]);
+    {
+        let s = open(&path);
+        s.insert(vec![kept.clone()]).await.unwrap();
+    }
+    const OLD: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("pool");
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(OLD)
+            .unwrap()
+            .insert(7u128, &b"stale"[..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let s = open(&path);
+    assert_eq!(s.pending("alice", "bob"), 1);
+    drop(s);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    assert!(
+        matches!(
+            txn.open_table(OLD),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ),
+        "the old pool table is dropped"
+    );
 }
 
 #[tokio::test]
