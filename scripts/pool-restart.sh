@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measures a site holding N ready keys per link: how long the local cluster takes to fill
 # both pools, then how long site A's KME takes from start to serving and its resident
-# memory once serving. Usage: scripts/pool-restart.sh [DQKD_BINARY] [KEYS_PER_LINK] [BASE_PORT]
+# memory once serving (read RSS_WAIT seconds after it is ready, default 1).
+# Usage: scripts/pool-restart.sh [DQKD_BINARY] [KEYS_PER_LINK] [BASE_PORT]
 set -euo pipefail
 bin=$(realpath "${1:-target/release/dqkd}")
 target=${2:-1000000}
@@ -34,7 +35,7 @@ for run in 1 2 3; do
         sleep 0.01
     done
     t1=$(date +%s.%N)
-    sleep 1
+    sleep ${RSS_WAIT:-1}
     level=$(curl -sf "$metrics" | grep '^dqkd_pool_keys' | awk '{print $2}')
     echo "restart $run: serving after $(echo "$t1 - $t0" | bc) s with $level ready keys;" \
          "$(grep VmRSS /proc/$kme/status | tr -s ' \t' ' ')"

@@ -9,15 +9,16 @@
 //! from one end of the table and a refill appends at the other.
 //!
 //! The pool's contents live in the key store (so they survive a restart at both sites);
-//! this module keeps only the positions and IDs in the order they are handed out, plus one
-//! expiry per fill, so a million ready keys cost about 24 MiB here.
+//! this module keeps only the IDs in the order they are handed out, plus the first position
+//! and the expiry of each fill, so a million ready keys cost about 16 MiB here.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use dqkd_store::{KeyStore, ReadyKey, Slot, StoreError};
+use dqkd_store::{KeyStore, Slot, StoreError};
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 use crate::config::PoolSettings;
 
@@ -47,65 +48,95 @@ pub struct LinkPool {
     wake: Notify,
 }
 
-/// Ready keys in the order they are handed out (position order), with their expiries
-/// stored once per run of keys that share one (a fill), since a fill's keys all do.
+/// Ready keys in the order they are handed out (position order). A fill's keys have
+/// consecutive positions and one expiry, so positions and expiries are kept once per run of
+/// such keys and only the IDs per key: 16 bytes a key.
 #[derive(Default)]
 struct Queue {
-    slots: VecDeque<Slot>,
-    /// (number of keys, expiry) covering `slots` front to back.
-    runs: VecDeque<(usize, u64)>,
+    ids: VecDeque<Uuid>,
+    /// Runs covering `ids` front to back.
+    runs: VecDeque<Run>,
     /// The lowest position the next fill may use: past every position ever used here.
     next_seq: u64,
 }
 
+/// Keys with consecutive positions from `first_seq` and one expiry.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    first_seq: u64,
+    count: usize,
+    expires_at: u64,
+}
+
 impl Queue {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
     fn push(&mut self, slots: impl IntoIterator<Item = Slot>, expires_at: u64) {
-        let before = self.slots.len();
         for slot in slots {
             self.next_seq = self.next_seq.max(slot.seq.saturating_add(1));
-            self.slots.push_back(slot);
-        }
-        let added = self.slots.len() - before;
-        match self.runs.back_mut() {
-            Some((count, exp)) if *exp == expires_at => *count += added,
-            _ if added > 0 => self.runs.push_back((added, expires_at)),
-            _ => {}
+            self.ids.push_back(slot.id);
+            match self.runs.back_mut() {
+                Some(run)
+                    if run.expires_at == expires_at
+                        && run.first_seq.checked_add(run.count as u64) == Some(slot.seq) =>
+                {
+                    run.count += 1
+                }
+                _ => self.runs.push_back(Run {
+                    first_seq: slot.seq,
+                    count: 1,
+                    expires_at,
+                }),
+            }
         }
     }
 
     /// Drops keys from the front while they expire at or before `deadline`.
     fn drop_expiring(&mut self, deadline: u64) {
-        while let Some(&(count, expires_at)) = self.runs.front() {
-            if expires_at > deadline {
+        while let Some(run) = self.runs.front() {
+            if run.expires_at > deadline {
                 break;
             }
-            self.slots.drain(..count.min(self.slots.len()));
+            self.ids.drain(..run.count.min(self.ids.len()));
             self.runs.pop_front();
         }
     }
 
     /// Removes the first `count` keys (there must be that many).
     fn take_front(&mut self, count: usize) -> Vec<Slot> {
-        let taken: Vec<Slot> = self.slots.drain(..count).collect();
-        let mut left = count;
-        while left > 0 {
-            let Some(front) = self.runs.front_mut() else {
+        let mut taken = Vec::with_capacity(count);
+        while taken.len() < count {
+            let Some(run) = self.runs.front_mut() else {
                 break;
             };
-            if front.0 > left {
-                front.0 -= left;
-                left = 0;
-            } else {
-                left -= front.0;
+            let n = run.count.min(count - taken.len());
+            for (i, id) in self.ids.drain(..n).enumerate() {
+                taken.push(Slot {
+                    seq: run.first_seq + i as u64,
+                    id,
+                });
+            }
+            run.first_seq += n as u64;
+            run.count -= n;
+            if run.count == 0 {
                 self.runs.pop_front();
             }
         }
         taken
     }
 
+    /// The last position held, if any.
+    fn last_seq(&self) -> Option<u64> {
+        self.runs
+            .back()
+            .map(|run| run.first_seq + run.count as u64 - 1)
+    }
+
     fn clear(&mut self) -> Vec<Slot> {
-        self.runs.clear();
-        self.slots.drain(..).collect()
+        let count = self.len();
+        self.take_front(count)
     }
 }
 
@@ -122,7 +153,7 @@ impl LinkPool {
 
     /// Ready keys held now.
     pub fn level(&self) -> u64 {
-        self.lock().slots.len() as u64
+        self.lock().len() as u64
     }
 
     /// Reserves `count` positions for a fill: they follow every position used so far and
@@ -211,25 +242,24 @@ impl Pools {
             .map(|p| (p.level(), self.settings.target))
     }
 
-    /// Reads every pool's ready keys back from the store, after a restart.
+    /// Reads every pool's ready keys back from the store, after a restart, a page at a
+    /// time (a full listing of a million keys would briefly cost more than the pool).
     pub async fn load(&self, store: &dyn KeyStore) -> Result<u64, StoreError> {
+        const PAGE: usize = 65_536;
         let mut total = 0;
         for pool in self.links.values() {
-            let ready = store.pool_list(&pool.name).await?;
-            total += ready.len() as u64;
             let mut queue = Queue::default();
-            let mut rest = ready.as_slice();
-            while let Some(first) = rest.first() {
-                let run = rest
-                    .iter()
-                    .take_while(|k| k.expires_at == first.expires_at)
-                    .count();
-                queue.push(
-                    rest[..run].iter().map(|k: &ReadyKey| k.slot),
-                    first.expires_at,
-                );
-                rest = &rest[run..];
+            loop {
+                let after = queue.last_seq();
+                let page = store.pool_page(&pool.name, after, PAGE).await?;
+                for key in &page {
+                    queue.push([key.slot], key.expires_at);
+                }
+                if page.len() < PAGE {
+                    break;
+                }
             }
+            total += queue.len() as u64;
             *pool.lock() = queue;
             self.gauge(pool);
         }
@@ -248,7 +278,7 @@ impl Pools {
         let taken = {
             let mut queue = pool.lock();
             queue.drop_expiring(now.saturating_add(EXPIRY_MARGIN_SECS));
-            (queue.slots.len() >= count).then(|| queue.take_front(count))
+            (queue.len() >= count).then(|| queue.take_front(count))
         };
         let level = pool.level();
         if level <= self.settings.low_water {
@@ -305,7 +335,7 @@ mod tests {
         let slots: Vec<Slot> = (0..n as u64)
             .map(|i| Slot {
                 seq: first + i,
-                id: uuid::Uuid::new_v4(),
+                id: Uuid::new_v4(),
             })
             .collect();
         pool.push(slots.clone(), expires_at);
@@ -365,6 +395,23 @@ mod tests {
     }
 
     #[test]
+    fn positions_come_back_as_stored() {
+        let p = pools(10, 2);
+        let pool = &p.links["B"];
+        let slots: Vec<Slot> = [3, 4, 9, 10, 11]
+            .map(|seq| Slot {
+                seq,
+                id: Uuid::new_v4(),
+            })
+            .into();
+        pool.push(slots[..4].iter().copied(), 7_000);
+        pool.push(slots[4..].iter().copied(), 8_000);
+        assert_eq!(p.take("B", 3, 32, 0), Some(slots[..3].to_vec()));
+        assert_eq!(p.discard("B"), slots[3..]);
+        assert!(pool.reserve(1) > 11, "after every position held");
+    }
+
+    #[test]
     fn positions_never_repeat() {
         let p = pools(10, 2);
         let pool = &p.links["B"];
@@ -379,7 +426,7 @@ mod tests {
         pool.push(
             [Slot {
                 seq: u64::MAX / 2,
-                id: uuid::Uuid::new_v4(),
+                id: Uuid::new_v4(),
             }],
             9,
         );

@@ -168,11 +168,12 @@ const POOL_REMOVE: &str = "DELETE FROM dqkd_pool_keys WHERE link = $1 AND seq IN
                                SELECT seq FROM dqkd_pool_keys \
                                WHERE link = $1 AND seq = ANY($2) \
                                ORDER BY seq FOR UPDATE)";
-/// The ready keys of link `$1` in position order (the primary key's). The record is fetched
-/// only for expiries stored clamped (`$2` = `i64::MAX`), whose exact value only the record
-/// holds.
+/// At most `$4` ready keys of link `$1` after position `$3`, in position order (the primary
+/// key's). The record is fetched only for expiries stored clamped (`$2` = `i64::MAX`), whose
+/// exact value only the record holds.
 const POOL_LIST: &str = "SELECT seq, id, expires_at, CASE WHEN expires_at = $2 THEN record END \
-                         FROM dqkd_pool_keys WHERE link = $1 ORDER BY seq";
+                         FROM dqkd_pool_keys WHERE link = $1 AND seq > $3 \
+                         ORDER BY seq LIMIT $4";
 
 /// Why a ready key is refused whose position has no `bigint` form.
 const SEQ_TOO_LARGE: &str = "pool position above i64::MAX, which the PostgreSQL store cannot hold";
@@ -837,14 +838,29 @@ impl KeyStore for PostgresStore {
             .map_err(db("removing ready keys"))
     }
 
-    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
+    async fn pool_page(
+        &self,
+        link: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReadyKey>, StoreError> {
+        // Stored positions are never negative, so -1 starts at the beginning; a position
+        // past i64::MAX has nothing after it.
+        let after = match after {
+            None => -1,
+            Some(seq) => match to_db_seq(seq) {
+                Some(seq) => seq,
+                None => return Ok(Vec::new()),
+            },
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(POOL_LIST)
             .await
             .map_err(db("preparing a pool listing"))?;
         let rows = client
-            .query(&stmt, &[&link, &i64::MAX])
+            .query(&stmt, &[&link, &i64::MAX, &after, &limit])
             .await
             .map_err(db("listing ready keys"))?;
         rows.iter().map(ready_key).collect()

@@ -500,6 +500,39 @@ pub async fn pool_positions_remove_and_purge(s: Arc<dyn KeyStore>) {
     assert_eq!(s.pending("alice", "bob"), 1);
 }
 
+/// A pool lists a page at a time, in position order, from just after a given position.
+pub async fn pool_pages_in_position_order(s: Arc<dyn KeyStore>) {
+    let keys: Vec<PoolKey> = [40, 10, 30, 20, 50].map(|seq| ready(seq, NOW + 100)).into();
+    s.pool_insert("A>B", keys.clone()).await.unwrap();
+    s.pool_insert("B>A", vec![ready(15, NOW + 100)])
+        .await
+        .unwrap();
+    let seqs = |page: Vec<ReadyKey>| page.iter().map(|k| k.slot.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(s.pool_page("A>B", None, 2).await.unwrap()), [10, 20]);
+    assert_eq!(
+        seqs(s.pool_page("A>B", Some(20), 2).await.unwrap()),
+        [30, 40]
+    );
+    assert_eq!(
+        seqs(s.pool_page("A>B", Some(25), 10).await.unwrap()),
+        [30, 40, 50]
+    );
+    assert!(s.pool_page("A>B", Some(50), 10).await.unwrap().is_empty());
+    assert!(s
+        .pool_page("A>B", Some(u64::MAX), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let all = s.pool_list("A>B").await.unwrap();
+    assert_eq!(seqs(all.clone()), [10, 20, 30, 40, 50]);
+    let by_seq = |seq| keys.iter().find(|k| k.slot.seq == seq).map(listed);
+    assert_eq!(
+        Some(all[0]),
+        by_seq(10),
+        "IDs and expiries come with their positions"
+    );
+}
+
 /// Two binds racing for the same ready keys: exactly one wins.
 pub async fn concurrent_pool_binds(s: Arc<dyn KeyStore>) {
     let keys: Vec<PoolKey> = (0..8).map(|i| ready(i, NOW + 100)).collect();
@@ -540,7 +573,8 @@ macro_rules! suite {
                 unknown_and_duplicate_ids, all_or_nothing, multi_slave, expiry_and_purge,
                 pending_counts, insert_is_all_or_nothing, concurrent_takes,
                 destroy_removes_whatever_the_entitlements, pool_keys_are_bound_once,
-                pool_bind_is_all_or_nothing, pool_positions_remove_and_purge, concurrent_pool_binds);
+                pool_bind_is_all_or_nothing, pool_positions_remove_and_purge, concurrent_pool_binds,
+                pool_pages_in_position_order);
         }
     };
     (@case $make:ident; $($case:ident),*) => {

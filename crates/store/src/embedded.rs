@@ -232,9 +232,15 @@ fn expired(db: &Database, now: u64) -> Result<Expired, StoreError> {
     Ok(found)
 }
 
-/// The ready keys of `link` in position order, from a consistent snapshot. Reads only
-/// each record's head, so a pool of a million keys lists in well under a second.
-fn ready_keys(db: &Database, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
+/// Up to `limit` ready keys of `link` from position `from` on, in position order, from a
+/// consistent snapshot. Reads only each record's head, so a pool of a million keys lists in
+/// well under a second.
+fn ready_keys(
+    db: &Database,
+    link: &str,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<ReadyKey>, StoreError> {
     let txn = db
         .begin_read()
         .map_err(|e| StoreError::redb("starting a read transaction", e))?;
@@ -243,8 +249,9 @@ fn ready_keys(db: &Database, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
         .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
     let mut ready = Vec::new();
     for entry in table
-        .range((link, 0)..=(link, u64::MAX))
+        .range((link, from)..=(link, u64::MAX))
         .map_err(|e| StoreError::redb("scanning ready keys", e))?
+        .take(limit)
     {
         let (k, v) = entry.map_err(|e| StoreError::redb("scanning ready keys", e))?;
         let (_, seq) = k.value();
@@ -438,10 +445,18 @@ impl KeyStore for EmbeddedStore {
             .await?
     }
 
-    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
+    async fn pool_page(
+        &self,
+        link: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReadyKey>, StoreError> {
+        let Some(from) = after.map_or(Some(0), |seq| seq.checked_add(1)) else {
+            return Ok(Vec::new());
+        };
         let db = Arc::clone(&self.db);
         let link = link.to_owned();
-        tokio::task::spawn_blocking(move || ready_keys(&db, &link))
+        tokio::task::spawn_blocking(move || ready_keys(&db, &link, from, limit))
             .await
             .map_err(|e| StoreError::io("listing ready keys", std::io::Error::other(e)))?
     }

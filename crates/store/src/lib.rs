@@ -146,7 +146,29 @@ pub trait KeyStore: Send + Sync + 'static {
     /// pool it no longer trusts. Durable before it returns.
     async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError>;
 
-    /// The ready keys in the pool of `link`, in position order, so a KME can rebuild its
-    /// view of the pool after a restart.
-    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError>;
+    /// At most `limit` ready keys of the pool of `link` at positions after `after` (from the
+    /// start when `None`), in position order, so a KME can rebuild its view of a large pool
+    /// after a restart a page at a time, never holding the whole listing twice.
+    async fn pool_page(
+        &self,
+        link: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReadyKey>, StoreError>;
+
+    /// Every ready key of the pool of `link`, in position order ([`KeyStore::pool_page`]
+    /// until the end).
+    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
+        const PAGE: usize = 65_536;
+        let mut all: Vec<ReadyKey> = Vec::new();
+        loop {
+            let after = all.last().map(|k| k.slot.seq);
+            let page = self.pool_page(link, after, PAGE).await?;
+            let done = page.len() < PAGE;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
 }

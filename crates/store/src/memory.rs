@@ -196,11 +196,20 @@ impl KeyStore for MemoryStore {
         Ok(count)
     }
 
-    async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
+    async fn pool_page(
+        &self,
+        link: &str,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<ReadyKey>, StoreError> {
+        let Some(from) = after.map_or(Some(0), |seq| seq.checked_add(1)) else {
+            return Ok(Vec::new());
+        };
         Ok(self
             .lock()
             .pool
-            .range((link.to_owned(), 0)..=(link.to_owned(), u64::MAX))
+            .range((link.to_owned(), from)..=(link.to_owned(), u64::MAX))
+            .take(limit)
             .map(|((_, seq), (id, expires_at, _))| ReadyKey {
                 slot: Slot { seq: *seq, id: *id },
                 expires_at: *expires_at,
