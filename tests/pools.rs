@@ -142,6 +142,11 @@ async fn a_pool_that_cannot_serve_falls_back_to_keys_on_demand() {
     }
     cluster.site("KME_B").kill9();
     std::fs::remove_file(cluster.dir.path().join("KME_B.redb")).expect("B's store file");
+    // and its write-ahead log (an old log on a new store file refuses to open).
+    let log = cluster.dir.path().join("KME_B.redb.wal");
+    if log.exists() {
+        std::fs::remove_file(log).expect("B's write-ahead log");
+    }
     cluster.site("KME_B").launch();
     share(&cluster, 3).await;
     let log = cluster.sites["KME_A"].log_text();

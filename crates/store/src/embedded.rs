@@ -1,5 +1,6 @@
-//! The durable default store: one redb file, key bytes sealed under the site KEK, and all
-//! writes funnelled through one group-committing writer thread (see `writer`).
+//! The durable default store: one redb file plus its write-ahead log (see `wal`), key bytes
+//! sealed under the site KEK, and all writes funnelled through one group-committing writer
+//! thread (see `writer`).
 //!
 //! The handle only forwards operations to the writer and answers `pending` from counts kept in
 //! memory, so callers never block on disk except through their own awaited oneshot.
@@ -19,7 +20,8 @@ use uuid::Uuid;
 use crate::kek::Cipher;
 use crate::meta::PendingCounts;
 use crate::record::Record;
-use crate::writer::{self, Request, Stats};
+use crate::wal::{Change, Recovered, Wal};
+use crate::writer::{self, Durable, Request, Stats};
 use crate::{
     DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, RecordError, Slot,
     StoreError, TakeError,
@@ -36,8 +38,10 @@ pub(crate) const READY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::n
 /// belong to no SAE, so dropping them loses nothing: the peer's copies expire).
 const OLD_POOL: TableDefinition<u128, &[u8]> = TableDefinition::new("pool");
 /// Store-wide facts, such as the KEK check value.
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEK_CHECK: &str = "kek_check";
+/// Sequence number of the last write-ahead log record a durable commit covers.
+pub(crate) const WAL_SEQ: &str = "wal_seq";
 
 /// redb's page cache. Its default (1 GiB) would keep every page a start-up scan touched,
 /// so a site with a million ready keys would hold half a gigabyte; pages beyond this stay
@@ -58,9 +62,9 @@ pub struct CommitStats {
 
 /// Durable, encrypted key store in a single redb file.
 ///
-/// Crash safety: `insert` and `take` answer only after their batch committed with
-/// `Durability::Immediate`; a take that returned can never deliver the same key to the same
-/// slave again, even after `kill -9`.
+/// Crash safety: `insert` and `take` answer only after their batch is in the write-ahead
+/// log on disk (`fdatasync`) and committed; a take that returned can never deliver the same
+/// key to the same slave again, even after `kill -9`, because the log is applied at open.
 pub struct EmbeddedStore {
     /// Shared with the writer; read transactions (the expiry scan) never block its commits.
     db: Arc<Database>,
@@ -69,6 +73,7 @@ pub struct EmbeddedStore {
     pending: Arc<Mutex<PendingCounts>>,
     stats: Arc<Stats>,
     path: PathBuf,
+    replayed: u64,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -92,9 +97,24 @@ impl EmbeddedStore {
             .set_cache_size(CACHE_BYTES)
             .create(path)
             .map_err(|e| StoreError::redb("opening the database file", e))?;
-        let pending = prepare(&db, &cipher, path)?;
+        let log = wal_path(path);
+        let (mut wal, recovered) = Wal::open(&log)?;
+        let prepared = prepare(&db, &cipher, path, recovered)?;
+        if prepared.replayed > 0 {
+            tracing::info!(
+                path = %log.display(),
+                records = prepared.replayed,
+                "applied the write-ahead log after an unclean stop"
+            );
+        }
+        // Everything in the log is now in a durable commit.
+        wal.start_over()
+            .map_err(|e| StoreError::io(format!("emptying {}", log.display()), e))?;
+        wal.skip_to(prepared.checkpointed + 1);
+        let durable = Durable::new(wal, prepared.checkpointed);
+        let replayed = prepared.replayed;
         let db = Arc::new(db);
-        let pending = Arc::new(Mutex::new(pending));
+        let pending = Arc::new(Mutex::new(prepared.pending));
         let stats = Arc::new(Stats::default());
         let (sender, receiver) = mpsc::channel();
         let handle = {
@@ -103,7 +123,7 @@ impl EmbeddedStore {
             let db = Arc::clone(&db);
             std::thread::Builder::new()
                 .name("dqkd-store-writer".into())
-                .spawn(move || writer::run(db, cipher, receiver, pending, stats))
+                .spawn(move || writer::run(db, cipher, receiver, pending, stats, durable))
                 .map_err(|e| StoreError::io("starting the key store writer thread", e))?
         };
         tracing::info!(path = %path.display(), "key store opened");
@@ -114,6 +134,7 @@ impl EmbeddedStore {
             pending,
             stats,
             path: path.to_owned(),
+            replayed,
         })
     }
 
@@ -129,6 +150,12 @@ impl EmbeddedStore {
             tracing::error!("key store writer thread panicked");
             StoreError::Closed
         })
+    }
+
+    /// Write-ahead log records applied again at open: non-zero after an unclean stop
+    /// (a crash, `kill -9`) that came before the store's last checkpoint.
+    pub fn replayed_at_open(&self) -> u64 {
+        self.replayed
     }
 
     /// Group-commit counters since open.
@@ -276,13 +303,90 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Creates the tables, writes or verifies the KEK check value and counts pending keys, in one
 /// durable transaction.
-fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts, StoreError> {
+/// What opening found: pending counts, log records applied again, and the last log record
+/// the store now covers durably.
+struct Prepared {
+    pending: PendingCounts,
+    replayed: u64,
+    checkpointed: u64,
+}
+
+/// The write-ahead log of the store at `path`: the same name with `.wal` added.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".wal");
+    PathBuf::from(name)
+}
+
+/// Applies the log records after the last checkpoint (a crash lost them from redb, not from
+/// the log). Each change puts or deletes a whole record, so applying one twice is harmless.
+fn replay(
+    txn: &redb::WriteTransaction,
+    checkpointed: u64,
+    recovered: Recovered,
+    log: &Path,
+) -> Result<(u64, u64), StoreError> {
+    let mut keys = txn
+        .open_table(KEYS)
+        .map_err(|e| StoreError::redb("opening the keys table", e))?;
+    let mut ready = txn
+        .open_table(READY)
+        .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+    let write = |e| StoreError::redb("applying the write-ahead log", e);
+    let (mut replayed, mut last) = (0, checkpointed);
+    for (seq, changes) in recovered {
+        if seq <= checkpointed {
+            continue;
+        }
+        if seq != last + 1 {
+            return Err(StoreError::io(
+                format!(
+                    "write-ahead log {}: record {seq} follows {last}; records are missing",
+                    log.display()
+                ),
+                std::io::Error::from(std::io::ErrorKind::InvalidData),
+            ));
+        }
+        for change in changes {
+            match change {
+                Change::PutKey(id, value) => {
+                    keys.insert(id, value.as_slice()).map_err(write)?;
+                }
+                Change::DelKey(id) => {
+                    keys.remove(id).map_err(write)?;
+                }
+                Change::PutReady(link, seq, value) => {
+                    ready
+                        .insert((link.as_str(), seq), value.as_slice())
+                        .map_err(write)?;
+                }
+                Change::DelReady(link, seq) => {
+                    ready.remove((link.as_str(), seq)).map_err(write)?;
+                }
+            }
+        }
+        replayed += 1;
+        last = seq;
+    }
+    Ok((replayed, last))
+}
+
+fn prepare(
+    db: &Database,
+    cipher: &Cipher,
+    path: &Path,
+    recovered: Recovered,
+) -> Result<Prepared, StoreError> {
     let mut txn = db
         .begin_write()
         .map_err(|e| StoreError::redb("starting the open transaction", e))?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| StoreError::redb("setting durability", e))?;
-    let mut pending = PendingCounts::default();
+    let mut prepared = Prepared {
+        pending: PendingCounts::default(),
+        replayed: 0,
+        checkpointed: 0,
+    };
     {
         let mut meta = txn
             .open_table(META)
@@ -306,9 +410,19 @@ fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts,
                     .map_err(|e| StoreError::redb("writing the KEK check value", e))?;
             }
         }
+        let checkpointed = meta
+            .get(WAL_SEQ)
+            .map_err(|e| StoreError::redb("reading the checkpoint", e))?
+            .and_then(|g| g.value().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        drop(meta);
         txn.open_table(READY)
             .map_err(|e| StoreError::redb("creating the ready-key table", e))?;
         discard_old_pool(&txn)?;
+        let (replayed, last) = replay(&txn, checkpointed, recovered, &wal_path(path))?;
+        crate::writer::write_checkpoint_seq(&txn, last)?;
+        prepared.replayed = replayed;
+        prepared.checkpointed = last;
         let keys = txn
             .open_table(KEYS)
             .map_err(|e| StoreError::redb("opening the keys table", e))?;
@@ -320,12 +434,12 @@ fn prepare(db: &Database, cipher: &Cipher, path: &Path) -> Result<PendingCounts,
             let id = Uuid::from_u128(k.value());
             let record = Record::decode(v.value())
                 .map_err(|reason| StoreError::CorruptRecord { id, reason })?;
-            pending.add_key(&record.meta);
+            prepared.pending.add_key(&record.meta);
         }
     }
     txn.commit()
         .map_err(|e| StoreError::redb("committing the open transaction", e))?;
-    Ok(pending)
+    Ok(prepared)
 }
 
 /// Drops the ready-key table of earlier versions (keyed by ID, which scattered every bind and

@@ -109,6 +109,15 @@ pub enum StoreError {
     /// The store has been closed (or its writer thread stopped); no more operations are accepted.
     #[error("key store is closed")]
     Closed,
+    /// A write to the log or the database failed part-way, so the store stopped writing rather
+    /// than let memory and disk disagree; a restart recovers from the log.
+    #[error(
+        "key store stopped writing after a failed write ({reason}); restart the KME to recover"
+    )]
+    Halted {
+        /// The failure that stopped it.
+        reason: String,
+    },
 }
 
 impl StoreError {

@@ -44,6 +44,7 @@ mod key;
 mod memory;
 mod meta;
 mod record;
+mod wal;
 mod writer;
 
 pub use embedded::{CommitStats, EmbeddedStore};

@@ -2,8 +2,8 @@
 //!
 //! One thread owns the write side of the database. It blocks for the first queued operation,
 //! drains whatever else is queued (up to [`MAX_BATCH`]), applies them in arrival order inside
-//! one write transaction, commits with `Durability::Immediate` (one fsync for the whole batch),
-//! and only then answers each caller. Each operation is validated against the state the earlier
+//! one write transaction, appends its changes to the write-ahead log (one fsync for the whole
+//! batch, see `wal`), commits, and only then answers each caller. Each operation is validated against the state the earlier
 //! operations of the batch left behind, before it writes anything, so a failing operation
 //! leaves no trace and does not disturb the others, and two takes of the same key can never
 //! both succeed. Pending counts change only after the commit succeeded.
@@ -11,18 +11,20 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::embedded::{ready_value, split_ready, KEYS, READY};
+use crate::embedded::{ready_value, split_ready, KEYS, META, READY, WAL_SEQ};
 use crate::kek::Cipher;
 use crate::meta::{
     check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
     PendingCounts,
 };
 use crate::record::{aad, Record};
+use crate::wal::{Change, Wal};
 use crate::{DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, StoreError, TakeError};
 
 /// Upper bound on operations per transaction, to bound the latency of the first caller.
@@ -157,17 +159,69 @@ fn clone_batch_error(err: &StoreError) -> StoreError {
             context,
             source: Arc::clone(source),
         },
+        StoreError::Halted { reason } => StoreError::Halted {
+            reason: reason.clone(),
+        },
         _ => StoreError::Closed,
     }
 }
 
-/// The writer loop; returns when every sender is gone and the queue is drained.
+/// A checkpoint (a durable redb commit, after which the log starts over) at least this
+/// often while batches arrive, so the log stays short and so does recovery.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// ... or as soon as the log holds this much (large refills).
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The write-ahead log and the writer's health.
+pub(crate) struct Durable {
+    wal: Wal,
+    last_checkpoint: Instant,
+    /// Sequence number of the last record covered by a durable commit.
+    checkpointed: u64,
+    /// Why the store stopped writing, once a write failed part-way.
+    halted: Option<String>,
+}
+
+impl Durable {
+    pub(crate) fn new(wal: Wal, checkpointed: u64) -> Self {
+        Self {
+            wal,
+            last_checkpoint: Instant::now(),
+            checkpointed,
+            halted: None,
+        }
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY || self.wal.len() >= CHECKPOINT_BYTES
+    }
+
+    fn halt(&mut self, reason: String) -> StoreError {
+        tracing::error!(%reason, "key store stopped writing; restart the KME to recover from its log");
+        self.halted = Some(reason.clone());
+        StoreError::Halted { reason }
+    }
+
+    /// Empties the log after a durable commit covered record `seq`.
+    fn checkpointed(&mut self, seq: u64) {
+        self.checkpointed = seq;
+        self.last_checkpoint = Instant::now();
+        if let Err(e) = self.wal.start_over() {
+            // Its records are all covered, so recovery skips them; retried next time.
+            tracing::warn!(path = %self.wal.path().display(), error = %e, "could not empty the write-ahead log");
+        }
+    }
+}
+
+/// The writer loop; returns when every sender is gone and the queue is drained, after a
+/// final checkpoint.
 pub(crate) fn run(
     db: Arc<Database>,
     cipher: Cipher,
     requests: mpsc::Receiver<Request>,
     pending: Arc<Mutex<PendingCounts>>,
     stats: Arc<Stats>,
+    mut durable: Durable,
 ) {
     while let Ok(first) = requests.recv() {
         let mut batch = vec![first];
@@ -182,19 +236,66 @@ pub(crate) fn run(
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n, Ordering::Relaxed);
         stats.max_batch.fetch_max(n, Ordering::Relaxed);
-        let started = std::time::Instant::now();
-        process(&db, &cipher, batch, &pending);
+        let started = Instant::now();
+        process(&db, &cipher, batch, &pending, &mut durable);
         metrics::histogram!("dqkd_store_commit_ops").record(n as f64);
         metrics::histogram!("dqkd_store_commit_seconds").record(started.elapsed().as_secs_f64());
+    }
+    if durable.halted.is_none() {
+        if let Err(e) = final_checkpoint(&db, &mut durable) {
+            tracing::warn!(error = %e, "final checkpoint failed; the log is applied at the next open");
+        }
     }
     tracing::debug!("key store writer stopped");
 }
 
-/// Applies, commits and answers one batch.
-fn process(db: &Database, cipher: &Cipher, batch: Vec<Request>, pending: &Mutex<PendingCounts>) {
+/// Commits durably whatever the log holds beyond the last checkpoint, and empties the log.
+fn final_checkpoint(db: &Database, durable: &mut Durable) -> Result<(), StoreError> {
+    let last = durable.wal.next_seq() - 1;
+    if last <= durable.checkpointed {
+        return Ok(());
+    }
+    let mut txn = begin(db)?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| StoreError::redb("setting durability", e))?;
+    write_checkpoint_seq(&txn, last)?;
+    txn.commit()
+        .map_err(|e| StoreError::redb("committing the final checkpoint", e))?;
+    durable.checkpointed(last);
+    Ok(())
+}
+
+/// Records in `txn` that the log up to `seq` is covered by it.
+pub(crate) fn write_checkpoint_seq(txn: &WriteTransaction, seq: u64) -> Result<(), StoreError> {
+    txn.open_table(META)
+        .and_then(|mut meta| {
+            meta.insert(WAL_SEQ, seq.to_be_bytes().as_slice())?;
+            Ok(())
+        })
+        .map_err(|e| StoreError::redb("recording the checkpoint", e))
+}
+
+/// Applies, logs, commits and answers one batch.
+fn process(
+    db: &Database,
+    cipher: &Cipher,
+    batch: Vec<Request>,
+    pending: &Mutex<PendingCounts>,
+    durable: &mut Durable,
+) {
+    if let Some(reason) = &durable.halted {
+        let err = StoreError::Halted {
+            reason: reason.clone(),
+        };
+        for r in batch {
+            Outcome::failed(r, &err).answer();
+        }
+        return;
+    }
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut deltas = Vec::new();
-    let txn = match begin(db) {
+    let mut changes = Vec::new();
+    let mut txn = match begin(db) {
         Ok(txn) => txn,
         Err(err) => {
             tracing::error!(error = %err, "key store batch could not start");
@@ -204,16 +305,46 @@ fn process(db: &Database, cipher: &Cipher, batch: Vec<Request>, pending: &Mutex<
             return;
         }
     };
-    let result = apply_all(&txn, cipher, batch, &mut outcomes, &mut deltas).and_then(|()| {
-        // Every write records a delta, so no deltas means nothing to make durable: skip the
-        // fsync (a batch of only refused takes costs no disk flush).
-        if !deltas.is_empty() {
+    let result = apply_all(
+        &txn,
+        cipher,
+        batch,
+        &mut outcomes,
+        &mut deltas,
+        &mut changes,
+    )
+    .and_then(|()| {
+        // Every write records a change, so none means nothing to make durable: no log
+        // record, no flush (a batch of only refused takes costs no disk write).
+        if changes.is_empty() {
+            return txn
+                .abort()
+                .map_err(|e| StoreError::redb("aborting a read-only batch", e));
+        }
+        // The log first: once the record is on disk the batch survives a crash, and
+        // the commit below only makes it visible (and, at a checkpoint, durable in redb).
+        let seq = durable
+            .wal
+            .append(&changes)
+            .map_err(|e| durable.halt(format!("appending to the write-ahead log: {e}")))?;
+        let checkpoint = durable.checkpoint_due();
+        let committed = (|| {
+            if checkpoint {
+                txn.set_durability(Durability::Immediate)
+                    .map_err(|e| StoreError::redb("setting durability", e))?;
+                write_checkpoint_seq(&txn, seq)?;
+            }
             txn.commit()
                 .map_err(|e| StoreError::redb("committing a batch", e))
-        } else {
-            txn.abort()
-                .map_err(|e| StoreError::redb("aborting a read-only batch", e))
+        })();
+        if let Err(e) = committed {
+            // The log holds a batch the database refused: stop, and let recovery apply it.
+            return Err(durable.halt(format!("the database refused a logged batch: {e}")));
         }
+        if checkpoint {
+            durable.checkpointed(seq);
+        }
+        Ok(())
     });
     match result {
         Ok(()) => {
@@ -240,11 +371,13 @@ fn process(db: &Database, cipher: &Cipher, batch: Vec<Request>, pending: &Mutex<
     }
 }
 
+/// A write transaction that commits without durability unless a checkpoint asks for it:
+/// the write-ahead log makes each batch durable.
 fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {
     let mut txn = db
         .begin_write()
         .map_err(|e| StoreError::redb("starting a write transaction", e))?;
-    txn.set_durability(Durability::Immediate)
+    txn.set_durability(Durability::None)
         .map_err(|e| StoreError::redb("setting durability", e))?;
     Ok(txn)
 }
@@ -257,6 +390,7 @@ fn apply_all(
     batch: Vec<Request>,
     outcomes: &mut Vec<Outcome>,
     deltas: &mut Vec<Delta>,
+    changes: &mut Vec<Change>,
 ) -> Result<(), StoreError> {
     let mut table = txn
         .open_table(KEYS)
@@ -269,6 +403,7 @@ fn apply_all(
         let mut tables = Tables {
             keys: &mut table,
             ready: &mut ready,
+            changes: &mut *changes,
         };
         let step = match request {
             Request::Insert { keys, reply } => match insert(&mut tables, cipher, keys, deltas) {
@@ -281,7 +416,7 @@ fn apply_all(
                 ids,
                 now,
                 reply,
-            } => match take(tables.keys, cipher, &caller, &masters, &ids, now, deltas) {
+            } => match take(&mut tables, cipher, &caller, &masters, &ids, now, deltas) {
                 Ok(r) => Ok(Outcome::Take(reply, r)),
                 Err(e) => Err((
                     Outcome::Take(reply, Err(TakeError::Store(clone_batch_error(&e)))),
@@ -303,7 +438,7 @@ fn apply_all(
                     Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
                 }
             }
-            Request::Destroy { ids, reply } => match destroy(tables.keys, &ids, deltas) {
+            Request::Destroy { ids, reply } => match destroy(&mut tables, &ids, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
@@ -345,16 +480,61 @@ fn apply_all(
 type KeysTable<'t> = Table<'t, u128, &'static [u8]>;
 type ReadyTable<'t> = Table<'t, (&'static str, u64), &'static [u8]>;
 
-/// The tables of one write transaction: ordinary keys and ready (pool) keys.
+/// The tables of one write transaction: ordinary keys and ready (pool) keys. Every write
+/// goes through it, so that it is also recorded for the write-ahead log.
 struct Tables<'a, 't> {
     keys: &'a mut KeysTable<'t>,
     ready: &'a mut ReadyTable<'t>,
+    changes: &'a mut Vec<Change>,
 }
 
 impl Tables<'_, '_> {
     /// Whether `id` is stored as an ordinary key.
     fn has_key(&self, id: Uuid) -> Result<bool, StoreError> {
         Ok(self.keys.get(id.as_u128()).map_err(read_error)?.is_some())
+    }
+
+    fn put_key(&mut self, id: Uuid, value: Vec<u8>) -> Result<(), StoreError> {
+        self.keys
+            .insert(id.as_u128(), value.as_slice())
+            .map_err(write_error)?;
+        self.changes.push(Change::PutKey(id.as_u128(), value));
+        Ok(())
+    }
+
+    /// Deletes a key record; returns it if there was one.
+    fn del_key(&mut self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        let old = self
+            .keys
+            .remove(id.as_u128())
+            .map_err(write_error)?
+            .map(|v| v.value().to_vec());
+        if old.is_some() {
+            self.changes.push(Change::DelKey(id.as_u128()));
+        }
+        Ok(old)
+    }
+
+    fn put_ready(&mut self, link: &str, seq: u64, value: Vec<u8>) -> Result<(), StoreError> {
+        self.ready
+            .insert((link, seq), value.as_slice())
+            .map_err(write_error)?;
+        self.changes
+            .push(Change::PutReady(link.to_owned(), seq, value));
+        Ok(())
+    }
+
+    /// Deletes a ready key; whether there was one.
+    fn del_ready(&mut self, link: &str, seq: u64) -> Result<bool, StoreError> {
+        let existed = self
+            .ready
+            .remove((link, seq))
+            .map_err(write_error)?
+            .is_some();
+        if existed {
+            self.changes.push(Change::DelReady(link.to_owned(), seq));
+        }
+        Ok(existed)
     }
 }
 
@@ -377,7 +557,7 @@ fn insert(
         return Ok(Err(e));
     }
     match seal_keys(cipher, &keys) {
-        Ok(encoded) => write_sealed(tables.keys, encoded, deltas).map(Ok),
+        Ok(encoded) => write_sealed(tables, encoded, deltas).map(Ok),
         Err(e) => Ok(Err(e)),
     }
 }
@@ -406,21 +586,19 @@ fn seal_keys(cipher: &Cipher, keys: &[NewKey]) -> Result<Vec<Sealed>, StoreError
 
 /// Writes sealed keys; an `Err` is a storage failure that spoils the transaction.
 fn write_sealed(
-    table: &mut KeysTable<'_>,
+    tables: &mut Tables<'_, '_>,
     encoded: Vec<Sealed>,
     deltas: &mut Vec<Delta>,
 ) -> Result<(), StoreError> {
     for (id, bytes, meta) in encoded {
-        table
-            .insert(id.as_u128(), bytes.as_slice())
-            .map_err(write_error)?;
+        tables.put_key(id, bytes)?;
         deltas.push(Delta::Add(meta));
     }
     Ok(())
 }
 
 fn take(
-    table: &mut KeysTable<'_>,
+    tables: &mut Tables<'_, '_>,
     cipher: &Cipher,
     caller: &str,
     masters: &[String],
@@ -430,7 +608,7 @@ fn take(
 ) -> Result<Result<Vec<DeliveredKey>, TakeError>, StoreError> {
     let mut records = Vec::with_capacity(ids.len());
     for id in ids {
-        let raw = table.get(id.as_u128()).map_err(read_error)?;
+        let raw = tables.keys.get(id.as_u128()).map_err(read_error)?;
         let record = match raw.map(|v| Record::decode(v.value())).transpose() {
             Ok(r) => r,
             Err(reason) => {
@@ -483,13 +661,9 @@ fn take(
     for (id, value, master) in updates {
         match value {
             None => {
-                table.remove(id.as_u128()).map_err(write_error)?;
+                tables.del_key(id)?;
             }
-            Some(v) => {
-                table
-                    .insert(id.as_u128(), v.as_slice())
-                    .map_err(write_error)?;
-            }
+            Some(v) => tables.put_key(id, v)?,
         }
         deltas.push(Delta::Taken {
             master,
@@ -533,11 +707,11 @@ fn purge(
     }
     let count = (expired.len() + expired_ready.len()) as u64;
     for (id, meta) in expired {
-        tables.keys.remove(id.as_u128()).map_err(write_error)?;
+        tables.del_key(id)?;
         deltas.push(Delta::Remove(meta));
     }
-    for key in expired_ready {
-        tables.ready.remove(key).map_err(write_error)?;
+    for (link, seq) in expired_ready {
+        tables.del_ready(link, seq)?;
         deltas.push(Delta::Wrote);
     }
     Ok(Ok(count))
@@ -545,17 +719,17 @@ fn purge(
 
 /// Removes the given ordinary keys whatever their entitlements; unknown IDs are skipped.
 fn destroy(
-    keys: &mut KeysTable<'_>,
+    tables: &mut Tables<'_, '_>,
     ids: &[Uuid],
     deltas: &mut Vec<Delta>,
 ) -> Result<u64, StoreError> {
     let mut count = 0;
     for id in ids {
-        let Some(raw) = keys.remove(id.as_u128()).map_err(write_error)? else {
+        let Some(raw) = tables.del_key(*id)? else {
             continue;
         };
         count += 1;
-        match Record::decode(raw.value()) {
+        match Record::decode(&raw) {
             Ok(record) => deltas.push(Delta::Remove(record.meta)),
             Err(reason) => {
                 tracing::warn!(key_id = %id, %reason, "destroyed a corrupt key record");
@@ -575,12 +749,7 @@ fn pool_remove(
 ) -> Result<u64, StoreError> {
     let mut count = 0;
     for seq in seqs {
-        if tables
-            .ready
-            .remove((link, *seq))
-            .map_err(write_error)?
-            .is_some()
-        {
+        if tables.del_ready(link, *seq)? {
             count += 1;
         }
     }
@@ -628,10 +797,7 @@ fn pool_insert(
         }
     }
     for (seq, value) in encoded {
-        tables
-            .ready
-            .insert((link, seq), value.as_slice())
-            .map_err(write_error)?;
+        tables.put_ready(link, seq, value)?;
     }
     deltas.push(Delta::Wrote);
     Ok(Ok(()))
@@ -692,9 +858,9 @@ fn pool_bind(
     };
     drop(by_id);
     for slot in &slots {
-        tables.ready.remove((link, slot.seq)).map_err(write_error)?;
+        tables.del_ready(link, slot.seq)?;
     }
     deltas.push(Delta::Wrote);
-    write_sealed(tables.keys, encoded, deltas)?;
+    write_sealed(tables, encoded, deltas)?;
     Ok(Ok(delivered))
 }

@@ -56,6 +56,11 @@ async fn reopen_keeps_keys_and_rebuilds_counts() {
         s.take("bob", &alice(), &[i1], 0).await.unwrap();
     }
     let s = open(&path);
+    assert_eq!(
+        s.replayed_at_open(),
+        0,
+        "a clean close leaves no log to apply"
+    );
     assert_eq!(s.pending("alice", "bob"), 1);
     assert_eq!(s.pending("alice", "carol"), 1);
     let r = s.take("bob", &alice(), &[i1], 0).await;
@@ -439,11 +444,22 @@ fn crash_after_answer_loses_nothing() {
     );
     assert!(!taken.is_empty());
 
+    // The write-ahead log the child left holds sealed records only.
+    let log = std::fs::read(dir.path().join("keys.redb.wal")).unwrap();
+    for (id, (bytes, _)) in &inserted {
+        assert!(
+            !log.windows(32).any(|w| w == bytes.as_slice()),
+            "key {id} in clear in the write-ahead log"
+        );
+    }
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
     rt.block_on(async {
         let s = open(&path);
+        // Killed between checkpoints: what came after the last one is applied from the log.
+        assert!(s.replayed_at_open() > 0, "nothing to replay after kill -9");
         let mut in_flight = 0;
         for (id, (bytes, will_take)) in &inserted {
             let r = s.take("bob", &alice(), &[*id], 0).await;
