@@ -575,3 +575,53 @@ impl KeyStore for EmbeddedStore {
             .map_err(|e| StoreError::io("listing ready keys", std::io::Error::other(e)))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn kek() -> Kek {
+        Kek::from_bytes([7; crate::KEK_LEN])
+    }
+
+    /// A log whose records do not follow the store's last checkpoint (a store file restored
+    /// from elsewhere, say) is refused, not applied over a gap.
+    #[test]
+    fn a_log_with_missing_records_refuses_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        {
+            let (mut wal, _) = Wal::open(&wal_path(&path)).unwrap();
+            wal.skip_to(5);
+            wal.append(&[Change::DelKey(1)]).unwrap();
+        }
+        let err = EmbeddedStore::open(&path, kek()).unwrap_err();
+        assert!(err.to_string().contains("records are missing"), "{err}");
+    }
+
+    /// Records the store already covers are skipped; the next one is applied.
+    #[test]
+    fn records_after_the_checkpoint_are_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        let id = Uuid::new_v4();
+        {
+            let (mut wal, _) = Wal::open(&wal_path(&path)).unwrap();
+            // A clean open and close leave the checkpoint at 0: record 1 is the next.
+            wal.append(&[Change::PutReady("A>B".into(), 3, ready_value(id, b"x"))])
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(store.replayed_at_open(), 1);
+        drop(store);
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(
+            store.replayed_at_open(),
+            0,
+            "the log was emptied after applying it"
+        );
+    }
+}
