@@ -402,8 +402,7 @@ async fn bind_ready(
     let request_id = Uuid::new_v4();
     let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
     let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
-    let ids = ids.as_slice();
-    let grants = grants_for(site, jobs, ids);
+    let grants = grants_for(site, jobs, &ids);
     let labels = [
         ("kme", shared.config.kme_id.clone()),
         ("peer", site.to_owned()),
@@ -442,7 +441,7 @@ async fn bind_ready(
         }
         other => {
             metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(shared, request_id, &[site.to_owned()], ids, &seqs);
+            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs);
             shred("the bind failed");
             let (refused, reason) = match other {
                 Err(e @ PeerError::Refused { .. }) => (true, e.to_string()),
@@ -491,7 +490,7 @@ async fn bind_ready(
             // Bound at the peer but not here (shredded as expired, say): undo the peer's
             // side and make the keys on demand instead.
             tracing::warn!(site, error = %e, "ready keys could not be bound here; withdrawing them");
-            withdraw(shared, request_id, &[site.to_owned()], ids, &seqs);
+            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs);
             shred("the local bind failed");
             Err(Bound::Missed)
         }

@@ -659,15 +659,11 @@ async fn pool_remove_racing_a_bind_exactly_one_wins() {
     assert_eq!(a.pending("alice", "bob"), 0);
 }
 
-/// A database of schema version 1 (keys only) gains the pool table at connect and keeps
-/// its keys.
-#[tokio::test]
-async fn version_1_database_is_migrated() {
-    let Some(db) = TestDb::create().await else {
-        return;
-    };
-    let store = connect(&db, 1).await;
-    let k = key("alice", &["bob"], vec![4; 32]);
+/// Stores one key for alice→bob (bytes `byte`), then takes the schema back to just after
+/// migration 1 (keys only), as an older release left it; returns the key's ID.
+async fn key_in_version_1_database(db: &TestDb, byte: u8) -> Uuid {
+    let store = connect(db, 1).await;
+    let k = key("alice", &["bob"], vec![byte; 32]);
     let id = k.id;
     store.insert(vec![k]).await.unwrap();
     drop(store);
@@ -678,6 +674,17 @@ async fn version_1_database_is_migrated() {
         )
         .await
         .unwrap();
+    id
+}
+
+/// A database of schema version 1 (keys only) gains the pool table at connect and keeps
+/// its keys.
+#[tokio::test]
+async fn version_1_database_is_migrated() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let id = key_in_version_1_database(&db, 4).await;
     let store = connect(&db, 1).await;
     assert_eq!(
         versions(&db).await,
@@ -698,20 +705,17 @@ async fn version_2_database_is_migrated_dropping_ready_keys() {
     let Some(db) = TestDb::create().await else {
         return;
     };
-    let store = connect(&db, 1).await;
-    let k = key("alice", &["bob"], vec![6; 32]);
-    let id = k.id;
-    store.insert(vec![k]).await.unwrap();
-    drop(store);
+    let id = key_in_version_1_database(&db, 6).await;
     let client = db.client().await;
     client
-        .batch_execute(
-            "DROP TABLE dqkd_pool_keys; DELETE FROM dqkd_schema_migrations WHERE version > 2",
-        )
+        .batch_execute(include_str!("../migrations/0002_pool.sql"))
         .await
         .unwrap();
     client
-        .batch_execute(include_str!("../migrations/0002_pool.sql"))
+        .execute(
+            "INSERT INTO dqkd_schema_migrations (version, applied_at) VALUES (2, now())",
+            &[],
+        )
         .await
         .unwrap();
     client

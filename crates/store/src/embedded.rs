@@ -565,7 +565,7 @@ impl KeyStore for EmbeddedStore {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<ReadyKey>, StoreError> {
-        let Some(from) = after.map_or(Some(0), |seq| seq.checked_add(1)) else {
+        let Some(from) = crate::meta::first_position_after(after) else {
             return Ok(Vec::new());
         };
         let db = Arc::clone(&self.db);

@@ -64,8 +64,8 @@ pub use uuid::Uuid;
 /// [`KeyStore::pending`].
 pub mod rules {
     pub use crate::meta::{
-        check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
-        PendingCounts,
+        check_insert, check_pool_insert, check_take, first_position_after, pool_bind_slots,
+        pool_bound_keys, KeyMeta, PendingCounts,
     };
 }
 

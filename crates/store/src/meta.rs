@@ -268,3 +268,9 @@ pub fn pool_bound_keys(
     }
     Ok(keys)
 }
+
+/// The first position a pool page starting after `after` may hold (`None`: nothing can
+/// follow `after`).
+pub fn first_position_after(after: Option<u64>) -> Option<u64> {
+    after.map_or(Some(0), |seq| seq.checked_add(1))
+}

@@ -502,17 +502,17 @@ impl Tables<'_, '_> {
         Ok(())
     }
 
-    /// Deletes a key record; returns it if there was one.
-    fn del_key(&mut self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
-        let old = self
+    /// Deletes a key record; whether there was one.
+    fn del_key(&mut self, id: Uuid) -> Result<bool, StoreError> {
+        let existed = self
             .keys
             .remove(id.as_u128())
             .map_err(write_error)?
-            .map(|v| v.value().to_vec());
-        if old.is_some() {
+            .is_some();
+        if existed {
             self.changes.push(Change::DelKey(id.as_u128()));
         }
-        Ok(old)
+        Ok(existed)
     }
 
     fn put_ready(&mut self, link: &str, seq: u64, value: Vec<u8>) -> Result<(), StoreError> {
@@ -725,9 +725,16 @@ fn destroy(
 ) -> Result<u64, StoreError> {
     let mut count = 0;
     for id in ids {
-        let Some(raw) = tables.del_key(*id)? else {
+        // Read before deleting, for the pending counts (a rare path: failed requests).
+        let Some(raw) = tables
+            .keys
+            .get(id.as_u128())
+            .map_err(read_error)?
+            .map(|v| v.value().to_vec())
+        else {
             continue;
         };
+        tables.del_key(*id)?;
         count += 1;
         match Record::decode(&raw) {
             Ok(record) => deltas.push(Delta::Remove(record.meta)),
