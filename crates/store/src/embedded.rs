@@ -1,6 +1,7 @@
 //! The durable default store: one redb file plus its write-ahead log (see `wal`), key bytes
 //! sealed under the site KEK, and all writes funnelled through one group-committing writer
-//! thread (see `writer`).
+//! thread (see `writer`) that keeps recent changes in memory (see `overlay`) until the
+//! checkpoint thread (see `checkpoint`) files them in redb.
 //!
 //! The handle only forwards operations to the writer and answers `pending` from counts kept in
 //! memory, so callers never block on disk except through their own awaited oneshot.
@@ -17,6 +18,7 @@ use redb::{
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::checkpoint::Checkpointer;
 use crate::kek::Cipher;
 use crate::meta::PendingCounts;
 use crate::record::Record;
@@ -63,7 +65,7 @@ pub struct CommitStats {
 /// Durable, encrypted key store in a single redb file.
 ///
 /// Crash safety: `insert` and `take` answer only after their batch is in the write-ahead
-/// log on disk (`fdatasync`) and committed; a take that returned can never deliver the same
+/// log on disk (`fdatasync`); a take that returned can never deliver the same
 /// key to the same slave again, even after `kill -9`, because the log is applied at open.
 pub struct EmbeddedStore {
     /// Shared with the writer; read transactions (the expiry scan) never block its commits.
@@ -111,9 +113,13 @@ impl EmbeddedStore {
         wal.start_over()
             .map_err(|e| StoreError::io(format!("emptying {}", log.display()), e))?;
         wal.skip_to(prepared.checkpointed + 1);
-        let durable = Durable::new(wal, prepared.checkpointed);
         let replayed = prepared.replayed;
         let db = Arc::new(db);
+        let durable = Durable::new(
+            wal,
+            prepared.checkpointed,
+            Checkpointer::start(Arc::clone(&db))?,
+        );
         let pending = Arc::new(Mutex::new(prepared.pending));
         let stats = Arc::new(Stats::default());
         let (sender, receiver) = mpsc::channel();
@@ -259,42 +265,19 @@ fn expired(db: &Database, now: u64) -> Result<Expired, StoreError> {
     Ok(found)
 }
 
-/// Up to `limit` ready keys of `link` from position `from` on, in position order, from a
-/// consistent snapshot. Reads only each record's head, so a pool of a million keys lists in
-/// well under a second.
-fn ready_keys(
-    db: &Database,
-    link: &str,
-    from: u64,
-    limit: usize,
-) -> Result<Vec<ReadyKey>, StoreError> {
-    let txn = db
-        .begin_read()
-        .map_err(|e| StoreError::redb("starting a read transaction", e))?;
-    let table = txn
-        .open_table(READY)
-        .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
-    let mut ready = Vec::new();
-    for entry in table
-        .range((link, from)..=(link, u64::MAX))
-        .map_err(|e| StoreError::redb("scanning ready keys", e))?
-        .take(limit)
-    {
-        let (k, v) = entry.map_err(|e| StoreError::redb("scanning ready keys", e))?;
-        let (_, seq) = k.value();
-        let corrupt = |reason| StoreError::CorruptRecord {
-            id: Uuid::nil(),
-            reason,
-        };
-        let (id, record) = split_ready(v.value()).map_err(corrupt)?;
-        let (expires_at, _) =
-            Record::head(record).map_err(|reason| StoreError::CorruptRecord { id, reason })?;
-        ready.push(ReadyKey {
-            slot: Slot { seq, id },
-            expires_at,
-        });
-    }
-    Ok(ready)
+/// A ready key's position, ID and expiry, from its table value (only the record's head is
+/// read, so a pool of a million keys lists in well under a second).
+pub(crate) fn ready_key(seq: u64, value: &[u8]) -> Result<ReadyKey, StoreError> {
+    let (id, record) = split_ready(value).map_err(|reason| StoreError::CorruptRecord {
+        id: Uuid::nil(),
+        reason,
+    })?;
+    let (expires_at, _) =
+        Record::head(record).map_err(|reason| StoreError::CorruptRecord { id, reason })?;
+    Ok(ReadyKey {
+        slot: Slot { seq, id },
+        expires_at,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -522,6 +505,10 @@ impl KeyStore for EmbeddedStore {
                 })
                 .await??;
         }
+        // Keys written since the last checkpoint are not in the snapshot scanned above.
+        purged += self
+            .call(|reply| Request::PurgeRecent { now, reply })
+            .await??;
         Ok(purged)
     }
 
@@ -568,11 +555,14 @@ impl KeyStore for EmbeddedStore {
         let Some(from) = crate::meta::first_position_after(after) else {
             return Ok(Vec::new());
         };
-        let db = Arc::clone(&self.db);
         let link = link.to_owned();
-        tokio::task::spawn_blocking(move || ready_keys(&db, &link, from, limit))
-            .await
-            .map_err(|e| StoreError::io("listing ready keys", std::io::Error::other(e)))?
+        self.call(|reply| Request::PoolPage {
+            link,
+            from,
+            limit,
+            reply,
+        })
+        .await?
     }
 }
 
@@ -622,6 +612,84 @@ mod tests {
             store.replayed_at_open(),
             0,
             "the log was emptied after applying it"
+        );
+    }
+
+    /// A crash after the log was rotated but before its checkpoint committed leaves records
+    /// in both files: the older file's come first, and both are applied.
+    #[test]
+    fn a_rotated_log_and_the_current_one_are_both_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        {
+            let (mut wal, _) = Wal::open(&wal_path(&path)).unwrap();
+            wal.append(&[Change::PutReady("A>B".into(), 1, ready_value(a, b"x"))])
+                .unwrap();
+            wal.rotate().unwrap();
+            wal.append(&[Change::PutReady("A>B".into(), 2, ready_value(b, b"y"))])
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(store.replayed_at_open(), 2);
+        assert!(
+            !crate::wal::previous_path(&wal_path(&path)).exists(),
+            "the rotated log is deleted once the open commit covers it"
+        );
+    }
+
+    fn ready(seq: u64) -> PoolKey {
+        PoolKey {
+            slot: Slot {
+                seq,
+                id: Uuid::new_v4(),
+            },
+            material: crate::KeyMaterial::new(vec![seq as u8; 32]),
+            expires_at: u64::MAX,
+        }
+    }
+
+    fn seqs(page: &[ReadyKey]) -> Vec<u64> {
+        page.iter().map(|k| k.slot.seq).collect()
+    }
+
+    /// Pages list what the database holds as changed by the changes not yet checkpointed:
+    /// removals hide entries, new entries appear in position order, and a page stops at its
+    /// limit wherever its entries come from.
+    #[tokio::test]
+    async fn pages_merge_recent_changes_over_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        store
+            .pool_insert("A>B", (1..=6).map(ready).collect())
+            .await
+            .unwrap();
+        drop(store); // a clean close files everything in the database
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(store.pool_remove("A>B", &[2, 5]).await.unwrap(), 2);
+        store
+            .pool_insert("A>B", vec![ready(7), ready(8)])
+            .await
+            .unwrap();
+        store.pool_insert("A>C", vec![ready(3)]).await.unwrap();
+        assert_eq!(
+            seqs(&store.pool_page("A>B", None, 3).await.unwrap()),
+            [1, 3, 4]
+        );
+        assert_eq!(
+            seqs(&store.pool_page("A>B", Some(4), 10).await.unwrap()),
+            [6, 7, 8]
+        );
+        assert_eq!(seqs(&store.pool_page("A>C", None, 10).await.unwrap()), [3]);
+        // A removed position cannot be bound, whichever layer held it.
+        assert_eq!(store.pool_remove("A>B", &[2, 7]).await.unwrap(), 1);
+        drop(store);
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(
+            seqs(&store.pool_page("A>B", None, 10).await.unwrap()),
+            [1, 3, 4, 6, 8]
         );
     }
 }

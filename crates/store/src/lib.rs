@@ -37,12 +37,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod checkpoint;
 mod embedded;
 mod error;
 mod kek;
 mod key;
 mod memory;
 mod meta;
+mod overlay;
 mod record;
 mod wal;
 mod writer;

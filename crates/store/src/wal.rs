@@ -1,14 +1,14 @@
 //! The write-ahead log of [`crate::EmbeddedStore`].
 //!
-//! A durable redb commit costs two to three times the CPU of a non-durable one (its page
-//! writes and free-page bookkeeping, measured on 8-key batches), and the writer thread
-//! is the busiest thread of a loaded site. So each batch appends its changes (sealed records
-//! and deletions, never key bytes in clear) to this log with one `fdatasync`, commits to
-//! redb without durability, and only then answers; every second or so one batch commits
-//! durably (a checkpoint) and records the sequence number of its log record, after which
-//! the log starts over. After a crash, redb is back at its last checkpoint and the records
-//! after it are applied again at open: each change is a put or a delete of a whole record,
-//! so applying one twice is harmless.
+//! Each batch appends its changes (sealed records and deletions, never key bytes in clear)
+//! to this log with one `fdatasync`, applies them to the in-memory overlay (see `overlay`),
+//! and only then answers. About once a second the writer freezes the overlay and *rotates*
+//! the log: the current file becomes `<log>.prev` and new records go to a fresh file, while
+//! a checkpoint thread writes the frozen changes to redb in one durable commit that also
+//! records the sequence number of their last record. Then `<log>.prev` is deleted. After a
+//! crash redb is back at its last checkpoint, and the records after it (in `<log>.prev`,
+//! then `<log>`) are applied again at open: each change is a put or a delete of a whole
+//! record, so applying one twice is harmless.
 //!
 //! Record layout (integers big-endian):
 //!
@@ -61,10 +61,16 @@ pub(crate) struct Wal {
 pub(crate) type Recovered = Vec<(u64, Vec<Change>)>;
 
 impl Wal {
-    /// Opens (creating if needed) the log at `path` and reads every complete record.
+    /// Opens (creating if needed) the log at `path` and reads every complete record of
+    /// `<path>.prev` (left by a checkpoint that a crash interrupted), then of `path`.
     /// An incomplete tail (never acknowledged) is cut off.
     pub(crate) fn open(path: &Path) -> Result<(Wal, Recovered), StoreError> {
         let io = |context: &'static str| move |e| StoreError::io(context, e);
+        let mut records = match std::fs::read(previous_path(path)) {
+            Ok(data) => parse(&data).0,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io("reading the previous write-ahead log")(e)),
+        };
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -74,7 +80,7 @@ impl Wal {
         let mut data = Vec::new();
         file.read_to_end(&mut data)
             .map_err(io("reading the write-ahead log"))?;
-        let (records, valid) = parse(&data);
+        let (current, valid) = parse(&data);
         if valid < data.len() {
             tracing::warn!(
                 path = %path.display(),
@@ -85,6 +91,7 @@ impl Wal {
                 .map_err(io("truncating the write-ahead log"))?;
             file.sync_all().map_err(io("syncing the write-ahead log"))?;
         }
+        records.extend(current);
         let next_seq = records.last().map_or(1, |(seq, _)| seq + 1);
         Ok((
             Wal {
@@ -130,13 +137,56 @@ impl Wal {
         Ok(seq)
     }
 
-    /// Empties the log once a checkpoint made every record in it redundant.
+    /// Moves the current file aside to `<log>.prev` and continues in a new, empty file, so
+    /// a checkpoint of everything logged so far can run while new records arrive. The
+    /// directory is synced before the next append, so no acknowledged record can sit in a
+    /// file whose name a crash forgot.
+    pub(crate) fn rotate(&mut self) -> std::io::Result<()> {
+        let previous = previous_path(&self.path);
+        std::fs::rename(&self.path, &previous)?;
+        self.file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)?;
+        sync_directory(&self.path)?;
+        self.bytes = 0;
+        Ok(())
+    }
+
+    /// Deletes `<log>.prev` once a durable commit covers every record in it.
+    pub(crate) fn discard_previous(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(previous_path(&self.path)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Empties the log (and deletes `<log>.prev`) once a checkpoint made every record
+    /// redundant.
     pub(crate) fn start_over(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
         self.file.sync_all()?;
         self.bytes = 0;
-        Ok(())
+        self.discard_previous()
     }
+}
+
+/// Where a rotated log waits for its checkpoint: the log's name with `.prev` added.
+pub(crate) fn previous_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".prev");
+    PathBuf::from(name)
+}
+
+/// Makes renames and creations in the directory of `path` durable.
+fn sync_directory(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> std::io::Result<()> {
@@ -331,5 +381,25 @@ mod tests {
         drop(wal);
         let (_, got) = Wal::open(&path).unwrap();
         assert_eq!(got, vec![(2, sample())]);
+    }
+
+    #[test]
+    fn a_rotated_log_is_read_before_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        {
+            let (mut wal, _) = Wal::open(&path).unwrap();
+            wal.append(&sample()).unwrap();
+            wal.rotate().unwrap();
+            assert_eq!(wal.len(), 0);
+            assert_eq!(wal.append(&[Change::DelKey(3)]).unwrap(), 2);
+        }
+        assert!(previous_path(&path).exists());
+        let (mut wal, got) = Wal::open(&path).unwrap();
+        assert_eq!(got, vec![(1, sample()), (2, vec![Change::DelKey(3)])]);
+        wal.discard_previous().unwrap();
+        drop(wal);
+        let (_, got) = Wal::open(&path).unwrap();
+        assert_eq!(got, vec![(2, vec![Change::DelKey(3)])]);
     }
 }

@@ -1,31 +1,37 @@
 //! The group-commit writer thread of [`crate::EmbeddedStore`].
 //!
-//! One thread owns the write side of the database. It blocks for the first queued operation,
-//! drains whatever else is queued (up to [`MAX_BATCH`]), applies them in arrival order inside
-//! one write transaction, appends its changes to the write-ahead log (one fsync for the whole
-//! batch, see `wal`), commits, and only then answers each caller. Each operation is validated against the state the earlier
-//! operations of the batch left behind, before it writes anything, so a failing operation
-//! leaves no trace and does not disturb the others, and two takes of the same key can never
-//! both succeed. Pending counts change only after the commit succeeded.
+//! One thread owns the write side of the store. It blocks for the first queued operation,
+//! drains whatever else is queued (up to [`MAX_BATCH`]), applies them in arrival order to the
+//! in-memory overlay (see `overlay`), appends their changes to the write-ahead log (one fsync
+//! for the whole batch, see `wal`), and only then answers each caller. About once a second it
+//! freezes the overlay, rotates the log and hands the frozen changes to the checkpoint thread
+//! (see `checkpoint`), which files them in redb. Each operation is validated against the state
+//! the earlier operations of the batch left behind, before it writes anything, so a failing
+//! operation leaves no trace and does not disturb the others, and two takes of the same key
+//! can never both succeed. Pending counts change only after the batch is on disk.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, WriteTransaction};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::embedded::{ready_value, split_ready, KEYS, META, READY, WAL_SEQ};
+use crate::checkpoint::{self, Checkpointer};
+use crate::embedded::{ready_key, ready_value, split_ready, KEYS, META, READY, WAL_SEQ};
 use crate::kek::Cipher;
 use crate::meta::{
     check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
     PendingCounts,
 };
+use crate::overlay::Overlay;
 use crate::record::{aad, Record};
 use crate::wal::{Change, Wal};
-use crate::{DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, StoreError, TakeError};
+use crate::{
+    DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, StoreError, TakeError,
+};
 
 /// Upper bound on operations per transaction, to bound the latency of the first caller.
 const MAX_BATCH: usize = 1024;
@@ -50,6 +56,11 @@ pub(crate) enum Request {
         ready: Vec<(String, u64)>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Purges the expired keys that only the overlays hold (a scan of redb cannot see them).
+    PurgeRecent {
+        now: u64,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
     Destroy {
         ids: Vec<Uuid>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
@@ -69,6 +80,13 @@ pub(crate) enum Request {
         link: String,
         seqs: Vec<u64>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// A read, served here because only the writer sees the overlay.
+    PoolPage {
+        link: String,
+        from: u64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<ReadyKey>, StoreError>>,
     },
 }
 
@@ -106,6 +124,10 @@ enum Outcome {
         oneshot::Sender<Result<u64, StoreError>>,
         Result<u64, StoreError>,
     ),
+    Page(
+        oneshot::Sender<Result<Vec<ReadyKey>, StoreError>>,
+        Result<Vec<ReadyKey>, StoreError>,
+    ),
 }
 
 impl Outcome {
@@ -120,8 +142,10 @@ impl Outcome {
                 Outcome::Take(reply, Err(TakeError::Store(e())))
             }
             Request::Purge { reply, .. }
+            | Request::PurgeRecent { reply, .. }
             | Request::Destroy { reply, .. }
             | Request::PoolRemove { reply, .. } => Outcome::Purge(reply, Err(e())),
+            Request::PoolPage { reply, .. } => Outcome::Page(reply, Err(e())),
         }
     }
 
@@ -132,6 +156,7 @@ impl Outcome {
             Outcome::Insert(tx, Ok(())) => Outcome::Insert(tx, Err(e())),
             Outcome::Take(tx, Ok(_)) => Outcome::Take(tx, Err(TakeError::Store(e()))),
             Outcome::Purge(tx, Ok(_)) => Outcome::Purge(tx, Err(e())),
+            Outcome::Page(tx, Ok(_)) => Outcome::Page(tx, Err(e())),
             other => other,
         }
     }
@@ -145,6 +170,11 @@ impl Outcome {
                 tx.send(r).is_err() && delivered
             }
             Outcome::Purge(tx, r) => tx.send(r).is_err(),
+            // A reader that went away lost nothing.
+            Outcome::Page(tx, r) => {
+                let _ = tx.send(r);
+                false
+            }
         };
         if gone {
             tracing::warn!("caller went away before its committed key delivery was answered");
@@ -166,15 +196,24 @@ fn clone_batch_error(err: &StoreError) -> StoreError {
     }
 }
 
-/// A checkpoint (a durable redb commit, after which the log starts over) at least this
-/// often while batches arrive, so the log stays short and so does recovery.
+/// A checkpoint (the overlay filed in redb by one durable commit, after which the log's
+/// older file is deleted) at least this often while batches arrive, so the log and the
+/// overlay stay small and recovery short.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// ... or as soon as the log holds this much (large refills).
 const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+/// While a checkpoint runs, new batches wait for it once the log holds this much, so a
+/// store slower than its load pushes back instead of growing the overlay without bound.
+const BACKLOG_BYTES: u64 = 4 * CHECKPOINT_BYTES;
 
-/// The write-ahead log and the writer's health.
+/// The write-ahead log, the overlay, the checkpoint thread and the writer's health.
 pub(crate) struct Durable {
     wal: Wal,
+    /// Changes since the last freeze.
+    active: Overlay,
+    /// Changes being filed in redb by the checkpoint thread.
+    frozen: Option<Arc<Overlay>>,
+    checkpointer: Checkpointer,
     last_checkpoint: Instant,
     /// Sequence number of the last record covered by a durable commit.
     checkpointed: u64,
@@ -183,17 +222,16 @@ pub(crate) struct Durable {
 }
 
 impl Durable {
-    pub(crate) fn new(wal: Wal, checkpointed: u64) -> Self {
+    pub(crate) fn new(wal: Wal, checkpointed: u64, checkpointer: Checkpointer) -> Self {
         Self {
             wal,
+            active: Overlay::default(),
+            frozen: None,
+            checkpointer,
             last_checkpoint: Instant::now(),
             checkpointed,
             halted: None,
         }
-    }
-
-    fn checkpoint_due(&self) -> bool {
-        self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY || self.wal.len() >= CHECKPOINT_BYTES
     }
 
     fn halt(&mut self, reason: String) -> StoreError {
@@ -202,14 +240,92 @@ impl Durable {
         StoreError::Halted { reason }
     }
 
-    /// Empties the log after a durable commit covered record `seq`.
-    fn checkpointed(&mut self, seq: u64) {
-        self.checkpointed = seq;
-        self.last_checkpoint = Instant::now();
-        if let Err(e) = self.wal.start_over() {
-            // Its records are all covered, so recovery skips them; retried next time.
-            tracing::warn!(path = %self.wal.path().display(), error = %e, "could not empty the write-ahead log");
+    /// Takes the result of the checkpoint in flight, if it has one (waiting for it when
+    /// `wait`): the frozen overlay is then in redb and the log's older file can go.
+    fn collect(&mut self, wait: bool) {
+        if self.frozen.is_none() {
+            return;
         }
+        let result = if wait {
+            self.checkpointer.wait()
+        } else {
+            match self.checkpointer.poll() {
+                Some(result) => result,
+                None => return,
+            }
+        };
+        self.frozen = None;
+        match result {
+            Ok(seq) => {
+                self.checkpointed = seq;
+                if let Err(e) = self.wal.discard_previous() {
+                    // Its records are all covered, so recovery skips them.
+                    tracing::warn!(path = %self.wal.path().display(), error = %e, "could not delete the checkpointed write-ahead log");
+                }
+            }
+            Err(e) => {
+                self.halt(format!("a checkpoint failed: {e}"));
+            }
+        }
+    }
+
+    /// Starts a checkpoint when one is due and none is running; waits for the running one
+    /// when the log has grown past [`BACKLOG_BYTES`].
+    fn maybe_checkpoint(&mut self) {
+        if self.halted.is_some() {
+            return;
+        }
+        self.collect(false);
+        if self.frozen.is_some() {
+            if self.wal.len() < BACKLOG_BYTES {
+                return;
+            }
+            self.collect(true);
+            if self.halted.is_some() {
+                return;
+            }
+        }
+        let due = self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY
+            || self.wal.len() >= CHECKPOINT_BYTES;
+        if !due {
+            return;
+        }
+        self.last_checkpoint = Instant::now();
+        let last = self.wal.next_seq() - 1;
+        if last <= self.checkpointed {
+            return;
+        }
+        // Even an empty overlay (every change cancelled out) is checkpointed: it moves the
+        // recorded log position, so the log's older file can be deleted.
+        if let Err(e) = self.wal.rotate() {
+            self.halt(format!("rotating the write-ahead log: {e}"));
+            return;
+        }
+        let frozen = Arc::new(std::mem::take(&mut self.active));
+        if let Err(e) = self.checkpointer.submit(Arc::clone(&frozen), last) {
+            self.halt(format!("starting a checkpoint: {e}"));
+            return;
+        }
+        self.frozen = Some(frozen);
+    }
+
+    /// At close: waits for the checkpoint in flight, files the rest of the overlay, and
+    /// empties the log.
+    fn finish(&mut self, db: &Database) -> Result<(), StoreError> {
+        self.collect(true);
+        if let Some(reason) = &self.halted {
+            return Err(StoreError::Halted {
+                reason: reason.clone(),
+            });
+        }
+        let last = self.wal.next_seq() - 1;
+        if last > self.checkpointed {
+            checkpoint::apply(db, &self.active, last)?;
+            self.checkpointed = last;
+        }
+        self.wal
+            .start_over()
+            .map_err(|e| StoreError::io(format!("emptying {}", self.wal.path().display()), e))
     }
 }
 
@@ -223,7 +339,17 @@ pub(crate) fn run(
     stats: Arc<Stats>,
     mut durable: Durable,
 ) {
-    while let Ok(first) = requests.recv() {
+    loop {
+        // Wake up now and then even when idle, so the last changes reach redb and the log
+        // stays short.
+        let first = match requests.recv_timeout(CHECKPOINT_EVERY) {
+            Ok(first) => first,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                durable.maybe_checkpoint();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match requests.try_recv() {
@@ -237,32 +363,17 @@ pub(crate) fn run(
         stats.ops.fetch_add(n, Ordering::Relaxed);
         stats.max_batch.fetch_max(n, Ordering::Relaxed);
         let started = Instant::now();
+        durable.collect(false);
         process(&db, &cipher, batch, &pending, &mut durable);
+        durable.maybe_checkpoint();
         metrics::histogram!("dqkd_store_commit_ops").record(n as f64);
         metrics::histogram!("dqkd_store_commit_seconds").record(started.elapsed().as_secs_f64());
     }
-    if durable.halted.is_none() {
-        if let Err(e) = final_checkpoint(&db, &mut durable) {
-            tracing::warn!(error = %e, "final checkpoint failed; the log is applied at the next open");
-        }
+    if let Err(e) = durable.finish(&db) {
+        tracing::warn!(error = %e, "final checkpoint failed; the log is applied at the next open");
     }
+    durable.checkpointer.stop();
     tracing::debug!("key store writer stopped");
-}
-
-/// Commits durably whatever the log holds beyond the last checkpoint, and empties the log.
-fn final_checkpoint(db: &Database, durable: &mut Durable) -> Result<(), StoreError> {
-    let last = durable.wal.next_seq() - 1;
-    if last <= durable.checkpointed {
-        return Ok(());
-    }
-    let mut txn = begin(db)?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| StoreError::redb("setting durability", e))?;
-    write_checkpoint_seq(&txn, last)?;
-    txn.commit()
-        .map_err(|e| StoreError::redb("committing the final checkpoint", e))?;
-    durable.checkpointed(last);
-    Ok(())
 }
 
 /// Records in `txn` that the log up to `seq` is covered by it.
@@ -275,7 +386,7 @@ pub(crate) fn write_checkpoint_seq(txn: &WriteTransaction, seq: u64) -> Result<(
         .map_err(|e| StoreError::redb("recording the checkpoint", e))
 }
 
-/// Applies, logs, commits and answers one batch.
+/// Applies, logs and answers one batch.
 fn process(
     db: &Database,
     cipher: &Cipher,
@@ -292,11 +403,10 @@ fn process(
         }
         return;
     }
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut deltas = Vec::new();
-    let mut changes = Vec::new();
-    let mut txn = match begin(db) {
-        Ok(txn) => txn,
+    // A snapshot of redb for what the overlays do not hold. Taken after the last collected
+    // checkpoint, or else under the frozen overlay that checkpoint filed: correct either way.
+    let base = match Base::open(db) {
+        Ok(base) => base,
         Err(err) => {
             tracing::error!(error = %err, "key store batch could not start");
             for r in batch {
@@ -305,47 +415,27 @@ fn process(
             return;
         }
     };
-    let result = apply_all(
-        &txn,
-        cipher,
-        batch,
-        &mut outcomes,
-        &mut deltas,
-        &mut changes,
-    )
-    .and_then(|()| {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut deltas = Vec::new();
+    let mut changes = Vec::new();
+    let mut tables = Tables {
+        active: &mut durable.active,
+        frozen: durable.frozen.as_deref(),
+        base: &base,
+        changes: &mut changes,
+    };
+    let result = match apply_all(&mut tables, cipher, batch, &mut outcomes, &mut deltas) {
+        // The overlay may hold part of the batch: stop, and let recovery start from the log.
+        Err(e) => Err(durable.halt(format!("a batch failed part-way: {e}"))),
         // Every write records a change, so none means nothing to make durable: no log
         // record, no flush (a batch of only refused takes costs no disk write).
-        if changes.is_empty() {
-            return txn
-                .abort()
-                .map_err(|e| StoreError::redb("aborting a read-only batch", e));
-        }
-        // The log first: once the record is on disk the batch survives a crash, and
-        // the commit below only makes it visible (and, at a checkpoint, durable in redb).
-        let seq = durable
-            .wal
-            .append(&changes)
-            .map_err(|e| durable.halt(format!("appending to the write-ahead log: {e}")))?;
-        let checkpoint = durable.checkpoint_due();
-        let committed = (|| {
-            if checkpoint {
-                txn.set_durability(Durability::Immediate)
-                    .map_err(|e| StoreError::redb("setting durability", e))?;
-                write_checkpoint_seq(&txn, seq)?;
-            }
-            txn.commit()
-                .map_err(|e| StoreError::redb("committing a batch", e))
-        })();
-        if let Err(e) = committed {
-            // The log holds a batch the database refused: stop, and let recovery apply it.
-            return Err(durable.halt(format!("the database refused a logged batch: {e}")));
-        }
-        if checkpoint {
-            durable.checkpointed(seq);
-        }
-        Ok(())
-    });
+        Ok(()) if changes.is_empty() => Ok(()),
+        // Once the record is on disk the batch survives a crash.
+        Ok(()) => match durable.wal.append(&changes) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(durable.halt(format!("appending to the write-ahead log: {e}"))),
+        },
+    };
     match result {
         Ok(()) => {
             let mut counts = pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -371,42 +461,46 @@ fn process(
     }
 }
 
-/// A write transaction that commits without durability unless a checkpoint asks for it:
-/// the write-ahead log makes each batch durable.
-fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {
-    let mut txn = db
-        .begin_write()
-        .map_err(|e| StoreError::redb("starting a write transaction", e))?;
-    txn.set_durability(Durability::None)
-        .map_err(|e| StoreError::redb("setting durability", e))?;
-    Ok(txn)
+/// redb as of its last checkpoint, read-only.
+struct Base {
+    keys: ReadOnlyTable<u128, &'static [u8]>,
+    ready: ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+    // Kept open for the tables' snapshot.
+    _txn: ReadTransaction,
+}
+
+impl Base {
+    fn open(db: &Database) -> Result<Self, StoreError> {
+        let txn = db
+            .begin_read()
+            .map_err(|e| StoreError::redb("starting a read transaction", e))?;
+        let keys = txn
+            .open_table(KEYS)
+            .map_err(|e| StoreError::redb("opening the keys table", e))?;
+        let ready = txn
+            .open_table(READY)
+            .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+        Ok(Self {
+            keys,
+            ready,
+            _txn: txn,
+        })
+    }
 }
 
 /// Applies every request in order, recording a delta for every write. An `Err` is a storage
 /// failure that makes the whole transaction unusable.
 fn apply_all(
-    txn: &WriteTransaction,
+    tables: &mut Tables<'_>,
     cipher: &Cipher,
     batch: Vec<Request>,
     outcomes: &mut Vec<Outcome>,
     deltas: &mut Vec<Delta>,
-    changes: &mut Vec<Change>,
 ) -> Result<(), StoreError> {
-    let mut table = txn
-        .open_table(KEYS)
-        .map_err(|e| StoreError::redb("opening the keys table", e))?;
-    let mut ready = txn
-        .open_table(READY)
-        .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
     let mut queue = batch.into_iter();
     while let Some(request) = queue.next() {
-        let mut tables = Tables {
-            keys: &mut table,
-            ready: &mut ready,
-            changes: &mut *changes,
-        };
         let step = match request {
-            Request::Insert { keys, reply } => match insert(&mut tables, cipher, keys, deltas) {
+            Request::Insert { keys, reply } => match insert(tables, cipher, keys, deltas) {
                 Ok(r) => Ok(Outcome::Insert(reply, r)),
                 Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
             },
@@ -416,7 +510,7 @@ fn apply_all(
                 ids,
                 now,
                 reply,
-            } => match take(&mut tables, cipher, &caller, &masters, &ids, now, deltas) {
+            } => match take(tables, cipher, &caller, &masters, &ids, now, deltas) {
                 Ok(r) => Ok(Outcome::Take(reply, r)),
                 Err(e) => Err((
                     Outcome::Take(reply, Err(TakeError::Store(clone_batch_error(&e)))),
@@ -428,32 +522,48 @@ fn apply_all(
                 ids,
                 ready,
                 reply,
-            } => match purge(&mut tables, now, &ids, &ready, deltas) {
+            } => match purge(tables, now, &ids, &ready, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, r)),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
+            Request::PurgeRecent { now, reply } => {
+                let (ids, ready) = expired_in_overlays(tables, now);
+                match purge(tables, now, &ids, &ready, deltas) {
+                    Ok(r) => Ok(Outcome::Purge(reply, r)),
+                    Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
+                }
+            }
             Request::PoolRemove { link, seqs, reply } => {
-                match pool_remove(&mut tables, &link, &seqs, deltas) {
+                match pool_remove(tables, &link, &seqs, deltas) {
                     Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
                     Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
                 }
             }
-            Request::Destroy { ids, reply } => match destroy(&mut tables, &ids, deltas) {
+            Request::Destroy { ids, reply } => match destroy(tables, &ids, deltas) {
                 Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
                 Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
             },
             Request::PoolInsert { link, keys, reply } => {
-                match pool_insert(&mut tables, cipher, &link, keys, deltas) {
+                match pool_insert(tables, cipher, &link, keys, deltas) {
                     Ok(r) => Ok(Outcome::Insert(reply, r)),
                     Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
                 }
             }
+            Request::PoolPage {
+                link,
+                from,
+                limit,
+                reply,
+            } => match pool_page(tables, &link, from, limit) {
+                Ok(page) => Ok(Outcome::Page(reply, Ok(page))),
+                Err(e) => Err((Outcome::Page(reply, Err(clone_batch_error(&e))), e)),
+            },
             Request::PoolBind {
                 link,
                 grants,
                 now,
                 reply,
-            } => match pool_bind(&mut tables, cipher, &link, grants, now, deltas) {
+            } => match pool_bind(tables, cipher, &link, grants, now, deltas) {
                 Ok(r) => Ok(Outcome::Take(reply, r)),
                 Err(e) => Err((
                     Outcome::Take(reply, Err(TakeError::Store(clone_batch_error(&e)))),
@@ -477,61 +587,96 @@ fn apply_all(
     Ok(())
 }
 
-type KeysTable<'t> = Table<'t, u128, &'static [u8]>;
-type ReadyTable<'t> = Table<'t, (&'static str, u64), &'static [u8]>;
-
-/// The tables of one write transaction: ordinary keys and ready (pool) keys. Every write
-/// goes through it, so that it is also recorded for the write-ahead log.
-struct Tables<'a, 't> {
-    keys: &'a mut KeysTable<'t>,
-    ready: &'a mut ReadyTable<'t>,
+/// The store as one batch sees it: the active overlay it writes to, over the frozen one
+/// being checkpointed, over redb. Every write goes through it, so that it is also recorded
+/// for the write-ahead log.
+struct Tables<'a> {
+    active: &'a mut Overlay,
+    frozen: Option<&'a Overlay>,
+    base: &'a Base,
     changes: &'a mut Vec<Change>,
 }
 
-impl Tables<'_, '_> {
-    /// Whether `id` is stored as an ordinary key.
-    fn has_key(&self, id: Uuid) -> Result<bool, StoreError> {
-        Ok(self.keys.get(id.as_u128()).map_err(read_error)?.is_some())
+impl Tables<'_> {
+    /// The encoded record of ordinary key `id`, from the newest layer that knows it.
+    fn key(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        let id = id.as_u128();
+        if let Some(v) = self.active.keys.get(id) {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
+        if let Some(v) = self.frozen.and_then(|f| f.keys.get(id)) {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
+        Ok(self
+            .base
+            .keys
+            .get(id)
+            .map_err(read_error)?
+            .map(|g| g.value().to_vec()))
     }
 
-    fn put_key(&mut self, id: Uuid, value: Vec<u8>) -> Result<(), StoreError> {
-        self.keys
-            .insert(id.as_u128(), value.as_slice())
-            .map_err(write_error)?;
-        self.changes.push(Change::PutKey(id.as_u128(), value));
-        Ok(())
+    /// Whether `id` is stored as an ordinary key.
+    fn has_key(&self, id: Uuid) -> Result<bool, StoreError> {
+        let raw = id.as_u128();
+        if let Some(v) = self.active.keys.get(raw) {
+            return Ok(v.is_some());
+        }
+        if let Some(v) = self.frozen.and_then(|f| f.keys.get(raw)) {
+            return Ok(v.is_some());
+        }
+        Ok(self.base.keys.get(raw).map_err(read_error)?.is_some())
+    }
+
+    /// The value at position `seq` of the pool of `link`, from the newest layer that
+    /// knows it.
+    fn ready(&self, link: &str, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.active.pool(link).and_then(|p| p.get(seq)) {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
+        if let Some(v) = self
+            .frozen
+            .and_then(|f| f.pool(link))
+            .and_then(|p| p.get(seq))
+        {
+            return Ok(v.map(<[u8]>::to_vec));
+        }
+        Ok(self
+            .base
+            .ready
+            .get((link, seq))
+            .map_err(read_error)?
+            .map(|g| g.value().to_vec()))
+    }
+
+    /// Writes a key record; `new` says the caller found no key `id` stored.
+    fn put_key(&mut self, id: Uuid, value: Vec<u8>, new: bool) {
+        self.changes
+            .push(Change::PutKey(id.as_u128(), value.clone()));
+        self.active.keys.put(id.as_u128(), value, new);
     }
 
     /// Deletes a key record; whether there was one.
     fn del_key(&mut self, id: Uuid) -> Result<bool, StoreError> {
-        let existed = self
-            .keys
-            .remove(id.as_u128())
-            .map_err(write_error)?
-            .is_some();
+        let existed = self.has_key(id)?;
         if existed {
+            self.active.keys.delete(id.as_u128());
             self.changes.push(Change::DelKey(id.as_u128()));
         }
         Ok(existed)
     }
 
-    fn put_ready(&mut self, link: &str, seq: u64, value: Vec<u8>) -> Result<(), StoreError> {
-        self.ready
-            .insert((link, seq), value.as_slice())
-            .map_err(write_error)?;
+    /// Writes a ready key into a position the caller found empty.
+    fn put_new_ready(&mut self, link: &str, seq: u64, value: Vec<u8>) {
         self.changes
-            .push(Change::PutReady(link.to_owned(), seq, value));
-        Ok(())
+            .push(Change::PutReady(link.to_owned(), seq, value.clone()));
+        self.active.pool_mut(link).put(seq, value, true);
     }
 
     /// Deletes a ready key; whether there was one.
     fn del_ready(&mut self, link: &str, seq: u64) -> Result<bool, StoreError> {
-        let existed = self
-            .ready
-            .remove((link, seq))
-            .map_err(write_error)?
-            .is_some();
+        let existed = self.ready(link, seq)?.is_some();
         if existed {
+            self.active.pool_mut(link).delete(seq);
             self.changes.push(Change::DelReady(link.to_owned(), seq));
         }
         Ok(existed)
@@ -542,12 +687,8 @@ fn read_error(e: redb::StorageError) -> StoreError {
     StoreError::redb("reading a key record", e)
 }
 
-fn write_error(e: redb::StorageError) -> StoreError {
-    StoreError::redb("writing a key record", e)
-}
-
 fn insert(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     cipher: &Cipher,
     keys: Vec<NewKey>,
     deltas: &mut Vec<Delta>,
@@ -586,19 +727,19 @@ fn seal_keys(cipher: &Cipher, keys: &[NewKey]) -> Result<Vec<Sealed>, StoreError
 
 /// Writes sealed keys; an `Err` is a storage failure that spoils the transaction.
 fn write_sealed(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     encoded: Vec<Sealed>,
     deltas: &mut Vec<Delta>,
 ) -> Result<(), StoreError> {
     for (id, bytes, meta) in encoded {
-        tables.put_key(id, bytes)?;
+        tables.put_key(id, bytes, true);
         deltas.push(Delta::Add(meta));
     }
     Ok(())
 }
 
 fn take(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     cipher: &Cipher,
     caller: &str,
     masters: &[String],
@@ -608,8 +749,8 @@ fn take(
 ) -> Result<Result<Vec<DeliveredKey>, TakeError>, StoreError> {
     let mut records = Vec::with_capacity(ids.len());
     for id in ids {
-        let raw = tables.keys.get(id.as_u128()).map_err(read_error)?;
-        let record = match raw.map(|v| Record::decode(v.value())).transpose() {
+        let raw = tables.key(*id)?;
+        let record = match raw.map(|v| Record::decode(&v)).transpose() {
             Ok(r) => r,
             Err(reason) => {
                 return Ok(Err(TakeError::Store(StoreError::CorruptRecord {
@@ -663,7 +804,7 @@ fn take(
             None => {
                 tables.del_key(id)?;
             }
-            Some(v) => tables.put_key(id, v)?,
+            Some(v) => tables.put_key(id, v, false),
         }
         deltas.push(Delta::Taken {
             master,
@@ -676,7 +817,7 @@ fn take(
 /// Removes those of `ids` and `ready` that are still present and expired at `now` (a take
 /// may have removed or a re-check may keep some since the scan that found them).
 fn purge(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     now: u64,
     ids: &[Uuid],
     ready: &[(String, u64)],
@@ -684,8 +825,8 @@ fn purge(
 ) -> Result<Result<u64, StoreError>, StoreError> {
     let mut expired = Vec::new();
     for id in ids {
-        if let Some(raw) = tables.keys.get(id.as_u128()).map_err(read_error)? {
-            if let Ok(r) = Record::decode(raw.value()) {
+        if let Some(raw) = tables.key(*id)? {
+            if let Ok(r) = Record::decode(&raw) {
                 if r.meta.expires_at <= now {
                     expired.push((*id, r.meta));
                 }
@@ -694,12 +835,8 @@ fn purge(
     }
     let mut expired_ready = Vec::new();
     for (link, seq) in ready {
-        if let Some(raw) = tables
-            .ready
-            .get((link.as_str(), *seq))
-            .map_err(read_error)?
-        {
-            let head = split_ready(raw.value()).and_then(|(_, record)| Record::head(record));
+        if let Some(raw) = tables.ready(link, *seq)? {
+            let head = split_ready(&raw).and_then(|(_, record)| Record::head(record));
             if head.is_ok_and(|(expires_at, _)| expires_at <= now) {
                 expired_ready.push((link.as_str(), *seq));
             }
@@ -717,21 +854,44 @@ fn purge(
     Ok(Ok(count))
 }
 
+/// Candidates for [`purge`] among the keys the overlays hold: those written with an
+/// expiry at or before `now` (the purge re-checks each against the newest layer).
+fn expired_in_overlays(tables: &Tables<'_>, now: u64) -> (Vec<Uuid>, Vec<(String, u64)>) {
+    let expired = |value: &[u8]| Record::head(value).is_ok_and(|(at, _)| at <= now);
+    let mut ids = Vec::new();
+    let mut ready = Vec::new();
+    for layer in [tables.frozen, Some(&*tables.active)].into_iter().flatten() {
+        for (id, value) in layer.keys.iter() {
+            if value.is_some_and(expired) {
+                ids.push(Uuid::from_u128(id));
+            }
+        }
+        for (link, pool) in &layer.ready {
+            for (seq, value) in pool.iter() {
+                let value = value.and_then(|v| split_ready(v).ok()).map(|(_, r)| r);
+                if value.is_some_and(expired) {
+                    ready.push((link.clone(), seq));
+                }
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ready.sort_unstable();
+    ready.dedup();
+    (ids, ready)
+}
+
 /// Removes the given ordinary keys whatever their entitlements; unknown IDs are skipped.
 fn destroy(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     ids: &[Uuid],
     deltas: &mut Vec<Delta>,
 ) -> Result<u64, StoreError> {
     let mut count = 0;
     for id in ids {
         // Read before deleting, for the pending counts (a rare path: failed requests).
-        let Some(raw) = tables
-            .keys
-            .get(id.as_u128())
-            .map_err(read_error)?
-            .map(|v| v.value().to_vec())
-        else {
+        let Some(raw) = tables.key(*id)? else {
             continue;
         };
         tables.del_key(*id)?;
@@ -749,7 +909,7 @@ fn destroy(
 
 /// Removes the ready keys at these positions of `link`; empty positions are skipped.
 fn pool_remove(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     link: &str,
     seqs: &[u64],
     deltas: &mut Vec<Delta>,
@@ -769,19 +929,14 @@ fn pool_remove(
 /// Seals ready keys into their link's positions (the link in the AAD, as a master would be),
 /// after checking the whole batch.
 fn pool_insert(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     cipher: &Cipher,
     link: &str,
     keys: Vec<PoolKey>,
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<(), StoreError>, StoreError> {
     let taken = |slot: crate::Slot| -> Result<bool, StoreError> {
-        Ok(tables.has_key(slot.id)?
-            || tables
-                .ready
-                .get((link, slot.seq))
-                .map_err(read_error)?
-                .is_some())
+        Ok(tables.has_key(slot.id)? || tables.ready(link, slot.seq)?.is_some())
     };
     if let Err(e) = check_pool_insert(link, &keys, taken)? {
         return Ok(Err(e));
@@ -804,7 +959,7 @@ fn pool_insert(
         }
     }
     for (seq, value) in encoded {
-        tables.put_ready(link, seq, value)?;
+        tables.put_new_ready(link, seq, value);
     }
     deltas.push(Delta::Wrote);
     Ok(Ok(()))
@@ -813,7 +968,7 @@ fn pool_insert(
 /// Moves ready keys of `link` out of the pool: checks and opens every one before writing,
 /// then deletes them and stores the bound ones as ordinary keys.
 fn pool_bind(
-    tables: &mut Tables<'_, '_>,
+    tables: &mut Tables<'_>,
     cipher: &Cipher,
     link: &str,
     grants: Vec<PoolGrant>,
@@ -826,7 +981,7 @@ fn pool_bind(
     };
     let mut delivered = Vec::with_capacity(slots.len());
     for slot in &slots {
-        let Some(raw) = tables.ready.get((link, slot.seq)).map_err(read_error)? else {
+        let Some(raw) = tables.ready(link, slot.seq)? else {
             return Ok(Err(TakeError::NotFound));
         };
         let corrupt = |reason| {
@@ -835,7 +990,7 @@ fn pool_bind(
                 reason,
             })))
         };
-        let (id, record) = match split_ready(raw.value()) {
+        let (id, record) = match split_ready(&raw) {
             Ok((id, bytes)) => match Record::decode(bytes) {
                 Ok(record) => (id, record),
                 Err(reason) => return corrupt(reason),
@@ -870,4 +1025,62 @@ fn pool_bind(
     deltas.push(Delta::Wrote);
     write_sealed(tables, encoded, deltas)?;
     Ok(Ok(delivered))
+}
+
+/// Up to `limit` ready keys of `link` from position `from` on, in position order: redb's
+/// entries merged with the overlays', the newest layer winning.
+fn pool_page(
+    tables: &Tables<'_>,
+    link: &str,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<ReadyKey>, StoreError> {
+    // The overlays hold at most a few seconds of changes: merge them first.
+    let mut newer: std::collections::BTreeMap<u64, Option<&[u8]>> = Default::default();
+    for layer in [tables.frozen, Some(&*tables.active)].into_iter().flatten() {
+        if let Some(pool) = layer.pool(link) {
+            newer.extend(pool.iter_from(from));
+        }
+    }
+    let mut newer = newer.into_iter().peekable();
+    let scan = |e| StoreError::redb("scanning ready keys", e);
+    let mut range = tables
+        .base
+        .ready
+        .range((link, from)..=(link, u64::MAX))
+        .map_err(scan)?;
+    let mut next_base = || -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        match range.next() {
+            Some(Ok((k, v))) => Ok(Some((k.value().1, v.value().to_vec()))),
+            Some(Err(e)) => Err(scan(e)),
+            None => Ok(None),
+        }
+    };
+    let mut base = next_base()?;
+    let mut page = Vec::new();
+    while page.len() < limit {
+        let newer_seq = newer.peek().map(|(seq, _)| *seq);
+        let from_base = match (&base, newer_seq) {
+            (None, None) => break,
+            (Some((b, _)), Some(n)) => *b < n,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+        };
+        if from_base {
+            if let Some((seq, value)) = base.take() {
+                page.push(ready_key(seq, &value)?);
+            }
+            base = next_base()?;
+            continue;
+        }
+        if let Some((seq, value)) = newer.next() {
+            if base.as_ref().is_some_and(|(b, _)| *b == seq) {
+                base = next_base()?; // the overlay's entry replaces redb's
+            }
+            if let Some(value) = value {
+                page.push(ready_key(seq, value)?);
+            }
+        }
+    }
+    Ok(page)
 }

@@ -1,0 +1,142 @@
+//! The checkpoint thread of [`crate::EmbeddedStore`]: writes a frozen overlay (see
+//! `overlay`) to redb in one durable commit, off the writer thread, so batches keep being
+//! logged and answered while redb files a second's worth of changes.
+
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use redb::{Database, Durability};
+
+use crate::embedded::{KEYS, READY};
+use crate::overlay::Overlay;
+use crate::writer::write_checkpoint_seq;
+use crate::StoreError;
+
+/// A frozen overlay and the sequence number of the last log record it holds.
+struct Job {
+    overlay: Arc<Overlay>,
+    seq: u64,
+}
+
+/// The handle the writer keeps: one checkpoint in flight at a time.
+pub(crate) struct Checkpointer {
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Result<u64, StoreError>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Starts the checkpoint thread for `db`.
+    pub(crate) fn start(db: Arc<Database>) -> Result<Self, StoreError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (report, done) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("dqkd-store-checkpoint".into())
+            .spawn(move || {
+                for job in queue {
+                    let result = apply(&db, &job.overlay, job.seq).map(|()| job.seq);
+                    if report.send(result).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::io("starting the key store checkpoint thread", e))?;
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            handle: Some(handle),
+        })
+    }
+
+    /// Hands a frozen overlay to the thread.
+    pub(crate) fn submit(&self, overlay: Arc<Overlay>, seq: u64) -> Result<(), StoreError> {
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send(Job { overlay, seq }).ok())
+            .ok_or_else(thread_gone)
+    }
+
+    /// The outcome of the checkpoint in flight: `None` while it runs, else the sequence
+    /// number it covers.
+    pub(crate) fn poll(&self) -> Option<Result<u64, StoreError>> {
+        match self.done.try_recv() {
+            Ok(result) => Some(result),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(Err(thread_gone())),
+        }
+    }
+
+    /// Waits for the checkpoint in flight.
+    pub(crate) fn wait(&self) -> Result<u64, StoreError> {
+        self.done.recv().unwrap_or_else(|_| Err(thread_gone()))
+    }
+
+    /// Lets the thread finish and waits for it.
+    pub(crate) fn stop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(handle) = self.handle.take() {
+            if handle.join().is_err() {
+                tracing::error!("key store checkpoint thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn thread_gone() -> StoreError {
+    StoreError::Halted {
+        reason: "the checkpoint thread stopped".into(),
+    }
+}
+
+/// Writes every change of `overlay` to redb, with the log position `seq` it covers, in one
+/// durable commit.
+pub(crate) fn apply(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let write = |e| StoreError::redb("writing a checkpoint", e);
+    let mut txn = db
+        .begin_write()
+        .map_err(|e| StoreError::redb("starting a checkpoint", e))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| StoreError::redb("setting durability", e))?;
+    {
+        let mut keys = txn
+            .open_table(KEYS)
+            .map_err(|e| StoreError::redb("opening the keys table", e))?;
+        for (id, value) in overlay.keys.iter() {
+            match value {
+                Some(v) => keys.insert(id, v).map(drop).map_err(write)?,
+                None => keys.remove(id).map(drop).map_err(write)?,
+            }
+        }
+        let mut ready = txn
+            .open_table(READY)
+            .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+        for (link, pool) in &overlay.ready {
+            for (pos, value) in pool.iter() {
+                match value {
+                    Some(v) => ready
+                        .insert((link.as_str(), pos), v)
+                        .map(drop)
+                        .map_err(write)?,
+                    None => ready
+                        .remove((link.as_str(), pos))
+                        .map(drop)
+                        .map_err(write)?,
+                }
+            }
+        }
+    }
+    write_checkpoint_seq(&txn, seq)?;
+    txn.commit()
+        .map_err(|e| StoreError::redb("committing a checkpoint", e))?;
+    metrics::histogram!("dqkd_store_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("dqkd_store_checkpoint_entries").record(overlay.len() as f64);
+    Ok(())
+}
