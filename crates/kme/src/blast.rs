@@ -170,10 +170,10 @@ impl KeySource for Blast {
             .extract_batch(&ranges, len, count, &mut out)
             .map_err(bad)?;
 
+        let ids = crate::keyid::new_key_ids(count).map_err(|_| KeySourceError::Rng)?;
         let mut keys = Vec::with_capacity(count);
         let mut entries = Vec::with_capacity(count);
-        for (t, bytes) in out.chunks_exact(len).enumerate() {
-            let id = Uuid::new_v4();
+        for ((t, bytes), id) in out.chunks_exact(len).enumerate().zip(ids) {
             entries.push(KeyEntry {
                 key_id: *id.as_bytes(),
                 size_bits: (len * 8) as u32,

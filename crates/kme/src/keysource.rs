@@ -89,11 +89,13 @@ impl KeySource for OsRandom {
                     .into(),
             ));
         }
-        let keys = (0..count)
-            .map(|_| {
+        let ids = crate::keyid::new_key_ids(count).map_err(|_| KeySourceError::Rng)?;
+        let keys = ids
+            .into_iter()
+            .map(|id| {
                 let mut bytes = vec![0u8; len];
                 self.rng.fill(&mut bytes).map_err(|_| KeySourceError::Rng)?;
-                Ok((Uuid::new_v4(), KeyMaterial::new(bytes)))
+                Ok((id, KeyMaterial::new(bytes)))
             })
             .collect::<Result<_, KeySourceError>>()?;
         Ok(Batch {
