@@ -7,6 +7,7 @@
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -134,7 +135,7 @@ impl Kek {
         })?;
         Ok(Cipher {
             key: LessSafeKey::new(key),
-            rng: SystemRandom::new(),
+            nonces: Mutex::new(Nonces::default()),
         })
     }
 }
@@ -156,7 +157,44 @@ fn hex_value(c: u8) -> Option<u8> {
 /// the key.
 pub struct Cipher {
     key: LessSafeKey,
+    nonces: Mutex<Nonces>,
+}
+
+/// Random bytes for nonces, drawn from the system generator a block at a time: one
+/// `getrandom` call per key cost the store's writer thread more than the encryption.
+/// Nonces are not secret; they must only never repeat, which 96 random bits ensure.
+struct Nonces {
+    block: [u8; NONCE_BLOCK],
+    used: usize,
     rng: SystemRandom,
+}
+
+/// Nonces per draw from the system generator.
+const NONCES_PER_BLOCK: usize = 256;
+const NONCE_BLOCK: usize = NONCES_PER_BLOCK * NONCE_LEN;
+
+impl Default for Nonces {
+    fn default() -> Self {
+        Self {
+            block: [0; NONCE_BLOCK],
+            used: NONCE_BLOCK,
+            rng: SystemRandom::new(),
+        }
+    }
+}
+
+impl Nonces {
+    /// The next nonce; each block byte is handed out once.
+    fn next(&mut self) -> Result<[u8; NONCE_LEN], ring::error::Unspecified> {
+        if self.used == NONCE_BLOCK {
+            self.rng.fill(&mut self.block)?;
+            self.used = 0;
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&self.block[self.used..self.used + NONCE_LEN]);
+        self.used += NONCE_LEN;
+        Ok(nonce)
+    }
 }
 
 impl fmt::Debug for Cipher {
@@ -178,10 +216,14 @@ impl Cipher {
         plaintext: &[u8],
         aad: &[u8],
     ) -> Result<([u8; NONCE_BYTES], Vec<u8>), StoreError> {
-        let mut nonce = [0u8; NONCE_BYTES];
-        self.rng.fill(&mut nonce).map_err(|_| StoreError::Crypto {
-            context: "drawing a nonce".into(),
-        })?;
+        let nonce = self
+            .nonces
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next()
+            .map_err(|_| StoreError::Crypto {
+                context: "drawing a nonce".into(),
+            })?;
         let mut buf = Vec::with_capacity(plaintext.len() + AES_256_GCM.tag_len());
         buf.extend_from_slice(plaintext);
         self.key
@@ -293,6 +335,18 @@ mod tests {
         let upper = dir.path().join("upper");
         std::fs::write(&upper, "AB".repeat(32)).unwrap();
         assert_eq!(Kek::load(&upper).unwrap().0, [0xab; 32]);
+    }
+
+    /// Nonces come from blocks of system randomness, never the same bytes twice, across
+    /// block boundaries too.
+    #[test]
+    fn nonces_never_repeat() {
+        let c = Kek::from_bytes([7; 32]).cipher().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 * NONCES_PER_BLOCK + 5 {
+            let (nonce, _) = c.seal(b"k", b"a").unwrap();
+            assert!(seen.insert(nonce), "nonce repeated");
+        }
     }
 
     #[test]
