@@ -93,9 +93,13 @@ async fn pools_fill_serve_survive_kill_9_and_refill() {
     share(&cluster, 5).await;
     wait_level(&alice, "KME_B", 1985).await;
 
+    // A large batch is made on demand: the pool keeps its keys.
+    share(&cluster, 500).await;
+    wait_level(&alice, "KME_B", 1985).await;
+
     // Below the low-water mark the pool refills to its target.
-    for _ in 0..2 {
-        share(&cluster, 500).await;
+    for _ in 0..16 {
+        share(&cluster, 64).await;
     }
     wait_level(&alice, "KME_B", 2000).await;
     share(&cluster, 1).await;
