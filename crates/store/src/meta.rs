@@ -31,15 +31,18 @@ pub struct KeyMeta {
 impl KeyMeta {
     /// Builds the metadata of a fresh key: every distinct slave entitled, none served yet.
     pub fn new(master: &str, slaves: &[String], expires_at: u64) -> Self {
-        let mut seen = HashSet::new();
-        let slaves = slaves
-            .iter()
-            .filter(|s| seen.insert(s.as_str()))
-            .map(|s| SlaveEntry {
-                sae: s.clone(),
-                taken: false,
-            })
-            .collect();
+        // A key has a handful of slaves at most: a scan beats hashing, per key, on the
+        // store's busiest path.
+        let mut entries: Vec<SlaveEntry> = Vec::with_capacity(slaves.len());
+        for s in slaves {
+            if !entries.iter().any(|e| e.sae == *s) {
+                entries.push(SlaveEntry {
+                    sae: s.clone(),
+                    taken: false,
+                });
+            }
+        }
+        let slaves = entries;
         KeyMeta {
             master: master.to_owned(),
             expires_at,

@@ -127,10 +127,22 @@ impl Wal {
 
     /// Appends one record and waits until it is on disk; returns its sequence number.
     /// After an error the log may end in a partial record: the caller must stop writing.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, changes: &[Change]) -> std::io::Result<u64> {
+        let mut batch = Batch::default();
+        for change in changes {
+            batch.push(change)?;
+        }
+        self.append_batch(&mut batch)
+    }
+
+    /// Appends `batch` as one record and waits until it is on disk; returns its sequence
+    /// number. After an error the log may end in a partial record: the caller must stop
+    /// writing.
+    pub(crate) fn append_batch(&mut self, batch: &mut Batch) -> std::io::Result<u64> {
         let seq = self.next_seq;
-        let record = encode(seq, changes)?;
-        self.file.write_all(&record)?;
+        let record = batch.seal(seq)?;
+        self.file.write_all(record)?;
         self.file.sync_data()?;
         self.next_seq += 1;
         self.bytes += record.len() as u64;
@@ -189,49 +201,98 @@ fn sync_directory(path: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) -> std::io::Result<()> {
-    let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("change too large"))?;
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(bytes);
-    Ok(())
+/// The changes of one batch, encoded as they are made (no copy of each record is kept
+/// apart), with room in front for the record header.
+pub(crate) struct Batch {
+    buf: Vec<u8>,
+    count: u32,
 }
 
-fn encode(seq: u64, changes: &[Change]) -> std::io::Result<Vec<u8>> {
-    let mut payload = Vec::new();
-    let count =
-        u32::try_from(changes.len()).map_err(|_| std::io::Error::other("too many changes"))?;
-    payload.extend_from_slice(&count.to_be_bytes());
-    for change in changes {
-        match change {
-            Change::PutKey(id, value) => {
-                payload.push(PUT_KEY);
-                payload.extend_from_slice(&id.to_be_bytes());
-                put_bytes(&mut payload, value)?;
-            }
-            Change::DelKey(id) => {
-                payload.push(DEL_KEY);
-                payload.extend_from_slice(&id.to_be_bytes());
-            }
-            Change::PutReady(link, pos, value) => {
-                payload.push(PUT_READY);
-                put_bytes(&mut payload, link.as_bytes())?;
-                payload.extend_from_slice(&pos.to_be_bytes());
-                put_bytes(&mut payload, value)?;
-            }
-            Change::DelReady(link, pos) => {
-                payload.push(DEL_READY);
-                put_bytes(&mut payload, link.as_bytes())?;
-                payload.extend_from_slice(&pos.to_be_bytes());
-            }
+impl Default for Batch {
+    fn default() -> Self {
+        Self {
+            buf: vec![0; HEADER + 4],
+            count: 0,
         }
     }
-    let len = u32::try_from(payload.len()).map_err(|_| std::io::Error::other("batch too large"))?;
-    let mut record = Vec::with_capacity(HEADER + payload.len());
-    record.extend_from_slice(&len.to_be_bytes());
-    record.extend_from_slice(&checksum(seq, &payload));
-    record.extend_from_slice(&seq.to_be_bytes());
-    record.extend_from_slice(&payload);
-    Ok(record)
+}
+
+impl Batch {
+    /// Whether no change was recorded.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let len =
+            u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("change too large"))?;
+        self.buf.extend_from_slice(&len.to_be_bytes());
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn counted(&mut self) -> std::io::Result<()> {
+        self.count = self
+            .count
+            .checked_add(1)
+            .ok_or_else(|| std::io::Error::other("too many changes"))?;
+        Ok(())
+    }
+
+    /// Keys table: write the encoded record of a key ID.
+    pub(crate) fn put_key(&mut self, id: u128, value: &[u8]) -> std::io::Result<()> {
+        self.buf.push(PUT_KEY);
+        self.buf.extend_from_slice(&id.to_be_bytes());
+        self.bytes(value)?;
+        self.counted()
+    }
+
+    /// Keys table: delete a key ID.
+    pub(crate) fn del_key(&mut self, id: u128) -> std::io::Result<()> {
+        self.buf.push(DEL_KEY);
+        self.buf.extend_from_slice(&id.to_be_bytes());
+        self.counted()
+    }
+
+    /// Ready-key table: write the value at (link, position).
+    pub(crate) fn put_ready(&mut self, link: &str, pos: u64, value: &[u8]) -> std::io::Result<()> {
+        self.buf.push(PUT_READY);
+        self.bytes(link.as_bytes())?;
+        self.buf.extend_from_slice(&pos.to_be_bytes());
+        self.bytes(value)?;
+        self.counted()
+    }
+
+    /// Ready-key table: delete (link, position).
+    pub(crate) fn del_ready(&mut self, link: &str, pos: u64) -> std::io::Result<()> {
+        self.buf.push(DEL_READY);
+        self.bytes(link.as_bytes())?;
+        self.buf.extend_from_slice(&pos.to_be_bytes());
+        self.counted()
+    }
+
+    #[cfg(test)]
+    fn push(&mut self, change: &Change) -> std::io::Result<()> {
+        match change {
+            Change::PutKey(id, value) => self.put_key(*id, value),
+            Change::DelKey(id) => self.del_key(*id),
+            Change::PutReady(link, pos, value) => self.put_ready(link, *pos, value),
+            Change::DelReady(link, pos) => self.del_ready(link, *pos),
+        }
+    }
+
+    /// Fills in the header for sequence number `seq`; the whole record.
+    fn seal(&mut self, seq: u64) -> std::io::Result<&[u8]> {
+        self.buf[HEADER..HEADER + 4].copy_from_slice(&self.count.to_be_bytes());
+        let payload = &self.buf[HEADER..];
+        let len =
+            u32::try_from(payload.len()).map_err(|_| std::io::Error::other("batch too large"))?;
+        let sum = checksum(seq, payload);
+        self.buf[..4].copy_from_slice(&len.to_be_bytes());
+        self.buf[4..12].copy_from_slice(&sum);
+        self.buf[12..HEADER].copy_from_slice(&seq.to_be_bytes());
+        Ok(&self.buf)
+    }
 }
 
 fn checksum(seq: u64, payload: &[u8]) -> [u8; 8] {

@@ -28,7 +28,7 @@ use crate::meta::{
 };
 use crate::overlay::Overlay;
 use crate::record::{aad, Record};
-use crate::wal::{Change, Wal};
+use crate::wal::{Batch, Wal};
 use crate::{
     DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, StoreError, TakeError,
 };
@@ -417,7 +417,7 @@ fn process(
     };
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut deltas = Vec::new();
-    let mut changes = Vec::new();
+    let mut changes = Batch::default();
     let mut tables = Tables {
         active: &mut durable.active,
         frozen: durable.frozen.as_deref(),
@@ -431,7 +431,7 @@ fn process(
         // record, no flush (a batch of only refused takes costs no disk write).
         Ok(()) if changes.is_empty() => Ok(()),
         // Once the record is on disk the batch survives a crash.
-        Ok(()) => match durable.wal.append(&changes) {
+        Ok(()) => match durable.wal.append_batch(&mut changes) {
             Ok(_) => Ok(()),
             Err(e) => Err(durable.halt(format!("appending to the write-ahead log: {e}"))),
         },
@@ -594,7 +594,7 @@ struct Tables<'a> {
     active: &'a mut Overlay,
     frozen: Option<&'a Overlay>,
     base: &'a Base,
-    changes: &'a mut Vec<Change>,
+    changes: &'a mut Batch,
 }
 
 impl Tables<'_> {
@@ -649,38 +649,46 @@ impl Tables<'_> {
     }
 
     /// Writes a key record; `new` says the caller found no key `id` stored.
-    fn put_key(&mut self, id: Uuid, value: Vec<u8>, new: bool) {
+    fn put_key(&mut self, id: Uuid, value: Vec<u8>, new: bool) -> Result<(), StoreError> {
         self.changes
-            .push(Change::PutKey(id.as_u128(), value.clone()));
+            .put_key(id.as_u128(), &value)
+            .map_err(log_error)?;
         self.active.keys.put(id.as_u128(), value, new);
+        Ok(())
     }
 
     /// Deletes a key record; whether there was one.
     fn del_key(&mut self, id: Uuid) -> Result<bool, StoreError> {
         let existed = self.has_key(id)?;
         if existed {
+            self.changes.del_key(id.as_u128()).map_err(log_error)?;
             self.active.keys.delete(id.as_u128());
-            self.changes.push(Change::DelKey(id.as_u128()));
         }
         Ok(existed)
     }
 
     /// Writes a ready key into a position the caller found empty.
-    fn put_new_ready(&mut self, link: &str, seq: u64, value: Vec<u8>) {
+    fn put_new_ready(&mut self, link: &str, seq: u64, value: Vec<u8>) -> Result<(), StoreError> {
         self.changes
-            .push(Change::PutReady(link.to_owned(), seq, value.clone()));
+            .put_ready(link, seq, &value)
+            .map_err(log_error)?;
         self.active.pool_mut(link).put(seq, value, true);
+        Ok(())
     }
 
     /// Deletes a ready key; whether there was one.
     fn del_ready(&mut self, link: &str, seq: u64) -> Result<bool, StoreError> {
         let existed = self.ready(link, seq)?.is_some();
         if existed {
+            self.changes.del_ready(link, seq).map_err(log_error)?;
             self.active.pool_mut(link).delete(seq);
-            self.changes.push(Change::DelReady(link.to_owned(), seq));
         }
         Ok(existed)
     }
+}
+
+fn log_error(e: std::io::Error) -> StoreError {
+    StoreError::io("encoding a write-ahead log record", e)
 }
 
 fn read_error(e: redb::StorageError) -> StoreError {
@@ -732,7 +740,7 @@ fn write_sealed(
     deltas: &mut Vec<Delta>,
 ) -> Result<(), StoreError> {
     for (id, bytes, meta) in encoded {
-        tables.put_key(id, bytes, true);
+        tables.put_key(id, bytes, true)?;
         deltas.push(Delta::Add(meta));
     }
     Ok(())
@@ -804,7 +812,7 @@ fn take(
             None => {
                 tables.del_key(id)?;
             }
-            Some(v) => tables.put_key(id, v, false),
+            Some(v) => tables.put_key(id, v, false)?,
         }
         deltas.push(Delta::Taken {
             master,
@@ -959,7 +967,7 @@ fn pool_insert(
         }
     }
     for (seq, value) in encoded {
-        tables.put_new_ready(link, seq, value);
+        tables.put_new_ready(link, seq, value)?;
     }
     deltas.push(Delta::Wrote);
     Ok(Ok(()))
