@@ -12,8 +12,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    TableHandle,
+    Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -23,7 +22,7 @@ use crate::kek::Cipher;
 use crate::meta::PendingCounts;
 use crate::record::Record;
 use crate::wal::{Change, Recovered, Wal};
-use crate::writer::{self, Durable, Request, Stats};
+use crate::writer::{self, Base, Durable, Request, Stats};
 use crate::{
     DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, RecordError, Slot,
     StoreError, TakeError,
@@ -223,15 +222,7 @@ pub(crate) struct Expired {
 
 /// Records whose `expires_at <= now`, from a consistent snapshot.
 fn expired(db: &Database, now: u64) -> Result<Expired, StoreError> {
-    let txn = db
-        .begin_read()
-        .map_err(|e| StoreError::redb("starting a read transaction", e))?;
-    let keys = txn
-        .open_table(KEYS)
-        .map_err(|e| StoreError::redb("opening the keys table", e))?;
-    let ready = txn
-        .open_table(READY)
-        .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+    let Base { keys, ready, .. } = &Base::open(db)?;
     let mut found = Expired::default();
     for entry in keys
         .iter()

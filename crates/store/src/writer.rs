@@ -461,16 +461,16 @@ fn process(
     }
 }
 
-/// redb as of its last checkpoint, read-only.
-struct Base {
-    keys: ReadOnlyTable<u128, &'static [u8]>,
-    ready: ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+/// redb as of its last checkpoint, read-only: one consistent snapshot of both tables.
+pub(crate) struct Base {
+    pub(crate) keys: ReadOnlyTable<u128, &'static [u8]>,
+    pub(crate) ready: ReadOnlyTable<(&'static str, u64), &'static [u8]>,
     // Kept open for the tables' snapshot.
     _txn: ReadTransaction,
 }
 
 impl Base {
-    fn open(db: &Database) -> Result<Self, StoreError> {
+    pub(crate) fn open(db: &Database) -> Result<Self, StoreError> {
         let txn = db
             .begin_read()
             .map_err(|e| StoreError::redb("starting a read transaction", e))?;
