@@ -456,7 +456,7 @@ mod tests {
             assert_eq!(wal.append(&[Change::DelKey(3)]).unwrap(), 2);
         }
         assert!(previous_path(&path).exists());
-        let (mut wal, got) = Wal::open(&path).unwrap();
+        let (wal, got) = Wal::open(&path).unwrap();
         assert_eq!(got, vec![(1, sample()), (2, vec![Change::DelKey(3)])]);
         wal.discard_previous().unwrap();
         drop(wal);
