@@ -657,14 +657,11 @@ impl Tables<'_> {
         Ok(())
     }
 
-    /// Deletes a key record; whether there was one.
-    fn del_key(&mut self, id: Uuid) -> Result<bool, StoreError> {
-        let existed = self.has_key(id)?;
-        if existed {
-            self.changes.del_key(id.as_u128()).map_err(log_error)?;
-            self.active.keys.delete(id.as_u128());
-        }
-        Ok(existed)
+    /// Deletes a key record the caller just read (every caller has), so no second lookup.
+    fn del_key(&mut self, id: Uuid) -> Result<(), StoreError> {
+        self.changes.del_key(id.as_u128()).map_err(log_error)?;
+        self.active.keys.delete(id.as_u128());
+        Ok(())
     }
 
     /// Writes a ready key into a position the caller found empty.
