@@ -1,10 +1,11 @@
 //! A multi-site cluster of real processes on loopback: entropy servers started with
 //! `dqkd entropy`, sites started with `dqkd kme`, certificates from `dqkd pki`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dqkd_client::{Client, ClientError};
@@ -123,11 +124,17 @@ pub struct Cluster {
 /// A free port on 127.0.0.1 (released before use: the manifest must name peer ports).
 ///
 /// Chosen at random below the kernel's ephemeral range (32768 and up), so that the many
-/// outgoing connections of parallel tests cannot take it between release and use.
+/// outgoing connections of parallel tests cannot take it between release and use. Every
+/// port handed out is remembered for the life of the test binary: tests in one binary run
+/// in parallel, and a port released by one cluster's probe could otherwise be drawn again
+/// for another process before the first one binds it.
 fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let port = 15_000 + (uuid::Uuid::new_v4().as_u128() % 17_000) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
             return port;
         }
     }
