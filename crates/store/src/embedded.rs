@@ -630,6 +630,26 @@ mod tests {
         );
     }
 
+    /// Listing a pool that holds a damaged ready key names the damage, and, since a read
+    /// writes nothing, the store goes on serving.
+    #[tokio::test]
+    async fn a_damaged_ready_key_fails_its_page_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        {
+            let (mut wal, _) = Wal::open(&wal_path(&path)).unwrap();
+            let damaged = ready_value(Uuid::new_v4(), b"not a record");
+            wal.append(&[Change::PutReady("A>B".into(), 1, damaged)])
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        let err = store.pool_page("A>B", None, 10).await.unwrap_err();
+        assert!(matches!(err, StoreError::CorruptRecord { .. }), "{err}");
+        store.pool_insert("A>C", vec![ready(1)]).await.unwrap();
+        assert_eq!(seqs(&store.pool_page("A>C", None, 10).await.unwrap()), [1]);
+    }
+
     fn ready(seq: u64) -> PoolKey {
         PoolKey {
             slot: Slot {

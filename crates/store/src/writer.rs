@@ -182,7 +182,9 @@ impl Outcome {
     }
 }
 
-/// Errors that fail a whole batch are redb errors (shared by `Arc`) or I/O-free variants.
+/// The error a whole batch failed with, for each of its callers. A redb error is shared
+/// (`Arc`); any other stops the store (see `Durable::halt`), which is what every caller is
+/// told, with the cause.
 fn clone_batch_error(err: &StoreError) -> StoreError {
     match err {
         StoreError::Redb { context, source } => StoreError::Redb {
@@ -192,7 +194,9 @@ fn clone_batch_error(err: &StoreError) -> StoreError {
         StoreError::Halted { reason } => StoreError::Halted {
             reason: reason.clone(),
         },
-        _ => StoreError::Closed,
+        other => StoreError::Halted {
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -554,10 +558,11 @@ fn apply_all(
                 from,
                 limit,
                 reply,
-            } => match pool_page(tables, &link, from, limit) {
-                Ok(page) => Ok(Outcome::Page(reply, Ok(page))),
-                Err(e) => Err((Outcome::Page(reply, Err(clone_batch_error(&e))), e)),
-            },
+            } => {
+                // A read writes nothing, so its failure (a corrupt ready key, say) is its
+                // caller's alone: the batch goes on.
+                Ok(Outcome::Page(reply, pool_page(tables, &link, from, limit)))
+            }
             Request::PoolBind {
                 link,
                 grants,
