@@ -630,6 +630,52 @@ mod tests {
         );
     }
 
+    /// A rotation continues in a checkpointed file, which still holds its old records after
+    /// whatever is written over its start. Those are never applied again: a ready key taken
+    /// before the checkpoint must not come back after a crash.
+    #[tokio::test]
+    async fn a_reused_log_file_does_not_bring_back_checkpointed_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let log = wal_path(&path);
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        // Only the head of a ready record is read to list it: the key need not open.
+        let value = |id: Uuid| {
+            let record = Record {
+                meta: crate::meta::KeyMeta::new("A>B", &[], u64::MAX),
+                nonce: [0; crate::kek::NONCE_BYTES],
+                sealed: vec![0; 48],
+            };
+            ready_value(id, &record.encode().unwrap())
+        };
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        {
+            let (mut wal, _) = Wal::open(&log).unwrap();
+            wal.append(&[Change::PutReady("A>B".into(), 1, value(a))])
+                .unwrap();
+            wal.append(&[Change::DelReady("A>B".into(), 1)]).unwrap();
+            wal.rotate().unwrap();
+        }
+        // Applies records 1 and 2 and keeps their file as the spare.
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        let spare = crate::wal::spare_path(&log);
+        assert!(spare.exists(), "the checkpointed file is kept for reuse");
+        {
+            // A rotation into the spare, then one record of the same length as the old
+            // first one, then a crash: the old second record follows it, intact.
+            let (mut wal, _) = Wal::open(&log).unwrap();
+            wal.skip_to(3);
+            wal.rotate().unwrap();
+            assert!(!spare.exists());
+            wal.append(&[Change::PutReady("A>B".into(), 2, value(b))])
+                .unwrap();
+        }
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(store.replayed_at_open(), 1, "only the new record");
+        let page = store.pool_page("A>B", None, 10).await.unwrap();
+        assert_eq!(seqs(&page), [2]);
+    }
+
     /// Listing a pool that holds a damaged ready key names the damage, and, since a read
     /// writes nothing, the store goes on serving.
     #[tokio::test]

@@ -5,10 +5,17 @@
 //! and only then answers. About once a second the writer freezes the overlay and *rotates*
 //! the log: the current file becomes `<log>.prev` and new records go to a fresh file, while
 //! a checkpoint thread writes the frozen changes to redb in one durable commit that also
-//! records the sequence number of their last record. Then `<log>.prev` is deleted. After a
-//! crash redb is back at its last checkpoint, and the records after it (in `<log>.prev`,
-//! then `<log>`) are applied again at open: each change is a put or a delete of a whole
-//! record, so applying one twice is harmless.
+//! records the sequence number of their last record. Then `<log>.prev` is kept as
+//! `<log>.spare`, and the next rotation continues in it. After a crash redb is back at its
+//! last checkpoint, and the records after it (in `<log>.prev`, then `<log>`) are applied
+//! again at open: each change is a put or a delete of a whole record, so applying one twice
+//! is harmless.
+//!
+//! Why files are reused: appending to a file changes its size, and then every `fdatasync`
+//! must also write the inode, a second device round trip on the path of every answer.
+//! Overwriting blocks a file already has needs only the data written. A reused file still
+//! holds its older records after the new ones; they are all covered by a checkpoint, and
+//! reading stops at them because sequence numbers within a file must follow one another.
 //!
 //! Record layout (integers big-endian):
 //!
@@ -20,10 +27,12 @@
 //! ```
 //!
 //! A record is acknowledged only after `fdatasync` returned, so only the unacknowledged tail
-//! can be incomplete: reading stops at the first record that is short or fails its check.
+//! can be incomplete: reading stops at the first record that is short, fails its check, or
+//! does not follow the one before it.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::StoreError;
@@ -47,13 +56,18 @@ const PUT_READY: u8 = 3;
 const DEL_READY: u8 = 4;
 const HEADER: usize = 4 + 8 + 8;
 
-/// The open log: appends go to the end of the file.
+/// A checkpointed file larger than this is deleted rather than kept for reuse, so a burst
+/// (the writer lets the log grow while a slow checkpoint runs) does not pin its disk space.
+const SPARE_MAX_BYTES: u64 = 128 << 20;
+
+/// The open log. Records are written at `bytes`, which may be short of the file's length
+/// when the file is a reused one.
 pub(crate) struct Wal {
     file: File,
     path: PathBuf,
     /// Sequence number of the next record.
     next_seq: u64,
-    /// Bytes in the log since it last started over.
+    /// Bytes of records in the current file: where the next one goes.
     bytes: u64,
 }
 
@@ -71,22 +85,27 @@ impl Wal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io("reading the previous write-ahead log")(e)),
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(io("opening the write-ahead log"))?;
+        let mut file = open_for_writing(path).map_err(io("opening the write-ahead log"))?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)
             .map_err(io("reading the write-ahead log"))?;
         let (current, valid) = parse(&data);
         if valid < data.len() {
-            tracing::warn!(
-                path = %path.display(),
-                dropped_bytes = data.len() - valid,
-                "write-ahead log ends in an incomplete record (never acknowledged); cutting it off"
-            );
+            if parse_one(&data[valid..]).is_some() {
+                // An intact record that does not follow: the file was reused, and this is
+                // where its earlier (checkpointed) records begin.
+                tracing::debug!(
+                    path = %path.display(),
+                    dropped_bytes = data.len() - valid,
+                    "cutting off the checkpointed records of a reused write-ahead log"
+                );
+            } else {
+                tracing::warn!(
+                    path = %path.display(),
+                    dropped_bytes = data.len() - valid,
+                    "write-ahead log ends in an incomplete record (never acknowledged); cutting it off"
+                );
+            }
             file.set_len(valid as u64)
                 .map_err(io("truncating the write-ahead log"))?;
             file.sync_all().map_err(io("syncing the write-ahead log"))?;
@@ -142,36 +161,47 @@ impl Wal {
     pub(crate) fn append_batch(&mut self, batch: &mut Batch) -> std::io::Result<u64> {
         let seq = self.next_seq;
         let record = batch.seal(seq)?;
-        self.file.write_all(record)?;
+        self.file.write_all_at(record, self.bytes)?;
         self.file.sync_data()?;
         self.next_seq += 1;
         self.bytes += record.len() as u64;
         Ok(seq)
     }
 
-    /// Moves the current file aside to `<log>.prev` and continues in a new, empty file, so
-    /// a checkpoint of everything logged so far can run while new records arrive. The
-    /// directory is synced before the next append, so no acknowledged record can sit in a
-    /// file whose name a crash forgot.
+    /// Moves the current file aside to `<log>.prev` and continues in `<log>.spare` (an
+    /// older file whose records a checkpoint covers) or else in a new, empty file, so a
+    /// checkpoint of everything logged so far can run while new records arrive.
+    ///
+    /// The directory is synced after each rename: a file system that does not order
+    /// renames must not be left, after a crash, with the spare named as the log and the
+    /// log's acknowledged records under no name at all.
     pub(crate) fn rotate(&mut self) -> std::io::Result<()> {
-        let previous = previous_path(&self.path);
-        std::fs::rename(&self.path, &previous)?;
-        self.file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.path)?;
+        std::fs::rename(&self.path, previous_path(&self.path))?;
+        sync_directory(&self.path)?;
+        match std::fs::rename(spare_path(&self.path), &self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.file = open_for_writing(&self.path)?;
         sync_directory(&self.path)?;
         self.bytes = 0;
         Ok(())
     }
 
-    /// Deletes `<log>.prev` once a durable commit covers every record in it.
+    /// Keeps `<log>.prev` as `<log>.spare` for the next rotation once a durable commit
+    /// covers every record in it (or deletes it, when it grew past [`SPARE_MAX_BYTES`]).
+    /// A crash that forgets the rename leaves a `.prev` whose records recovery skips.
     pub(crate) fn discard_previous(&self) -> std::io::Result<()> {
-        match std::fs::remove_file(previous_path(&self.path)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let previous = previous_path(&self.path);
+        let size = match std::fs::metadata(&previous) {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if size > SPARE_MAX_BYTES {
+            std::fs::remove_file(&previous)
+        } else {
+            std::fs::rename(&previous, spare_path(&self.path))
         }
     }
 
@@ -190,6 +220,23 @@ pub(crate) fn previous_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".prev");
     PathBuf::from(name)
+}
+
+/// Where a checkpointed log file waits to be reused: the log's name with `.spare` added.
+pub(crate) fn spare_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".spare");
+    PathBuf::from(name)
+}
+
+/// Opens (creating if needed) a log file for reading and for writing at chosen offsets.
+fn open_for_writing(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
 }
 
 /// Makes renames and creations in the directory of `path` durable.
@@ -305,11 +352,15 @@ fn checksum(seq: u64, payload: &[u8]) -> [u8; 8] {
     out
 }
 
-/// Every complete, intact record of `data` and the length they cover.
+/// Every complete, intact record of `data` that follows the one before it, and the length
+/// they cover.
 fn parse(data: &[u8]) -> (Recovered, usize) {
-    let mut records = Vec::new();
+    let mut records: Recovered = Vec::new();
     let mut at = 0;
     while let Some((seq, changes, used)) = parse_one(&data[at..]) {
+        if records.last().is_some_and(|(last, _)| seq != last + 1) {
+            break;
+        }
         records.push((seq, changes));
         at += used;
     }
@@ -442,6 +493,36 @@ mod tests {
         drop(wal);
         let (_, got) = Wal::open(&path).unwrap();
         assert_eq!(got, vec![(2, sample())]);
+    }
+
+    /// Rotating into the spare overwrites it from the start without shortening it; at
+    /// open, reading stops where the old records begin.
+    #[test]
+    fn a_reused_file_is_overwritten_and_its_old_records_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (mut wal, _) = Wal::open(&path).unwrap();
+        for _ in 0..3 {
+            wal.append(&sample()).unwrap();
+        }
+        let three = std::fs::metadata(&path).unwrap().len();
+        wal.rotate().unwrap();
+        wal.append(&sample()).unwrap(); // 4
+        wal.discard_previous().unwrap();
+        assert!(spare_path(&path).exists() && !previous_path(&path).exists());
+        wal.rotate().unwrap(); // the file holding 1..=3 is the log again
+        assert!(!spare_path(&path).exists());
+        assert_eq!(wal.append(&sample()).unwrap(), 5);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            three,
+            "written over, not appended"
+        );
+        drop(wal);
+        let (wal, got) = Wal::open(&path).unwrap();
+        assert_eq!(got, vec![(4, sample()), (5, sample())]);
+        assert_eq!(wal.next_seq(), 6);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), three / 3);
     }
 
     #[test]
