@@ -160,7 +160,10 @@ impl PeerClient {
         Self {
             site: site.to_owned(),
             base: format!("https://{addr}"),
-            http: dqkd_net::https_client(tls, dqkd_net::Versions::Any, Some(timeout)),
+            // HTTP/1.1: a link carries a few large batched messages at a time, and HTTP/2's
+            // stream bookkeeping cost more CPU than one kept-alive connection per message
+            // in flight.
+            http: dqkd_net::https_client(tls, dqkd_net::Versions::Http1, Some(timeout)),
             timeout,
         }
     }

@@ -237,10 +237,11 @@ pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Versions {
     /// HTTP/1.1 only, one kept-alive connection per request in flight: the least CPU per
-    /// small request (an SAE with its own connections).
+    /// small request (an SAE with its own connections, a KME calling its peers with a few
+    /// batches in flight).
     Http1,
-    /// HTTP/2 when the server offers it: many requests over one connection (KME-to-KME and
-    /// KME-to-entropy traffic).
+    /// HTTP/2 when the server offers it: many requests over one connection (KME-to-entropy
+    /// traffic).
     Any,
 }
 
