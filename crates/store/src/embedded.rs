@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::checkpoint::Checkpointer;
+use crate::expiry::Seen;
 use crate::kek::Cipher;
 use crate::meta::PendingCounts;
 use crate::record::Record;
@@ -121,6 +122,7 @@ impl EmbeddedStore {
         );
         let pending = Arc::new(Mutex::new(prepared.pending));
         let stats = Arc::new(Stats::default());
+        stats.lifetimes.publish(prepared.lifetimes);
         let (sender, receiver) = mpsc::channel();
         let handle = {
             let pending = Arc::clone(&pending);
@@ -220,14 +222,18 @@ pub(crate) struct Expired {
     pub(crate) ready: Vec<(String, u64)>,
 }
 
-/// Records whose `expires_at <= now`, from a consistent snapshot.
-fn expired(db: &Database, now: u64) -> Result<Expired, StoreError> {
+/// Records whose `expires_at <= now`, from a consistent snapshot. Only keys with IDs below
+/// `keys_end` are read, if it is given (see `expiry`); every ready key is (a pool is bounded
+/// by its target).
+fn expired(db: &Database, now: u64, keys_end: Option<u128>) -> Result<Expired, StoreError> {
     let Base { keys, ready, .. } = &Base::open(db)?;
     let mut found = Expired::default();
-    for entry in keys
-        .iter()
-        .map_err(|e| StoreError::redb("scanning keys", e))?
-    {
+    let scan = |e| StoreError::redb("scanning keys", e);
+    let keys = match keys_end {
+        Some(end) => keys.range(..end).map_err(scan)?,
+        None => keys.range::<u128>(..).map_err(scan)?,
+    };
+    for entry in keys {
         let (k, v) = entry.map_err(|e| StoreError::redb("scanning keys", e))?;
         let id = Uuid::from_u128(k.value());
         match Record::head(v.value()) {
@@ -275,12 +281,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Creates the tables, writes or verifies the KEK check value and counts pending keys, in one
-/// durable transaction.
-/// What opening found: pending counts, log records applied again, and the last log record
-/// the store now covers durably.
+/// What opening found: pending counts, the lifetimes of the keys stored, log records
+/// applied again, and the last log record the store now covers durably.
 struct Prepared {
     pending: PendingCounts,
+    lifetimes: Seen,
     replayed: u64,
     checkpointed: u64,
 }
@@ -345,6 +350,8 @@ fn replay(
     Ok((replayed, last))
 }
 
+/// Creates the tables, writes or verifies the KEK check value, applies the log and counts
+/// pending keys, in one durable transaction.
 fn prepare(
     db: &Database,
     cipher: &Cipher,
@@ -358,6 +365,7 @@ fn prepare(
         .map_err(|e| StoreError::redb("setting durability", e))?;
     let mut prepared = Prepared {
         pending: PendingCounts::default(),
+        lifetimes: Seen::default(),
         replayed: 0,
         checkpointed: 0,
     };
@@ -409,6 +417,7 @@ fn prepare(
             let record = Record::decode(v.value())
                 .map_err(|reason| StoreError::CorruptRecord { id, reason })?;
             prepared.pending.add_key(&record.meta);
+            prepared.lifetimes.note(k.value(), record.meta.expires_at);
         }
     }
     txn.commit()
@@ -470,7 +479,8 @@ impl KeyStore for EmbeddedStore {
         // Find candidates in a read transaction, off the writer thread, so a large store is
         // scanned without stalling commits; the writer re-checks each before removing it.
         let db = Arc::clone(&self.db);
-        let found = tokio::task::spawn_blocking(move || expired(&db, now))
+        let keys_end = self.stats.lifetimes.sweep_end(now);
+        let found = tokio::task::spawn_blocking(move || expired(&db, now, keys_end))
             .await
             .map_err(|e| StoreError::io("scanning for expired keys", std::io::Error::other(e)))??;
         let mut purged = 0;

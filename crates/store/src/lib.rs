@@ -40,6 +40,7 @@
 mod checkpoint;
 mod embedded;
 mod error;
+mod expiry;
 mod kek;
 mod key;
 mod memory;

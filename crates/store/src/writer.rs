@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::checkpoint::{self, Checkpointer};
 use crate::embedded::{ready_key, ready_value, split_ready, KEYS, META, READY, WAL_SEQ};
+use crate::expiry::{Lifetimes, Seen};
 use crate::kek::Cipher;
 use crate::meta::{
     check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
@@ -90,12 +91,13 @@ pub(crate) enum Request {
     },
 }
 
-/// Shared group-commit counters.
+/// Shared group-commit counters, and what the expiry sweeps go by.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub(crate) batches: AtomicU64,
     pub(crate) ops: AtomicU64,
     pub(crate) max_batch: AtomicU64,
+    pub(crate) lifetimes: Lifetimes,
 }
 
 /// A change to the pending counts, applied only once the batch is on disk.
@@ -368,7 +370,7 @@ pub(crate) fn run(
         stats.max_batch.fetch_max(n, Ordering::Relaxed);
         let started = Instant::now();
         durable.collect(false);
-        process(&db, &cipher, batch, &pending, &mut durable);
+        process(&db, &cipher, batch, &pending, &stats, &mut durable);
         durable.maybe_checkpoint();
         metrics::histogram!("dqkd_store_commit_ops").record(n as f64);
         metrics::histogram!("dqkd_store_commit_seconds").record(started.elapsed().as_secs_f64());
@@ -396,6 +398,7 @@ fn process(
     cipher: &Cipher,
     batch: Vec<Request>,
     pending: &Mutex<PendingCounts>,
+    stats: &Stats,
     durable: &mut Durable,
 ) {
     if let Some(reason) = &durable.halted {
@@ -427,8 +430,12 @@ fn process(
         frozen: durable.frozen.as_deref(),
         base: &base,
         changes: &mut changes,
+        lifetimes: Seen::default(),
     };
-    let result = match apply_all(&mut tables, cipher, batch, &mut outcomes, &mut deltas) {
+    let applied = apply_all(&mut tables, cipher, batch, &mut outcomes, &mut deltas);
+    // Published whatever happens next: a lifetime too short only widens the sweeps.
+    stats.lifetimes.publish(tables.lifetimes);
+    let result = match applied {
         // The overlay may hold part of the batch: stop, and let recovery start from the log.
         Err(e) => Err(durable.halt(format!("a batch failed part-way: {e}"))),
         // Every write records a change, so none means nothing to make durable: no log
@@ -600,6 +607,8 @@ struct Tables<'a> {
     frozen: Option<&'a Overlay>,
     base: &'a Base,
     changes: &'a mut Batch,
+    /// Lifetimes of the keys written, for the expiry sweeps (see `expiry`).
+    lifetimes: Seen,
 }
 
 impl Tables<'_> {
@@ -658,6 +667,11 @@ impl Tables<'_> {
         self.changes
             .put_key(id.as_u128(), &value)
             .map_err(log_error)?;
+        // Every write, rewrites included: a sweep may skip keys only by the expiry stored.
+        match Record::head(&value) {
+            Ok((expires_at, _)) => self.lifetimes.note(id.as_u128(), expires_at),
+            Err(_) => self.lifetimes.note(0, 0),
+        }
         self.active.keys.put(id.as_u128(), value, new);
         Ok(())
     }

@@ -71,6 +71,65 @@ async fn reopen_keeps_keys_and_rebuilds_counts() {
     assert_eq!(got[0].material.as_bytes(), &[2; 32]);
 }
 
+/// A version 7 key ID made at Unix second `secs` (random low bits).
+fn v7_made_at(secs: u64) -> Uuid {
+    let low = u128::from_be_bytes(random_bytes(16).try_into().unwrap()) & ((1 << 76) - 1);
+    Uuid::from_u128((u128::from(secs * 1000) << 80) | (0x7 << 76) | low)
+}
+
+fn key_made_at(id: Uuid, expires_at: u64) -> NewKey {
+    NewKey {
+        id,
+        expires_at,
+        ..key("alice", &["bob"], vec![3; 32])
+    }
+}
+
+/// A sweep reads only keys old enough to have expired (by the shortest lifetime stored):
+/// every expired key is still found, whatever its age and lifetime, in the database and
+/// in memory, and a key whose ID carries no creation time makes the sweep read everything.
+#[tokio::test]
+async fn expiry_sweeps_find_every_expired_key() {
+    const NOW: u64 = 2_000_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    // Short-lived and expired; long-lived, old and not expired; long-lived and expired.
+    let short = key_made_at(v7_made_at(NOW - 50), NOW - 5);
+    let old = key_made_at(v7_made_at(NOW - 1_000), NOW + 2_600);
+    let long = key_made_at(v7_made_at(NOW - 4_000), NOW - 400);
+    let (short_id, old_id) = (short.id, old.id);
+    {
+        let s = open(&path);
+        s.insert(vec![short, old, long]).await.unwrap();
+    }
+    let s = open(&path); // all three in the database now
+    assert_eq!(s.purge_expired(NOW).await.unwrap(), 2);
+    let r = s.take("bob", &alice(), &[short_id], 0).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    assert_eq!(
+        s.pending("alice", "bob"),
+        1,
+        "only the unexpired key is left"
+    );
+    // A key made just now, still only in memory, that expired.
+    let fresh = key_made_at(v7_made_at(NOW - 3), NOW - 1);
+    s.insert(vec![fresh]).await.unwrap();
+    assert_eq!(s.purge_expired(NOW).await.unwrap(), 1);
+    drop(s);
+    // An expired key whose version 4 ID sorts after every version 7 one.
+    let mut untimed = key("alice", &["bob"], vec![4; 32]);
+    untimed.id = Uuid::from_u128(!(0xF << 76) | (0x4 << 76));
+    untimed.expires_at = NOW - 1;
+    {
+        let s = open(&path);
+        s.insert(vec![untimed]).await.unwrap();
+    }
+    let s = open(&path);
+    assert_eq!(s.purge_expired(NOW).await.unwrap(), 1);
+    let got = s.take("bob", &alice(), &[old_id], 0).await.unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[3; 32]);
+}
+
 /// Ready keys survive a restart sealed (never in clear in the file) and bind afterwards.
 #[tokio::test]
 async fn ready_keys_survive_reopen_sealed() {
