@@ -153,10 +153,19 @@ impl PendingCounts {
         }
     }
 
-    /// Adds `n` keys that `slave` may fetch from `master`.
+    /// Adds `n` keys that `slave` may fetch from `master`. Allocates only for a pair not
+    /// yet counted: this runs once per stored key, on the writer thread.
     pub fn add(&mut self, master: &str, slave: &str, n: u64) {
-        let inner = self.by_master.entry(master.to_owned()).or_default();
-        *inner.entry(slave.to_owned()).or_default() += n;
+        let inner = match self.by_master.get_mut(master) {
+            Some(inner) => inner,
+            None => self.by_master.entry(master.to_owned()).or_default(),
+        };
+        match inner.get_mut(slave) {
+            Some(count) => *count += n,
+            None => {
+                inner.insert(slave.to_owned(), n);
+            }
+        }
     }
 
     /// Removes `n` keys that `slave` may fetch from `master` (never below zero).
