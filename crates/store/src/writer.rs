@@ -631,6 +631,12 @@ impl Tables<'_> {
 
     /// Whether `id` is stored as an ordinary key.
     fn has_key(&self, id: Uuid) -> Result<bool, StoreError> {
+        self.has_key_with(id, true)
+    }
+
+    /// Whether `id` is stored as an ordinary key, reading redb only if `in_base` (the
+    /// caller knows redb has none in a range holding `id`).
+    fn has_key_with(&self, id: Uuid, in_base: bool) -> Result<bool, StoreError> {
         let raw = id.as_u128();
         if let Some(v) = self.active.keys.get(raw) {
             return Ok(v.is_some());
@@ -638,7 +644,21 @@ impl Tables<'_> {
         if let Some(v) = self.frozen.and_then(|f| f.keys.get(raw)) {
             return Ok(v.is_some());
         }
+        if !in_base {
+            return Ok(false);
+        }
         Ok(self.base.keys.get(raw).map_err(read_error)?.is_some())
+    }
+
+    /// Whether redb holds no ordinary key with an ID in `lo..=hi`. New version 7 IDs made
+    /// together fall past every key already filed, so one lookup answers for a whole batch
+    /// that would otherwise take one per key.
+    fn base_has_no_key_in(&self, lo: u128, hi: u128) -> Result<bool, StoreError> {
+        match self.base.keys.range(lo..=hi).map_err(read_error)?.next() {
+            None => Ok(true),
+            Some(Ok(_)) => Ok(false),
+            Some(Err(e)) => Err(read_error(e)),
+        }
     }
 
     /// The value at position `seq` of the pool of `link`, from the newest layer that
@@ -717,7 +737,12 @@ fn insert(
     keys: Vec<NewKey>,
     deltas: &mut Vec<Delta>,
 ) -> Result<Result<(), StoreError>, StoreError> {
-    let checked = check_insert(&keys, |id| tables.has_key(id))?;
+    let ids = keys.iter().map(|k| k.id.as_u128());
+    let base_clear = match (ids.clone().min(), ids.max()) {
+        (Some(lo), Some(hi)) => tables.base_has_no_key_in(lo, hi)?,
+        _ => false,
+    };
+    let checked = check_insert(&keys, |id| tables.has_key_with(id, !base_clear))?;
     if let Err(e) = checked {
         return Ok(Err(e));
     }

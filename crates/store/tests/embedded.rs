@@ -130,6 +130,35 @@ async fn expiry_sweeps_find_every_expired_key() {
     assert_eq!(got[0].material.as_bytes(), &[3; 32]);
 }
 
+/// A new key's ID is refused when the database already holds it, whether the batch's IDs
+/// surround it or it comes alone, and a batch whose IDs only surround stored ones is stored.
+#[tokio::test]
+async fn an_id_filed_in_the_database_is_refused_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let (before, stored, after) = (
+        v7_made_at(1_000_000),
+        v7_made_at(1_000_001),
+        v7_made_at(1_000_002),
+    );
+    {
+        let s = open(&path);
+        s.insert(vec![key_made_at(stored, u64::MAX)]).await.unwrap();
+    }
+    let s = open(&path); // `stored` is in the database, not in memory
+    for batch in [vec![before, stored, after], vec![stored]] {
+        let keys = batch.iter().map(|&id| key_made_at(id, u64::MAX)).collect();
+        let r = s.insert(keys).await;
+        assert!(
+            matches!(r, Err(StoreError::DuplicateId { id }) if id == stored),
+            "{r:?}"
+        );
+    }
+    let keys = [before, after].map(|id| key_made_at(id, u64::MAX));
+    s.insert(keys.to_vec()).await.unwrap();
+    assert_eq!(s.pending("alice", "bob"), 3);
+}
+
 /// Ready keys survive a restart sealed (never in clear in the file) and bind afterwards.
 #[tokio::test]
 async fn ready_keys_survive_reopen_sealed() {
