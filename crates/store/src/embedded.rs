@@ -653,7 +653,9 @@ mod tests {
         let value = |id: Uuid| {
             let record = Record {
                 meta: crate::meta::KeyMeta::new("A>B", &[], u64::MAX),
-                nonce: [0; crate::kek::NONCE_BYTES],
+                sealing: crate::kek::Sealing::Kek {
+                    nonce: [0; crate::kek::NONCE_BYTES],
+                },
                 sealed: vec![0; 48],
             };
             ready_value(id, &record.encode().unwrap())
@@ -704,6 +706,38 @@ mod tests {
         assert!(matches!(err, StoreError::CorruptRecord { .. }), "{err}");
         store.pool_insert("A>C", vec![ready(1)]).await.unwrap();
         assert_eq!(seqs(&store.pool_page("A>C", None, 10).await.unwrap()), [1]);
+    }
+
+    /// A store written by an earlier version holds records sealed under the KEK itself:
+    /// they are still delivered, next to new ones sealed under epoch keys.
+    #[tokio::test]
+    async fn records_of_the_first_format_are_still_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        let id = Uuid::new_v4();
+        {
+            let cipher = kek().cipher().unwrap();
+            let (sealing, sealed) = cipher
+                .seal_format_1(&[6; 32], &crate::record::aad(id, "alice", 1))
+                .unwrap();
+            let record = Record {
+                meta: crate::meta::KeyMeta::new("alice", &["bob".to_owned()], u64::MAX),
+                sealing,
+                sealed,
+            };
+            let bytes = record.encode().unwrap();
+            assert_eq!(bytes[0], 1);
+            let (mut wal, _) = Wal::open(&wal_path(&path)).unwrap();
+            wal.append(&[Change::PutKey(id.as_u128(), bytes)]).unwrap();
+        }
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(store.pending("alice", "bob"), 1);
+        let got = store
+            .take("bob", &["alice".to_owned()], &[id], 0)
+            .await
+            .unwrap();
+        assert_eq!(got[0].material.as_bytes(), &[6; 32]);
     }
 
     fn ready(seq: u64) -> PoolKey {

@@ -1,15 +1,25 @@
 //! The site key-encryption key (KEK) and AES-256-GCM sealing of key material at rest.
 //!
 //! The KEK lives in a file of 64 hex characters readable only by the KME's user. Every record is
-//! sealed under it with a fresh random nonce, and the key ID and master are bound in as
-//! associated data, so a record copied to another ID or master no longer opens.
+//! sealed with a fresh random nonce, and the key ID and master are bound in as associated data,
+//! so a record copied to another ID or master no longer opens.
+//!
+//! Records are sealed under *epoch keys*, not under the KEK itself: an epoch key is derived
+//! from the KEK with HKDF-SHA256 for a random 128-bit epoch ID, stored with each record, and
+//! a new epoch starts every [`SEALS_PER_EPOCH`] seals and at every start. Why: with random
+//! 96-bit nonces, NIST SP 800-38D allows at most 2^32 seals under one AES-GCM key, and a busy
+//! site seals that many keys in hours. Under epoch keys the bound holds per epoch, so one KEK
+//! serves any number of keys. Records of the first format, sealed under the KEK itself, still
+//! open.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -127,16 +137,10 @@ impl Kek {
         Ok(Kek(*bytes))
     }
 
-    /// Expands the KEK into a cipher. The expanded AES key schedule is owned by ring and is
-    /// not zeroized by it; it lives only as long as the store.
+    /// Expands the KEK into a cipher. The expanded AES key schedules are owned by ring and
+    /// are not zeroized by it; they live only as long as the store.
     pub fn cipher(&self) -> Result<Cipher, StoreError> {
-        let key = UnboundKey::new(&AES_256_GCM, &self.0).map_err(|_| StoreError::Crypto {
-            context: "loading the key-encryption key".into(),
-        })?;
-        Ok(Cipher {
-            key: LessSafeKey::new(key),
-            nonces: Mutex::new(Nonces::default()),
-        })
+        Cipher::new(self, SEALS_PER_EPOCH)
     }
 }
 
@@ -153,11 +157,67 @@ fn hex_value(c: u8) -> Option<u8> {
     }
 }
 
-/// AES-256-GCM under the KEK, with a fresh random nonce per seal. `Debug` shows nothing of
-/// the key.
+/// Seals under one epoch key before the next epoch starts: 2^28, so the chance that two of
+/// its random nonces collide stays below 2^-41, far inside NIST's 2^-32.
+pub const SEALS_PER_EPOCH: u64 = 1 << 28;
+
+/// Length of an epoch ID.
+pub const EPOCH_BYTES: usize = 16;
+
+/// Epoch keys kept expanded for opening; past this many the cache starts over (an epoch key
+/// is derived again on its next use). Epochs are few: one per start and per 2^28 seals.
+const KNOWN_EPOCHS_MAX: usize = 4096;
+
+/// How a record's key bytes were sealed, as stored with the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealing {
+    /// Record format 1: under the KEK itself.
+    Kek {
+        /// The GCM nonce.
+        nonce: [u8; NONCE_BYTES],
+    },
+    /// Record format 2: under the epoch key of `epoch`.
+    Epoch {
+        /// The epoch ID the key is derived for.
+        epoch: [u8; EPOCH_BYTES],
+        /// The GCM nonce.
+        nonce: [u8; NONCE_BYTES],
+    },
+}
+
+impl Sealing {
+    /// The record format this sealing belongs to (and that the associated data names).
+    pub fn format(&self) -> u8 {
+        match self {
+            Sealing::Kek { .. } => 1,
+            Sealing::Epoch { .. } => 2,
+        }
+    }
+}
+
+/// AES-256-GCM under epoch keys derived from the KEK (and under the KEK itself for the KEK
+/// check and records of the first format), with a fresh random nonce per seal. `Debug` shows
+/// nothing of the keys.
 pub struct Cipher {
-    key: LessSafeKey,
-    nonces: Mutex<Nonces>,
+    kek: LessSafeKey,
+    /// HKDF-SHA256 extract of the KEK: epoch keys are expanded from it.
+    prk: hkdf::Prk,
+    seals_per_epoch: u64,
+    epochs: Mutex<Epochs>,
+}
+
+/// The epoch being sealed under, the nonce supply, and the epoch keys known.
+struct Epochs {
+    current: Option<Current>,
+    nonces: Nonces,
+    known: HashMap<[u8; EPOCH_BYTES], Arc<LessSafeKey>>,
+}
+
+struct Current {
+    epoch: [u8; EPOCH_BYTES],
+    key: Arc<LessSafeKey>,
+    /// Seals left before the next epoch.
+    left: u64,
 }
 
 /// Random bytes for nonces, drawn from the system generator a block at a time: one
@@ -205,43 +265,120 @@ impl fmt::Debug for Cipher {
 
 const KEK_CHECK_PLAINTEXT: &[u8] = b"dqkd-store key-encryption key check";
 const KEK_CHECK_AAD: &[u8] = b"dqkd-store/kek-check/v1";
+/// HKDF salt and info label of epoch keys.
+const EPOCH_SALT: &[u8] = b"dqkd-store/epoch-keys";
+const EPOCH_INFO: &[u8] = b"dqkd-store/epoch-key/v2";
 
 /// Length of the GCM nonce stored with each record.
 pub const NONCE_BYTES: usize = NONCE_LEN;
 
+fn crypto(context: &str) -> StoreError {
+    StoreError::Crypto {
+        context: context.into(),
+    }
+}
+
 impl Cipher {
-    /// Encrypts `plaintext` bound to `aad`; returns the nonce and ciphertext‖tag.
-    pub fn seal(
-        &self,
-        plaintext: &[u8],
-        aad: &[u8],
-    ) -> Result<([u8; NONCE_BYTES], Vec<u8>), StoreError> {
-        let nonce = self
-            .nonces
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .next()
-            .map_err(|_| StoreError::Crypto {
-                context: "drawing a nonce".into(),
-            })?;
-        let mut buf = Vec::with_capacity(plaintext.len() + AES_256_GCM.tag_len());
-        buf.extend_from_slice(plaintext);
-        self.key
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut buf,
-            )
-            .map_err(|_| StoreError::Crypto {
-                context: "sealing key material".into(),
-            })?;
-        Ok((nonce, buf))
+    fn new(kek: &Kek, seals_per_epoch: u64) -> Result<Self, StoreError> {
+        let key = UnboundKey::new(&AES_256_GCM, &kek.0)
+            .map_err(|_| crypto("loading the key-encryption key"))?;
+        Ok(Cipher {
+            kek: LessSafeKey::new(key),
+            prk: hkdf::Salt::new(hkdf::HKDF_SHA256, EPOCH_SALT).extract(&kek.0),
+            seals_per_epoch: seals_per_epoch.max(1),
+            epochs: Mutex::new(Epochs {
+                current: None,
+                nonces: Nonces::default(),
+                known: HashMap::new(),
+            }),
+        })
+    }
+
+    /// A cipher that starts a new epoch every `seals` seals, to test epoch changes.
+    #[cfg(test)]
+    pub(crate) fn with_seals_per_epoch(kek: &Kek, seals: u64) -> Result<Self, StoreError> {
+        Self::new(kek, seals)
+    }
+
+    fn epochs(&self) -> std::sync::MutexGuard<'_, Epochs> {
+        self.epochs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The epoch key of `epoch`.
+    fn derive(&self, epoch: &[u8; EPOCH_BYTES]) -> Result<LessSafeKey, StoreError> {
+        let info = [EPOCH_INFO, epoch.as_slice()];
+        let okm = self
+            .prk
+            .expand(&info, &AES_256_GCM)
+            .map_err(|_| crypto("deriving an epoch key"))?;
+        Ok(LessSafeKey::new(UnboundKey::from(okm)))
+    }
+
+    /// The epoch key of `epoch`, from the cache or derived (and cached).
+    fn epoch_key(&self, epoch: &[u8; EPOCH_BYTES]) -> Result<Arc<LessSafeKey>, StoreError> {
+        if let Some(key) = self.epochs().known.get(epoch) {
+            return Ok(Arc::clone(key));
+        }
+        let key = Arc::new(self.derive(epoch)?);
+        let mut epochs = self.epochs();
+        if epochs.known.len() >= KNOWN_EPOCHS_MAX {
+            epochs.known.clear();
+        }
+        epochs.known.insert(*epoch, Arc::clone(&key));
+        Ok(key)
+    }
+
+    /// Encrypts `plaintext` bound to `aad` under the current epoch key (starting a new epoch
+    /// when it is used up); returns how it was sealed and ciphertext‖tag. `aad` must name
+    /// format 2 (see [`Sealing::format`]).
+    pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<(Sealing, Vec<u8>), StoreError> {
+        let (epoch, key, nonce) = {
+            let mut epochs = self.epochs();
+            let current = match epochs.current.take() {
+                Some(current) if current.left > 0 => current,
+                _ => {
+                    let mut epoch = [0u8; EPOCH_BYTES];
+                    epochs
+                        .nonces
+                        .rng
+                        .fill(&mut epoch)
+                        .map_err(|_| crypto("drawing an epoch ID"))?;
+                    let key = Arc::new(self.derive(&epoch)?);
+                    if epochs.known.len() >= KNOWN_EPOCHS_MAX {
+                        epochs.known.clear();
+                    }
+                    epochs.known.insert(epoch, Arc::clone(&key));
+                    Current {
+                        epoch,
+                        key,
+                        left: self.seals_per_epoch,
+                    }
+                }
+            };
+            let nonce = epochs
+                .nonces
+                .next()
+                .map_err(|_| crypto("drawing a nonce"))?;
+            let sealed_under = (current.epoch, Arc::clone(&current.key), nonce);
+            epochs.current = Some(Current {
+                left: current.left - 1,
+                ..current
+            });
+            sealed_under
+        };
+        let sealed = seal_with(&key, nonce, plaintext, aad)?;
+        Ok((Sealing::Epoch { epoch, nonce }, sealed))
     }
 
     /// A fresh KEK check value (nonce ‖ sealed fixed text) for a store to keep next to its
     /// keys, so that opening it later with another KEK is refused up front.
     pub fn kek_check_value(&self) -> Result<Vec<u8>, StoreError> {
-        let (nonce, sealed) = self.seal(KEK_CHECK_PLAINTEXT, KEK_CHECK_AAD)?;
+        let nonce = self
+            .epochs()
+            .nonces
+            .next()
+            .map_err(|_| crypto("drawing a nonce"))?;
+        let sealed = seal_with(&self.kek, nonce, KEK_CHECK_PLAINTEXT, KEK_CHECK_AAD)?;
         let mut value = nonce.to_vec();
         value.extend_from_slice(&sealed);
         Ok(value)
@@ -253,32 +390,78 @@ impl Cipher {
             let (nonce, sealed) = value.split_at(NONCE_BYTES);
             let mut n = [0u8; NONCE_BYTES];
             n.copy_from_slice(nonce);
-            self.open(n, sealed, KEK_CHECK_AAD)
+            open_with(&self.kek, n, sealed, KEK_CHECK_AAD)
                 .is_some_and(|p| p.as_slice() == KEK_CHECK_PLAINTEXT)
         }
     }
 
     /// Decrypts and authenticates; `None` when the tag does not verify (wrong KEK, moved or
-    /// tampered record).
+    /// tampered record, or an epoch ID that was altered).
     pub fn open(
         &self,
-        nonce: [u8; NONCE_BYTES],
+        sealing: &Sealing,
         ciphertext: &[u8],
         aad: &[u8],
     ) -> Option<Zeroizing<Vec<u8>>> {
-        let mut buf = Zeroizing::new(ciphertext.to_vec());
-        let len = self
-            .key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(aad),
-                &mut buf,
-            )
-            .ok()?
-            .len();
-        buf.truncate(len);
-        Some(buf)
+        match sealing {
+            Sealing::Kek { nonce } => open_with(&self.kek, *nonce, ciphertext, aad),
+            Sealing::Epoch { epoch, nonce } => {
+                open_with(&*self.epoch_key(epoch).ok()?, *nonce, ciphertext, aad)
+            }
+        }
     }
+
+    /// Seals under the KEK itself, as records of the first format were.
+    #[cfg(test)]
+    pub(crate) fn seal_format_1(
+        &self,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(Sealing, Vec<u8>), StoreError> {
+        let nonce = self
+            .epochs()
+            .nonces
+            .next()
+            .map_err(|_| crypto("drawing a nonce"))?;
+        let sealed = seal_with(&self.kek, nonce, plaintext, aad)?;
+        Ok((Sealing::Kek { nonce }, sealed))
+    }
+}
+
+fn seal_with(
+    key: &LessSafeKey,
+    nonce: [u8; NONCE_BYTES],
+    plaintext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    let mut buf = Vec::with_capacity(plaintext.len() + AES_256_GCM.tag_len());
+    buf.extend_from_slice(plaintext);
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf,
+    )
+    .map_err(|_| crypto("sealing key material"))?;
+    Ok(buf)
+}
+
+fn open_with(
+    key: &LessSafeKey,
+    nonce: [u8; NONCE_BYTES],
+    ciphertext: &[u8],
+    aad: &[u8],
+) -> Option<Zeroizing<Vec<u8>>> {
+    let mut buf = Zeroizing::new(ciphertext.to_vec());
+    let len = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut buf,
+        )
+        .ok()?
+        .len();
+    buf.truncate(len);
+    Some(buf)
 }
 
 #[cfg(test)]
@@ -344,7 +527,10 @@ mod tests {
         let c = Kek::from_bytes([7; 32]).cipher().unwrap();
         let mut seen = std::collections::HashSet::new();
         for _ in 0..3 * NONCES_PER_BLOCK + 5 {
-            let (nonce, _) = c.seal(b"k", b"a").unwrap();
+            let (sealing, _) = c.seal(b"k", b"a").unwrap();
+            let Sealing::Epoch { nonce, .. } = sealing else {
+                panic!("new seals use epoch keys")
+            };
             assert!(seen.insert(nonce), "nonce repeated");
         }
     }
@@ -352,10 +538,50 @@ mod tests {
     #[test]
     fn seal_open_binds_aad() {
         let c = Kek::from_bytes([7; 32]).cipher().unwrap();
-        let (n, ct) = c.seal(b"secret", b"aad-1").unwrap();
-        assert_eq!(c.open(n, &ct, b"aad-1").unwrap().as_slice(), b"secret");
-        assert!(c.open(n, &ct, b"aad-2").is_none());
+        let (s, ct) = c.seal(b"secret", b"aad-1").unwrap();
+        assert_eq!(c.open(&s, &ct, b"aad-1").unwrap().as_slice(), b"secret");
+        assert!(c.open(&s, &ct, b"aad-2").is_none());
         let other = Kek::from_bytes([8; 32]).cipher().unwrap();
-        assert!(other.open(n, &ct, b"aad-1").is_none());
+        assert!(other.open(&s, &ct, b"aad-1").is_none());
+    }
+
+    /// A new epoch starts after the configured number of seals and at every start; what
+    /// was sealed in any epoch, or under the KEK itself, still opens, and an altered epoch
+    /// ID does not.
+    #[test]
+    fn epochs_change_and_every_epoch_still_opens() {
+        let kek = Kek::from_bytes([7; 32]);
+        let c = Cipher::with_seals_per_epoch(&kek, 3).unwrap();
+        let sealed: Vec<_> = (0..7u8)
+            .map(|i| (i, c.seal(&[i; 32], b"aad").unwrap()))
+            .collect();
+        let epoch = |s: &Sealing| match s {
+            Sealing::Epoch { epoch, .. } => *epoch,
+            Sealing::Kek { .. } => panic!("new seals use epoch keys"),
+        };
+        let epochs: Vec<_> = sealed.iter().map(|(_, (s, _))| epoch(s)).collect();
+        assert!(epochs[..3].iter().all(|e| *e == epochs[0]));
+        assert!(epochs[3..6].iter().all(|e| *e == epochs[3]));
+        assert_ne!(epochs[0], epochs[3]);
+        assert_ne!(epochs[3], epochs[6]);
+        let old = c.seal_format_1(b"first format", b"aad").unwrap();
+        // Another start of the same KEK: a new epoch, and everything opens.
+        let again = kek.cipher().unwrap();
+        assert!(!epochs.contains(&epoch(&again.seal(b"k", b"aad").unwrap().0)));
+        for (i, (s, ct)) in &sealed {
+            assert_eq!(again.open(s, ct, b"aad").unwrap().as_slice(), &[*i; 32]);
+        }
+        assert_eq!(
+            again.open(&old.0, &old.1, b"aad").unwrap().as_slice(),
+            b"first format"
+        );
+        let (s, ct) = &sealed[0].1;
+        let Sealing::Epoch { mut epoch, nonce } = *s else {
+            unreachable!()
+        };
+        epoch[0] ^= 1;
+        assert!(again
+            .open(&Sealing::Epoch { epoch, nonce }, ct, b"aad")
+            .is_none());
     }
 }

@@ -73,11 +73,11 @@ pub mod rules {
 }
 
 /// Encryption at rest, for implementations outside this crate: the AES-256-GCM cipher under
-/// the site KEK ([`Kek::cipher`]), the KEK check value, and the versioned record (metadata in
-/// clear, key bytes sealed with associated data binding the key ID and master) that every
-/// durable store keeps per key.
+/// epoch keys derived from the site KEK ([`Kek::cipher`]), the KEK check value, and the
+/// versioned record (metadata in clear, key bytes sealed with associated data binding the key
+/// ID and master) that every durable store keeps per key.
 pub mod seal {
-    pub use crate::kek::{Cipher, NONCE_BYTES};
+    pub use crate::kek::{Cipher, Sealing, EPOCH_BYTES, NONCE_BYTES, SEALS_PER_EPOCH};
     pub use crate::record::{aad, Record, TOO_LONG, VERSION};
 }
 

@@ -1,13 +1,14 @@
 //! The on-disk record of one key: a small versioned binary encoding.
 //!
-//! Layout of version 1 (all integers big-endian):
+//! Layout (all integers big-endian):
 //!
 //! ```text
-//! u8   version (= 1)
+//! u8   version: 2 (1 for records sealed under the KEK itself, still read)
 //! u64  expires_at (unix seconds)
 //! u16  master length, then the master SAE ID (UTF-8)
 //! u16  slave count, then per slave: u8 flags (bit 0 = already delivered),
 //!      u16 length, the slave SAE ID (UTF-8)
+//! [16] epoch ID of the epoch key that sealed it (version 2 only; see `kek`)
 //! [12] AES-256-GCM nonce
 //! u32  sealed length, then ciphertext ‖ 16-byte tag
 //! ```
@@ -15,16 +16,16 @@
 //! The associated data of the seal is `key ID (16 bytes) ‖ master ‖ version`, so a record
 //! moved to another key ID, or edited to name another master, fails to open. Slaves and expiry
 //! are not bound in: they change as keys are delivered, and an attacker who can edit the file
-//! can delete records anyway.
+//! can delete records anyway. The epoch ID needs no binding: another one derives another key.
 
 use uuid::Uuid;
 
-use crate::kek::{Cipher, NONCE_BYTES};
+use crate::kek::{Cipher, Sealing};
 use crate::meta::{KeyMeta, SlaveEntry};
 use crate::{KeyMaterial, NewKey, RecordError, StoreError};
 
-/// Current record format version.
-pub const VERSION: u8 = 1;
+/// The record format new records are written in.
+pub const VERSION: u8 = 2;
 
 const FLAG_TAKEN: u8 = 0x01;
 
@@ -32,16 +33,18 @@ const FLAG_TAKEN: u8 = 0x01;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub(crate) meta: KeyMeta,
-    pub(crate) nonce: [u8; NONCE_BYTES],
+    /// How the key bytes were sealed; it also gives the record's format.
+    pub(crate) sealing: Sealing,
     pub(crate) sealed: Vec<u8>,
 }
 
-/// The associated data binding a sealed key to its ID and master.
-pub fn aad(id: Uuid, master: &str) -> Vec<u8> {
+/// The associated data binding a sealed key to its ID and master, in record format `format`
+/// ([`VERSION`] for a new seal, [`Sealing::format`] to open).
+pub fn aad(id: Uuid, master: &str, format: u8) -> Vec<u8> {
     let mut v = Vec::with_capacity(16 + master.len() + 1);
     v.extend_from_slice(id.as_bytes());
     v.extend_from_slice(master.as_bytes());
-    v.push(VERSION);
+    v.push(format);
     v
 }
 
@@ -53,10 +56,11 @@ impl Record {
     /// slave entitled and none served yet. The record is not yet encoded, so a name too long
     /// for the format surfaces only at [`Record::encode`].
     pub fn seal(cipher: &Cipher, key: &NewKey) -> Result<Self, StoreError> {
-        let (nonce, sealed) = cipher.seal(key.material.as_bytes(), &aad(key.id, &key.master))?;
+        let (sealing, sealed) =
+            cipher.seal(key.material.as_bytes(), &aad(key.id, &key.master, VERSION))?;
         Ok(Record {
             meta: KeyMeta::new(&key.master, &key.slaves, key.expires_at),
-            nonce,
+            sealing,
             sealed,
         })
     }
@@ -65,11 +69,16 @@ impl Record {
     /// authenticate (wrong KEK, or a record moved to another ID or master).
     pub fn open(&self, cipher: &Cipher, id: Uuid) -> Result<KeyMaterial, StoreError> {
         cipher
-            .open(self.nonce, &self.sealed, &aad(id, &self.meta.master))
+            .open(&self.sealing, &self.sealed, &self.aad(id))
             .map(|bytes| KeyMaterial::new(bytes.to_vec()))
             .ok_or_else(|| StoreError::Crypto {
                 context: format!("opening key {id}: record does not authenticate"),
             })
+    }
+
+    /// The associated data this record's key bytes were sealed with, under key ID `id`.
+    pub fn aad(&self, id: Uuid) -> Vec<u8> {
+        aad(id, &self.meta.master, self.sealing.format())
     }
 
     /// The metadata (master, expiry, slaves and who was served).
@@ -86,16 +95,9 @@ impl Record {
     pub fn encode(&self) -> Result<Vec<u8>, &'static str> {
         let m = &self.meta;
         let mut out = Vec::with_capacity(
-            1 + 8
-                + 2
-                + m.master.len()
-                + 2
-                + m.slaves.len() * 16
-                + NONCE_BYTES
-                + 4
-                + self.sealed.len(),
+            1 + 8 + 2 + m.master.len() + 2 + m.slaves.len() * 16 + 16 + 12 + 4 + self.sealed.len(),
         );
-        out.push(VERSION);
+        out.push(self.sealing.format());
         out.extend_from_slice(&m.expires_at.to_be_bytes());
         put_str(&mut out, &m.master)?;
         let count = u16::try_from(m.slaves.len()).map_err(|_| TOO_LONG)?;
@@ -104,7 +106,13 @@ impl Record {
             out.push(if s.taken { FLAG_TAKEN } else { 0 });
             put_str(&mut out, &s.sae)?;
         }
-        out.extend_from_slice(&self.nonce);
+        match &self.sealing {
+            Sealing::Kek { nonce } => out.extend_from_slice(nonce),
+            Sealing::Epoch { epoch, nonce } => {
+                out.extend_from_slice(epoch);
+                out.extend_from_slice(nonce);
+            }
+        }
         let len = u32::try_from(self.sealed.len()).map_err(|_| TOO_LONG)?;
         out.extend_from_slice(&len.to_be_bytes());
         out.extend_from_slice(&self.sealed);
@@ -116,7 +124,7 @@ impl Record {
     pub fn head(bytes: &[u8]) -> Result<(u64, &str), RecordError> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
-        if version != VERSION {
+        if !matches!(version, 1 | 2) {
             return Err(RecordError::UnknownVersion(version));
         }
         let expires_at = u64::from_be_bytes(r.array()?);
@@ -129,7 +137,7 @@ impl Record {
     pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
         let mut r = Reader(bytes);
         let version = r.u8()?;
-        if version != VERSION {
+        if !matches!(version, 1 | 2) {
             return Err(RecordError::UnknownVersion(version));
         }
         let expires_at = u64::from_be_bytes(r.array()?);
@@ -146,7 +154,13 @@ impl Record {
                 taken: flags & FLAG_TAKEN != 0,
             });
         }
-        let nonce = r.array()?;
+        let sealing = match version {
+            1 => Sealing::Kek { nonce: r.array()? },
+            _ => Sealing::Epoch {
+                epoch: r.array()?,
+                nonce: r.array()?,
+            },
+        };
         let len = u32::from_be_bytes(r.array()?);
         let sealed = r.take(usize::try_from(len).map_err(|_| RecordError::Truncated)?)?;
         if !r.0.is_empty() {
@@ -158,7 +172,7 @@ impl Record {
                 expires_at,
                 slaves,
             },
-            nonce,
+            sealing,
             sealed: sealed.to_vec(),
         })
     }
@@ -225,7 +239,10 @@ mod tests {
                     },
                 ],
             },
-            nonce: [9; NONCE_BYTES],
+            sealing: Sealing::Epoch {
+                epoch: [8; 16],
+                nonce: [9; 12],
+            },
             sealed: vec![1, 2, 3, 4, 5],
         }
     }
@@ -234,7 +251,60 @@ mod tests {
     fn round_trip() {
         let r = sample();
         let bytes = r.encode().unwrap();
+        assert_eq!(bytes[0], 2);
         assert_eq!(Record::decode(&bytes).unwrap(), r);
+        let first_format = Record {
+            sealing: Sealing::Kek { nonce: [9; 12] },
+            ..sample()
+        };
+        let bytes = first_format.encode().unwrap();
+        assert_eq!(bytes[0], 1);
+        assert_eq!(bytes.len() + 16, r.encode().unwrap().len());
+        assert_eq!(Record::decode(&bytes).unwrap(), first_format);
+        assert_eq!(
+            Record::head(&bytes).unwrap(),
+            Record::head(&r.encode().unwrap()).unwrap()
+        );
+    }
+
+    /// A record of the first format, sealed under the KEK itself, opens; so does a new one;
+    /// either moved to another key ID or relabelled as the other format does not.
+    #[test]
+    fn both_formats_open_and_stay_bound() {
+        let cipher = crate::Kek::from_bytes([5; 32]).cipher().unwrap();
+        let id = Uuid::from_u128(42);
+        let (sealing, sealed) = cipher
+            .seal_format_1(&[7; 32], &aad(id, "alice", 1))
+            .unwrap();
+        let old = Record {
+            sealing,
+            sealed,
+            ..sample()
+        };
+        let new = Record::seal(
+            &cipher,
+            &NewKey {
+                id,
+                master: "alice".into(),
+                slaves: vec!["bob".into()],
+                material: KeyMaterial::new(vec![7; 32]),
+                expires_at: 1,
+            },
+        )
+        .unwrap();
+        for r in [&old, &new] {
+            let r = Record::decode(&r.encode().unwrap()).unwrap();
+            assert_eq!(r.open(&cipher, id).unwrap().as_bytes(), &[7; 32]);
+            assert!(r.open(&cipher, Uuid::from_u128(43)).is_err());
+        }
+        let Sealing::Epoch { nonce, .. } = new.sealing else {
+            panic!("new records use epoch keys")
+        };
+        let relabelled = Record {
+            sealing: Sealing::Kek { nonce },
+            ..new.clone()
+        };
+        assert!(relabelled.open(&cipher, id).is_err());
     }
 
     #[test]
@@ -256,8 +326,8 @@ mod tests {
         assert_eq!(Record::decode(&bytes), Err(RecordError::TrailingBytes(1)));
 
         let mut bytes = sample().encode().unwrap();
-        bytes[0] = 2;
-        assert_eq!(Record::decode(&bytes), Err(RecordError::UnknownVersion(2)));
+        bytes[0] = 3;
+        assert_eq!(Record::decode(&bytes), Err(RecordError::UnknownVersion(3)));
 
         let mut bytes = sample().encode().unwrap();
         // first slave's flags byte: version(1) + expiry(8) + len(2) + "alice"(5) + count(2)

@@ -28,7 +28,7 @@ use crate::meta::{
     PendingCounts,
 };
 use crate::overlay::Overlay;
-use crate::record::{aad, Record};
+use crate::record::{aad, Record, VERSION};
 use crate::wal::{Batch, Wal};
 use crate::{
     DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, StoreError, TakeError,
@@ -760,10 +760,11 @@ fn seal_keys(cipher: &Cipher, keys: &[NewKey]) -> Result<Vec<Sealed>, StoreError
     let mut encoded = Vec::with_capacity(keys.len());
     for k in keys {
         let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
-        let (nonce, sealed) = cipher.seal(k.material.as_bytes(), &aad(k.id, &k.master))?;
+        let (sealing, sealed) =
+            cipher.seal(k.material.as_bytes(), &aad(k.id, &k.master, VERSION))?;
         let record = Record {
             meta,
-            nonce,
+            sealing,
             sealed,
         };
         match record.encode() {
@@ -821,8 +822,7 @@ fn take(
     let mut delivered = Vec::with_capacity(ids.len());
     let mut updates = Vec::with_capacity(ids.len());
     for (id, record) in ids.iter().zip(records.into_iter().flatten()) {
-        let Some(bytes) = cipher.open(record.nonce, &record.sealed, &aad(*id, &record.meta.master))
-        else {
+        let Some(bytes) = cipher.open(&record.sealing, &record.sealed, &record.aad(*id)) else {
             return Ok(Err(TakeError::Store(StoreError::Crypto {
                 context: format!("opening key {id}: record does not authenticate"),
             })));
@@ -993,13 +993,13 @@ fn pool_insert(
     let mut encoded = Vec::with_capacity(keys.len());
     for k in &keys {
         let id = k.slot.id;
-        let (nonce, sealed) = match cipher.seal(k.material.as_bytes(), &aad(id, link)) {
+        let (sealing, sealed) = match cipher.seal(k.material.as_bytes(), &aad(id, link, VERSION)) {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
         let record = Record {
             meta: KeyMeta::new(link, &[], k.expires_at),
-            nonce,
+            sealing,
             sealed,
         };
         match record.encode() {
