@@ -373,12 +373,7 @@ impl Cipher {
     /// A fresh KEK check value (nonce ‖ sealed fixed text) for a store to keep next to its
     /// keys, so that opening it later with another KEK is refused up front.
     pub fn kek_check_value(&self) -> Result<Vec<u8>, StoreError> {
-        let nonce = self
-            .epochs()
-            .nonces
-            .next()
-            .map_err(|_| crypto("drawing a nonce"))?;
-        let sealed = seal_with(&self.kek, nonce, KEK_CHECK_PLAINTEXT, KEK_CHECK_AAD)?;
+        let (nonce, sealed) = self.seal_under_kek(KEK_CHECK_PLAINTEXT, KEK_CHECK_AAD)?;
         let mut value = nonce.to_vec();
         value.extend_from_slice(&sealed);
         Ok(value)
@@ -418,13 +413,22 @@ impl Cipher {
         plaintext: &[u8],
         aad: &[u8],
     ) -> Result<(Sealing, Vec<u8>), StoreError> {
+        let (nonce, sealed) = self.seal_under_kek(plaintext, aad)?;
+        Ok((Sealing::Kek { nonce }, sealed))
+    }
+
+    /// Seals under the KEK itself, with a fresh nonce.
+    fn seal_under_kek(
+        &self,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<([u8; NONCE_BYTES], Vec<u8>), StoreError> {
         let nonce = self
             .epochs()
             .nonces
             .next()
             .map_err(|_| crypto("drawing a nonce"))?;
-        let sealed = seal_with(&self.kek, nonce, plaintext, aad)?;
-        Ok((Sealing::Kek { nonce }, sealed))
+        Ok((nonce, seal_with(&self.kek, nonce, plaintext, aad)?))
     }
 }
 
