@@ -223,9 +223,14 @@ pub(crate) struct Expired {
 }
 
 /// Records whose `expires_at <= now`, from a consistent snapshot. Only keys with IDs below
-/// `keys_end` are read, if it is given (see `expiry`); every ready key is (a pool is bounded
-/// by its target).
-fn expired(db: &Database, now: u64, keys_end: Option<u128>) -> Result<Expired, StoreError> {
+/// `keys_end`, and ready keys at positions below `ready_end`, are read where these are given
+/// (see `expiry`). A sweep of every ready key also returns what it saw of their lifetimes.
+fn expired(
+    db: &Database,
+    now: u64,
+    keys_end: Option<u128>,
+    ready_end: Option<u64>,
+) -> Result<(Expired, Option<Seen>), StoreError> {
     let Base { keys, ready, .. } = &Base::open(db)?;
     let mut found = Expired::default();
     let scan = |e| StoreError::redb("scanning keys", e);
@@ -245,21 +250,57 @@ fn expired(db: &Database, now: u64, keys_end: Option<u128>) -> Result<Expired, S
             }
         }
     }
-    for entry in ready
-        .iter()
-        .map_err(|e| StoreError::redb("scanning ready keys", e))?
-    {
-        let (k, v) = entry.map_err(|e| StoreError::redb("scanning ready keys", e))?;
-        let (link, seq) = k.value();
-        match split_ready(v.value()).and_then(|(_, record)| Record::head(record)) {
-            Ok((expires_at, _)) if expires_at <= now => found.ready.push((link.to_owned(), seq)),
-            Ok(_) => {}
+    let scan = |e| StoreError::redb("scanning ready keys", e);
+    let mut note =
+        |link: &str, seq: u64, value: &[u8], seen: Option<&mut Seen>| match split_ready(value)
+            .and_then(|(_, record)| Record::head(record))
+        {
+            Ok((expires_at, _)) => {
+                if let Some(seen) = seen {
+                    seen.note_position(seq, expires_at);
+                }
+                if expires_at <= now {
+                    found.ready.push((link.to_owned(), seq));
+                }
+            }
             Err(reason) => {
                 tracing::warn!(link, seq, %reason, "skipping corrupt ready-key record in purge")
             }
+        };
+    let Some(end) = ready_end else {
+        let mut seen = Seen::default();
+        for entry in ready.iter().map_err(scan)? {
+            let (k, v) = entry.map_err(scan)?;
+            let (link, seq) = k.value();
+            note(link, seq, v.value(), Some(&mut seen));
         }
+        return Ok((found, Some(seen)));
+    };
+    // Each link's positions below `end`, one link after another.
+    let mut after: Option<String> = None;
+    loop {
+        let first = match &after {
+            None => ready.range::<(&str, u64)>(..).map_err(scan)?.next(),
+            Some(link) => ready
+                .range::<(&str, u64)>((
+                    std::ops::Bound::Excluded((link.as_str(), u64::MAX)),
+                    std::ops::Bound::Unbounded,
+                ))
+                .map_err(scan)?
+                .next(),
+        };
+        let Some(first) = first else { break };
+        let link = first.map_err(scan)?.0.value().0.to_owned();
+        for entry in ready
+            .range((link.as_str(), 0)..(link.as_str(), end))
+            .map_err(scan)?
+        {
+            let (k, v) = entry.map_err(scan)?;
+            note(&link, k.value().1, v.value(), None);
+        }
+        after = Some(link);
     }
-    Ok(found)
+    Ok((found, None))
 }
 
 /// A ready key's position, ID and expiry, from its table value (only the record's head is
@@ -480,9 +521,16 @@ impl KeyStore for EmbeddedStore {
         // scanned without stalling commits; the writer re-checks each before removing it.
         let db = Arc::clone(&self.db);
         let keys_end = self.stats.lifetimes.sweep_end(now);
-        let found = tokio::task::spawn_blocking(move || expired(&db, now, keys_end))
-            .await
-            .map_err(|e| StoreError::io("scanning for expired keys", std::io::Error::other(e)))??;
+        let ready_end = self.stats.ready_lifetimes.sweep_end_position(now);
+        let (found, ready_seen) =
+            tokio::task::spawn_blocking(move || expired(&db, now, keys_end, ready_end))
+                .await
+                .map_err(|e| {
+                    StoreError::io("scanning for expired keys", std::io::Error::other(e))
+                })??;
+        if let Some(seen) = ready_seen {
+            self.stats.ready_lifetimes.learned(seen);
+        }
         let mut purged = 0;
         for chunk in found.keys.chunks(PURGE_CHUNK) {
             let ids = chunk.to_vec();

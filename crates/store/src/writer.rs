@@ -92,12 +92,27 @@ pub(crate) enum Request {
 }
 
 /// Shared group-commit counters, and what the expiry sweeps go by.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Stats {
     pub(crate) batches: AtomicU64,
     pub(crate) ops: AtomicU64,
     pub(crate) max_batch: AtomicU64,
+    /// Of ordinary keys: all read at open.
     pub(crate) lifetimes: Lifetimes,
+    /// Of ready keys: known once a whole sweep has read them.
+    pub(crate) ready_lifetimes: Lifetimes,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            batches: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            max_batch: AtomicU64::new(0),
+            lifetimes: Lifetimes::new(true),
+            ready_lifetimes: Lifetimes::new(false),
+        }
+    }
 }
 
 /// A change to the pending counts, applied only once the batch is on disk.
@@ -431,10 +446,12 @@ fn process(
         base: &base,
         changes: &mut changes,
         lifetimes: Seen::default(),
+        ready_lifetimes: Seen::default(),
     };
     let applied = apply_all(&mut tables, cipher, batch, &mut outcomes, &mut deltas);
     // Published whatever happens next: a lifetime too short only widens the sweeps.
     stats.lifetimes.publish(tables.lifetimes);
+    stats.ready_lifetimes.publish(tables.ready_lifetimes);
     let result = match applied {
         // The overlay may hold part of the batch: stop, and let recovery start from the log.
         Err(e) => Err(durable.halt(format!("a batch failed part-way: {e}"))),
@@ -607,8 +624,9 @@ struct Tables<'a> {
     frozen: Option<&'a Overlay>,
     base: &'a Base,
     changes: &'a mut Batch,
-    /// Lifetimes of the keys written, for the expiry sweeps (see `expiry`).
+    /// Lifetimes of the keys and ready keys written, for the expiry sweeps (see `expiry`).
     lifetimes: Seen,
+    ready_lifetimes: Seen,
 }
 
 impl Tables<'_> {
@@ -708,6 +726,10 @@ impl Tables<'_> {
         self.changes
             .put_ready(link, seq, &value)
             .map_err(log_error)?;
+        match split_ready(&value).and_then(|(_, record)| Record::head(record)) {
+            Ok((expires_at, _)) => self.ready_lifetimes.note_position(seq, expires_at),
+            Err(_) => self.ready_lifetimes.note_position(u64::MAX, 0),
+        }
         self.active.pool_mut(link).put(seq, value, true);
         Ok(())
     }

@@ -130,6 +130,47 @@ async fn expiry_sweeps_find_every_expired_key() {
     assert_eq!(got[0].material.as_bytes(), &[3; 32]);
 }
 
+/// Ready keys expire by the same rule, by pool position: the first sweep after a start
+/// reads every ready key and learns their lifetimes, and later sweeps read only positions
+/// old enough to have expired, on every link, and still find each expired key.
+#[tokio::test]
+async fn expiry_sweeps_find_every_expired_ready_key() {
+    const NOW: u64 = 2_000_000_000;
+    const NS: u64 = 1_000_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    let ready = |secs: u64, expires_at: u64| PoolKey {
+        slot: Slot {
+            seq: secs * NS,
+            id: Uuid::new_v4(),
+        },
+        material: KeyMaterial::new(vec![5; 32]),
+        expires_at,
+    };
+    {
+        let s = open(&path);
+        // Short-lived and long-lived on one link; short-lived on another.
+        s.pool_insert(
+            "A>B",
+            vec![ready(NOW - 1_000, NOW + 2_600), ready(NOW - 50, NOW - 5)],
+        )
+        .await
+        .unwrap();
+        s.pool_insert("A>C", vec![ready(NOW - 60, NOW - 10)])
+            .await
+            .unwrap();
+    }
+    let s = open(&path); // all in the database now
+    assert_eq!(
+        s.purge_expired(NOW - 100).await.unwrap(),
+        0,
+        "the whole sweep"
+    );
+    assert_eq!(s.purge_expired(NOW).await.unwrap(), 2, "a bounded sweep");
+    assert_eq!(s.pool_page("A>B", None, 10).await.unwrap().len(), 1);
+    assert!(s.pool_page("A>C", None, 10).await.unwrap().is_empty());
+}
+
 /// A new key's ID is refused when the database already holds it, whether the batch's IDs
 /// surround it or it comes alone, and a batch whose IDs only surround stored ones is stored.
 #[tokio::test]
