@@ -213,6 +213,16 @@ struct Epochs {
     known: HashMap<[u8; EPOCH_BYTES], Arc<LessSafeKey>>,
 }
 
+impl Epochs {
+    /// Caches an epoch key for opening, starting the cache over when it is full.
+    fn remember(&mut self, epoch: [u8; EPOCH_BYTES], key: Arc<LessSafeKey>) {
+        if self.known.len() >= KNOWN_EPOCHS_MAX {
+            self.known.clear();
+        }
+        self.known.insert(epoch, key);
+    }
+}
+
 struct Current {
     epoch: [u8; EPOCH_BYTES],
     key: Arc<LessSafeKey>,
@@ -320,11 +330,7 @@ impl Cipher {
             return Ok(Arc::clone(key));
         }
         let key = Arc::new(self.derive(epoch)?);
-        let mut epochs = self.epochs();
-        if epochs.known.len() >= KNOWN_EPOCHS_MAX {
-            epochs.known.clear();
-        }
-        epochs.known.insert(*epoch, Arc::clone(&key));
+        self.epochs().remember(*epoch, Arc::clone(&key));
         Ok(key)
     }
 
@@ -344,10 +350,7 @@ impl Cipher {
                         .fill(&mut epoch)
                         .map_err(|_| crypto("drawing an epoch ID"))?;
                     let key = Arc::new(self.derive(&epoch)?);
-                    if epochs.known.len() >= KNOWN_EPOCHS_MAX {
-                        epochs.known.clear();
-                    }
-                    epochs.known.insert(epoch, Arc::clone(&key));
+                    epochs.remember(epoch, Arc::clone(&key));
                     Current {
                         epoch,
                         key,
