@@ -700,16 +700,20 @@ impl Tables<'_> {
             .map(|g| g.value().to_vec()))
     }
 
-    /// Writes a key record; `new` says the caller found no key `id` stored.
-    fn put_key(&mut self, id: Uuid, value: Vec<u8>, new: bool) -> Result<(), StoreError> {
+    /// Writes a key record (which expires at `expires_at`); `new` says the caller found no
+    /// key `id` stored.
+    fn put_key(
+        &mut self,
+        id: Uuid,
+        value: Vec<u8>,
+        new: bool,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
         self.changes
             .put_key(id.as_u128(), &value)
             .map_err(log_error)?;
         // Every write, rewrites included: a sweep may skip keys only by the expiry stored.
-        match Record::head(&value) {
-            Ok((expires_at, _)) => self.lifetimes.note(id.as_u128(), expires_at),
-            Err(_) => self.lifetimes.note(0, 0),
-        }
+        self.lifetimes.note(id.as_u128(), expires_at);
         self.active.keys.put(id.as_u128(), value, new);
         Ok(())
     }
@@ -721,15 +725,19 @@ impl Tables<'_> {
         Ok(())
     }
 
-    /// Writes a ready key into a position the caller found empty.
-    fn put_new_ready(&mut self, link: &str, seq: u64, value: Vec<u8>) -> Result<(), StoreError> {
+    /// Writes a ready key (which expires at `expires_at`) into a position the caller found
+    /// empty.
+    fn put_new_ready(
+        &mut self,
+        link: &str,
+        seq: u64,
+        value: Vec<u8>,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
         self.changes
             .put_ready(link, seq, &value)
             .map_err(log_error)?;
-        match split_ready(&value).and_then(|(_, record)| Record::head(record)) {
-            Ok((expires_at, _)) => self.ready_lifetimes.note_position(seq, expires_at),
-            Err(_) => self.ready_lifetimes.note_position(u64::MAX, 0),
-        }
+        self.ready_lifetimes.note_position(seq, expires_at);
         self.active.pool_mut(link).put(seq, value, true);
         Ok(())
     }
@@ -804,7 +812,7 @@ fn write_sealed(
     deltas: &mut Vec<Delta>,
 ) -> Result<(), StoreError> {
     for (id, bytes, meta) in encoded {
-        tables.put_key(id, bytes, true)?;
+        tables.put_key(id, bytes, true, meta.expires_at)?;
         deltas.push(Delta::Add(meta));
     }
     Ok(())
@@ -868,14 +876,14 @@ fn take(
                 }
             }
         };
-        updates.push((*id, value, master));
+        updates.push((*id, value, master, record.meta.expires_at));
     }
-    for (id, value, master) in updates {
+    for (id, value, master, expires_at) in updates {
         match value {
             None => {
                 tables.del_key(id)?;
             }
-            Some(v) => tables.put_key(id, v, false)?,
+            Some(v) => tables.put_key(id, v, false, expires_at)?,
         }
         deltas.push(Delta::Taken {
             master,
@@ -1025,12 +1033,12 @@ fn pool_insert(
             sealed,
         };
         match record.encode() {
-            Ok(bytes) => encoded.push((k.slot.seq, ready_value(id, &bytes))),
+            Ok(bytes) => encoded.push((k.slot.seq, ready_value(id, &bytes), k.expires_at)),
             Err(reason) => return Ok(Err(StoreError::InvalidKey { id, reason })),
         }
     }
-    for (seq, value) in encoded {
-        tables.put_new_ready(link, seq, value)?;
+    for (seq, value, expires_at) in encoded {
+        tables.put_new_ready(link, seq, value, expires_at)?;
     }
     deltas.push(Delta::Wrote);
     Ok(Ok(()))
