@@ -112,6 +112,10 @@ pub struct KmeArgs {
     /// The site file (TOML); it names the cluster manifest.
     #[arg(long, env = "DQKD_CONFIG")]
     pub config: PathBuf,
+    /// This process's name among the replicas of a site on PostgreSQL (unique per site and
+    /// kept across restarts): each replica then keeps ready-key pools of its own.
+    #[arg(long, env = "DQKD_REPLICA")]
+    pub replica: Option<String>,
     /// Write `{"api_addr": …}` here once the API accepts connections.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,

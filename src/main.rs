@@ -64,7 +64,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve_kme(args: args::KmeArgs) -> anyhow::Result<()> {
-    let config = dqkd_kme::Config::load(&args.config)?;
+    let mut config = dqkd_kme::Config::load(&args.config)?;
+    if let Some(name) = &args.replica {
+        config = config.with_replica(name)?;
+    }
     let serving = dqkd_kme::run(config).await?;
     if let Some(path) = &args.ready_file {
         write_ready_file(

@@ -9,9 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use dqkd_client::KeyRequestBody;
+use dqkd_client::{Client, KeyRequestBody};
 
+/// Sites A and B on PostgreSQL, with `extra` in the manifest; B runs a second replica.
 fn postgres_cluster() -> Option<Cluster> {
+    let mut cluster = postgres_cluster_full("")?;
+    cluster.add_replica("KME_B");
+    Some(cluster)
+}
+
+/// Sites A and B on PostgreSQL, one process each, with `extra` in the manifest.
+fn postgres_cluster_full(extra: &str) -> Option<Cluster> {
     if std::env::var_os("DQKD_TEST_POSTGRES_URL").is_none() {
         eprintln!(
             "!!! SKIPPED: DQKD_TEST_POSTGRES_URL is not set; replicated sites NOT tested !!!"
@@ -20,9 +28,7 @@ fn postgres_cluster() -> Option<Cluster> {
     }
     // Every test of this file runs on PostgreSQL: replicas need a shared store.
     std::env::set_var("DQKD_TEST_STORE", "postgres");
-    let mut cluster = Cluster::start_with(&["KME_A", "KME_B"], 3, 3000);
-    cluster.add_replica("KME_B");
-    Some(cluster)
+    Some(Cluster::start_full(&["KME_A", "KME_B"], 3, 3000, extra))
 }
 
 /// Alice's keys, by ID.
@@ -144,4 +150,83 @@ async fn killing_one_replica_under_load_loses_no_key() {
         .await
         .expect("survivor serves");
     assert_eq!(&got.keys[0].key, key);
+}
+
+/// Waits until `client`'s status toward Bob reports `want` ready keys exactly.
+async fn wait_level(client: &Client, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let level = client.status("bob").await.expect("status").stored_key_count;
+        if level == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pool toward bob at {level}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Alice asks site replica `at` for `number` keys; Bob must get the same ones at B.
+async fn share_through(cluster: &Cluster, at: &str, number: u32) {
+    let sent = cluster
+        .client_at("alice", at)
+        .enc_keys(
+            "bob",
+            &KeyRequestBody {
+                number: Some(number),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("enc_keys");
+    let ids: Vec<&str> = sent.keys.iter().map(|k| k.key_ID.as_str()).collect();
+    let got = cluster
+        .client("bob")
+        .dec_keys("alice", &ids)
+        .await
+        .expect("dec_keys");
+    for (s, g) in sent.keys.iter().zip(&got.keys) {
+        assert_eq!((&s.key_ID, &s.key), (&g.key_ID, &g.key));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn named_replicas_keep_ready_key_pools_of_their_own() {
+    let Some(mut cluster) =
+        postgres_cluster_full("[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n")
+    else {
+        return;
+    };
+    cluster.site("KME_A").relaunch_with(&["--replica", "a1"]);
+    let second = cluster.add_replica_with("KME_A", &["--replica", "a2"]);
+    let replicas = ["KME_A", second.as_str()];
+    for at in replicas {
+        wait_level(&cluster.client_at("alice", at), 2000).await;
+    }
+
+    // Each replica serves from its own pool: its level drops by exactly what it handed out.
+    for round in 0..10 {
+        share_through(&cluster, replicas[round % 2], 5).await;
+    }
+    for at in replicas {
+        wait_level(&cluster.client_at("alice", at), 1975).await;
+    }
+
+    // A restarted replica reads back its own pool, not the other's.
+    cluster.site(&second).kill9();
+    cluster.site(&second).launch();
+    wait_level(&cluster.client_at("alice", &second), 1975).await;
+    for round in 0..6 {
+        share_through(&cluster, replicas[round % 2], 4).await;
+    }
+    for at in replicas {
+        wait_level(&cluster.client_at("alice", at), 1963).await;
+        let log = cluster.sites[at].log_text();
+        assert!(
+            !log.contains("does not hold keys this site thought ready"),
+            "{at} met keys another replica had bound: {log}"
+        );
+    }
 }

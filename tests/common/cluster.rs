@@ -77,6 +77,13 @@ impl Proc {
         }
     }
 
+    /// Stops the process (SIGKILL) and starts it again with `extra` arguments added.
+    pub fn relaunch_with(&mut self, extra: &[&str]) {
+        self.kill9();
+        self.args.extend(extra.iter().map(|a| (*a).to_owned()));
+        self.launch();
+    }
+
     /// SIGKILL: no chance to flush or say goodbye.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -276,6 +283,11 @@ impl Cluster {
     /// Starts a second KME process for site `kme` on the same store (a PostgreSQL
     /// database), with its own API and peer ports; it is reachable as `"<kme>-r2"`.
     pub fn add_replica(&mut self, kme: &str) -> String {
+        self.add_replica_with(kme, &[])
+    }
+
+    /// Like `add_replica`, with `extra` arguments for the new process.
+    pub fn add_replica_with(&mut self, kme: &str, extra: &[&str]) -> String {
         let d = self.dir.path();
         let primary =
             std::fs::read_to_string(d.join(format!("site-{kme}.toml"))).expect("primary site file");
@@ -298,11 +310,11 @@ impl Cluster {
         let mut proc = Proc::new(
             d,
             &name,
-            vec![
-                "kme".into(),
-                "--config".into(),
-                config.display().to_string(),
-            ],
+            ["kme", "--config", &config.display().to_string()]
+                .iter()
+                .chain(extra)
+                .map(|a| (*a).to_owned())
+                .collect(),
         );
         proc.launch();
         self.sites.insert(name.clone(), proc);

@@ -304,6 +304,14 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
+    /// The replica name given on the command line is unusable.
+    #[error("replica name {name:?}: {problem}")]
+    Replica {
+        /// The name given.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// A site as the running KME sees it: its KME ID and SAEs.
@@ -358,6 +366,9 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Store, with absolute paths.
     pub store: StoreConfig,
+    /// This process's name among the replicas of its site (`dqkd kme --replica`), which
+    /// then keeps ready-key pools of its own; `None` for a site's only process.
+    pub replica: Option<String>,
 }
 
 impl Config {
@@ -524,7 +535,28 @@ impl Config {
                 location: store_location(&site.store, base, site_path)?,
                 kek: abs(&site.store.kek),
             },
+            replica: None,
         })
+    }
+
+    /// Names this process among the replicas of its site, so that its ready-key pools are
+    /// its own: replicas sharing one pool would each hand out keys another one listed.
+    /// Only a shared (PostgreSQL) store has replicas.
+    pub fn with_replica(mut self, name: &str) -> Result<Self, ConfigError> {
+        let refuse = |problem: &str| ConfigError::Replica {
+            name: name.to_owned(),
+            problem: problem.to_owned(),
+        };
+        if !valid_name(name) {
+            return Err(refuse("must be 1-64 characters of A-Z a-z 0-9 . _ -"));
+        }
+        if !matches!(self.store.location, StoreLocation::Postgres { .. }) {
+            return Err(refuse(
+                "only a site on PostgreSQL ([store] url) runs replicas; an embedded store has one KME process",
+            ));
+        }
+        self.replica = Some(name.to_owned());
+        Ok(self)
     }
 
     /// This site's entry.
@@ -781,6 +813,36 @@ saes = ["bob"]
 
         let bad_c = format!("[keygen]\nn = 2\nc = 2\n{TWO_SITES}");
         assert!(check(&bad_c, "A").is_err());
+    }
+
+    #[test]
+    fn only_a_site_on_postgres_names_its_replicas() {
+        let embedded = check(TWO_SITES, "A").expect("valid");
+        assert_eq!(embedded.replica, None);
+        let err = embedded.with_replica("r1").expect_err("embedded store");
+        assert!(
+            err.to_string().contains("only a site on PostgreSQL"),
+            "{err}"
+        );
+
+        let mut shared = site("A");
+        shared.store.path = None;
+        shared.store.url = Some("postgres://db.internal/dqkd".into());
+        let on_postgres = || {
+            Config::from_parts(
+                manifest(TWO_SITES),
+                Path::new("m.toml"),
+                shared.clone(),
+                Path::new("site.toml"),
+            )
+            .expect("valid")
+        };
+        let named = on_postgres().with_replica("kme-a.2").expect("valid name");
+        assert_eq!(named.replica.as_deref(), Some("kme-a.2"));
+        for bad in ["", "r 1", "r1@a", &"r".repeat(65)] {
+            let err = on_postgres().with_replica(bad).expect_err(bad);
+            assert!(err.to_string().contains("1-64 characters"), "{err}");
+        }
     }
 
     #[test]

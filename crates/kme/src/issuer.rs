@@ -94,6 +94,7 @@ impl Issuer {
     ) -> Self {
         let pools = Pools::new(
             &config.kme_id,
+            config.replica.as_deref(),
             config.pools,
             (config.limits.default_key_size / 8) as usize,
             peers.keys(),
@@ -399,7 +400,11 @@ async fn bind_ready(
     let Some(client) = shared.peers.get(site) else {
         return Err(Bound::Missed);
     };
-    let name = crate::pools::link_name(&shared.config.kme_id, site);
+    let name = crate::pools::link_name(
+        &shared.config.kme_id,
+        site,
+        shared.config.replica.as_deref(),
+    );
     let request_id = Uuid::new_v4();
     let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
     let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
@@ -414,6 +419,7 @@ async fn bind_ready(
             request_id,
             grants,
             positions: seqs.clone(),
+            replica: shared.config.replica.clone(),
         })
         .await;
     metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
@@ -600,6 +606,7 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
         metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
         expires_at,
         first_seq,
+        replica: shared.config.replica.clone(),
     };
     let labels = [
         ("kme", shared.config.kme_id.clone()),
@@ -745,6 +752,7 @@ fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid], r
             request_id,
             key_ids: ids.to_vec(),
             ready: ready.to_vec(),
+            replica: shared.config.replica.clone(),
         };
         tokio::spawn(async move {
             let started = Instant::now();

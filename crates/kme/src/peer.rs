@@ -60,6 +60,10 @@ pub struct DestroyRequest {
     /// or bind that failed), so that no late bind can ever take them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ready: Vec<u64>,
+    /// The replica of the calling site whose pool `ready` belongs to, when its replicas keep one
+    /// pool each (`dqkd kme --replica`); absent for a site's only pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Answer to [`DestroyRequest`].
@@ -84,6 +88,10 @@ pub struct FillRequest {
     /// Pool position of the batch's first key; the others follow one by one, in the order
     /// of the metadata. Both sites file each key at the same position.
     pub first_seq: u64,
+    /// The replica of the calling site whose pool this is, when its replicas keep one
+    /// pool each (`dqkd kme --replica`); absent for a site's only pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Answer to [`FillRequest`]: the ready keys are durably stored at the receiving site.
@@ -106,6 +114,10 @@ pub struct BindRequest {
     pub grants: Vec<Grant>,
     /// The pool position of every key of the grants, in grant order.
     pub positions: Vec<u64>,
+    /// The replica of the calling site whose pool this is, when its replicas keep one
+    /// pool each (`dqkd kme --replica`); absent for a site's only pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// Answer to [`BindRequest`]: the keys are durably held for their SAEs.

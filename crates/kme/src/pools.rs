@@ -26,10 +26,26 @@ use crate::config::PoolSettings;
 /// hold them when the bind arrives, whatever the clocks and queues in between.
 pub const EXPIRY_MARGIN_SECS: u64 = 60;
 
-/// The store's name for the pool of keys `origin` made for `peer`. Both sites use the same
-/// name, so a key is filed identically at both ends.
-pub fn link_name(origin: &str, peer: &str) -> String {
-    format!("{origin}>{peer}")
+/// The store's name for the pool of keys `origin` made for `peer`, or, when `origin` runs
+/// several replicas that each keep a pool, for the pool of its replica `replica`. Both sites
+/// use the same name, so a key is filed identically at both ends. (`@` cannot occur in a KME
+/// ID or a replica name, so names never collide.)
+pub fn link_name(origin: &str, peer: &str, replica: Option<&str>) -> String {
+    match replica {
+        None => format!("{origin}>{peer}"),
+        Some(replica) => format!("{origin}>{peer}@{replica}"),
+    }
+}
+
+/// [`link_name`] of a pool a peer's message names, refusing a replica name no site could
+/// have been given (so a peer cannot file keys under a name that mimics another pool).
+pub fn peer_link_name(origin: &str, peer: &str, replica: Option<&str>) -> Result<String, String> {
+    match replica {
+        Some(name) if !crate::config::valid_name(name) => Err(format!(
+            "replica name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        )),
+        _ => Ok(link_name(origin, peer, replica)),
+    }
 }
 
 /// The ready-key pools of this site, one per peer site.
@@ -189,9 +205,11 @@ fn unix_nanos() -> u64 {
 }
 
 impl Pools {
-    /// Empty pools for `peers`, or none at all when the settings turn pools off.
+    /// Empty pools for `peers`, or none at all when the settings turn pools off. With a
+    /// `replica` name the pools are this replica's own (see [`link_name`]).
     pub fn new<'a>(
         kme: &str,
+        replica: Option<&str>,
         settings: PoolSettings,
         key_len: usize,
         peers: impl IntoIterator<Item = &'a String>,
@@ -204,7 +222,7 @@ impl Pools {
                 .map(|peer| {
                     let pool = LinkPool {
                         peer: peer.clone(),
-                        name: link_name(kme, peer),
+                        name: link_name(kme, peer, replica),
                         ready: Mutex::new(Queue::default()),
                         wake: Notify::new(),
                     };
@@ -326,7 +344,7 @@ mod tests {
             low_water,
             ..PoolSettings::default()
         };
-        Pools::new("A", settings, 32, &["B".to_owned()])
+        Pools::new("A", None, settings, 32, &["B".to_owned()])
     }
 
     fn fill(p: &Pools, n: usize, expires_at: u64) -> Vec<Slot> {
@@ -431,6 +449,26 @@ mod tests {
             9,
         );
         assert_eq!(pool.reserve(1), u64::MAX / 2 + 1);
+    }
+
+    #[test]
+    fn each_replica_has_a_pool_name_of_its_own() {
+        let names = [
+            link_name("A", "B", None),
+            link_name("A", "B", Some("r1")),
+            link_name("A", "B", Some("r2")),
+            link_name("B", "A", Some("r1")),
+        ];
+        for (i, a) in names.iter().enumerate() {
+            for b in &names[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(peer_link_name("A", "B", Some("r1")), Ok(names[1].clone()));
+        assert_eq!(peer_link_name("A", "B", None), Ok(names[0].clone()));
+        for bad in ["", "r1@x", "r1>B", "a b", &"r".repeat(65)] {
+            assert!(peer_link_name("A", "B", Some(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

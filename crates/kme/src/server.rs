@@ -215,6 +215,7 @@ pub async fn run_with(
         tracing::info!(
             ready_keys = loaded,
             target = config.pools.target,
+            replica = config.replica.as_deref().unwrap_or("none"),
             "ready-key pools loaded"
         );
     }

@@ -430,6 +430,7 @@ impl KeyService {
             Some(Outcome::Withdrawn) => return Err(withdrawn(request.request_id)),
             None => {}
         }
+        let link = self.peer_link(peer, request.replica.as_deref())?;
         let now = unix_now();
         if request.expires_at <= now {
             return Err(ApiError::BadRequest(
@@ -470,7 +471,6 @@ impl KeyService {
                 expires_at,
             })
             .collect();
-        let link = crate::pools::link_name(peer.id(), &self.config.kme_id);
         self.store.pool_insert(&link, ready).await?;
         // As for deliveries: a destroy that overtook this fill marked the request first.
         if self.remembered(peer, request.request_id) == Some(Outcome::Withdrawn) {
@@ -503,6 +503,7 @@ impl KeyService {
             Some(Outcome::Withdrawn) => return Err(withdrawn(request.request_id)),
             None => {}
         }
+        let link = self.peer_link(peer, request.replica.as_deref())?;
         self.check_grants(peer, &request.grants)?;
         self.check_quota(&request.grants)?;
         let ids: Vec<Uuid> = request
@@ -535,7 +536,6 @@ impl KeyService {
                 expires_at,
             })
             .collect();
-        let link = crate::pools::link_name(peer.id(), &self.config.kme_id);
         let bound = match self.store.pool_bind(&link, grants, now).await {
             Ok(keys) => keys.len(),
             Err(TakeError::NotFound) => {
@@ -572,6 +572,13 @@ impl KeyService {
             request_id: request.request_id,
             bound,
         })
+    }
+
+    /// The store's name for the calling site's pool toward this one (that of one of its
+    /// replicas when the message names it).
+    fn peer_link(&self, peer: &VerifiedKme, replica: Option<&str>) -> Result<String, ApiError> {
+        crate::pools::peer_link_name(peer.id(), &self.config.kme_id, replica)
+            .map_err(ApiError::BadRequest)
     }
 
     /// Every grant's master is an SAE of the calling site and its slaves SAEs of this one.
@@ -645,10 +652,10 @@ impl KeyService {
         peer: &VerifiedKme,
         request: DestroyRequest,
     ) -> Result<DestroyAck, ApiError> {
+        let link = self.peer_link(peer, request.replica.as_deref())?;
         self.remember(peer, request.request_id, Outcome::Withdrawn);
         let mut destroyed = self.store.destroy(&request.key_ids).await?;
         if !request.ready.is_empty() {
-            let link = crate::pools::link_name(peer.id(), &self.config.kme_id);
             destroyed += self.store.pool_remove(&link, &request.ready).await?;
         }
         tracing::info!(
