@@ -230,3 +230,39 @@ async fn named_replicas_keep_ready_key_pools_of_their_own() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_name_in_use_waits_and_takes_the_pool_over() {
+    let Some(mut cluster) =
+        postgres_cluster_full("[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n")
+    else {
+        return;
+    };
+    cluster.site("KME_A").relaunch_with(&["--replica", "a1"]);
+    wait_level(&cluster.client_at("alice", "KME_A"), 2000).await;
+    // A second process under the same name: the pool stays with the first one, and the
+    // second serves on demand.
+    let standby = cluster.add_replica_with("KME_A", &["--replica", "a1"]);
+    share_through(&cluster, &standby, 3).await;
+    share_through(&cluster, "KME_A", 5).await;
+    wait_level(&cluster.client_at("alice", "KME_A"), 1995).await;
+    let standby_alice = cluster.client_at("alice", &standby);
+    let level = standby_alice
+        .status("bob")
+        .await
+        .expect("status")
+        .stored_key_count;
+    assert_eq!(level, 0, "the second process filled a pool of its own");
+    assert!(
+        cluster.sites[standby.as_str()]
+            .log_text()
+            .contains("another running process of this site keeps this ready-key pool"),
+        "the second process says why it has no pool"
+    );
+
+    // The first one dies: the second claims the pool and hands out its keys.
+    cluster.site("KME_A").kill9();
+    wait_level(&standby_alice, 1995).await;
+    share_through(&cluster, &standby, 5).await;
+    wait_level(&standby_alice, 1990).await;
+}

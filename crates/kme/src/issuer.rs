@@ -121,15 +121,30 @@ impl Issuer {
         self.shared.pools.level(site)
     }
 
-    /// Reads the pools back from the store and starts one refill task per link, which
-    /// stops when `stopped` turns true. Returns how many ready keys were loaded.
+    /// Claims each link's pool, reads back the pools this process now holds, and starts one
+    /// refill task per link (which keeps trying to claim a pool another process holds), all
+    /// stopping when `stopped` turns true. Returns how many ready keys were loaded.
     pub async fn start_pools(&self, stopped: watch::Receiver<bool>) -> Result<u64, StoreError> {
-        let loaded = self.shared.pools.load(self.shared.store.as_ref()).await?;
-        for pool in self.shared.pools.links() {
+        let shared = &self.shared;
+        let mut loaded = 0;
+        for pool in shared.pools.links() {
+            let claimed = shared.store.claim_pool(pool.name()).await?;
+            if claimed {
+                loaded += shared.pools.load(pool, shared.store.as_ref()).await?;
+            } else {
+                tracing::warn!(
+                    peer = pool.peer(),
+                    pool = pool.name(),
+                    "another running process of this site keeps this ready-key pool (two \
+                     replicas started with one --replica name?); serving on demand until it is \
+                     released"
+                );
+            }
             tokio::spawn(refill_loop(
-                self.shared.clone(),
+                shared.clone(),
                 pool.clone(),
                 stopped.clone(),
+                claimed,
             ));
         }
         Ok(loaded)
@@ -533,15 +548,47 @@ fn remove_ready_here(shared: &Shared, link: &str, seqs: Vec<u64>) {
     });
 }
 
+/// How often a process asks again for a pool another process of its site holds.
+const CLAIM_RETRY: Duration = Duration::from_secs(2);
+
 /// Keeps one link's pool between its low-water mark and its target: once the level is at
-/// or below the low-water mark, fills batch after batch until the target is reached.
-async fn refill_loop(shared: Arc<Shared>, pool: Arc<LinkPool>, mut stopped: watch::Receiver<bool>) {
+/// or below the low-water mark, fills batch after batch until the target is reached. Only
+/// while this process holds the pool's claim: until then (`claimed` false) it asks for the
+/// claim every [`CLAIM_RETRY`] and, once it has it, reads the pool from the store.
+async fn refill_loop(
+    shared: Arc<Shared>,
+    pool: Arc<LinkPool>,
+    mut stopped: watch::Receiver<bool>,
+    mut claimed: bool,
+) {
     let settings = shared.pools.settings();
     let mut filling = false;
     let mut backoff = Duration::from_millis(200);
     loop {
         if *stopped.borrow() {
             return;
+        }
+        if !claimed {
+            match claim_and_load(&shared, &pool).await {
+                Ok(Some(loaded)) => {
+                    tracing::info!(
+                        peer = pool.peer(),
+                        ready_keys = loaded,
+                        "claimed the ready-key pool"
+                    );
+                    claimed = true;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(peer = pool.peer(), error = %e, "claiming the ready-key pool failed")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CLAIM_RETRY) => {}
+                _ = stopped.changed() => return,
+            }
+            continue;
         }
         let level = pool.level();
         filling = (filling || level <= settings.low_water) && level < settings.target;
@@ -554,9 +601,30 @@ async fn refill_loop(shared: Arc<Shared>, pool: Arc<LinkPool>, mut stopped: watc
             }
             continue;
         }
+        // Still ours? A claim lapses with the database connection that held it, and another
+        // process may have taken the pool over meanwhile.
+        let still_ours = match shared.store.claim_pool(pool.name()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!(
+                    peer = pool.peer(),
+                    "another process of this site took this ready-key pool over; serving on \
+                     demand until it is released"
+                );
+                // Not shredded: they are the other process's to hand out now.
+                let _ = shared.pools.discard(pool.peer());
+                claimed = false;
+                continue;
+            }
+            Err(e) => Err(ApiError::from(e)),
+        };
         let count = (settings.target - level).min(u64::from(settings.batch)) as usize;
         let started = Instant::now();
-        match fill_once(&shared, &pool, count).await {
+        let filled = match still_ours {
+            Ok(()) => fill_once(&shared, &pool, count).await,
+            Err(e) => Err(e),
+        };
+        match filled {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
                 metrics::histogram!("dqkd_pool_refill_seconds", "kme" => shared.config.kme_id.clone())
@@ -572,6 +640,15 @@ async fn refill_loop(shared: Arc<Shared>, pool: Arc<LinkPool>, mut stopped: watc
             }
         }
     }
+}
+
+/// Claims the pool and, when this process now holds it, reads its ready keys from the store;
+/// `None` while another process holds it.
+async fn claim_and_load(shared: &Shared, pool: &LinkPool) -> Result<Option<u64>, StoreError> {
+    if !shared.store.claim_pool(pool.name()).await? {
+        return Ok(None);
+    }
+    Ok(Some(shared.pools.load(pool, shared.store.as_ref()).await?))
 }
 
 /// One refill batch: generate, have the peer regenerate and store it, then store it here.

@@ -260,27 +260,25 @@ impl Pools {
             .map(|p| (p.level(), self.settings.target))
     }
 
-    /// Reads every pool's ready keys back from the store, after a restart, a page at a
-    /// time (a full listing of a million keys would briefly cost more than the pool).
-    pub async fn load(&self, store: &dyn KeyStore) -> Result<u64, StoreError> {
+    /// Reads one pool's ready keys back from the store (after a restart, or once this
+    /// process claims the pool), a page at a time: a full listing of a million keys would
+    /// briefly cost more than the pool. Returns how many.
+    pub async fn load(&self, pool: &LinkPool, store: &dyn KeyStore) -> Result<u64, StoreError> {
         const PAGE: usize = 65_536;
-        let mut total = 0;
-        for pool in self.links.values() {
-            let mut queue = Queue::default();
-            loop {
-                let after = queue.last_seq();
-                let page = store.pool_page(&pool.name, after, PAGE).await?;
-                for key in &page {
-                    queue.push([key.slot], key.expires_at);
-                }
-                if page.len() < PAGE {
-                    break;
-                }
+        let mut queue = Queue::default();
+        loop {
+            let after = queue.last_seq();
+            let page = store.pool_page(&pool.name, after, PAGE).await?;
+            for key in &page {
+                queue.push([key.slot], key.expires_at);
             }
-            total += queue.len() as u64;
-            *pool.lock() = queue;
-            self.gauge(pool);
+            if page.len() < PAGE {
+                break;
+            }
         }
+        let total = queue.len() as u64;
+        *pool.lock() = queue;
+        self.gauge(pool);
         Ok(total)
     }
 
@@ -312,7 +310,8 @@ impl Pools {
 
     /// Empties the pool toward `peer` and returns what it held: when the peer no longer
     /// holds keys this site thinks are ready (it lost its store, say), the two views of the
-    /// pool disagree and the pool starts over from fresh fills.
+    /// pool disagree and the pool starts over from fresh fills; and when another process of
+    /// this site has taken the pool over, this one stops handing its keys out.
     pub fn discard(&self, peer: &str) -> Vec<Slot> {
         let Some(pool) = self.links.get(peer) else {
             return Vec::new();

@@ -30,6 +30,12 @@
 //!   its defaults (`fsync = on`, `synchronous_commit = on`); a warning is logged at connect if
 //!   `synchronous_commit` is off.
 //!
+//! * A pool is claimed ([`KeyStore::claim_pool`]) with a session-level advisory lock
+//!   (`pg_try_advisory_lock(`[`POOL_CLAIM_CLASS`]`, hashtext(link))`) on a connection of its
+//!   own, outside the pool, which this process keeps open: the claim lasts until the process
+//!   exits or that connection drops. A lost connection is opened again by the next claim,
+//!   which takes the lock again if it is free.
+//!
 //! Schema migrations are applied at connect (see [`SCHEMA_VERSION`] and
 //! [`MIGRATION_LOCK_KEY`]); the tables are `dqkd_schema_migrations`, `dqkd_meta` (the KEK check
 //! value), `dqkd_keys` (keys for SAEs) and `dqkd_pool_keys` (ready keys of every link).
@@ -82,7 +88,7 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::counts::{Counts, Delta};
-use crate::error::{db, pool};
+use crate::error::{db, pool, PgFailure};
 pub use crate::schema::{MIGRATION_LOCK_KEY, SCHEMA_VERSION};
 
 /// Tuning of a [`PostgresStore`]; start from [`Options::new`].
@@ -112,13 +118,28 @@ impl Options {
     }
 }
 
+/// First key of the advisory locks that claim ready-key pools (ASCII "dqkp"); the second is
+/// `hashtext(link)`. Two-key advisory locks never meet the one-key [`MIGRATION_LOCK_KEY`].
+pub const POOL_CLAIM_CLASS: i32 = 0x6471_6B70;
+
 /// Key store on a PostgreSQL database shared by every KME replica of a site.
 pub struct PostgresStore {
     pool: Pool,
+    /// Where to open the connection that holds pool claims.
+    config: tokio_postgres::Config,
+    claims: tokio::sync::Mutex<Claims>,
     cipher: Cipher,
     counts: Arc<Counts>,
     refresher: JoinHandle<()>,
     database: String,
+}
+
+/// The connection holding this process's pool claims, and the pools it has claimed: a
+/// session-level lock lives exactly as long as its connection.
+#[derive(Default)]
+struct Claims {
+    client: Option<tokio_postgres::Client>,
+    held: HashSet<String>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -302,7 +323,7 @@ impl PostgresStore {
         }
         let database = describe(&config);
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -327,6 +348,8 @@ impl PostgresStore {
         tracing::info!(%database, pool_size = options.pool_size, "key store connected");
         Ok(PostgresStore {
             pool,
+            config,
+            claims: tokio::sync::Mutex::default(),
             cipher,
             counts,
             refresher,
@@ -836,6 +859,53 @@ impl KeyStore for PostgresStore {
             .execute(&stmt, &[&link, &seqs])
             .await
             .map_err(db("removing ready keys"))
+    }
+
+    async fn claim_pool(&self, link: &str) -> Result<bool, StoreError> {
+        let mut claims = self.claims.lock().await;
+        let client = match claims.client.take().filter(|c| !c.is_closed()) {
+            Some(client) => client,
+            None => {
+                // A new session holds none of the locks the old one held.
+                claims.held.clear();
+                let (client, connection) = self
+                    .config
+                    .connect(NoTls)
+                    .await
+                    .map_err(db("connecting to hold ready-key pool claims"))?;
+                let database = self.database.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!(%database, error = %PgFailure::new(e),
+                            "the connection holding this process's ready-key pool claims ended; \
+                             they lapse until the next claim");
+                    }
+                });
+                client
+            }
+        };
+        let held = if claims.held.contains(link) {
+            Ok(true)
+        } else {
+            client
+                .query_one(
+                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                    &[&POOL_CLAIM_CLASS, &link],
+                )
+                .await
+                .and_then(|row| row.try_get::<_, bool>(0))
+                .map_err(db("claiming a ready-key pool"))
+        };
+        match held {
+            Ok(true) => {
+                claims.held.insert(link.to_owned());
+            }
+            Ok(false) => {}
+            // Most likely the connection itself failed: the next claim opens a new one.
+            Err(_) => return held,
+        }
+        claims.client = Some(client);
+        held
     }
 
     async fn pool_page(

@@ -659,6 +659,48 @@ async fn pool_remove_racing_a_bind_exactly_one_wins() {
     assert_eq!(a.pending("alice", "bob"), 0);
 }
 
+/// One process at a time keeps a pool: a second replica's claim waits until the first lets
+/// go (here, by closing its store), pools are claimed one by one, and a claim survives the
+/// loss of the connection that held it when nobody else took the pool meanwhile.
+#[tokio::test]
+async fn one_replica_at_a_time_claims_a_pool() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let first = connect(&db, 2).await;
+    let second = connect(&db, 2).await;
+    assert!(first.claim_pool("A>B@r1").await.unwrap());
+    assert!(first.claim_pool("A>B@r1").await.unwrap(), "held already");
+    assert!(!second.claim_pool("A>B@r1").await.unwrap());
+    assert!(second.claim_pool("A>B@r2").await.unwrap(), "another pool");
+    assert!(!first.claim_pool("A>B@r2").await.unwrap());
+
+    // The holder's claim connection dies: the pool is free, and the next claim takes it
+    // again on a new connection.
+    let killed = db
+        .client()
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks \
+             WHERE locktype = 'advisory' AND classid = $1::int4::oid AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&dqkd_store_postgres::POOL_CLAIM_CLASS],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed, 2, "one claim connection per store");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(first.claim_pool("A>B@r1").await.unwrap(), "claimed again");
+    assert!(!second.claim_pool("A>B@r1").await.unwrap());
+
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !second.claim_pool("A>B@r1").await.unwrap() {
+        assert!(std::time::Instant::now() < deadline, "never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Stores one key for alice→bob (bytes `byte`), then takes the schema back to just after
 /// migration 1 (keys only), as an older release left it; returns the key's ID.
 async fn key_in_version_1_database(db: &TestDb, byte: u8) -> Uuid {

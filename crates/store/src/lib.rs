@@ -160,6 +160,17 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ReadyKey>, StoreError>;
 
+    /// Makes sure this process alone keeps the pool of `link` among the processes that
+    /// share this store: `Ok(true)` when it holds the claim (just taken or already held),
+    /// `Ok(false)` while another live process holds it. A claim lasts as long as the process
+    /// (or its hold on the store) does. A store that one process alone can open claims every
+    /// pool for it. Claims only decide which process refills a pool and hands its keys out; a
+    /// ready key is bound at most once whoever tries.
+    async fn claim_pool(&self, link: &str) -> Result<bool, StoreError> {
+        let _ = link;
+        Ok(true)
+    }
+
     /// Every ready key of the pool of `link`, in position order ([`KeyStore::pool_page`]
     /// until the end).
     async fn pool_list(&self, link: &str) -> Result<Vec<ReadyKey>, StoreError> {
