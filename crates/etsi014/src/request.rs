@@ -212,18 +212,46 @@ pub fn parse_enc_query(
 
 /// Parses a dec_keys POST body (`Key IDs`). `max` bounds how many IDs one call may name.
 pub fn parse_key_ids(body: &[u8], max: u32) -> Result<Vec<Uuid>, ValidationError> {
+    // The common body, `{"key_IDs":[{"key_ID":"…"},…]}`, is read straight into borrowed
+    // strings; anything else (extensions, escapes, wrong types, bad JSON) takes the general
+    // path, which alone words the errors, so both paths answer every body alike.
+    match plain::key_ids(body) {
+        Some(entries) => collect_key_ids(entries.iter().map(|e| e.0), max),
+        None => parse_key_ids_general(body, max),
+    }
+}
+
+/// [`parse_key_ids`] through a `serde_json::Value`: accepts and refuses every body.
+fn parse_key_ids_general(body: &[u8], max: u32) -> Result<Vec<Uuid>, ValidationError> {
     let object = parse_object(body)?;
     let entries = match object.get("key_IDs") {
         None | Some(Value::Null) => return Err(ValidationError::Missing("key_IDs")),
         Some(Value::Array(entries)) => entries,
-        Some(_) => {
-            return Err(ValidationError::WrongType {
-                field: "key_IDs",
-                expected: "an array of objects with a key_ID string",
-            })
-        }
+        Some(_) => return Err(KEY_IDS_WRONG_TYPE),
     };
-    if entries.is_empty() {
+    collect_key_ids(
+        entries.iter().map(|entry| {
+            entry
+                .as_object()
+                .and_then(|o| o.get("key_ID"))
+                .and_then(Value::as_str)
+        }),
+        max,
+    )
+}
+
+const KEY_IDS_WRONG_TYPE: ValidationError = ValidationError::WrongType {
+    field: "key_IDs",
+    expected: "an array of objects with a key_ID string",
+};
+
+/// Checks the `key_ID` of each entry (`None`: the entry is not an object with a `key_ID`
+/// string) in order: count, type, UUID form, repeats.
+fn collect_key_ids<'a>(
+    entries: impl ExactSizeIterator<Item = Option<&'a str>>,
+    max: u32,
+) -> Result<Vec<Uuid>, ValidationError> {
+    if entries.len() == 0 {
         return Err(ValidationError::NoKeyIds);
     }
     if entries.len() > max as usize {
@@ -234,22 +262,98 @@ pub fn parse_key_ids(body: &[u8], max: u32) -> Result<Vec<Uuid>, ValidationError
     }
     let mut ids = Vec::with_capacity(entries.len());
     let mut seen = HashSet::with_capacity(entries.len());
-    for entry in entries {
-        let text = entry
-            .as_object()
-            .and_then(|o| o.get("key_ID"))
-            .and_then(Value::as_str)
-            .ok_or(ValidationError::WrongType {
-                field: "key_IDs",
-                expected: "an array of objects with a key_ID string",
-            })?;
-        let id = parse_uuid(text)?;
+    for text in entries {
+        let id = parse_uuid(text.ok_or(KEY_IDS_WRONG_TYPE)?)?;
         if !seen.insert(id) {
             return Err(ValidationError::DuplicateKeyId(id));
         }
         ids.push(id);
     }
     Ok(ids)
+}
+
+/// The fast path of [`parse_key_ids`]: only bodies whose every part it understands.
+mod plain {
+    use std::fmt;
+
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    use serde::Deserialize;
+
+    /// The body, from a JSON object only (a derived struct would also take an array).
+    struct Body<'a>(Vec<Entry<'a>>);
+
+    /// One entry's `key_ID` (`None` when it has none), from a JSON object only.
+    pub(super) struct Entry<'a>(pub Option<&'a str>);
+
+    /// The entries of a body that is an object holding a `key_IDs` array of objects, each
+    /// with at most string members; `None` for anything else.
+    pub(super) fn key_ids(body: &[u8]) -> Option<Vec<Entry<'_>>> {
+        serde_json::from_slice::<Body<'_>>(body).ok().map(|b| b.0)
+    }
+
+    impl<'de> Deserialize<'de> for Body<'de> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_map(BodyVisitor)
+        }
+    }
+
+    struct BodyVisitor;
+
+    impl<'de> Visitor<'de> for BodyVisitor {
+        type Value = Body<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a Key IDs object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut entries = None;
+            while let Some(name) = map.next_key::<&'de str>()? {
+                if name == "key_IDs" {
+                    if entries.is_some() {
+                        // The general path keeps the last; leave such bodies to it.
+                        return Err(serde::de::Error::custom("key_IDs given twice"));
+                    }
+                    entries = Some(map.next_value::<Vec<Entry<'de>>>()?);
+                } else {
+                    // Read as the general path reads it, so a member it refuses (a number out
+                    // of range, say) is refused here too.
+                    map.next_value::<serde_json::Value>()?;
+                }
+            }
+            entries
+                .map(Body)
+                .ok_or_else(|| serde::de::Error::custom("no key_IDs"))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Entry<'de> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            deserializer.deserialize_map(EntryVisitor)
+        }
+    }
+
+    struct EntryVisitor;
+
+    impl<'de> Visitor<'de> for EntryVisitor {
+        type Value = Entry<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a key ID object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut id = None;
+            while let Some(name) = map.next_key::<&'de str>()? {
+                // Every member a plain string: an extension object goes the general way.
+                let value = map.next_value::<&'de str>()?;
+                if name == "key_ID" {
+                    id = Some(value);
+                }
+            }
+            Ok(Entry(id))
+        }
+    }
 }
 
 /// Parses the query string of a dec_keys GET: exactly one `key_ID`.

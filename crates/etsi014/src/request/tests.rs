@@ -174,6 +174,60 @@ fn enc_query_validation() {
     ));
 }
 
+/// The fast path of `parse_key_ids` answers every body exactly as the general path does, and
+/// takes the bodies it is for.
+#[test]
+fn key_ids_fast_path_answers_as_the_general_path() {
+    let (a, b) = (
+        "550e8400-e29b-41d4-a716-446655440000",
+        "018f0000-0000-7000-8000-000000000001",
+    );
+    let plain = [
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}},{{"key_ID":"{b}"}}]}}"#),
+        format!(r#" {{ "key_IDs" : [ {{ "key_ID" : "{a}" }} ] }} "#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}","note":"x"}}],"other":[1,{{"x":null}}]}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}},{{"key_ID":"{a}"}}]}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"nope"}},{{"key_ID":"{a}"}}]}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}},{{}}]}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"x","key_ID":"{a}"}}]}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}},{{"KEY_ID":"{b}"}}]}}"#),
+        r#"{"key_IDs":[]}"#.to_owned(),
+    ];
+    let general_only = [
+        String::new(),
+        "   ".to_owned(),
+        "not json".to_owned(),
+        format!(r#"[{{"key_ID":"{a}"}}]"#),
+        format!(r#"[[{{"key_ID":"{a}"}}]]"#),
+        format!(r#"{{"key_IDs":[["{a}"]]}}"#),
+        format!(r#"{{"key_IDs":["{a}"]}}"#),
+        format!(r#"{{"key_IDs":{{"key_ID":"{a}"}}}}"#),
+        r#"{"key_IDs":null}"#.to_owned(),
+        r#"{"key_IDs":[{"key_ID":7}]}"#.to_owned(),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}","key_ID_extension":{{"x":1}}}}]}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"\u0035{}"}}]}}"#, &a[1..]),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}}],"key_IDs":[{{"key_ID":"{b}"}}]}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}}],"big":1e400}}"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}}]}} trailing"#),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{a}"}}]"#),
+    ];
+    for body in plain.iter().chain(&general_only) {
+        for max in [0, 1, 10] {
+            assert_eq!(
+                parse_key_ids(body.as_bytes(), max),
+                parse_key_ids_general(body.as_bytes(), max),
+                "{body}, max {max}"
+            );
+        }
+    }
+    for body in &plain {
+        assert!(plain::key_ids(body.as_bytes()).is_some(), "fast: {body}");
+    }
+    for body in &general_only {
+        assert!(plain::key_ids(body.as_bytes()).is_none(), "general: {body}");
+    }
+}
+
 #[test]
 fn key_ids_validation() {
     let id = "550e8400-e29b-41d4-a716-446655440000";
