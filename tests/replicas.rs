@@ -260,9 +260,29 @@ async fn a_replica_name_in_use_waits_and_takes_the_pool_over() {
         "the second process says why it has no pool"
     );
 
-    // The first one dies: the second claims the pool and hands out its keys.
-    cluster.site("KME_A").kill9();
+    // The first one loses its claim while frozen: the second claims the pool, and the first,
+    // once it runs again, finds the claim gone and hands out nothing more.
+    let holder = cluster.sites["KME_A"].pid();
+    cluster.sites["KME_A"].signal("-STOP");
+    common::psql(
+        &cluster.store_url("KME_A"),
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'dqkd pool claims (pid {holder})'"
+        ),
+    );
     wait_level(&standby_alice, 1995).await;
+    cluster.sites["KME_A"].signal("-CONT");
+    let first_alice = cluster.client_at("alice", "KME_A");
+    wait_level(&first_alice, 0).await;
     share_through(&cluster, &standby, 5).await;
     wait_level(&standby_alice, 1990).await;
+    share_through(&cluster, "KME_A", 2).await;
+    wait_level(&standby_alice, 1990).await;
+
+    // The second one dies: the first claims the pool back and hands out its keys.
+    cluster.site(&standby).kill9();
+    wait_level(&first_alice, 1990).await;
+    share_through(&cluster, "KME_A", 5).await;
+    wait_level(&first_alice, 1985).await;
 }

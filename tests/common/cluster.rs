@@ -92,6 +92,11 @@ impl Proc {
         }
     }
 
+    /// The process ID, while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// SIGSTOP / SIGCONT: a peer that is alive but does not answer.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("running").id();
@@ -319,6 +324,17 @@ impl Cluster {
         proc.launch();
         self.sites.insert(name.clone(), proc);
         name
+    }
+
+    /// The PostgreSQL URL in site `kme`'s file (panics for an embedded store).
+    pub fn store_url(&self, kme: &str) -> String {
+        let site = std::fs::read_to_string(self.dir.path().join(format!("site-{kme}.toml")))
+            .expect("site file");
+        let line = site
+            .lines()
+            .find(|l| l.starts_with("url = "))
+            .expect("a PostgreSQL store");
+        line["url = ".len()..].trim_matches('"').to_owned()
     }
 
     pub fn site(&mut self, kme: &str) -> &mut Proc {

@@ -60,7 +60,8 @@ impl Drop for TempDatabase {
     }
 }
 
-fn psql(url: &str, sql: &str) {
+/// Runs `sql` on the database at `url`, which must succeed.
+pub fn psql(url: &str, sql: &str) {
     let out = Command::new("psql")
         .args([url, "-qc", sql])
         .output()

@@ -128,7 +128,17 @@ impl Issuer {
         let shared = &self.shared;
         let mut loaded = 0;
         for pool in shared.pools.links() {
-            let claimed = shared.store.claim_pool(pool.name()).await?;
+            let claimed = match shared.store.claim_pool(pool.name()).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(
+                        peer = pool.peer(),
+                        error = %e,
+                        "claiming the ready-key pool failed; serving on demand until a claim succeeds"
+                    );
+                    false
+                }
+            };
             if claimed {
                 loaded += shared.pools.load(pool, shared.store.as_ref()).await?;
             } else {
@@ -554,7 +564,9 @@ const CLAIM_RETRY: Duration = Duration::from_secs(2);
 /// Keeps one link's pool between its low-water mark and its target: once the level is at
 /// or below the low-water mark, fills batch after batch until the target is reached. Only
 /// while this process holds the pool's claim: until then (`claimed` false) it asks for the
-/// claim every [`CLAIM_RETRY`] and, once it has it, reads the pool from the store.
+/// claim every [`CLAIM_RETRY`] and, once it has it, reads the pool from the store; while it
+/// holds it, it asks again as often and before every fill, and empties its view of the pool
+/// (handing out nothing more) the moment it cannot show the claim is still its own.
 async fn refill_loop(
     shared: Arc<Shared>,
     pool: Arc<LinkPool>,
@@ -564,6 +576,7 @@ async fn refill_loop(
     let settings = shared.pools.settings();
     let mut filling = false;
     let mut backoff = Duration::from_millis(200);
+    let mut checked = Instant::now();
     loop {
         if *stopped.borrow() {
             return;
@@ -576,7 +589,7 @@ async fn refill_loop(
                         ready_keys = loaded,
                         "claimed the ready-key pool"
                     );
-                    claimed = true;
+                    (claimed, checked) = (true, Instant::now());
                     continue;
                 }
                 Ok(None) => {}
@@ -592,6 +605,31 @@ async fn refill_loop(
         }
         let level = pool.level();
         filling = (filling || level <= settings.low_water) && level < settings.target;
+        // Still ours? Asked before every fill and every CLAIM_RETRY: a claim lapses with the
+        // database connection that held it, and another process may have taken the pool over.
+        if filling || checked.elapsed() >= CLAIM_RETRY {
+            checked = Instant::now();
+            let lost = match shared.store.claim_pool(pool.name()).await {
+                Ok(true) => None,
+                Ok(false) => {
+                    Some("another process of this site took this ready-key pool over".into())
+                }
+                Err(e) => Some(format!(
+                    "this process cannot show it still holds this ready-key pool: {e}"
+                )),
+            };
+            if let Some(why) = lost {
+                tracing::warn!(
+                    peer = pool.peer(),
+                    why,
+                    "serving on demand until the pool is claimed again"
+                );
+                // Not shredded: the process that holds the claim now hands them out.
+                let _ = shared.pools.discard(pool.peer());
+                (claimed, filling) = (false, false);
+                continue;
+            }
+        }
         if !filling {
             tokio::select! {
                 _ = pool.woken() => {}
@@ -601,29 +639,9 @@ async fn refill_loop(
             }
             continue;
         }
-        // Still ours? A claim lapses with the database connection that held it, and another
-        // process may have taken the pool over meanwhile.
-        let still_ours = match shared.store.claim_pool(pool.name()).await {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                tracing::warn!(
-                    peer = pool.peer(),
-                    "another process of this site took this ready-key pool over; serving on \
-                     demand until it is released"
-                );
-                // Not shredded: they are the other process's to hand out now.
-                let _ = shared.pools.discard(pool.peer());
-                claimed = false;
-                continue;
-            }
-            Err(e) => Err(ApiError::from(e)),
-        };
         let count = (settings.target - level).min(u64::from(settings.batch)) as usize;
         let started = Instant::now();
-        let filled = match still_ours {
-            Ok(()) => fill_once(&shared, &pool, count).await,
-            Err(e) => Err(e),
-        };
+        let filled = fill_once(&shared, &pool, count).await;
         match filled {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
@@ -829,7 +847,9 @@ fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid], r
             request_id,
             key_ids: ids.to_vec(),
             ready: ready.to_vec(),
-            replica: shared.config.replica.clone(),
+            // Named only where ready keys are withdrawn, so that a withdrawal of ordinary keys
+            // reads the same to a peer that predates replica names.
+            replica: shared.config.replica.clone().filter(|_| !ready.is_empty()),
         };
         tokio::spawn(async move {
             let started = Instant::now();

@@ -652,10 +652,11 @@ impl KeyService {
         peer: &VerifiedKme,
         request: DestroyRequest,
     ) -> Result<DestroyAck, ApiError> {
-        let link = self.peer_link(peer, request.replica.as_deref())?;
         self.remember(peer, request.request_id, Outcome::Withdrawn);
         let mut destroyed = self.store.destroy(&request.key_ids).await?;
         if !request.ready.is_empty() {
+            // Checked after the ordinary keys are gone: a bad name must not keep them.
+            let link = self.peer_link(peer, request.replica.as_deref())?;
             destroyed += self.store.pool_remove(&link, &request.ready).await?;
         }
         tracing::info!(

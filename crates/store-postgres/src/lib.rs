@@ -30,11 +30,13 @@
 //!   its defaults (`fsync = on`, `synchronous_commit = on`); a warning is logged at connect if
 //!   `synchronous_commit` is off.
 //!
-//! * A pool is claimed ([`KeyStore::claim_pool`]) with a session-level advisory lock
-//!   (`pg_try_advisory_lock(`[`POOL_CLAIM_CLASS`]`, hashtext(link))`) on a connection of its
-//!   own, outside the pool, which this process keeps open: the claim lasts until the process
-//!   exits or that connection drops. A lost connection is opened again by the next claim,
-//!   which takes the lock again if it is free.
+//! * A pool is claimed ([`KeyStore::claim_pool`]) with a session-level advisory lock (one
+//!   64-bit key per link, [`POOL_CLAIM_KEY_SQL`]) on a connection of its own, outside the pool
+//!   and named after [`CLAIM_APPLICATION_NAME`], which this process keeps open: the claim lasts
+//!   until the process exits or that connection drops. Every claim is a round trip
+//!   (`pg_try_advisory_lock` again, which a session holding the lock always wins) bounded by
+//!   [`CLAIM_TIMEOUT`], so a claim is never reported held on the word of a connection that
+//!   may be dead; a failed one drops the connection, and the next claim opens a new one.
 //!
 //! Schema migrations are applied at connect (see [`SCHEMA_VERSION`] and
 //! [`MIGRATION_LOCK_KEY`]); the tables are `dqkd_schema_migrations`, `dqkd_meta` (the KEK check
@@ -118,9 +120,18 @@ impl Options {
     }
 }
 
-/// First key of the advisory locks that claim ready-key pools (ASCII "dqkp"); the second is
-/// `hashtext(link)`. Two-key advisory locks never meet the one-key [`MIGRATION_LOCK_KEY`].
-pub const POOL_CLAIM_CLASS: i32 = 0x6471_6B70;
+/// The advisory lock key of the pool named `$1`: the first 64 bits of
+/// SHA-256("dqkd pool claim:" ‖ link), so that distinct pools practically never share a lock.
+pub const POOL_CLAIM_KEY_SQL: &str = "('x' || left(encode(sha256(convert_to('dqkd pool claim:' \
+     || $1, 'UTF8')), 'hex'), 16))::bit(64)::bigint";
+
+/// `application_name` of the connection that holds this process's pool claims, followed by
+/// ` (pid <process ID>)`.
+pub const CLAIM_APPLICATION_NAME: &str = "dqkd pool claims";
+
+/// Longest a claim may take (connecting included) before it fails and its connection is
+/// dropped: a connection that does not answer holds no claim this process can count on.
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Key store on a PostgreSQL database shared by every KME replica of a site.
 pub struct PostgresStore {
@@ -134,12 +145,11 @@ pub struct PostgresStore {
     database: String,
 }
 
-/// The connection holding this process's pool claims, and the pools it has claimed: a
-/// session-level lock lives exactly as long as its connection.
+/// The connection holding this process's pool claims (`None` until the first claim and
+/// after a failed one): a session-level lock lives exactly as long as its connection.
 #[derive(Default)]
 struct Claims {
     client: Option<tokio_postgres::Client>,
-    held: HashSet<String>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -366,6 +376,28 @@ impl PostgresStore {
     /// The database, as host, port and name (never a password).
     pub fn database(&self) -> &str {
         &self.database
+    }
+
+    /// Opens the connection that holds this process's pool claims.
+    async fn claim_connection(&self) -> Result<tokio_postgres::Client, StoreError> {
+        let mut config = self.config.clone();
+        config.application_name(format!(
+            "{CLAIM_APPLICATION_NAME} (pid {})",
+            std::process::id()
+        ));
+        let (client, connection) = tokio::time::timeout(CLAIM_TIMEOUT, config.connect(NoTls))
+            .await
+            .map_err(|_| claim_timed_out("connecting to hold ready-key pool claims"))?
+            .map_err(db("connecting to hold ready-key pool claims"))?;
+        let database = self.database.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(%database, error = %PgFailure::new(e),
+                    "the connection holding this process's ready-key pool claims ended; \
+                     they lapse until the next claim");
+            }
+        });
+        Ok(client)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -865,47 +897,23 @@ impl KeyStore for PostgresStore {
         let mut claims = self.claims.lock().await;
         let client = match claims.client.take().filter(|c| !c.is_closed()) {
             Some(client) => client,
-            None => {
-                // A new session holds none of the locks the old one held.
-                claims.held.clear();
-                let (client, connection) = self
-                    .config
-                    .connect(NoTls)
-                    .await
-                    .map_err(db("connecting to hold ready-key pool claims"))?;
-                let database = self.database.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::warn!(%database, error = %PgFailure::new(e),
-                            "the connection holding this process's ready-key pool claims ended; \
-                             they lapse until the next claim");
-                    }
-                });
-                client
-            }
+            None => self.claim_connection().await?,
         };
-        let held = if claims.held.contains(link) {
-            Ok(true)
-        } else {
-            client
-                .query_one(
-                    "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                    &[&POOL_CLAIM_CLASS, &link],
-                )
-                .await
-                .and_then(|row| row.try_get::<_, bool>(0))
-                .map_err(db("claiming a ready-key pool"))
-        };
-        match held {
-            Ok(true) => {
-                claims.held.insert(link.to_owned());
+        let sql = format!("SELECT pg_try_advisory_lock({POOL_CLAIM_KEY_SQL})");
+        let answer = tokio::time::timeout(CLAIM_TIMEOUT, client.query_one(&sql, &[&link])).await;
+        match answer {
+            Ok(answer) => {
+                let held = answer.and_then(|row| row.try_get::<_, bool>(0));
+                // A refused statement leaves the session, and the claims it holds, alive.
+                if !client.is_closed() {
+                    claims.client = Some(client);
+                }
+                held.map_err(db("claiming a ready-key pool"))
             }
-            Ok(false) => {}
-            // Most likely the connection itself failed: the next claim opens a new one.
-            Err(_) => return held,
+            // The connection may be dead without knowing it: drop it (releasing whatever it
+            // still holds on the server) and let the next claim start afresh.
+            Err(_) => Err(claim_timed_out("claiming a ready-key pool")),
         }
-        claims.client = Some(client);
-        held
     }
 
     async fn pool_page(
@@ -934,6 +942,17 @@ impl KeyStore for PostgresStore {
             .await
             .map_err(db("listing ready keys"))?;
         rows.iter().map(ready_key).collect()
+    }
+}
+
+/// A claim round trip that took longer than [`CLAIM_TIMEOUT`].
+fn claim_timed_out(context: &str) -> StoreError {
+    StoreError::Database {
+        context: context.into(),
+        source: Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {CLAIM_TIMEOUT:?}"),
+        )),
     }
 }
 

@@ -659,6 +659,18 @@ async fn pool_remove_racing_a_bind_exactly_one_wins() {
     assert_eq!(a.pending("alice", "bob"), 0);
 }
 
+/// Asks for the claim until the store answers (a claim on a connection that was just cut
+/// fails once, and the next one opens a new connection).
+async fn settled_claim(store: &PostgresStore, link: &str) -> bool {
+    for _ in 0..50 {
+        match store.claim_pool(link).await {
+            Ok(held) => return held,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("claiming {link} kept failing");
+}
+
 /// One process at a time keeps a pool: a second replica's claim waits until the first lets
 /// go (here, by closing its store), pools are claimed one by one, and a claim survives the
 /// loss of the connection that held it when nobody else took the pool meanwhile.
@@ -675,27 +687,76 @@ async fn one_replica_at_a_time_claims_a_pool() {
     assert!(second.claim_pool("A>B@r2").await.unwrap(), "another pool");
     assert!(!first.claim_pool("A>B@r2").await.unwrap());
 
-    // The holder's claim connection dies: the pool is free, and the next claim takes it
-    // again on a new connection.
+    // Both claim connections die: every pool is free, and the next claim takes it again on
+    // a new connection (never on the word of the dead one).
     let killed = db
         .client()
         .await
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks \
-             WHERE locktype = 'advisory' AND classid = $1::int4::oid AND granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[&dqkd_store_postgres::POOL_CLAIM_CLASS],
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE starts_with(application_name, $1) AND datname = current_database()",
+            &[&dqkd_store_postgres::CLAIM_APPLICATION_NAME],
         )
         .await
         .unwrap();
     assert_eq!(killed, 2, "one claim connection per store");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(first.claim_pool("A>B@r1").await.unwrap(), "claimed again");
-    assert!(!second.claim_pool("A>B@r1").await.unwrap());
-
-    drop(first);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !second.claim_pool("A>B@r1").await.unwrap() {
+    while count(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity WHERE starts_with(application_name, 'dqkd pool claims') \
+         AND datname = current_database()",
+    )
+    .await
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "claim connections linger"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(settled_claim(&first, "A>B@r2").await, "taken over");
+    assert!(!settled_claim(&second, "A>B@r2").await);
+    assert!(settled_claim(&second, "A>B@r1").await, "taken over");
+
+    drop(second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !first.claim_pool("A>B@r1").await.unwrap() {
+        assert!(std::time::Instant::now() < deadline, "never released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A claim connection that stops answering without closing (a half-open TCP connection)
+/// holds no claim this process can count on: the claim fails after its timeout, and a new
+/// connection finds the pool still held by the silent session, not by this process.
+#[tokio::test]
+async fn a_silent_claim_connection_is_not_trusted() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let proxy = common::FreezingProxy::start(&db.url).await;
+    let first = PostgresStore::connect(&proxy.url, common::kek(), 1)
+        .await
+        .unwrap();
+    let second = connect(&db, 1).await;
+    assert!(first.claim_pool("A>B").await.unwrap());
+    proxy.freeze_open_connections();
+    let started = std::time::Instant::now();
+    assert!(
+        first.claim_pool("A>B").await.is_err(),
+        "a silent connection"
+    );
+    assert!(started.elapsed() >= dqkd_store_postgres::CLAIM_TIMEOUT);
+    assert!(
+        !first.claim_pool("A>B").await.unwrap(),
+        "the silent session holds it"
+    );
+    assert!(!second.claim_pool("A>B").await.unwrap());
+    // The silent session ends: the pool is free again.
+    proxy.close_frozen_connections();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !settled_claim(&second, "A>B").await {
         assert!(std::time::Instant::now() < deadline, "never released");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
