@@ -168,6 +168,17 @@ async fn wait_level(client: &Client, want: u64) {
     }
 }
 
+/// `dqkd_pool_claimed` of process `at` for its pool toward KME_B.
+fn pool_claimed(cluster: &Cluster, at: &str) -> Option<f64> {
+    cluster.sites[at].metrics().lines().find_map(|line| {
+        let rest = line.strip_prefix("dqkd_pool_claimed{")?;
+        let (labels, value) = rest.split_once("} ")?;
+        labels
+            .contains("peer=\"KME_B\"")
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
 /// Alice asks site replica `at` for `number` keys; Bob must get the same ones at B.
 async fn share_through(cluster: &Cluster, at: &str, number: u32) {
     let sent = cluster
@@ -259,6 +270,8 @@ async fn a_replica_name_in_use_waits_and_takes_the_pool_over() {
             .contains("another running process of this site keeps this ready-key pool"),
         "the second process says why it has no pool"
     );
+    assert_eq!(pool_claimed(&cluster, "KME_A"), Some(1.0));
+    assert_eq!(pool_claimed(&cluster, &standby), Some(0.0));
 
     // The first one loses its claim while frozen: the second claims the pool, and the first,
     // once it runs again, finds the claim gone and hands out nothing more.
@@ -275,6 +288,8 @@ async fn a_replica_name_in_use_waits_and_takes_the_pool_over() {
     cluster.sites["KME_A"].signal("-CONT");
     let first_alice = cluster.client_at("alice", "KME_A");
     wait_level(&first_alice, 0).await;
+    assert_eq!(pool_claimed(&cluster, "KME_A"), Some(0.0));
+    assert_eq!(pool_claimed(&cluster, &standby), Some(1.0));
     share_through(&cluster, &standby, 5).await;
     wait_level(&standby_alice, 1990).await;
     share_through(&cluster, "KME_A", 2).await;

@@ -21,6 +21,8 @@ pub struct Proc {
     log: PathBuf,
     child: Option<Child>,
     pub addr: String,
+    /// The metrics listener, for processes that have one.
+    pub metrics_addr: Option<String>,
 }
 
 impl Proc {
@@ -32,6 +34,7 @@ impl Proc {
             log: dir.join(format!("{name}.log")),
             child: None,
             addr: String::new(),
+            metrics_addr: None,
         }
     }
 
@@ -58,6 +61,7 @@ impl Proc {
             if let Ok(text) = std::fs::read_to_string(&self.ready) {
                 let v: serde_json::Value = serde_json::from_str(&text).expect("ready JSON");
                 self.addr = v["api_addr"].as_str().expect("api_addr").to_owned();
+                self.metrics_addr = v["metrics_addr"].as_str().map(str::to_owned);
                 return;
             }
             if let Some(status) = self
@@ -90,6 +94,26 @@ impl Proc {
             child.kill().expect("kill -9");
             child.wait().expect("reap");
         }
+    }
+
+    /// The Prometheus text its metrics listener serves now.
+    pub fn metrics(&self) -> String {
+        let addr = self.metrics_addr.as_deref().expect("a metrics listener");
+        let out = Command::new("curl")
+            .args([
+                "--silent",
+                "--show-error",
+                "--fail",
+                &format!("http://{addr}/metrics"),
+            ])
+            .output()
+            .expect("curl the metrics listener");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// The process ID, while it runs.
@@ -229,7 +253,7 @@ impl Cluster {
         let mut sites = BTreeMap::new();
         let mut databases = Vec::new();
         for kme in site_ids {
-            let (api, peer) = (free_port(), free_port());
+            let (api, peer, metrics) = (free_port(), free_port(), free_port());
             let saes: Vec<String> = sae_site
                 .iter()
                 .filter(|(_, s)| *s == kme)
@@ -249,7 +273,7 @@ impl Cluster {
                 &config,
                 format!(
                     "manifest = \"cluster.toml\"\nkme_id = \"{kme}\"\napi_listen = \"127.0.0.1:{api}\"\n\
-                     peer_listen = \"127.0.0.1:{peer}\"\n[tls]\nca = \"pki/ca.pem\"\n\
+                     peer_listen = \"127.0.0.1:{peer}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n[tls]\nca = \"pki/ca.pem\"\n\
                      cert = \"pki/kme/{kme}.pem\"\nkey = \"pki/kme/{kme}.key\"\n{store}"
                 ),
             )
@@ -304,6 +328,8 @@ impl Cluster {
                     format!("api_listen = \"127.0.0.1:{}\"", free_port())
                 } else if line.starts_with("peer_listen") {
                     format!("peer_listen = \"127.0.0.1:{}\"", free_port())
+                } else if line.starts_with("metrics_listen") {
+                    format!("metrics_listen = \"127.0.0.1:{}\"", free_port())
                 } else {
                     line.to_owned()
                 }

@@ -577,6 +577,12 @@ async fn refill_loop(
     let mut filling = false;
     let mut backoff = Duration::from_millis(200);
     let mut checked = Instant::now();
+    let gauge = metrics::gauge!(
+        "dqkd_pool_claimed",
+        "kme" => shared.config.kme_id.clone(),
+        "peer" => pool.peer().to_owned()
+    );
+    gauge.set(if claimed { 1.0 } else { 0.0 });
     loop {
         if *stopped.borrow() {
             return;
@@ -590,6 +596,7 @@ async fn refill_loop(
                         "claimed the ready-key pool"
                     );
                     (claimed, checked) = (true, Instant::now());
+                    gauge.set(1.0);
                     continue;
                 }
                 Ok(None) => {}
@@ -624,6 +631,7 @@ async fn refill_loop(
                     why,
                     "serving on demand until the pool is claimed again"
                 );
+                gauge.set(0.0);
                 // Not shredded: the process that holds the claim now hands them out.
                 let _ = shared.pools.discard(pool.peer());
                 (claimed, filling) = (false, false);
