@@ -85,6 +85,22 @@ pub enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke a certificate this CA issued: record it and rewrite `<ca>/ca.crl.pem`, which
+    /// servers with `[tls] crl` re-read within seconds.
+    Revoke {
+        /// The certificate file (`.pem`; its first certificate is revoked).
+        cert: PathBuf,
+        /// Folder holding `ca.pem` and `ca.key`.
+        #[arg(long)]
+        ca: PathBuf,
+    },
+    /// Write `<ca>/ca.crl.pem` again, signed now, with what is revoked (nothing at first), so
+    /// servers can be pointed at it before anything is revoked.
+    Crl {
+        /// Folder holding `ca.pem` and `ca.key`.
+        #[arg(long)]
+        ca: PathBuf,
+    },
     /// Create a site key-encryption key file (seals keys at rest).
     Kek {
         /// The file to write (mode 0600).

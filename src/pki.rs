@@ -47,6 +47,27 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
             println!("combined:    {}", issued.combined.display());
             println!("pkcs12:      {}", issued.p12.display());
         }
+        PkiCommand::Revoke { cert, ca } => {
+            let authority = dqkd_pki::load_ca(&ca)
+                .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;
+            match authority.revoke(&cert)? {
+                dqkd_pki::Revocation::Added { serial, listed } => {
+                    println!("revoked:     {} (serial {serial})", cert.display());
+                    println!(
+                        "CRL:         {} ({listed} revoked)",
+                        authority.crl_path().display()
+                    );
+                }
+                dqkd_pki::Revocation::AlreadyRevoked { serial } => {
+                    println!("already revoked: {} (serial {serial})", cert.display());
+                }
+            }
+        }
+        PkiCommand::Crl { ca } => {
+            let authority = dqkd_pki::load_ca(&ca)
+                .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;
+            println!("CRL: {}", authority.write_crl()?.display());
+        }
         PkiCommand::Kek { out, force } => {
             dqkd_store::Kek::generate_file(&out, force)?;
             println!("key-encryption key: {}", out.display());

@@ -93,6 +93,24 @@ pub enum PkiError {
         what: &'static str,
     },
 
+    /// A certificate to revoke was not issued by this CA.
+    #[error("{path} was not issued by the CA in {ca} (or is a CA certificate itself)")]
+    NotIssuedHere {
+        /// The certificate file.
+        path: PathBuf,
+        /// The CA certificate file.
+        ca: PathBuf,
+    },
+
+    /// The revocation list next to the CA cannot be used.
+    #[error("revocation list {path}: {reason}")]
+    InvalidCrl {
+        /// The CRL file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// The CA files are inconsistent or not a dqkd CA.
     #[error("CA in {path}: {reason}")]
     InvalidCa {
@@ -137,7 +155,7 @@ pub enum PkiError {
     },
 
     /// The client-certificate verifier could not be built.
-    #[error("building client certificate verifier: {0}")]
+    #[error("building the certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 

@@ -38,6 +38,7 @@ mod files;
 mod identity;
 mod issue;
 mod pem;
+mod revoke;
 mod tls;
 
 pub use ca::{init_ca, load_ca, Ca, CaPaths, CA_CERT_FILE, CA_KEY_FILE};
@@ -45,9 +46,11 @@ pub use error::{PkiError, Result};
 pub use identity::{validate_name, Identity, Role, MAX_NAME_LEN};
 pub use issue::{IssueOptions, IssuedPaths, DEFAULT_VALIDITY_DAYS};
 pub use pem::{load_certs, load_private_key};
+pub use revoke::{load_crls, Revocation, CRL_FILE};
 pub use tls::{
-    client_config, client_config_from_combined, client_config_from_der, peer_identity, provider,
-    root_store, server_config, server_config_from_der,
+    client_config, client_config_from_combined, client_config_from_der, client_config_with_crl,
+    client_config_with_crls, client_verifier, peer_identity, provider, root_store, server_config,
+    server_config_from_der, server_config_with_crl, server_config_with_verifier,
 };
 
 /// Re-exported so callers can name the configuration types without adding rustls themselves.

@@ -8,14 +8,17 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig, SupportedProtocolVersion};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 use crate::error::{PkiError, Result};
 use crate::identity::Identity;
 use crate::pem::{load_certs, load_private_key};
+use crate::revoke::load_crls;
 
 /// TLS versions dqkd speaks: 1.3 preferred, 1.2 for older SAE stacks.
 const VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
@@ -44,8 +47,21 @@ pub fn root_store(ca_certs: &[CertificateDer<'_>]) -> Result<RootCertStore> {
 /// Server configuration from PEM files: client certificate required and
 /// verified against the CA in `ca_pem`; TLS 1.3 and 1.2; ALPN `h2`, `http/1.1`.
 pub fn server_config(ca_pem: &Path, cert_chain_pem: &Path, key_pem: &Path) -> Result<ServerConfig> {
-    server_config_from_der(
-        &load_certs(ca_pem)?,
+    server_config_with_crl(ca_pem, cert_chain_pem, key_pem, None)
+}
+
+/// Like [`server_config`], also refusing clients whose certificate the CRL in `crl_pem`
+/// revokes (see [`client_verifier`]).
+pub fn server_config_with_crl(
+    ca_pem: &Path,
+    cert_chain_pem: &Path,
+    key_pem: &Path,
+    crl_pem: Option<&Path>,
+) -> Result<ServerConfig> {
+    let crls = crl_pem.map(load_crls).transpose()?.unwrap_or_default();
+    let verifier = client_verifier(&load_certs(ca_pem)?, crls)?;
+    server_config_with_verifier(
+        verifier,
         load_certs(cert_chain_pem)?,
         load_private_key(key_pem)?,
     )
@@ -58,12 +74,34 @@ pub fn server_config_from_der(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig> {
+    server_config_with_verifier(client_verifier(ca_certs, Vec::new())?, cert_chain, key)
+}
+
+/// How a server checks client certificates: they must chain to `ca_certs` and, when
+/// `crls` are given, not be revoked by them (a certificate whose issuer has no CRL among
+/// them is refused too, so a CRL file from the wrong CA fails closed). Kept apart from the
+/// configuration so that a server can check an open connection again when its CRL changes.
+pub fn client_verifier(
+    ca_certs: &[CertificateDer<'_>],
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>> {
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_certs)?), provider());
+    let builder = if crls.is_empty() {
+        builder
+    } else {
+        builder.with_crls(crls).only_check_end_entity_revocation()
+    };
+    Ok(builder.build()?)
+}
+
+/// A server configuration around a given client-certificate verifier.
+pub fn server_config_with_verifier(
+    verifier: Arc<dyn ClientCertVerifier>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(
-        Arc::new(root_store(ca_certs)?),
-        provider.clone(),
-    )
-    .build()?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|e| PkiError::tls("selecting TLS versions", e))?
@@ -77,8 +115,21 @@ pub fn server_config_from_der(
 /// Client configuration from PEM files: trusts only the CA in `ca_pem` and
 /// presents the certificate chain and key; ALPN `h2`, `http/1.1`.
 pub fn client_config(ca_pem: &Path, cert_chain_pem: &Path, key_pem: &Path) -> Result<ClientConfig> {
-    client_config_from_der(
+    client_config_with_crl(ca_pem, cert_chain_pem, key_pem, None)
+}
+
+/// Like [`client_config`], also refusing servers whose certificate the CRL in `crl_pem`
+/// revokes.
+pub fn client_config_with_crl(
+    ca_pem: &Path,
+    cert_chain_pem: &Path,
+    key_pem: &Path,
+    crl_pem: Option<&Path>,
+) -> Result<ClientConfig> {
+    let crls = crl_pem.map(load_crls).transpose()?.unwrap_or_default();
+    client_config_with_crls(
         &load_certs(ca_pem)?,
+        crls,
         load_certs(cert_chain_pem)?,
         load_private_key(key_pem)?,
     )
@@ -101,10 +152,28 @@ pub fn client_config_from_der(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ClientConfig> {
+    client_config_with_crls(ca_certs, Vec::new(), cert_chain, key)
+}
+
+/// Like [`client_config_from_der`], refusing servers whose certificate `crls` revoke
+/// (none: no revocation check).
+pub fn client_config_with_crls(
+    ca_certs: &[CertificateDer<'_>],
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ClientConfig> {
+    let builder =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_certs)?), provider());
+    let builder = if crls.is_empty() {
+        builder
+    } else {
+        builder.with_crls(crls).only_check_end_entity_revocation()
+    };
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| PkiError::tls("selecting TLS versions", e))?
-        .with_root_certificates(root_store(ca_certs)?)
+        .with_webpki_verifier(builder.build()?)
         .with_client_auth_cert(cert_chain, key)
         .map_err(|e| PkiError::tls("loading client certificate and key", e))?;
     config.alpn_protocols = alpn();

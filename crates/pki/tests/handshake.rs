@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use dqkd_pki::rustls::{self, ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 use dqkd_pki::{
-    client_config, client_config_from_combined, load_certs, load_private_key, peer_identity,
-    provider, root_store, server_config, Role,
+    client_config, client_config_from_combined, client_config_with_crl, load_certs,
+    load_private_key, peer_identity, provider, root_store, server_config, server_config_with_crl,
+    IssueOptions, Revocation, Role,
 };
 use rustls_pki_types::ServerName;
 
@@ -208,4 +209,136 @@ fn config_errors_name_the_file() {
     // Mismatched key and certificate.
     let err = client_config(&c.ca_pem(), &c.sae.cert_chain, &c.kme.key).unwrap_err();
     assert!(err.to_string().contains("kme-a.key"), "{err}");
+}
+
+#[test]
+fn revoked_certificates_are_refused_both_ways() {
+    let c = common::cluster("lab");
+    let opts = IssueOptions {
+        out_dir: c.dir.path().join("certs"),
+        ..IssueOptions::default()
+    };
+    let other = c.ca.issue(Role::Sae, "sae-2", &opts).unwrap();
+    // A CA that revoked nothing yet writes an empty list, which every certificate passes.
+    let crl = c.ca.write_crl().unwrap();
+    let with_crl = |client: &dqkd_pki::IssuedPaths| {
+        let server =
+            server_config_with_crl(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key, Some(&crl)).unwrap();
+        let client = client_config(&c.ca_pem(), &client.cert_chain, &client.key).unwrap();
+        connect(server, client).2
+    };
+    with_crl(&c.sae).expect("nothing revoked yet");
+
+    let revoked = c.ca.revoke(&c.sae.cert_chain).unwrap();
+    assert!(
+        matches!(revoked, Revocation::Added { listed: 1, .. }),
+        "{revoked:?}"
+    );
+    let again = c.ca.revoke(&c.sae.cert_chain).unwrap();
+    assert!(
+        matches!(again, Revocation::AlreadyRevoked { .. }),
+        "{again:?}"
+    );
+    let result = with_crl(&c.sae);
+    assert!(
+        matches!(
+            result,
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked
+            ))
+        ),
+        "{result:?}"
+    );
+    with_crl(&other).expect("another SAE still gets in");
+
+    // A second revocation keeps the first.
+    assert!(matches!(
+        c.ca.revoke(&other.cert_chain).unwrap(),
+        Revocation::Added { listed: 2, .. }
+    ));
+    assert!(with_crl(&c.sae).is_err() && with_crl(&other).is_err());
+    with_crl(&c.entropy).expect("not revoked");
+
+    // A client that checks the CRL refuses a revoked server.
+    c.ca.revoke(&c.kme.cert_chain).unwrap();
+    let server = server_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
+    let client = client_config_with_crl(
+        &c.ca_pem(),
+        &c.entropy.cert_chain,
+        &c.entropy.key,
+        Some(&crl),
+    )
+    .unwrap();
+    let result = connect(server, client).2;
+    assert!(
+        matches!(
+            result,
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked
+            ))
+        ),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn only_certificates_of_this_ca_are_revoked() {
+    let ours = common::cluster("lab");
+    let rogue = common::cluster("lab");
+    let err = ours.ca.revoke(&rogue.sae.cert_chain).unwrap_err();
+    assert!(
+        err.to_string().contains("was not issued by the CA"),
+        "{err}"
+    );
+    let err = ours.ca.revoke(&ours.ca_pem()).unwrap_err();
+    assert!(
+        err.to_string().contains("was not issued by the CA"),
+        "{err}"
+    );
+    // A list from another CA covers none of our certificates: callers are refused (this
+    // rogue CA even has our CA's name, so its list is found and fails its signature).
+    let theirs = rogue.ca.write_crl().unwrap();
+    let server = server_config_with_crl(
+        &ours.ca_pem(),
+        &ours.kme.cert_chain,
+        &ours.kme.key,
+        Some(&theirs),
+    )
+    .unwrap();
+    let client = client_config(&ours.ca_pem(), &ours.sae.cert_chain, &ours.sae.key).unwrap();
+    let result = connect(server, client).2;
+    assert!(
+        matches!(
+            result,
+            Err(rustls::Error::InvalidCertRevocationList(
+                rustls::CertRevocationListError::BadSignature
+            ))
+        ),
+        "{result:?}"
+    );
+    let evil = common::cluster("evil");
+    let elsewhere = evil.ca.write_crl().unwrap();
+    let server = server_config_with_crl(
+        &ours.ca_pem(),
+        &ours.kme.cert_chain,
+        &ours.kme.key,
+        Some(&elsewhere),
+    )
+    .unwrap();
+    let client = client_config(&ours.ca_pem(), &ours.sae.cert_chain, &ours.sae.key).unwrap();
+    let result = connect(server, client).2;
+    assert!(
+        matches!(
+            result,
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownRevocationStatus
+            ))
+        ),
+        "{result:?}"
+    );
+    // Nothing was recorded: our own SAE is the first revocation.
+    assert!(matches!(
+        ours.ca.revoke(&ours.sae.cert_chain).unwrap(),
+        Revocation::Added { listed: 1, .. }
+    ));
 }

@@ -175,3 +175,49 @@ fn openssl_verifies_chains_and_purposes() {
     let out = openssl(&["pkey", "-in", path(&c.kme.key), "-noout"]).unwrap();
     ok(&out, "pkey");
 }
+
+#[test]
+fn openssl_verifies_the_crl_and_finds_the_revoked_certificate() {
+    let c = common::cluster("lab");
+    c.ca.revoke(&c.sae.cert_chain).unwrap();
+    let crl = c.ca.crl_path();
+    let Some(out) = openssl(&[
+        "crl",
+        "-in",
+        path(&crl),
+        "-CAfile",
+        path(&c.ca_pem()),
+        "-noout",
+        "-text",
+    ]) else {
+        return;
+    };
+    let text = ok(&out, "openssl crl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("verify OK"), "{stderr}");
+    assert!(text.contains("X509v3 CRL Number"), "{text}");
+    // OpenSSL's own revocation check: the SAE is revoked, the KME is not.
+    let verify = |cert: &Path| {
+        openssl(&[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            path(&c.ca_pem()),
+            "-CRLfile",
+            path(&crl),
+            path(cert),
+        ])
+        .unwrap()
+    };
+    let sae = verify(&c.sae.cert_chain);
+    assert!(!sae.status.success());
+    assert!(
+        String::from_utf8_lossy(&sae.stdout).contains("certificate revoked")
+            || String::from_utf8_lossy(&sae.stderr).contains("certificate revoked"),
+        "{sae:?}"
+    );
+    ok(
+        &verify(&c.kme.cert_chain),
+        "openssl verify of an unrevoked certificate",
+    );
+}
