@@ -362,6 +362,11 @@ fn ensure_pki(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
         dqkd_pki::init_ca(CLUSTER, &layout.pki(), false)?;
     }
     let ca = dqkd_pki::load_ca(&layout.pki())?;
+    // Every process checks callers against the CA's revocation list, so that
+    // `dqkd pki revoke` works on a running local cluster.
+    if !ca.crl_path().exists() {
+        ca.write_crl()?;
+    }
     let issue = |role: Role, id: &str| -> anyhow::Result<()> {
         if layout.cert(role, id, "pem").exists() {
             return Ok(());
@@ -438,6 +443,7 @@ fn write_configs(
         ca: layout.rel(&layout.ca()),
         cert: layout.rel(&layout.cert(role, id, "pem")),
         key: layout.rel(&layout.cert(role, id, "key")),
+        crl: Some(layout.rel(&layout.pki().join(dqkd_pki::CRL_FILE))),
     };
     for (i, (kme, _)) in plan.sites.iter().enumerate() {
         let site = SiteFile {

@@ -641,6 +641,60 @@ async fn foreign_and_missing_client_certificates_are_refused_at_the_handshake() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_sae_is_cut_off_without_a_restart() {
+    let site = Site::start();
+    let bob = site.client("bob");
+    let alice = site.client("alice");
+    bob.status("alice").await.expect("bob before revocation");
+    let pki = site.path("pki");
+    common::dqkd(&[
+        "pki",
+        "revoke",
+        site.path("pki/sae/bob.pem").to_str().expect("utf-8"),
+        "--ca",
+        pki.to_str().expect("utf-8"),
+    ]);
+    // The KME notices within its poll interval and closes bob's open connection; every
+    // new handshake of bob's is refused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match bob.status("alice").await {
+            Err(ClientError::Transport(_)) => break,
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "bob still served: {other:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let log = site.log();
+    assert!(log.contains("revocation list reloaded"), "{log}");
+    assert!(
+        log.contains("closed a connection: its client certificate is now revoked"),
+        "{log}"
+    );
+    alice.status("bob").await.expect("alice is not revoked");
+
+    // A damaged list leaves the last good one in force.
+    std::fs::write(site.path("pki/ca.crl.pem"), "not a CRL").expect("damage the CRL");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !site
+        .log()
+        .contains("the revocation list could not be loaded")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", site.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        site.client("bob").status("alice").await,
+        Err(ClientError::Transport(_))
+    ));
+    alice.status("bob").await.expect("alice still served");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_kme_id_in_the_path_means_any_sae_of_the_site() {
     let site = Site::start();
     let keys = site

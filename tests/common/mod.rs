@@ -138,6 +138,8 @@ impl Site {
         for sae in ["alice", "bob", "carol", "dave", "mallory"] {
             dqkd(&["pki", "issue", "sae", sae, "--ca", pki_s]);
         }
+        // An empty revocation list, so that every test runs with revocation checks on.
+        dqkd(&["pki", "crl", "--ca", pki_s]);
         let other = d.join("other-ca");
         let other_s = other.to_str().expect("utf-8 path");
         dqkd(&["pki", "init", "--cluster", "test", "--out", other_s]);
@@ -174,6 +176,7 @@ metrics_listen = "127.0.0.1:0"
 ca = "pki/ca.pem"
 cert = "pki/kme/KME_A.pem"
 key = "pki/kme/KME_A.key"
+crl = "pki/ca.crl.pem"
 {store}"#
             ),
         )

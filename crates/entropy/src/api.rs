@@ -232,6 +232,7 @@ mod tests {
                 ca: "ca.pem".into(),
                 cert: "e1.pem".into(),
                 key: "e1.key".into(),
+                crl: None,
             },
             pool_ttl: Duration::from_secs(300),
             pool_rotate: Duration::from_secs(60),

@@ -87,7 +87,7 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
 /// Like [`run`], over a given entropy source.
 pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serving, ServeError> {
     let MtlsListener {
-        acceptor,
+        tls,
         listener,
         addr: api_addr,
     } = dqkd_net::bind_mtls(
@@ -107,7 +107,7 @@ pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serv
     let app = router(service.clone());
     let cluster: Arc<str> = config.cluster.as_str().into();
     let task = tokio::spawn(async move {
-        dqkd_net::serve_mtls(listener, acceptor, app, cluster, stopped).await;
+        dqkd_net::serve_mtls(listener, tls, app, cluster, stopped).await;
         let _ = sweeper.await;
     });
     if config.insecure_corrupt_reads {

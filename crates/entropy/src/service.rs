@@ -309,6 +309,7 @@ mod tests {
                 ca: "ca.pem".into(),
                 cert: "E1.pem".into(),
                 key: "E1.key".into(),
+                crl: None,
             },
             pool_ttl_secs: None,
             pool_rotate_secs: None,

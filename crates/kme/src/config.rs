@@ -711,6 +711,7 @@ mod tests {
                 ca: "ca.pem".into(),
                 cert: "kme.pem".into(),
                 key: "kme.key".into(),
+                crl: None,
             },
             store: StoreFiles {
                 path: Some("store.redb".into()),

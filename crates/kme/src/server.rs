@@ -145,10 +145,16 @@ fn key_source(config: &Config) -> Result<Arc<dyn KeySource>, ServeError> {
     Ok(Arc::new(blast))
 }
 
-/// This KME's certificate as a TLS client (to peers and entropy servers).
+/// This KME's certificate as a TLS client (to peers and entropy servers), refusing servers
+/// the revocation list revokes as it reads at start.
 fn own_client_tls(config: &Config) -> Result<rustls::ClientConfig, ServeError> {
-    dqkd_pki::client_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
-        .map_err(|e| ServeError::Tls(e.to_string()))
+    dqkd_pki::client_config_with_crl(
+        &config.tls.ca,
+        &config.tls.cert,
+        &config.tls.key,
+        config.tls.crl.as_deref(),
+    )
+    .map_err(|e| ServeError::Tls(e.to_string()))
 }
 
 fn peer_clients(config: &Config) -> Result<BTreeMap<String, PeerClient>, ServeError> {
@@ -177,7 +183,7 @@ pub async fn run_with(
     source: Arc<dyn KeySource>,
 ) -> Result<Serving, ServeError> {
     let MtlsListener {
-        acceptor,
+        tls,
         listener,
         addr: api_addr,
     } = dqkd_net::bind_mtls(
@@ -188,7 +194,7 @@ pub async fn run_with(
         config.api_listen,
     )
     .await?;
-    // The peer API shares the acceptor: same certificate, same trust anchor.
+    // The peer API shares the TLS configuration: same certificate, trust anchor and CRL.
     let peer_listener = match config.peer_listen {
         Some(addr) => Some(dqkd_net::bind(addr).await?),
         None => None,
@@ -225,7 +231,7 @@ pub async fn run_with(
     let peer_task = peer_listener.map(|listener| {
         tokio::spawn(dqkd_net::serve_mtls(
             listener,
-            acceptor.clone(),
+            tls.clone(),
             peer_router(service.clone()),
             cluster.clone(),
             stopped.clone(),
@@ -240,7 +246,7 @@ pub async fn run_with(
     });
     let app = router(service);
     let task = tokio::spawn(async move {
-        dqkd_net::serve_mtls(listener, acceptor, app, cluster, stopped).await;
+        dqkd_net::serve_mtls(listener, tls, app, cluster, stopped).await;
         if let Some(peer_task) = peer_task {
             let _ = peer_task.await;
         }

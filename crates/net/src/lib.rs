@@ -25,6 +25,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -45,6 +47,12 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This process's private key (PKCS#8 PEM).
     pub key: PathBuf,
+    /// The cluster CA's revocation list (PEM, written by `dqkd pki revoke` or `dqkd pki crl`).
+    /// When set, callers whose certificate it revokes are refused, and so are servers this
+    /// process calls. A server re-reads it within [`CRL_POLL`] of a change and closes open
+    /// connections of callers it now revokes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
@@ -54,6 +62,7 @@ impl TlsFiles {
             ca: base.join(&self.ca),
             cert: base.join(&self.cert),
             key: base.join(&self.key),
+            crl: self.crl.as_ref().map(|crl| base.join(crl)),
         }
     }
 }
@@ -75,10 +84,92 @@ pub enum BindError {
     },
 }
 
+/// How often a server looks for a changed revocation list.
+pub const CRL_POLL: Duration = Duration::from_secs(2);
+
+/// A server's TLS configuration as it stands now: replaced whenever its revocation list
+/// changes, and watched by every open connection so that a caller revoked meanwhile is cut
+/// off.
+#[derive(Clone)]
+pub struct ServerTls {
+    current: watch::Receiver<Arc<LoadedTls>>,
+}
+
+/// One loaded configuration and the verifier inside it.
+struct LoadedTls {
+    config: Arc<rustls::ServerConfig>,
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl LoadedTls {
+    fn load(tls: &TlsFiles) -> Result<Self, dqkd_pki::PkiError> {
+        let crls = match &tls.crl {
+            Some(crl) => dqkd_pki::load_crls(crl)?,
+            None => Vec::new(),
+        };
+        let verifier = dqkd_pki::client_verifier(&dqkd_pki::load_certs(&tls.ca)?, crls)?;
+        let config = dqkd_pki::server_config_with_verifier(
+            verifier.clone(),
+            dqkd_pki::load_certs(&tls.cert)?,
+            dqkd_pki::load_private_key(&tls.key)?,
+        )?;
+        Ok(Self {
+            config: Arc::new(config),
+            verifier,
+        })
+    }
+}
+
+impl ServerTls {
+    /// Loads the server's configuration from `tls` and, when it names a revocation list,
+    /// starts re-reading that list every [`CRL_POLL`] for as long as the returned value (or
+    /// a clone) lives.
+    pub fn load(tls: &TlsFiles) -> Result<Self, dqkd_pki::PkiError> {
+        let (sender, current) = watch::channel(Arc::new(LoadedTls::load(tls)?));
+        if let Some(crl) = tls.crl.clone() {
+            tokio::spawn(reload_on_change(tls.clone(), crl, sender));
+        }
+        Ok(Self { current })
+    }
+
+    /// The configuration for the next handshake.
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.borrow().config.clone())
+    }
+}
+
+/// Re-reads the revocation list whenever its bytes change, until no server uses it. A
+/// list that cannot be read leaves the previous one in force.
+async fn reload_on_change(tls: TlsFiles, crl: PathBuf, sender: watch::Sender<Arc<LoadedTls>>) {
+    let mut seen = std::fs::read(&crl).ok();
+    loop {
+        tokio::time::sleep(CRL_POLL).await;
+        if sender.is_closed() {
+            return;
+        }
+        let now = std::fs::read(&crl).ok();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match LoadedTls::load(&tls) {
+            Ok(loaded) => {
+                sender.send_replace(Arc::new(loaded));
+                tracing::info!(crl = %crl.display(), "revocation list reloaded");
+            }
+            Err(e) => tracing::error!(
+                crl = %crl.display(),
+                error = %e,
+                "the revocation list could not be loaded; callers are still checked against the previous one"
+            ),
+        }
+    }
+}
+
 /// An mTLS listener ready for [`serve_mtls`].
 pub struct MtlsListener {
-    /// Performs the handshakes (client certificate required).
-    pub acceptor: TlsAcceptor,
+    /// Performs the handshakes (client certificate required), with the current CRL.
+    pub tls: ServerTls,
     /// The bound socket.
     pub listener: TcpListener,
     /// The bound address (the real port when 0 was asked for).
@@ -94,16 +185,14 @@ pub async fn bind_mtls(
     id: &str,
     addr: SocketAddr,
 ) -> Result<MtlsListener, BindError> {
-    let config = dqkd_pki::server_config(&tls.ca, &tls.cert, &tls.key)
-        .map_err(|e| BindError::Tls(e.to_string()))?;
+    let server_tls = ServerTls::load(tls).map_err(|e| BindError::Tls(e.to_string()))?;
     check_own_certificate(&tls.cert, cluster, role, id).map_err(BindError::Tls)?;
-    let acceptor = TlsAcceptor::from(Arc::new(config));
     let listener = bind(addr).await?;
     let addr = listener
         .local_addr()
         .map_err(|source| BindError::Bind { addr, source })?;
     Ok(MtlsListener {
-        acceptor,
+        tls: server_tls,
         listener,
         addr,
     })
@@ -132,7 +221,7 @@ impl PeerIdentity {
 /// accepting and lets open requests finish for up to [`DRAIN_TIMEOUT`].
 pub async fn serve_mtls(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: ServerTls,
     app: Router,
     cluster: Arc<str>,
     mut stopped: watch::Receiver<bool>,
@@ -152,7 +241,8 @@ pub async fn serve_mtls(
             _ = stopped.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = tls.acceptor();
+        let mut updates = tls.current.clone();
         let app = app.clone();
         let cluster = cluster.clone();
         let watcher = graceful.watcher();
@@ -168,11 +258,14 @@ pub async fn serve_mtls(
                     return;
                 }
             };
-            let identity = tls
+            let chain: Vec<CertificateDer<'static>> = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|chain| chain.first())
+                .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let identity = chain
+                .first()
                 .and_then(|leaf| {
                     dqkd_pki::Identity::from_certificate(leaf.as_ref(), &cluster)
                         .map_err(|e| tracing::debug!(%remote, error = %e, "no dqkd identity"))
@@ -187,8 +280,15 @@ pub async fn serve_mtls(
                 });
             let builder = auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            tokio::select! {
+                ended = watcher.watch(connection) => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%remote, error = %e, "connection ended with an error");
+                    }
+                }
+                () = revoked(&mut updates, &chain) => {
+                    tracing::info!(%remote, "closed a connection: its client certificate is now revoked");
+                }
             }
         });
     }
@@ -199,6 +299,24 @@ pub async fn serve_mtls(
     {
         tracing::warn!("connections still open after the drain timeout; closing them");
     }
+}
+
+/// Returns once a new configuration refuses the client certificate chain `chain` (never,
+/// while the configuration stays as it is).
+async fn revoked(updates: &mut watch::Receiver<Arc<LoadedTls>>, chain: &[CertificateDer<'static>]) {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return std::future::pending().await;
+    };
+    while updates.changed().await.is_ok() {
+        let verifier = updates.borrow_and_update().verifier.clone();
+        if verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .is_err()
+        {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Checks that the certificate chain in `cert` is `role`/`id` of `cluster`, so a server
