@@ -647,6 +647,7 @@ async fn a_revoked_sae_is_cut_off_without_a_restart() {
     let alice = site.client("alice");
     bob.status("alice").await.expect("bob before revocation");
     let pki = site.path("pki");
+    let unrevoked = std::fs::read(site.path("pki/ca.crl.pem")).expect("the empty list");
     common::dqkd(&[
         "pki",
         "revoke",
@@ -669,29 +670,38 @@ async fn a_revoked_sae_is_cut_off_without_a_restart() {
             }
         }
     }
-    let log = site.log();
-    assert!(log.contains("revocation list reloaded"), "{log}");
-    assert!(
-        log.contains("closed a connection: its client certificate is now revoked"),
-        "{log}"
-    );
+    wait_for_log(&site, "revocation list reloaded").await;
+    wait_for_log(
+        &site,
+        "closed a connection: its client certificate is now revoked",
+    )
+    .await;
     alice.status("bob").await.expect("alice is not revoked");
 
-    // A damaged list leaves the last good one in force.
+    // An older list (a lower CRL number) would undo the revocation: it is refused.
+    std::fs::write(site.path("pki/ca.crl.pem"), &unrevoked).expect("put back the old list");
+    wait_for_log(&site, "older than the one in force").await;
+    // A damaged list leaves the last good one in force too.
     std::fs::write(site.path("pki/ca.crl.pem"), "not a CRL").expect("damage the CRL");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while !site
-        .log()
-        .contains("the revocation list could not be loaded")
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", site.log());
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_for_log(&site, "the revocation list could not be loaded").await;
     assert!(matches!(
         site.client("bob").status("alice").await,
         Err(ClientError::Transport(_))
     ));
     alice.status("bob").await.expect("alice still served");
+}
+
+/// Waits until the site's log contains `needle`.
+async fn wait_for_log(site: &Site, needle: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !site.log().contains(needle) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in the log: {}",
+            site.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -95,18 +95,22 @@ pub struct ServerTls {
     current: watch::Receiver<Arc<LoadedTls>>,
 }
 
-/// One loaded configuration and the verifier inside it.
+/// One loaded configuration, the verifier inside it, and the number of its CRL.
 struct LoadedTls {
     config: Arc<rustls::ServerConfig>,
     verifier: Arc<dyn ClientCertVerifier>,
+    crl_number: Option<u64>,
 }
 
 impl LoadedTls {
-    fn load(tls: &TlsFiles) -> Result<Self, dqkd_pki::PkiError> {
-        let crls = match &tls.crl {
-            Some(crl) => dqkd_pki::load_crls(crl)?,
-            None => Vec::new(),
+    /// Loads the configuration of `tls`, with the revocation list read as `crl_pem` (the
+    /// bytes of `tls.crl`, read once by the caller so that it knows exactly what is in force).
+    fn load(tls: &TlsFiles, crl_pem: Option<&[u8]>) -> Result<Self, dqkd_pki::PkiError> {
+        let crls = match (&tls.crl, crl_pem) {
+            (Some(path), Some(pem)) => dqkd_pki::parse_crls(pem, path)?,
+            _ => Vec::new(),
         };
+        let crl_number = dqkd_pki::crl_number(&crls);
         let verifier = dqkd_pki::client_verifier(&dqkd_pki::load_certs(&tls.ca)?, crls)?;
         let config = dqkd_pki::server_config_with_verifier(
             verifier.clone(),
@@ -116,6 +120,7 @@ impl LoadedTls {
         Ok(Self {
             config: Arc::new(config),
             verifier,
+            crl_number,
         })
     }
 }
@@ -123,11 +128,19 @@ impl LoadedTls {
 impl ServerTls {
     /// Loads the server's configuration from `tls` and, when it names a revocation list,
     /// starts re-reading that list every [`CRL_POLL`] for as long as the returned value (or
-    /// a clone) lives.
+    /// a clone) lives. A list that is missing or unreadable at start is an error: a server
+    /// told to check revocations never starts without.
     pub fn load(tls: &TlsFiles) -> Result<Self, dqkd_pki::PkiError> {
-        let (sender, current) = watch::channel(Arc::new(LoadedTls::load(tls)?));
-        if let Some(crl) = tls.crl.clone() {
-            tokio::spawn(reload_on_change(tls.clone(), crl, sender));
+        let crl_pem = match &tls.crl {
+            Some(path) => {
+                Some(std::fs::read(path).map_err(|e| dqkd_pki::PkiError::io("reading", path, e))?)
+            }
+            None => None,
+        };
+        let loaded = LoadedTls::load(tls, crl_pem.as_deref())?;
+        let (sender, current) = watch::channel(Arc::new(loaded));
+        if let (Some(crl), Some(seen)) = (tls.crl.clone(), crl_pem) {
+            tokio::spawn(reload_on_change(tls.clone(), crl, seen, sender));
         }
         Ok(Self { current })
     }
@@ -138,24 +151,51 @@ impl ServerTls {
     }
 }
 
-/// Re-reads the revocation list whenever its bytes change, until no server uses it. A
-/// list that cannot be read leaves the previous one in force.
-async fn reload_on_change(tls: TlsFiles, crl: PathBuf, sender: watch::Sender<Arc<LoadedTls>>) {
-    let mut seen = std::fs::read(&crl).ok();
+/// Re-reads the revocation list whenever its bytes differ from `seen` (what is in force),
+/// until no server uses it. A list that cannot be loaded, or that is older than the one in
+/// force (a lower CRL number, which would undo revocations), leaves the one in force.
+async fn reload_on_change(
+    tls: TlsFiles,
+    crl: PathBuf,
+    mut seen: Vec<u8>,
+    sender: watch::Sender<Arc<LoadedTls>>,
+) {
+    let mut unreadable = false;
     loop {
         tokio::time::sleep(CRL_POLL).await;
         if sender.is_closed() {
             return;
         }
-        let now = std::fs::read(&crl).ok();
+        let now = match std::fs::read(&crl) {
+            Ok(now) => {
+                unreadable = false;
+                now
+            }
+            Err(e) => {
+                if !unreadable {
+                    tracing::error!(crl = %crl.display(), error = %e,
+                        "the revocation list cannot be read; callers are still checked against the previous one");
+                    unreadable = true;
+                }
+                continue;
+            }
+        };
         if now == seen {
             continue;
         }
+        let in_force = sender.borrow().crl_number;
+        let result = LoadedTls::load(&tls, Some(&now));
         seen = now;
-        match LoadedTls::load(&tls) {
+        match result {
+            Ok(loaded) if loaded.crl_number < in_force => tracing::error!(
+                crl = %crl.display(),
+                number = ?loaded.crl_number,
+                in_force = ?in_force,
+                "the revocation list is older than the one in force; it is ignored (it could undo revocations)"
+            ),
             Ok(loaded) => {
+                tracing::info!(crl = %crl.display(), number = ?loaded.crl_number, "revocation list reloaded");
                 sender.send_replace(Arc::new(loaded));
-                tracing::info!(crl = %crl.display(), "revocation list reloaded");
             }
             Err(e) => tracing::error!(
                 crl = %crl.display(),
@@ -242,6 +282,8 @@ pub async fn serve_mtls(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = tls.acceptor();
+        // A clone starts as "changed" after any reload, so a connection accepted just
+        // before one is checked against the new list too (once more than needed, harmless).
         let mut updates = tls.current.clone();
         let app = app.clone();
         let cluster = cluster.clone();

@@ -163,11 +163,8 @@ pub enum PkiError {
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
 
 impl PkiError {
-    pub(crate) fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-        source: std::io::Error,
-    ) -> Self {
+    /// A failed file operation (`action` is "reading", "writing", …) on `path`.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         PkiError::Io {
             action,
             path: path.into(),

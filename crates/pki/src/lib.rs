@@ -46,7 +46,7 @@ pub use error::{PkiError, Result};
 pub use identity::{validate_name, Identity, Role, MAX_NAME_LEN};
 pub use issue::{IssueOptions, IssuedPaths, DEFAULT_VALIDITY_DAYS};
 pub use pem::{load_certs, load_private_key};
-pub use revoke::{load_crls, Revocation, CRL_FILE};
+pub use revoke::{crl_number, load_crls, parse_crls, Revocation, CRL_FILE, LEDGER_FILE};
 pub use tls::{
     client_config, client_config_from_combined, client_config_from_der, client_config_with_crl,
     client_config_with_crls, client_verifier, peer_identity, provider, root_store, server_config,

@@ -27,6 +27,9 @@ pub const CRL_FILE: &str = "ca.crl.pem";
 /// File name of the record of revocations inside the CA directory.
 pub const LEDGER_FILE: &str = "revoked.txt";
 
+/// Lock file held while the ledger changes.
+const LOCK_FILE: &str = "revoked.lock";
+
 /// What [`Ca::revoke`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revocation {
@@ -82,8 +85,12 @@ impl Ca {
                 what: "certificate",
             })?;
         let (serial, identity) = self.issued_here(&leaf, cert)?;
+        let _lock = LedgerLock::take(self.dir())?;
         let mut ledger = self.ledger()?;
         if ledger.revoked.iter().any(|l| l.serial == serial) {
+            // Published again all the same: an earlier run may have recorded it and then
+            // failed to write the list.
+            self.publish(&mut ledger)?;
             return Ok(Revocation::AlreadyRevoked { serial });
         }
         ledger.revoked.push(Listed {
@@ -106,6 +113,7 @@ impl Ca {
     /// returns its path. For a CA that has revoked nothing yet, this makes the file that
     /// servers are pointed at.
     pub fn write_crl(&self) -> Result<PathBuf> {
+        let _lock = LedgerLock::take(self.dir())?;
         let mut ledger = self.ledger()?;
         self.publish(&mut ledger)?;
         Ok(self.crl_path())
@@ -132,12 +140,21 @@ impl Ca {
                 ca: self.paths.cert.clone(),
             });
         }
-        let identity = crate::identity::dqkd_uri(&cert)
-            .ok()
-            .flatten()
-            .unwrap_or("-")
-            .to_owned();
-        Ok((to_hex(cert.raw_serial()), identity))
+        let serial = cert.raw_serial();
+        if !canonical_positive(serial) {
+            return Err(PkiError::InvalidCrl {
+                path: path.to_owned(),
+                reason: "its serial number is not a minimal positive integer, which a CRL \
+                         cannot name exactly; re-issue the certificate with `dqkd pki issue`"
+                    .into(),
+            });
+        }
+        // Only a validated identity goes into the ledger: a line break in a URI would
+        // otherwise forge ledger lines.
+        let identity = crate::identity::Identity::from_certificate(leaf, &self.cluster)
+            .map(|id| id.uri())
+            .unwrap_or_else(|_| "-".to_owned());
+        Ok((to_hex(serial), identity))
     }
 
     /// Reads the ledger (empty for a CA that has revoked nothing).
@@ -243,14 +260,18 @@ impl Ca {
 
 /// Loads every CRL in a PEM file.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
-    let pem_err = |source| PkiError::Pem {
-        path: path.to_owned(),
-        source,
-    };
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(pem_err)?
+    let pem = std::fs::read(path).map_err(|e| PkiError::io("reading", path, e))?;
+    parse_crls(&pem, path)
+}
+
+/// Every CRL in PEM text read from `path` (named in errors); none is an error.
+pub fn parse_crls(pem: &[u8], path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(pem_err)?;
+        .map_err(|source| PkiError::Pem {
+            path: path.to_owned(),
+            source,
+        })?;
     if crls.is_empty() {
         return Err(PkiError::MissingPemObject {
             path: path.to_owned(),
@@ -260,14 +281,43 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     Ok(crls)
 }
 
+/// The highest CRL number among `crls` (`None` when none carries one it can read), so a
+/// server can refuse to go back to an older list, which would undo revocations.
+pub fn crl_number(crls: &[CertificateRevocationListDer<'_>]) -> Option<u64> {
+    crls.iter()
+        .filter_map(|der| {
+            let (_, crl) =
+                x509_parser::prelude::CertificateRevocationList::from_der(der.as_ref()).ok()?;
+            match crl.crl_number()?.to_u64_digits().as_slice() {
+                [] => Some(0),
+                [n] => Some(*n),
+                _ => Some(u64::MAX),
+            }
+        })
+        .max()
+}
+
 /// Writes `contents` to `path` through a temporary file and a rename, so a reader sees the
-/// old file or the new one, never part of one.
+/// old file or the new one, never part of one. The file is world-readable whatever the
+/// umask: servers running as other users read the list.
 fn replace_file(path: &Path, contents: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o644);
+        }
+        let mut file = options.open(&tmp)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        }
         file.write_all(contents)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -276,7 +326,52 @@ fn replace_file(path: &Path, contents: &[u8]) -> Result<()> {
         }
         Ok(())
     };
-    write().map_err(|e| PkiError::io("writing", path, e))
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        PkiError::io("writing", path, e)
+    })
+}
+
+/// Held while the ledger is read, changed and written, so that two revocations at once
+/// cannot lose one: a lock file made with `create_new`, removed when dropped.
+struct LedgerLock(PathBuf);
+
+impl LedgerLock {
+    fn take(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => Ok(Self(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(PkiError::InvalidCrl {
+                path: path.clone(),
+                reason: "another revocation is being written (if none is, an earlier run \
+                         stopped half-way: remove this file and run the command again)"
+                    .into(),
+            }),
+            Err(e) => Err(PkiError::io("creating", &path, e)),
+        }
+    }
+}
+
+impl Drop for LedgerLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Whether `serial` (DER integer content bytes) is a minimal positive integer: the form a
+/// CRL writes it in, and so the only one a server can match against the list.
+fn canonical_positive(serial: &[u8]) -> bool {
+    match serial {
+        [] => false,
+        [first, ..] if first & 0x80 != 0 => false,
+        [0] => false,
+        [0, second, ..] => second & 0x80 != 0,
+        _ => true,
+    }
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -292,4 +387,31 @@ fn from_hex(hex: &str) -> Vec<u8> {
             digit(pair[0]) << 4 | digit(pair.get(1).copied().unwrap_or(b'0'))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_minimal_positive_serials_are_revocable() {
+        assert!(canonical_positive(&[0x01]));
+        assert!(canonical_positive(&[0x7f, 0xff]));
+        assert!(canonical_positive(&[0x00, 0x80]));
+        assert!(!canonical_positive(&[]));
+        assert!(!canonical_positive(&[0x00]));
+        assert!(!canonical_positive(&[0x80]), "negative");
+        assert!(!canonical_positive(&[0x00, 0x01]), "not minimal");
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        for bytes in [
+            vec![0x00, 0x80, 0x01],
+            vec![0x7f],
+            vec![0x12, 0xab, 0xcd, 0xef],
+        ] {
+            assert_eq!(from_hex(&to_hex(&bytes)), bytes);
+        }
+    }
 }

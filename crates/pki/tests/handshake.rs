@@ -342,3 +342,56 @@ fn only_certificates_of_this_ca_are_revoked() {
         Revocation::Added { listed: 1, .. }
     ));
 }
+
+#[test]
+fn the_ledger_survives_failures_and_the_crl_number_only_grows() {
+    let c = common::cluster("lab");
+    let number = || dqkd_pki::crl_number(&dqkd_pki::load_crls(&c.ca.crl_path()).unwrap());
+    c.ca.write_crl().unwrap();
+    assert_eq!(number(), Some(1));
+    c.ca.revoke(&c.sae.cert_chain).unwrap();
+    assert_eq!(number(), Some(2));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(c.ca.crl_path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o644,
+            "servers running as other users read it"
+        );
+    }
+
+    // The list was lost after the ledger was written: revoking again writes it again.
+    std::fs::remove_file(c.ca.crl_path()).unwrap();
+    assert!(matches!(
+        c.ca.revoke(&c.sae.cert_chain).unwrap(),
+        Revocation::AlreadyRevoked { .. }
+    ));
+    assert_eq!(number(), Some(3));
+    let server = server_config_with_crl(
+        &c.ca_pem(),
+        &c.kme.cert_chain,
+        &c.kme.key,
+        Some(&c.ca.crl_path()),
+    )
+    .unwrap();
+    let client = client_config(&c.ca_pem(), &c.sae.cert_chain, &c.sae.key).unwrap();
+    assert!(connect(server, client).2.is_err(), "still revoked");
+
+    // Another revocation in progress (its lock file) stops this one; nothing changes.
+    let lock = c.ca.crl_path().with_file_name("revoked.lock");
+    std::fs::write(&lock, "").unwrap();
+    let err = c.ca.revoke(&c.kme.cert_chain).unwrap_err();
+    assert!(err.to_string().contains("another revocation"), "{err}");
+    assert_eq!(number(), Some(3));
+    std::fs::remove_file(&lock).unwrap();
+    assert!(matches!(
+        c.ca.revoke(&c.kme.cert_chain).unwrap(),
+        Revocation::Added { listed: 2, .. }
+    ));
+    assert!(!lock.exists(), "the lock is released");
+}
