@@ -39,24 +39,9 @@ fn request(number: u32) -> KeyRequestBody {
     }
 }
 
-/// Asks for `number` keys for Bob and checks that Bob gets exactly the same ones.
+/// Asks site A for `number` keys for Bob and checks that Bob gets exactly the same ones.
 async fn share(cluster: &Cluster, number: u32) -> Vec<String> {
-    let sent = cluster
-        .client("alice")
-        .enc_keys("bob", &request(number))
-        .await
-        .expect("enc_keys");
-    assert_eq!(sent.keys.len(), number as usize);
-    let ids: Vec<&str> = sent.keys.iter().map(|k| k.key_ID.as_str()).collect();
-    let got = cluster
-        .client("bob")
-        .dec_keys("alice", &ids)
-        .await
-        .expect("dec_keys");
-    for (s, g) in sent.keys.iter().zip(&got.keys) {
-        assert_eq!((&s.key_ID, &s.key), (&g.key_ID, &g.key));
-    }
-    ids.into_iter().map(str::to_owned).collect()
+    cluster.share_through("KME_A", number).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

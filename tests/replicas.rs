@@ -179,30 +179,6 @@ fn pool_claimed(cluster: &Cluster, at: &str) -> Option<f64> {
     })
 }
 
-/// Alice asks site replica `at` for `number` keys; Bob must get the same ones at B.
-async fn share_through(cluster: &Cluster, at: &str, number: u32) {
-    let sent = cluster
-        .client_at("alice", at)
-        .enc_keys(
-            "bob",
-            &KeyRequestBody {
-                number: Some(number),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("enc_keys");
-    let ids: Vec<&str> = sent.keys.iter().map(|k| k.key_ID.as_str()).collect();
-    let got = cluster
-        .client("bob")
-        .dec_keys("alice", &ids)
-        .await
-        .expect("dec_keys");
-    for (s, g) in sent.keys.iter().zip(&got.keys) {
-        assert_eq!((&s.key_ID, &s.key), (&g.key_ID, &g.key));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn named_replicas_keep_ready_key_pools_of_their_own() {
     let Some(mut cluster) =
@@ -219,7 +195,7 @@ async fn named_replicas_keep_ready_key_pools_of_their_own() {
 
     // Each replica serves from its own pool: its level drops by exactly what it handed out.
     for round in 0..10 {
-        share_through(&cluster, replicas[round % 2], 5).await;
+        cluster.share_through(replicas[round % 2], 5).await;
     }
     for at in replicas {
         wait_level(&cluster.client_at("alice", at), 1975).await;
@@ -230,7 +206,7 @@ async fn named_replicas_keep_ready_key_pools_of_their_own() {
     cluster.site(&second).launch();
     wait_level(&cluster.client_at("alice", &second), 1975).await;
     for round in 0..6 {
-        share_through(&cluster, replicas[round % 2], 4).await;
+        cluster.share_through(replicas[round % 2], 4).await;
     }
     for at in replicas {
         wait_level(&cluster.client_at("alice", at), 1963).await;
@@ -254,8 +230,8 @@ async fn a_replica_name_in_use_waits_and_takes_the_pool_over() {
     // A second process under the same name: the pool stays with the first one, and the
     // second serves on demand.
     let standby = cluster.add_replica_with("KME_A", &["--replica", "a1"]);
-    share_through(&cluster, &standby, 3).await;
-    share_through(&cluster, "KME_A", 5).await;
+    cluster.share_through(&standby, 3).await;
+    cluster.share_through("KME_A", 5).await;
     wait_level(&cluster.client_at("alice", "KME_A"), 1995).await;
     let standby_alice = cluster.client_at("alice", &standby);
     let level = standby_alice
@@ -290,14 +266,14 @@ async fn a_replica_name_in_use_waits_and_takes_the_pool_over() {
     wait_level(&first_alice, 0).await;
     assert_eq!(pool_claimed(&cluster, "KME_A"), Some(0.0));
     assert_eq!(pool_claimed(&cluster, &standby), Some(1.0));
-    share_through(&cluster, &standby, 5).await;
+    cluster.share_through(&standby, 5).await;
     wait_level(&standby_alice, 1990).await;
-    share_through(&cluster, "KME_A", 2).await;
+    cluster.share_through("KME_A", 2).await;
     wait_level(&standby_alice, 1990).await;
 
     // The second one dies: the first claims the pool back and hands out its keys.
     cluster.site(&standby).kill9();
     wait_level(&first_alice, 1990).await;
-    share_through(&cluster, "KME_A", 5).await;
+    cluster.share_through("KME_A", 5).await;
     wait_level(&first_alice, 1985).await;
 }

@@ -387,6 +387,35 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Alice asks site process `at` for `number` keys for Bob, and Bob must get exactly the
+    /// same ones at his site; returns their IDs.
+    pub async fn share_through(&self, at: &str, number: u32) -> Vec<String> {
+        let sent = self
+            .client_at("alice", at)
+            .enc_keys(
+                "bob",
+                &dqkd_client::KeyRequestBody {
+                    number: Some(number),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("enc_keys");
+        assert_eq!(sent.keys.len(), number as usize);
+        let ids: Vec<&str> = sent.keys.iter().map(|k| k.key_ID.as_str()).collect();
+        let got = self
+            .client("bob")
+            .dec_keys("alice", &ids)
+            .await
+            .expect("dec_keys");
+        for (s, g) in sent.keys.iter().zip(&got.keys) {
+            assert_eq!((&s.key_ID, &s.key), (&g.key_ID, &g.key));
+        }
+        ids.into_iter().map(str::to_owned).collect()
+    }
+}
+
 /// The status and message of an API error (panics on anything else).
 pub fn status_of<T: std::fmt::Debug>(result: Result<T, ClientError>) -> (StatusCode, String) {
     match result {

@@ -298,15 +298,7 @@ fn only_certificates_of_this_ca_are_revoked() {
     // A list from another CA covers none of our certificates: callers are refused (this
     // rogue CA even has our CA's name, so its list is found and fails its signature).
     let theirs = rogue.ca.write_crl().unwrap();
-    let server = server_config_with_crl(
-        &ours.ca_pem(),
-        &ours.kme.cert_chain,
-        &ours.kme.key,
-        Some(&theirs),
-    )
-    .unwrap();
-    let client = client_config(&ours.ca_pem(), &ours.sae.cert_chain, &ours.sae.key).unwrap();
-    let result = connect(server, client).2;
+    let result = sae_through(&ours, &theirs);
     assert!(
         matches!(
             result,
@@ -317,16 +309,7 @@ fn only_certificates_of_this_ca_are_revoked() {
         "{result:?}"
     );
     let evil = common::cluster("evil");
-    let elsewhere = evil.ca.write_crl().unwrap();
-    let server = server_config_with_crl(
-        &ours.ca_pem(),
-        &ours.kme.cert_chain,
-        &ours.kme.key,
-        Some(&elsewhere),
-    )
-    .unwrap();
-    let client = client_config(&ours.ca_pem(), &ours.sae.cert_chain, &ours.sae.key).unwrap();
-    let result = connect(server, client).2;
+    let result = sae_through(&ours, &evil.ca.write_crl().unwrap());
     assert!(
         matches!(
             result,
@@ -372,15 +355,7 @@ fn the_ledger_survives_failures_and_the_crl_number_only_grows() {
         Revocation::AlreadyRevoked { .. }
     ));
     assert_eq!(number(), Some(3));
-    let server = server_config_with_crl(
-        &c.ca_pem(),
-        &c.kme.cert_chain,
-        &c.kme.key,
-        Some(&c.ca.crl_path()),
-    )
-    .unwrap();
-    let client = client_config(&c.ca_pem(), &c.sae.cert_chain, &c.sae.key).unwrap();
-    assert!(connect(server, client).2.is_err(), "still revoked");
+    assert!(sae_through(&c, &c.ca.crl_path()).is_err(), "still revoked");
 
     // Another revocation in progress (its lock file) stops this one; nothing changes.
     let lock = c.ca.crl_path().with_file_name("revoked.lock");
@@ -394,4 +369,12 @@ fn the_ledger_survives_failures_and_the_crl_number_only_grows() {
         Revocation::Added { listed: 2, .. }
     ));
     assert!(!lock.exists(), "the lock is released");
+}
+
+/// The handshake of `c`'s SAE with `c`'s KME when the KME checks callers against `crl`.
+fn sae_through(c: &common::Cluster, crl: &std::path::Path) -> Result<(), rustls::Error> {
+    let server =
+        server_config_with_crl(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key, Some(crl)).unwrap();
+    let client = client_config(&c.ca_pem(), &c.sae.cert_chain, &c.sae.key).unwrap();
+    connect(server, client).2
 }
