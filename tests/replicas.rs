@@ -152,6 +152,14 @@ async fn killing_one_replica_under_load_loses_no_key() {
     assert_eq!(&got.keys[0].key, key);
 }
 
+/// Sites A and B on PostgreSQL with ready-key pools, site A's process named replica `a1`.
+fn pooled_cluster_with_replica_a1() -> Option<Cluster> {
+    let mut cluster =
+        postgres_cluster_full("[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n")?;
+    cluster.site("KME_A").relaunch_with(&["--replica", "a1"]);
+    Some(cluster)
+}
+
 /// Waits until `client`'s status toward Bob reports `want` ready keys exactly.
 async fn wait_level(client: &Client, want: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -181,12 +189,9 @@ fn pool_claimed(cluster: &Cluster, at: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn named_replicas_keep_ready_key_pools_of_their_own() {
-    let Some(mut cluster) =
-        postgres_cluster_full("[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n")
-    else {
+    let Some(mut cluster) = pooled_cluster_with_replica_a1() else {
         return;
     };
-    cluster.site("KME_A").relaunch_with(&["--replica", "a1"]);
     let second = cluster.add_replica_with("KME_A", &["--replica", "a2"]);
     let replicas = ["KME_A", second.as_str()];
     for at in replicas {
@@ -220,12 +225,9 @@ async fn named_replicas_keep_ready_key_pools_of_their_own() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_name_in_use_waits_and_takes_the_pool_over() {
-    let Some(mut cluster) =
-        postgres_cluster_full("[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n")
-    else {
+    let Some(mut cluster) = pooled_cluster_with_replica_a1() else {
         return;
     };
-    cluster.site("KME_A").relaunch_with(&["--replica", "a1"]);
     wait_level(&cluster.client_at("alice", "KME_A"), 2000).await;
     // A second process under the same name: the pool stays with the first one, and the
     // second serves on demand.
