@@ -444,6 +444,8 @@ fn write_configs(
         cert: layout.rel(&layout.cert(role, id, "pem")),
         key: layout.rel(&layout.cert(role, id, "key")),
         crl: Some(layout.rel(&layout.pki().join(dqkd_pki::CRL_FILE))),
+        key_exchange: None,
+        peer_key_exchange: None,
     };
     for (i, (kme, _)) in plan.sites.iter().enumerate() {
         let site = SiteFile {

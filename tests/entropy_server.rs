@@ -65,12 +65,12 @@ fn start(dir: &Path) -> (Server, String) {
 }
 
 fn kme_client(dir: &Path, url: &str, kme: &str) -> EntropyClient {
-    let tls = dqkd_pki::client_config(
+    let tls = pinned(
         &dir.join("pki/ca.pem"),
         &dir.join(format!("pki/kme/{kme}.pem")),
         &dir.join(format!("pki/kme/{kme}.key")),
-    )
-    .expect("client TLS config");
+        "E1",
+    );
     EntropyClient::new(url, "E1", tls).expect("client")
 }
 
@@ -117,4 +117,20 @@ key = "pki/entropy/E1.key"
         matches!(again, Err(dqkd_entropy::EntropyError::Refused { status, .. }) if status == 410),
         "{again:?}"
     );
+}
+
+/// A client presenting the KME certificate `cert`/`key` that accepts only entropy server
+/// `server` of cluster "test".
+fn pinned(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    server: &str,
+) -> dqkd_net::PinnedClient {
+    let files = dqkd_net::TlsFiles::new(ca.to_owned(), cert.to_owned(), key.to_owned());
+    let tls = dqkd_net::OutgoingTls::load(&files, dqkd_pki::KeyExchange::HybridOnly)
+        .expect("client TLS config");
+    let server = dqkd_pki::Identity::new("test", dqkd_pki::Role::Entropy, server).expect("ID");
+    tls.client(server, dqkd_net::Versions::Any, None)
+        .expect("client")
 }

@@ -277,11 +277,13 @@ crl = "pki/ca.crl.pem"
     pub fn anonymous_client(&self) -> Client {
         let roots =
             dqkd_pki::root_store(&dqkd_pki::load_certs(&self.ca()).expect("ca")).expect("roots");
-        let tls = dqkd_pki::rustls::ClientConfig::builder_with_provider(dqkd_pki::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = dqkd_pki::rustls::ClientConfig::builder_with_provider(dqkd_pki::provider(
+            dqkd_pki::KeyExchange::PreferHybrid,
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         Client::new(&self.url, tls).expect("client")
     }
 

@@ -233,6 +233,8 @@ mod tests {
                 cert: "e1.pem".into(),
                 key: "e1.key".into(),
                 crl: None,
+                key_exchange: None,
+                peer_key_exchange: None,
             },
             pool_ttl: Duration::from_secs(300),
             pool_rotate: Duration::from_secs(60),

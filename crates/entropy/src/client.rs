@@ -128,7 +128,7 @@ impl std::fmt::Debug for Allocation {
 pub struct EntropyClient {
     base: String,
     server_id: String,
-    http: dqkd_net::HttpsClient,
+    http: dqkd_net::PinnedClient,
     timeout: Duration,
 }
 
@@ -144,24 +144,14 @@ impl std::fmt::Debug for EntropyClient {
 
 impl EntropyClient {
     /// A client for the entropy server `server_id` at `base_url` (`https://host:port`),
-    /// authenticating with the KME certificate in `tls` (see `dqkd_pki::client_config`).
+    /// over `http`, which presents the KME's certificate and accepts only the certificate
+    /// of that entropy server (see `dqkd_net::OutgoingTls::client`).
     pub fn new(
         base_url: &str,
         server_id: &str,
-        tls: rustls::ClientConfig,
+        http: dqkd_net::PinnedClient,
     ) -> Result<Self, EntropyError> {
-        let bad = |reason: &str| EntropyError::BadUrl {
-            url: base_url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let uri: Uri = base_url.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad("entropy servers are reached over https only"));
-        }
-        if uri.host().is_none() {
-            return Err(bad("no host"));
-        }
-        let http = dqkd_net::https_client(tls, dqkd_net::Versions::Any, Some(DEFAULT_TIMEOUT));
+        check_url(base_url)?;
         Ok(Self {
             base: base_url.trim_end_matches('/').to_owned(),
             server_id: server_id.to_owned(),
@@ -201,6 +191,8 @@ impl EntropyClient {
                         .map(str::to_owned)
                         .ok_or_else(|| self.bad(format!("missing or invalid {name} header")))
                 };
+                // Who answered is proven by the pinned TLS handshake, not by this header;
+                // a server naming itself otherwise is misconfigured, and refused.
                 let server_id = header(HEADER_SERVER_ID)?;
                 if server_id != self.server_id {
                     return Err(self.bad(format!(
@@ -393,26 +385,46 @@ impl EntropyClient {
     }
 }
 
+/// Entropy servers are reached over https only, at a URL with a host.
+fn check_url(base_url: &str) -> Result<(), EntropyError> {
+    let bad = |reason: &str| EntropyError::BadUrl {
+        url: base_url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let uri: Uri = base_url.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad("entropy servers are reached over https only"));
+    }
+    if uri.host().is_none() {
+        return Err(bad("no host"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn tls() -> rustls::ClientConfig {
-        rustls::ClientConfig::builder_with_provider(dqkd_pki::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
+    /// A client of entropy server E1 with a KME certificate from a throwaway CA.
+    fn http(dir: &std::path::Path) -> dqkd_net::PinnedClient {
+        dqkd_pki::init_ca("test", dir, false).unwrap();
+        let ca = dqkd_pki::load_ca(dir).unwrap();
+        let options = dqkd_pki::IssueOptions {
+            out_dir: dir.join("certs"),
+            ..dqkd_pki::IssueOptions::default()
+        };
+        let kme = ca.issue(dqkd_pki::Role::Kme, "KME_A", &options).unwrap();
+        let files = dqkd_net::TlsFiles::new(ca.paths().cert.clone(), kme.cert_chain, kme.key);
+        let tls = dqkd_net::OutgoingTls::load(&files, dqkd_pki::KeyExchange::HybridOnly).unwrap();
+        let e1 = dqkd_pki::Identity::new("test", dqkd_pki::Role::Entropy, "E1").unwrap();
+        tls.client(e1, dqkd_net::Versions::Any, None).unwrap()
     }
 
     #[test]
     fn urls_checked() {
-        assert!(EntropyClient::new("https://127.0.0.1:1", "E1", tls()).is_ok());
+        assert!(check_url("https://127.0.0.1:1").is_ok());
         for bad in ["http://127.0.0.1:1", "not a url", "/path"] {
-            assert!(matches!(
-                EntropyClient::new(bad, "E1", tls()),
-                Err(EntropyError::BadUrl { .. })
-            ));
+            assert!(matches!(check_url(bad), Err(EntropyError::BadUrl { .. })));
         }
     }
 
@@ -434,7 +446,10 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let client = EntropyClient::new(&format!("https://127.0.0.1:{port}"), "E1", tls()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let client =
+            EntropyClient::new(&format!("https://127.0.0.1:{port}"), "E1", http(dir.path()))
+                .unwrap();
         let err = client.health().await.unwrap_err();
         assert!(err.is_unavailable(), "{err}");
     }

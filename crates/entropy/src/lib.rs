@@ -14,9 +14,12 @@
 //! [`client::EntropyClient`] is the KME side.
 //!
 //! ```no_run
-//! # async fn demo(tls: rustls::ClientConfig) -> Result<(), dqkd_entropy::EntropyError> {
+//! # async fn demo(tls: &dqkd_net::OutgoingTls) -> Result<(), Box<dyn std::error::Error>> {
 //! use dqkd_entropy::EntropyClient;
-//! let e1 = EntropyClient::new("https://127.0.0.1:9443", "E1", tls)?;
+//! // Accepts only the certificate of entropy server E1 of cluster "lab".
+//! let only_e1 = dqkd_pki::Identity::new("lab", dqkd_pki::Role::Entropy, "E1")?;
+//! let http = tls.client(only_e1, dqkd_net::Versions::Any, None)?;
+//! let e1 = EntropyClient::new("https://127.0.0.1:9443", "E1", http)?;
 //! let range = e1.allocate(4096, &["KME_B".to_owned()]).await?;
 //! // ... send (server_id, pool_id, offset, len) to KME_B, which calls:
 //! let same = e1.read(&range.pool_id, range.offset, range.len).await?;

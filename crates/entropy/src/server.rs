@@ -96,6 +96,11 @@ pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serv
         dqkd_pki::Role::Entropy,
         &config.server_id,
         config.listen,
+        config
+            .tls
+            .key_exchange
+            .unwrap_or(dqkd_pki::KeyExchange::HybridOnly),
+        "entropy",
     )
     .await?;
     let mix = source.mix_path().map(|p| p.display().to_string());

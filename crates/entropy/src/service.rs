@@ -310,6 +310,8 @@ mod tests {
                 cert: "E1.pem".into(),
                 key: "E1.key".into(),
                 crl: None,
+                key_exchange: None,
+                peer_key_exchange: None,
             },
             pool_ttl_secs: None,
             pool_rotate_secs: None,

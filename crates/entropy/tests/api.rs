@@ -82,12 +82,12 @@ impl Fixture {
 
     /// A client presenting `pki/<role>/<id>` from the cluster CA.
     fn client(&self, role: &str, id: &str) -> EntropyClient {
-        let tls = dqkd_pki::client_config(
+        let tls = pinned(
             &self.path("pki/ca.pem"),
             &self.path(&format!("pki/{role}/{id}.pem")),
             &self.path(&format!("pki/{role}/{id}.key")),
-        )
-        .expect("client TLS config");
+            "E1",
+        );
         EntropyClient::new(&self.url(), "E1", tls).expect("client")
     }
 
@@ -345,12 +345,12 @@ async fn memory_bound_pushes_back_then_recovers() {
 #[tokio::test]
 async fn foreign_ca_fails_the_handshake() {
     let fx = Fixture::start("").await;
-    let tls = dqkd_pki::client_config(
+    let tls = pinned(
         &fx.path("pki/ca.pem"),
         &fx.path("other/kme/KME_A.pem"),
         &fx.path("other/kme/KME_A.key"),
-    )
-    .expect("client TLS config");
+        "E1",
+    );
     let eve = EntropyClient::new(&fx.url(), "E1", tls).unwrap();
     let err = eve.allocate(16, &[]).await.unwrap_err();
     assert!(matches!(err, EntropyError::Unreachable { .. }), "{err:?}");
@@ -381,17 +381,24 @@ async fn metrics_count_what_happened() {
 }
 
 #[tokio::test]
-async fn client_checks_the_server_id() {
+async fn client_accepts_only_the_pinned_server() {
+    // E1 answers where the client expects E2: a valid certificate of the cluster, but not
+    // the identity the manifest names for that address. Refused at the handshake; no range.
     let fx = Fixture::start("").await;
-    let tls = dqkd_pki::client_config(
+    let tls = pinned(
         &fx.path("pki/ca.pem"),
         &fx.path("pki/kme/KME_A.pem"),
         &fx.path("pki/kme/KME_A.key"),
-    )
-    .expect("client TLS config");
+        "E2",
+    );
     let wrong = EntropyClient::new(&fx.url(), "E2", tls).unwrap();
     let err = wrong.allocate(8, &[]).await.unwrap_err();
-    assert!(matches!(err, EntropyError::BadResponse { .. }), "{err:?}");
+    assert!(matches!(err, EntropyError::Unreachable { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("dqkd://test/entropy/E1") && text.contains("dqkd://test/entropy/E2"),
+        "the error names the identity found and the one expected: {text}"
+    );
     fx.stop().await;
 }
 
@@ -409,12 +416,12 @@ async fn timeout_is_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     make_pki(dir.path());
     let p = |rel: &str| dir.path().join(rel);
-    let tls = dqkd_pki::client_config(
+    let tls = pinned(
         &p("pki/ca.pem"),
         &p("pki/kme/KME_A.pem"),
         &p("pki/kme/KME_A.key"),
-    )
-    .unwrap();
+        "E1",
+    );
     let client = EntropyClient::new(&format!("https://{addr}"), "E1", tls)
         .unwrap()
         .with_timeout(Duration::from_millis(300));
@@ -457,12 +464,12 @@ async fn start_up_checks() {
     let serving = dqkd_entropy::run(Config::load(&path).unwrap())
         .await
         .unwrap();
-    let tls = dqkd_pki::client_config(
+    let tls = pinned(
         &dir.path().join("pki/ca.pem"),
         &dir.path().join("pki/kme/KME_A.pem"),
         &dir.path().join("pki/kme/KME_A.key"),
-    )
-    .unwrap();
+        "E1",
+    );
     let a = EntropyClient::new(&format!("https://{}", serving.api_addr()), "E1", tls).unwrap();
     let range = a.allocate(10_000, &[]).await.unwrap();
     assert_eq!(range.bytes.len(), 10_000);
@@ -472,4 +479,20 @@ async fn start_up_checks() {
     let path = write_config(dir.path(), "pool_size = 1");
     let err = Config::load(&path).unwrap_err();
     assert!(err.to_string().contains("entropy.toml"), "{err}");
+}
+
+/// A client presenting the KME certificate `cert`/`key` that accepts only entropy server
+/// `server` of cluster "test".
+fn pinned(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    server: &str,
+) -> dqkd_net::PinnedClient {
+    let files = dqkd_net::TlsFiles::new(ca.to_owned(), cert.to_owned(), key.to_owned());
+    let tls = dqkd_net::OutgoingTls::load(&files, dqkd_pki::KeyExchange::HybridOnly)
+        .expect("client TLS config");
+    let server = dqkd_pki::Identity::new("test", dqkd_pki::Role::Entropy, server).expect("ID");
+    tls.client(server, dqkd_net::Versions::Any, None)
+        .expect("client")
 }

@@ -712,6 +712,8 @@ mod tests {
                 cert: "kme.pem".into(),
                 key: "kme.key".into(),
                 crl: None,
+                key_exchange: None,
+                peer_key_exchange: None,
             },
             store: StoreFiles {
                 path: Some("store.redb".into()),

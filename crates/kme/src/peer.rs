@@ -161,21 +161,18 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 pub struct PeerClient {
     site: String,
     base: String,
-    http: dqkd_net::HttpsClient,
+    http: dqkd_net::PinnedClient,
     timeout: Duration,
 }
 
 impl PeerClient {
-    /// A client for site `site` at `addr` (`host:port`), authenticating with this KME's
-    /// certificate in `tls`.
-    pub fn new(site: &str, addr: &str, tls: rustls::ClientConfig, timeout: Duration) -> Self {
+    /// A client for site `site` at `addr` (`host:port`) over `http`, which presents this
+    /// KME's certificate and accepts only site `site`'s (see `dqkd_net::OutgoingTls`).
+    pub fn new(site: &str, addr: &str, http: dqkd_net::PinnedClient, timeout: Duration) -> Self {
         Self {
             site: site.to_owned(),
             base: format!("https://{addr}"),
-            // HTTP/1.1: a link carries a few large batched messages at a time, and HTTP/2's
-            // stream bookkeeping cost more CPU than one kept-alive connection per message
-            // in flight.
-            http: dqkd_net::https_client(tls, dqkd_net::Versions::Http1, Some(timeout)),
+            http,
             timeout,
         }
     }

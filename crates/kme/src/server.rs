@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use dqkd_net::{BindError, MtlsListener};
+use dqkd_net::{BindError, KeyExchange, MtlsListener};
+use dqkd_pki::Role;
 use dqkd_store::{EmbeddedStore, Kek, KeyStore};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -128,13 +129,21 @@ fn key_source(config: &Config) -> Result<Arc<dyn KeySource>, ServeError> {
     if config.entropy.is_empty() {
         return Ok(Arc::new(OsRandom::default()));
     }
+    let outgoing = outgoing_tls(config)?;
     let mut servers = Vec::with_capacity(config.entropy.len());
     for server in &config.entropy {
-        let tls = own_client_tls(config)?;
+        let http = pinned_client(
+            &outgoing,
+            config,
+            Role::Entropy,
+            &server.id,
+            // HTTP/2: many small allocations and reads share one connection.
+            dqkd_net::Versions::Any,
+        )?;
         let client = dqkd_entropy::client::EntropyClient::new(
             &format!("https://{}", server.addr),
             &server.id,
-            tls,
+            http,
         )
         .map_err(|e| ServeError::Tls(format!("entropy server {}: {e}", server.id)))?
         .with_timeout(config.peer_timeout);
@@ -145,31 +154,55 @@ fn key_source(config: &Config) -> Result<Arc<dyn KeySource>, ServeError> {
     Ok(Arc::new(blast))
 }
 
-/// This KME's certificate as a TLS client (to peers and entropy servers), refusing servers
-/// the revocation list revokes as it reads at start.
-fn own_client_tls(config: &Config) -> Result<rustls::ClientConfig, ServeError> {
-    dqkd_pki::client_config_with_crl(
-        &config.tls.ca,
-        &config.tls.cert,
-        &config.tls.key,
-        config.tls.crl.as_deref(),
-    )
-    .map_err(|e| ServeError::Tls(e.to_string()))
+/// The key exchange of links between dqkd processes: the peer API and this KME's calls.
+fn peer_key_exchange(config: &Config) -> KeyExchange {
+    config
+        .tls
+        .peer_key_exchange
+        .unwrap_or(KeyExchange::HybridOnly)
+}
+
+/// This KME's certificate as a TLS client (to peers and entropy servers), following the
+/// cluster's revocation list.
+fn outgoing_tls(config: &Config) -> Result<Arc<dqkd_net::OutgoingTls>, ServeError> {
+    dqkd_net::OutgoingTls::load(&config.tls, peer_key_exchange(config))
+        .map_err(|e| ServeError::Tls(e.to_string()))
+}
+
+/// A client that accepts only the server the manifest names `role` `id`.
+fn pinned_client(
+    outgoing: &dqkd_net::OutgoingTls,
+    config: &Config,
+    role: Role,
+    id: &str,
+    versions: dqkd_net::Versions,
+) -> Result<dqkd_net::PinnedClient, ServeError> {
+    let expected = dqkd_pki::Identity::new(&config.cluster, role, id)
+        .map_err(|e| ServeError::Tls(format!("{role} {id}: {e}")))?;
+    outgoing
+        .client(expected, versions, Some(config.peer_timeout))
+        .map_err(|e| ServeError::Tls(e.to_string()))
 }
 
 fn peer_clients(config: &Config) -> Result<BTreeMap<String, PeerClient>, ServeError> {
     let mut peers = BTreeMap::new();
+    let outgoing = outgoing_tls(config)?;
     for site in config.sites.values() {
         if site.kme_id == config.kme_id {
             continue;
         }
         if let Some(addr) = &site.peer_addr {
-            let client = PeerClient::new(
+            // HTTP/1.1: a link carries a few large batched messages at a time, and HTTP/2's
+            // stream bookkeeping cost more CPU than one kept-alive connection per message
+            // in flight.
+            let http = pinned_client(
+                &outgoing,
+                config,
+                Role::Kme,
                 &site.kme_id,
-                addr,
-                own_client_tls(config)?,
-                config.peer_timeout,
-            );
+                dqkd_net::Versions::Http1,
+            )?;
+            let client = PeerClient::new(&site.kme_id, addr, http, config.peer_timeout);
             peers.insert(site.kme_id.clone(), client);
         }
     }
@@ -189,12 +222,19 @@ pub async fn run_with(
     } = dqkd_net::bind_mtls(
         &config.tls,
         &config.cluster,
-        dqkd_pki::Role::Kme,
+        Role::Kme,
         &config.kme_id,
         config.api_listen,
+        config.tls.key_exchange.unwrap_or(KeyExchange::PreferHybrid),
+        "etsi",
     )
     .await?;
-    // The peer API shares the TLS configuration: same certificate, trust anchor and CRL.
+    // The peer API shares the TLS configuration (same certificate, trust anchor and CRL)
+    // but has a key exchange of its own: hybrid only, by default.
+    let peer_tls = tls.for_listener(
+        peer_key_exchange(&config),
+        dqkd_net::listener_labels(Role::Kme, &config.kme_id, "peer"),
+    );
     let peer_listener = match config.peer_listen {
         Some(addr) => Some(dqkd_net::bind(addr).await?),
         None => None,
@@ -231,7 +271,7 @@ pub async fn run_with(
     let peer_task = peer_listener.map(|listener| {
         tokio::spawn(dqkd_net::serve_mtls(
             listener,
-            tls.clone(),
+            peer_tls,
             peer_router(service.clone()),
             cluster.clone(),
             stopped.clone(),

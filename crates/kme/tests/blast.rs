@@ -58,12 +58,12 @@ impl Cluster {
             .iter()
             .zip(&self.urls)
             .map(|(id, url)| {
-                let tls = dqkd_pki::client_config(
+                let tls = pinned(
                     &path("pki/ca.pem".into()),
                     &path(format!("pki/kme/{kme}.pem")),
                     &path(format!("pki/kme/{kme}.key")),
-                )
-                .expect("KME client TLS config");
+                    id,
+                );
                 let client = EntropyClient::new(url, id, tls).expect("entropy client");
                 (id.clone(), client)
             })
@@ -322,4 +322,20 @@ async fn regeneration_with_a_server_down_is_unavailable() {
     assert!(matches!(err, KeySourceError::Unavailable(_)), "{err:?}");
     assert!(text.contains("entropy server E3 unreachable"), "{text}");
     cluster.stop().await;
+}
+
+/// A client presenting the KME certificate `cert`/`key` that accepts only entropy server
+/// `server` of the test cluster.
+fn pinned(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    server: &str,
+) -> dqkd_net::PinnedClient {
+    let files = dqkd_net::TlsFiles::new(ca.to_owned(), cert.to_owned(), key.to_owned());
+    let tls = dqkd_net::OutgoingTls::load(&files, dqkd_pki::KeyExchange::HybridOnly)
+        .expect("client TLS config");
+    let server = dqkd_pki::Identity::new(CLUSTER, dqkd_pki::Role::Entropy, server).expect("ID");
+    tls.client(server, dqkd_net::Versions::Any, None)
+        .expect("client")
 }

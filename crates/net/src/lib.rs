@@ -5,9 +5,10 @@
 //! certificate, and serves HTTP/1.1 or HTTP/2 with an axum router until told to stop.
 //! [`check_own_certificate`] makes a server refuse to start with someone else's certificate.
 //!
-//! Clients: [`https_client`] builds a pooled hyper client over a given rustls
-//! configuration (the caller's certificate and the cluster CA), and [`error_chain`] turns
-//! nested transport errors into one readable line.
+//! Clients: [`OutgoingTls`] makes the clients of calls between dqkd processes, each pinned
+//! to the one identity it may reach and following the revocation list; [`https_client`]
+//! builds a pooled hyper client over a given rustls configuration (an SAE's), and
+//! [`error_chain`] turns nested transport errors into one readable line.
 
 #![forbid(unsafe_code)]
 
@@ -25,12 +26,20 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::ClientCertVerifier;
+use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
+
+mod crl;
+mod outgoing;
+mod server_tls;
+
+pub use crl::CRL_POLL;
+pub use dqkd_pki::KeyExchange;
+pub use outgoing::{OutgoingTls, PinnedClient};
+use server_tls::revoked;
+pub use server_tls::ServerTls;
 
 /// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,10 +58,19 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The cluster CA's revocation list (PEM, written by `dqkd pki revoke` or `dqkd pki crl`).
     /// When set, callers whose certificate it revokes are refused, and so are servers this
-    /// process calls. A server re-reads it within [`CRL_POLL`] of a change and closes open
-    /// connections of callers it now revokes.
+    /// process calls. The process re-reads it within [`CRL_POLL`] of a change, closes open
+    /// connections of callers it now revokes and drops its pooled connections to servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crl: Option<PathBuf>,
+    /// The key exchange groups this process's own listener accepts: for a KME its ETSI API
+    /// (default `prefer-hybrid`, since most SAE stacks lack ML-KEM), for an entropy server
+    /// its API (default `hybrid-only`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_exchange: Option<KeyExchange>,
+    /// KMEs only: the key exchange of the links between dqkd processes, that is the peer
+    /// API and the KME's calls to peers and entropy servers (default `hybrid-only`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_key_exchange: Option<KeyExchange>,
 }
 
 impl TlsFiles {
@@ -63,6 +81,19 @@ impl TlsFiles {
             cert: base.join(&self.cert),
             key: base.join(&self.key),
             crl: self.crl.as_ref().map(|crl| base.join(crl)),
+            ..self.clone()
+        }
+    }
+
+    /// Plain certificate files, with no revocation list and default key exchanges.
+    pub fn new(ca: PathBuf, cert: PathBuf, key: PathBuf) -> Self {
+        Self {
+            ca,
+            cert,
+            key,
+            crl: None,
+            key_exchange: None,
+            peer_key_exchange: None,
         }
     }
 }
@@ -84,128 +115,6 @@ pub enum BindError {
     },
 }
 
-/// How often a server looks for a changed revocation list.
-pub const CRL_POLL: Duration = Duration::from_secs(2);
-
-/// A server's TLS configuration as it stands now: replaced whenever its revocation list
-/// changes, and watched by every open connection so that a caller revoked meanwhile is cut
-/// off.
-#[derive(Clone)]
-pub struct ServerTls {
-    current: watch::Receiver<Arc<LoadedTls>>,
-}
-
-/// One loaded configuration, the verifier inside it, and the number of its CRL.
-struct LoadedTls {
-    config: Arc<rustls::ServerConfig>,
-    verifier: Arc<dyn ClientCertVerifier>,
-    crl_number: Option<u64>,
-}
-
-impl LoadedTls {
-    /// Loads the configuration of `tls`, with the revocation list read as `crl_pem` (the
-    /// bytes of `tls.crl`, read once by the caller so that it knows exactly what is in force).
-    fn load(tls: &TlsFiles, crl_pem: Option<&[u8]>) -> Result<Self, dqkd_pki::PkiError> {
-        let crls = match (&tls.crl, crl_pem) {
-            (Some(path), Some(pem)) => dqkd_pki::parse_crls(pem, path)?,
-            _ => Vec::new(),
-        };
-        let crl_number = dqkd_pki::crl_number(&crls);
-        let verifier = dqkd_pki::client_verifier(&dqkd_pki::load_certs(&tls.ca)?, crls)?;
-        let config = dqkd_pki::server_config_with_verifier(
-            verifier.clone(),
-            dqkd_pki::load_certs(&tls.cert)?,
-            dqkd_pki::load_private_key(&tls.key)?,
-        )?;
-        Ok(Self {
-            config: Arc::new(config),
-            verifier,
-            crl_number,
-        })
-    }
-}
-
-impl ServerTls {
-    /// Loads the server's configuration from `tls` and, when it names a revocation list,
-    /// starts re-reading that list every [`CRL_POLL`] for as long as the returned value (or
-    /// a clone) lives. A list that is missing or unreadable at start is an error: a server
-    /// told to check revocations never starts without.
-    pub fn load(tls: &TlsFiles) -> Result<Self, dqkd_pki::PkiError> {
-        let crl_pem = match &tls.crl {
-            Some(path) => {
-                Some(std::fs::read(path).map_err(|e| dqkd_pki::PkiError::io("reading", path, e))?)
-            }
-            None => None,
-        };
-        let loaded = LoadedTls::load(tls, crl_pem.as_deref())?;
-        let (sender, current) = watch::channel(Arc::new(loaded));
-        if let (Some(crl), Some(seen)) = (tls.crl.clone(), crl_pem) {
-            tokio::spawn(reload_on_change(tls.clone(), crl, seen, sender));
-        }
-        Ok(Self { current })
-    }
-
-    /// The configuration for the next handshake.
-    fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.borrow().config.clone())
-    }
-}
-
-/// Re-reads the revocation list whenever its bytes differ from `seen` (what is in force),
-/// until no server uses it. A list that cannot be loaded, or that is older than the one in
-/// force (a lower CRL number, which would undo revocations), leaves the one in force.
-async fn reload_on_change(
-    tls: TlsFiles,
-    crl: PathBuf,
-    mut seen: Vec<u8>,
-    sender: watch::Sender<Arc<LoadedTls>>,
-) {
-    let mut unreadable = false;
-    loop {
-        tokio::time::sleep(CRL_POLL).await;
-        if sender.is_closed() {
-            return;
-        }
-        let now = match std::fs::read(&crl) {
-            Ok(now) => {
-                unreadable = false;
-                now
-            }
-            Err(e) => {
-                if !unreadable {
-                    tracing::error!(crl = %crl.display(), error = %e,
-                        "the revocation list cannot be read; callers are still checked against the previous one");
-                    unreadable = true;
-                }
-                continue;
-            }
-        };
-        if now == seen {
-            continue;
-        }
-        let in_force = sender.borrow().crl_number;
-        let result = LoadedTls::load(&tls, Some(&now));
-        seen = now;
-        match result {
-            Ok(loaded) if loaded.crl_number < in_force => tracing::error!(
-                crl = %crl.display(),
-                number = ?loaded.crl_number,
-                in_force = ?in_force,
-                "the revocation list is older than the one in force; it is ignored (it could undo revocations)"
-            ),
-            Ok(loaded) => {
-                tracing::info!(crl = %crl.display(), number = ?loaded.crl_number, "revocation list reloaded");
-                sender.send_replace(Arc::new(loaded));
-            }
-            Err(e) => tracing::error!(
-                crl = %crl.display(),
-                error = %e,
-                "the revocation list could not be loaded; callers are still checked against the previous one"
-            ),
-        }
-    }
-}
-
 /// An mTLS listener ready for [`serve_mtls`].
 pub struct MtlsListener {
     /// Performs the handshakes (client certificate required), with the current CRL.
@@ -217,15 +126,19 @@ pub struct MtlsListener {
 }
 
 /// Loads the server's TLS configuration, checks that its certificate is `role`/`id` of
-/// `cluster`, and binds `addr`.
+/// `cluster`, and binds `addr` for a listener called `listener` (in metrics) that accepts
+/// `key_exchange`.
 pub async fn bind_mtls(
     tls: &TlsFiles,
     cluster: &str,
     role: dqkd_pki::Role,
     id: &str,
     addr: SocketAddr,
+    key_exchange: KeyExchange,
+    listener: &'static str,
 ) -> Result<MtlsListener, BindError> {
-    let server_tls = ServerTls::load(tls).map_err(|e| BindError::Tls(e.to_string()))?;
+    let server_tls = ServerTls::load(tls, key_exchange, listener_labels(role, id, listener))
+        .map_err(|e| BindError::Tls(e.to_string()))?;
     check_own_certificate(&tls.cert, cluster, role, id).map_err(BindError::Tls)?;
     let listener = bind(addr).await?;
     let addr = listener
@@ -236,6 +149,19 @@ pub async fn bind_mtls(
         listener,
         addr,
     })
+}
+
+/// The labels of a listener's metrics: the process (`kme` or `entropy` = its ID) and the
+/// listener's name.
+pub fn listener_labels(
+    role: dqkd_pki::Role,
+    id: &str,
+    listener: &'static str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        (role.as_str(), id.to_owned()),
+        ("listener", listener.to_owned()),
+    ]
 }
 
 /// Binds a plain TCP listener, with the address in the error.
@@ -282,15 +208,14 @@ pub async fn serve_mtls(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = tls.acceptor();
-        // A clone starts as "changed" after any reload, so a connection accepted just
-        // before one is checked against the new list too (once more than needed, harmless).
-        let mut updates = tls.current.clone();
+        let mut updates = tls.updates();
+        let tls = tls.clone();
         let app = app.clone();
         let cluster = cluster.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake refused");
                     return;
@@ -300,7 +225,8 @@ pub async fn serve_mtls(
                     return;
                 }
             };
-            let chain: Vec<CertificateDer<'static>> = tls
+            tls.record_handshake(stream.get_ref().1, remote);
+            let chain: Vec<CertificateDer<'static>> = stream
                 .get_ref()
                 .1
                 .peer_certificates()
@@ -321,7 +247,7 @@ pub async fn serve_mtls(
                     app.clone().oneshot(request)
                 });
             let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 ended = watcher.watch(connection) => {
                     if let Err(e) = ended {
@@ -341,24 +267,6 @@ pub async fn serve_mtls(
     {
         tracing::warn!("connections still open after the drain timeout; closing them");
     }
-}
-
-/// Returns once a new configuration refuses the client certificate chain `chain` (never,
-/// while the configuration stays as it is).
-async fn revoked(updates: &mut watch::Receiver<Arc<LoadedTls>>, chain: &[CertificateDer<'static>]) {
-    let Some((leaf, intermediates)) = chain.split_first() else {
-        return std::future::pending().await;
-    };
-    while updates.changed().await.is_ok() {
-        let verifier = updates.borrow_and_update().verifier.clone();
-        if verifier
-            .verify_client_cert(leaf, intermediates, UnixTime::now())
-            .is_err()
-        {
-            return;
-        }
-    }
-    std::future::pending().await
 }
 
 /// Checks that the certificate chain in `cert` is `role`/`id` of `cluster`, so a server

@@ -101,7 +101,7 @@ fn ca_uri(cluster: &str) -> String {
 /// same key material never produces two certificates with one serial.
 pub(crate) fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
-    rustls::crypto::ring::default_provider()
+    rustls::crypto::aws_lc_rs::default_provider()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| {

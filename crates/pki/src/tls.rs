@@ -1,15 +1,19 @@
 //! rustls configurations for dqkd's mutual TLS.
 //!
 //! Both sides trust only the cluster CA and always present a certificate.
-//! The ring provider is passed explicitly everywhere: relying on a
-//! process-wide default provider breaks as soon as some other dependency
-//! installs (or fails to install) a different one.
+//! The key exchange is post-quantum hybrid (X25519MLKEM768): a recording of today's
+//! traffic stays safe from an adversary who can break elliptic-curve Diffie-Hellman later,
+//! as long as ML-KEM holds, and as safe as X25519 if ML-KEM falls. [`KeyExchange`] says
+//! whether classical groups are still accepted beside it. The provider (aws-lc-rs, the one
+//! rustls ships ML-KEM with) is passed explicitly everywhere: relying on a process-wide
+//! default provider breaks as soon as some other dependency installs a different one.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::aws_lc_rs::kx_group;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig, SupportedProtocolVersion};
@@ -18,19 +22,80 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use crate::error::{PkiError, Result};
 use crate::identity::Identity;
 use crate::pem::{load_certs, load_private_key};
+use crate::pinned::PinnedServerVerifier;
 use crate::revoke::load_crls;
 
 /// TLS versions dqkd speaks: 1.3 preferred, 1.2 for older SAE stacks.
 const VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+/// TLS 1.2 has no hybrid key exchange, so a hybrid-only endpoint speaks TLS 1.3 alone.
+const VERSIONS_HYBRID_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// Which key exchange groups an endpoint offers (client) or accepts (server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyExchange {
+    /// X25519MLKEM768 only (TLS 1.3 only): a peer without ML-KEM cannot connect. The
+    /// default of every link between dqkd processes.
+    HybridOnly,
+    /// X25519MLKEM768 first, then X25519, P-256 and P-384 for clients without ML-KEM
+    /// (curl on OpenSSL 3.0, most ETSI 014 clients today). The default of the ETSI API.
+    PreferHybrid,
+}
+
+impl KeyExchange {
+    /// The word used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyExchange::HybridOnly => "hybrid-only",
+            KeyExchange::PreferHybrid => "prefer-hybrid",
+        }
+    }
+
+    fn groups(self) -> Vec<&'static dyn SupportedKxGroup> {
+        match self {
+            KeyExchange::HybridOnly => vec![kx_group::X25519MLKEM768],
+            KeyExchange::PreferHybrid => vec![
+                kx_group::X25519MLKEM768,
+                kx_group::X25519,
+                kx_group::SECP256R1,
+                kx_group::SECP384R1,
+            ],
+        }
+    }
+
+    fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
+        match self {
+            KeyExchange::HybridOnly => VERSIONS_HYBRID_ONLY,
+            KeyExchange::PreferHybrid => VERSIONS,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The name of the key exchange group a finished handshake used (`X25519MLKEM768`,
+/// `X25519`, ...), for logs and metrics; `None` before the handshake has chosen one.
+pub fn negotiated_group(conn: &CommonState) -> Option<String> {
+    conn.negotiated_key_exchange_group()
+        .map(|group| format!("{:?}", group.name()))
+}
 
 /// ALPN protocols offered by both sides: HTTP/2 first, then HTTP/1.1.
 fn alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec(), b"http/1.1".to_vec()]
 }
 
-/// The crypto provider used by every configuration built here.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The crypto provider for a client that offers, or a server that accepts, the groups of
+/// `key_exchange`.
+pub fn provider(key_exchange: KeyExchange) -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: key_exchange.groups(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
 }
 
 /// Builds a root store holding exactly the certificates in `ca_certs`.
@@ -45,7 +110,8 @@ pub fn root_store(ca_certs: &[CertificateDer<'_>]) -> Result<RootCertStore> {
 }
 
 /// Server configuration from PEM files: client certificate required and
-/// verified against the CA in `ca_pem`; TLS 1.3 and 1.2; ALPN `h2`, `http/1.1`.
+/// verified against the CA in `ca_pem`; TLS 1.3 and 1.2; hybrid key exchange preferred;
+/// ALPN `h2`, `http/1.1`.
 pub fn server_config(ca_pem: &Path, cert_chain_pem: &Path, key_pem: &Path) -> Result<ServerConfig> {
     server_config_with_crl(ca_pem, cert_chain_pem, key_pem, None)
 }
@@ -64,6 +130,7 @@ pub fn server_config_with_crl(
         verifier,
         load_certs(cert_chain_pem)?,
         load_private_key(key_pem)?,
+        KeyExchange::PreferHybrid,
     )
     .map_err(|e| add_file_context(e, cert_chain_pem, key_pem))
 }
@@ -74,7 +141,12 @@ pub fn server_config_from_der(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig> {
-    server_config_with_verifier(client_verifier(ca_certs, Vec::new())?, cert_chain, key)
+    server_config_with_verifier(
+        client_verifier(ca_certs, Vec::new())?,
+        cert_chain,
+        key,
+        KeyExchange::PreferHybrid,
+    )
 }
 
 /// How a server checks client certificates: they must chain to `ca_certs` and, when
@@ -85,8 +157,10 @@ pub fn client_verifier(
     ca_certs: &[CertificateDer<'_>],
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<dyn ClientCertVerifier>> {
-    let builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca_certs)?), provider());
+    let builder = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(root_store(ca_certs)?),
+        provider(KeyExchange::PreferHybrid),
+    );
     let builder = if crls.is_empty() {
         builder
     } else {
@@ -95,15 +169,16 @@ pub fn client_verifier(
     Ok(builder.build()?)
 }
 
-/// A server configuration around a given client-certificate verifier.
+/// A server configuration around a given client-certificate verifier, accepting the
+/// groups of `key_exchange`.
 pub fn server_config_with_verifier(
     verifier: Arc<dyn ClientCertVerifier>,
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    key_exchange: KeyExchange,
 ) -> Result<ServerConfig> {
-    let provider = provider();
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(VERSIONS)
+    let mut config = ServerConfig::builder_with_provider(provider(key_exchange))
+        .with_protocol_versions(key_exchange.versions())
         .map_err(|e| PkiError::tls("selecting TLS versions", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert_chain, key)
@@ -113,7 +188,8 @@ pub fn server_config_with_verifier(
 }
 
 /// Client configuration from PEM files: trusts only the CA in `ca_pem` and
-/// presents the certificate chain and key; ALPN `h2`, `http/1.1`.
+/// presents the certificate chain and key; hybrid key exchange preferred; ALPN `h2`,
+/// `http/1.1`.
 pub fn client_config(ca_pem: &Path, cert_chain_pem: &Path, key_pem: &Path) -> Result<ClientConfig> {
     client_config_with_crl(ca_pem, cert_chain_pem, key_pem, None)
 }
@@ -163,17 +239,40 @@ pub fn client_config_with_crls(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ClientConfig> {
-    let builder =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(root_store(ca_certs)?), provider());
+    let builder = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(root_store(ca_certs)?),
+        provider(KeyExchange::PreferHybrid),
+    );
     let builder = if crls.is_empty() {
         builder
     } else {
         builder.with_crls(crls).only_check_end_entity_revocation()
     };
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider(KeyExchange::PreferHybrid))
         .with_protocol_versions(VERSIONS)
         .map_err(|e| PkiError::tls("selecting TLS versions", e))?
         .with_webpki_verifier(builder.build()?)
+        .with_client_auth_cert(cert_chain, key)
+        .map_err(|e| PkiError::tls("loading client certificate and key", e))?;
+    config.alpn_protocols = alpn();
+    Ok(config)
+}
+
+/// A client configuration for a call between dqkd processes: it presents `cert_chain`,
+/// offers the groups of `key_exchange`, and accepts only the server `verifier` pins.
+pub fn pinned_client_config(
+    verifier: Arc<PinnedServerVerifier>,
+    key_exchange: KeyExchange,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ClientConfig> {
+    let mut config = ClientConfig::builder_with_provider(provider(key_exchange))
+        .with_protocol_versions(key_exchange.versions())
+        .map_err(|e| PkiError::tls("selecting TLS versions", e))?
+        .dangerous()
+        // Not dangerous: the pinned verifier runs the full WebPKI chain, name and
+        // revocation checks first and only then narrows them to one identity.
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(cert_chain, key)
         .map_err(|e| PkiError::tls("loading client certificate and key", e))?;
     config.alpn_protocols = alpn();

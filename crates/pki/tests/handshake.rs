@@ -123,7 +123,7 @@ fn combined_pem_client_and_peer_kme_and_entropy() {
 fn tls12_client_with_certificate_is_accepted() {
     let c = common::cluster("lab");
     let server = server_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
-    let client = ClientConfig::builder_with_provider(provider())
+    let client = ClientConfig::builder_with_provider(provider(dqkd_pki::KeyExchange::PreferHybrid))
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
         .with_root_certificates(root_store(&load_certs(&c.ca_pem()).unwrap()).unwrap())
@@ -181,7 +181,7 @@ fn server_from_another_ca_is_rejected_by_client() {
 fn missing_client_certificate_is_rejected() {
     let c = common::cluster("lab");
     let server = server_config(&c.ca_pem(), &c.kme.cert_chain, &c.kme.key).unwrap();
-    let client = ClientConfig::builder_with_provider(provider())
+    let client = ClientConfig::builder_with_provider(provider(dqkd_pki::KeyExchange::PreferHybrid))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(root_store(&load_certs(&c.ca_pem()).unwrap()).unwrap())
