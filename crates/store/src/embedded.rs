@@ -563,7 +563,30 @@ impl KeyStore for EmbeddedStore {
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
-        self.call(|reply| Request::Destroy { ids, reply }).await?
+        match self
+            .call(|reply| Request::Destroy {
+                ids,
+                masters: None,
+                reply,
+            })
+            .await?
+        {
+            Ok(count) => Ok(count),
+            Err(TakeError::Store(e)) => Err(e),
+            // Invariant: only a destroy on behalf of masters is checked, so only it is refused.
+            Err(refused) => unreachable!("a destroy for any master was refused: {refused}"),
+        }
+    }
+
+    async fn destroy_of(&self, masters: &[String], ids: &[Uuid]) -> Result<u64, TakeError> {
+        let ids = ids.to_vec();
+        let masters = Some(masters.to_vec());
+        self.call(|reply| Request::Destroy {
+            ids,
+            masters,
+            reply,
+        })
+        .await?
     }
 
     async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {
