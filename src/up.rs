@@ -378,7 +378,12 @@ fn ensure_pki(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
         ca.issue(role, id, &options)?;
         Ok(())
     };
-    std::fs::create_dir_all(layout.data())?;
+    // Key-encryption keys and key stores: this user's alone.
+    let mut data = std::fs::DirBuilder::new();
+    data.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut data, 0o700);
+    data.create(layout.data())?;
     for (kme, sae) in &plan.sites {
         issue(Role::Kme, kme)?;
         issue(Role::Sae, sae)?;

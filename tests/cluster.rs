@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{status_of, withdrawn_key_ids, Cluster};
 use dqkd_client::{ClientError, KeyRequestBody};
+use dqkd_kme::peer::{BindRequest, DeliverRequest, DestroyRequest, Grant, PeerError};
 use http::StatusCode;
+use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn alice_and_bob_share_keys_across_sites_in_every_form() {
@@ -124,6 +126,131 @@ async fn wrong_site_and_wrong_sae_get_401() {
         .dec_keys("alice", &[id])
         .await
         .expect("bob's key");
+}
+
+/// Regression, "a peer can destroy keys it never made": KME_A's `destroy` removed a key at B
+/// that bob made for bob2 (here dave), who then got 400. A site now acts on a peer's
+/// `destroy`, `deliver` and `bind` only for keys of that peer's own SAEs: anything else is
+/// 403 and changes nothing, while the origin's own destroys (and their retries) still work.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_cannot_destroy_keys_it_never_made() {
+    let cluster = Cluster::start();
+    let made = cluster
+        .client("bob")
+        .enc_keys("dave", &KeyRequestBody::default())
+        .await
+        .expect("bob's key for dave");
+    let bobs: Uuid = made.keys[0].key_ID.parse().expect("UUID");
+    let sent = cluster
+        .client("alice")
+        .enc_keys(
+            "bob",
+            &KeyRequestBody {
+                number: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("alice's keys for bob");
+    let alices: Vec<Uuid> = sent
+        .keys
+        .iter()
+        .map(|k| k.key_ID.parse().expect("UUID"))
+        .collect();
+    let destroy = |key_ids: Vec<Uuid>| DestroyRequest {
+        request_id: Uuid::new_v4(),
+        key_ids,
+        ready: Vec::new(),
+        replica: None,
+    };
+    fn forbidden<T: std::fmt::Debug>(result: Result<T, PeerError>, what: &str) {
+        match result {
+            Err(PeerError::Refused {
+                status, message, ..
+            }) => {
+                assert_eq!(status, StatusCode::FORBIDDEN, "{what}: {message}");
+                assert!(message.contains("may act only on keys and pools it originated"));
+            }
+            other => panic!("{what}: expected 403, got {other:?}"),
+        }
+    }
+
+    let from_a = cluster.peer_client("KME_A", "KME_B");
+    let from_c = cluster.peer_client("KME_C", "KME_B");
+    // KME_A names bob's key, alone or with a key of its own: refused, whole.
+    forbidden(
+        from_a.destroy(&destroy(vec![bobs])).await,
+        "A destroys B's key",
+    );
+    forbidden(
+        from_a.destroy(&destroy(vec![alices[0], bobs])).await,
+        "A destroys its key and B's",
+    );
+    // KME_C names alice's keys: refused.
+    forbidden(
+        from_c.destroy(&destroy(alices.clone())).await,
+        "C destroys A's keys",
+    );
+    // KME_C makes (deliver) or binds keys for alice: refused before anything is read.
+    let grant = Grant {
+        master: "alice".into(),
+        slaves: vec!["bob".into()],
+        key_ids: vec![Uuid::new_v4()],
+    };
+    forbidden(
+        from_c
+            .deliver(&DeliverRequest {
+                request_id: Uuid::new_v4(),
+                metadata: String::new(),
+                grants: vec![grant.clone()],
+            })
+            .await,
+        "C delivers for alice",
+    );
+    forbidden(
+        from_c
+            .bind(&BindRequest {
+                request_id: Uuid::new_v4(),
+                grants: vec![grant],
+                positions: vec![1],
+                replica: None,
+            })
+            .await,
+        "C binds for alice",
+    );
+
+    // Nothing changed: dave gets bob's key, bob gets alice's first key.
+    let got = cluster
+        .client("dave")
+        .dec_keys("bob", &[&made.keys[0].key_ID])
+        .await
+        .expect("dave still gets bob's key");
+    assert_eq!(got.keys[0].key, made.keys[0].key);
+    let got = cluster
+        .client("bob")
+        .dec_keys("alice", &[&sent.keys[0].key_ID])
+        .await
+        .expect("bob still gets alice's key");
+    assert_eq!(got.keys[0].key, sent.keys[0].key);
+    // The origin still destroys its own key, and a retry after it is gone succeeds.
+    let retry = destroy(vec![alices[1]]);
+    let ack = from_a.destroy(&retry).await.expect("A destroys its key");
+    assert_eq!(ack.destroyed, 1);
+    let ack = from_a.destroy(&retry).await.expect("A's retry");
+    assert_eq!(ack.destroyed, 0);
+    let (status, _) = status_of(
+        cluster
+            .client("bob")
+            .dec_keys("alice", &[&sent.keys[1].key_ID])
+            .await,
+    );
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let log = cluster.sites["KME_B"].log_text();
+    assert_eq!(
+        log.matches("refused a peer message").count(),
+        5,
+        "each refusal is logged: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,6 +23,8 @@ pub struct Proc {
     pub addr: String,
     /// The metrics listener, for processes that have one.
     pub metrics_addr: Option<String>,
+    /// The peer API listener, for sites.
+    pub peer_addr: Option<String>,
 }
 
 impl Proc {
@@ -35,6 +37,7 @@ impl Proc {
             child: None,
             addr: String::new(),
             metrics_addr: None,
+            peer_addr: None,
         }
     }
 
@@ -62,6 +65,7 @@ impl Proc {
                 let v: serde_json::Value = serde_json::from_str(&text).expect("ready JSON");
                 self.addr = v["api_addr"].as_str().expect("api_addr").to_owned();
                 self.metrics_addr = v["metrics_addr"].as_str().map(str::to_owned);
+                self.peer_addr = v["peer_addr"].as_str().map(str::to_owned);
                 return;
             }
             if let Some(status) = self
@@ -388,6 +392,22 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// A peer API client for site `to`, presenting site `from`'s KME certificate: what a
+    /// site (or anyone holding its key) can send another.
+    pub fn peer_client(&self, from: &str, to: &str) -> dqkd_kme::peer::PeerClient {
+        let d = self.dir.path();
+        let tls = dqkd_pki::client_config_from_combined(
+            &d.join("pki/ca.pem"),
+            &d.join(format!("pki/kme/{from}.combined.pem")),
+        )
+        .expect("KME client TLS");
+        let addr = self.sites[to]
+            .peer_addr
+            .as_deref()
+            .expect("a peer listener");
+        dqkd_kme::peer::PeerClient::new(to, addr, tls, Duration::from_secs(20))
+    }
+
     /// Alice asks site process `at` for `number` keys for Bob, and Bob must get exactly the
     /// same ones at his site; returns their IDs.
     pub async fn share_through(&self, at: &str, number: u32) -> Vec<String> {

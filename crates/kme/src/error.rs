@@ -20,6 +20,9 @@ pub enum ApiError {
     /// The caller may not use this API or may not have these keys (401).
     #[error("{0}")]
     Unauthorized(String),
+    /// A peer site named keys or pools that it did not originate (403); nothing changed.
+    #[error("{0}")]
+    Forbidden(String),
     /// The KME cannot serve the request now (503); the message says why.
     #[error("{0}")]
     Unavailable(String),
@@ -47,6 +50,7 @@ impl ApiError {
         match self {
             Self::Invalid(_) | Self::BadRequest(_) | Self::KeysNotFound => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Unavailable(_) | Self::Internal(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,

@@ -19,6 +19,7 @@ pub mod keyid;
 pub mod keysource;
 pub mod peer;
 pub mod pools;
+mod scope;
 pub mod server;
 pub mod service;
 pub mod telemetry;

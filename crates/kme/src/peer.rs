@@ -5,7 +5,9 @@
 //! Only KME certificates of the cluster may call it. Every message carries a request ID
 //! and the key IDs it concerns, so a retry after a timeout is harmless: `deliver` answers a
 //! request it already completed with the same acknowledgement, and `destroy` of keys that
-//! are already gone succeeds.
+//! are already gone succeeds. A site acts on a message only for keys its caller originated
+//! (their master is an SAE of the calling site) and for the caller's own pool; anything else
+//! is refused with 403 and changes nothing.
 
 use std::time::Duration;
 
@@ -48,7 +50,8 @@ pub struct DeliverAck {
     pub stored: usize,
 }
 
-/// `POST /peer/v1/destroy`: shred these keys whoever may fetch them.
+/// `POST /peer/v1/destroy`: shred these keys of the calling site's SAEs, whoever may fetch
+/// them. 403, and nothing shredded, if any of them is another site's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestroyRequest {

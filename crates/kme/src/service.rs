@@ -20,6 +20,7 @@ use crate::peer::{
     BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
     FillRequest, Grant, PeerClient,
 };
+use crate::scope::PeerScope;
 use crate::ApiError;
 
 /// How many completed deliver request IDs a site remembers for idempotent retries.
@@ -339,7 +340,12 @@ impl KeyService {
             }
             None => {}
         }
-        self.check_grants(peer, &request.grants)?;
+        PeerScope::new(peer, &self.config).check_grants(
+            "deliver",
+            request.request_id,
+            &request.grants,
+        )?;
+        self.check_slaves(&request.grants)?;
         let metadata = base64::engine::general_purpose::STANDARD
             .decode(&request.metadata)
             .map_err(|e| ApiError::BadRequest(format!("metadata is not Base64: {e}")))?;
@@ -430,7 +436,7 @@ impl KeyService {
             Some(Outcome::Withdrawn) => return Err(withdrawn(request.request_id)),
             None => {}
         }
-        let link = self.peer_link(peer, request.replica.as_deref())?;
+        let link = PeerScope::new(peer, &self.config).pool(request.replica.as_deref())?;
         let now = unix_now();
         if request.expires_at <= now {
             return Err(ApiError::BadRequest(
@@ -503,8 +509,10 @@ impl KeyService {
             Some(Outcome::Withdrawn) => return Err(withdrawn(request.request_id)),
             None => {}
         }
-        let link = self.peer_link(peer, request.replica.as_deref())?;
-        self.check_grants(peer, &request.grants)?;
+        let scope = PeerScope::new(peer, &self.config);
+        let link = scope.pool(request.replica.as_deref())?;
+        scope.check_grants("bind", request.request_id, &request.grants)?;
+        self.check_slaves(&request.grants)?;
         self.check_quota(&request.grants)?;
         let ids: Vec<Uuid> = request
             .grants
@@ -574,25 +582,11 @@ impl KeyService {
         })
     }
 
-    /// The store's name for the calling site's pool toward this one (that of one of its
-    /// replicas when the message names it).
-    fn peer_link(&self, peer: &VerifiedKme, replica: Option<&str>) -> Result<String, ApiError> {
-        crate::pools::peer_link_name(peer.id(), &self.config.kme_id, replica)
-            .map_err(ApiError::BadRequest)
-    }
-
-    /// Every grant's master is an SAE of the calling site and its slaves SAEs of this one.
-    fn check_grants(&self, peer: &VerifiedKme, grants: &[Grant]) -> Result<(), ApiError> {
-        let peer_site = &self.config.sites[peer.id()];
+    /// Every grant names slaves, all SAEs of this site. (Whether its master is the caller's
+    /// is [`PeerScope::check_grants`].)
+    fn check_slaves(&self, grants: &[Grant]) -> Result<(), ApiError> {
         let own = self.config.own_site();
         for grant in grants {
-            if !peer_site.saes.contains(&grant.master) {
-                return Err(ApiError::BadRequest(format!(
-                    "master {:?} is not an SAE of site {:?}",
-                    grant.master,
-                    peer.id()
-                )));
-            }
             if grant.slaves.is_empty() {
                 return Err(ApiError::BadRequest("a grant names no slave SAE".into()));
             }
@@ -647,16 +641,32 @@ impl KeyService {
     }
 
     /// Peer `destroy`: shred the keys of a request that failed at its origin.
+    ///
+    /// Only keys the caller originated: if any key named is held here for another site's
+    /// master, 403 and nothing changes (the store checks and destroys atomically). Keys that
+    /// are already gone are skipped, so the origin's retries succeed; a caller that names
+    /// another site's key learns only that it is still held here, which needs its unguessable
+    /// ID. Ready keys are withdrawn from the caller's own pool only.
     pub async fn peer_destroy(
         &self,
         peer: &VerifiedKme,
         request: DestroyRequest,
     ) -> Result<DestroyAck, ApiError> {
-        self.remember(peer, request.request_id, Outcome::Withdrawn);
-        let mut destroyed = self.store.destroy(&request.key_ids).await?;
+        let scope = PeerScope::new(peer, &self.config);
+        // Marked before the keys go, so that a delivery of this request still in flight sees
+        // it after its insert (see `peer_deliver`); undone if the destroy is refused.
+        let before = self.remember(peer, request.request_id, Outcome::Withdrawn);
+        let result = self
+            .store
+            .destroy_of(&scope.masters(), &request.key_ids)
+            .await;
+        if matches!(result, Err(TakeError::Unauthorized)) {
+            self.restore(peer, request.request_id, before);
+        }
+        let mut destroyed = scope.destroyed(request.request_id, request.key_ids.len(), result)?;
         if !request.ready.is_empty() {
             // Checked after the ordinary keys are gone: a bad name must not keep them.
-            let link = self.peer_link(peer, request.replica.as_deref())?;
+            let link = scope.pool(request.replica.as_deref())?;
             destroyed += self.store.pool_remove(&link, &request.ready).await?;
         }
         tracing::info!(
@@ -694,18 +704,41 @@ impl KeyService {
             .copied()
     }
 
-    fn remember(&self, peer: &VerifiedKme, request_id: Uuid, outcome: Outcome) {
+    /// Records what became of a request; returns what was recorded before.
+    fn remember(&self, peer: &VerifiedKme, request_id: Uuid, outcome: Outcome) -> Option<Outcome> {
         let key = (peer.id().to_owned(), request_id);
         let mut guard = self
             .delivered
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if guard.outcomes.insert(key.clone(), outcome).is_none() {
+        let before = guard.outcomes.insert(key.clone(), outcome);
+        if before.is_none() {
             guard.order.push_back(key);
         }
         while guard.order.len() > REMEMBERED_REQUESTS {
             if let Some(old) = guard.order.pop_front() {
                 guard.outcomes.remove(&old);
+            }
+        }
+        before
+    }
+
+    /// Puts back what [`KeyService::remember`] replaced.
+    fn restore(&self, peer: &VerifiedKme, request_id: Uuid, before: Option<Outcome>) {
+        let key = (peer.id().to_owned(), request_id);
+        let mut guard = self
+            .delivered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match before {
+            Some(outcome) => {
+                guard.outcomes.insert(key, outcome);
+            }
+            None => {
+                guard.outcomes.remove(&key);
+                if let Some(at) = guard.order.iter().rposition(|k| *k == key) {
+                    guard.order.remove(at);
+                }
             }
         }
     }

@@ -77,7 +77,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use dqkd_store::rules::{
-    check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
+    check_destroy, check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys,
+    KeyMeta,
 };
 use dqkd_store::seal::{Cipher, Record};
 use dqkd_store::{
@@ -420,6 +421,50 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Destroys `ids` (unknown ones skipped); with `masters`, only if every one that exists
+    /// was made for one of them (`check_destroy`), checked on the locked rows in the same
+    /// transaction, so nothing changes on a refusal.
+    async fn destroy_checked(
+        &self,
+        ids: &[Uuid],
+        masters: Option<&[String]>,
+    ) -> Result<u64, TakeError> {
+        let mut client = self.client().await?;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(db("starting a destroy"))?;
+        // Lock in ID order first, like take, so a destroy and a take cannot deadlock.
+        let locked = txn
+            .query(
+                "SELECT id, record FROM dqkd_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &[&ids],
+            )
+            .await
+            .map_err(db("locking keys to destroy"))?;
+        if let Some(masters) = masters {
+            let mut records = Vec::with_capacity(locked.len());
+            for row in &locked {
+                let id: Uuid = row.try_get(0).map_err(db("reading a key record"))?;
+                let bytes: &[u8] = row.try_get(1).map_err(db("reading a key record"))?;
+                records.push(decode(id, bytes)?);
+            }
+            let metas: Vec<Option<&KeyMeta>> = records.iter().map(|r| Some(r.meta())).collect();
+            // On refusal the transaction is dropped, which rolls it back.
+            check_destroy(masters, &metas)?;
+        }
+        let rows = txn
+            .query(
+                "DELETE FROM dqkd_keys WHERE id = ANY($1) RETURNING id, record",
+                &[&ids],
+            )
+            .await
+            .map_err(db("destroying keys"))?;
+        let deltas = deleted_deltas(&rows)?;
+        self.commit(txn, deltas, "committing a destroy").await?;
+        Ok(rows.len() as u64)
+    }
+
     /// Seals and encodes keys that passed [`check_insert`], all before the database is
     /// touched, so a key that cannot be stored fails the batch without a round trip.
     fn seal_keys(&self, keys: &[NewKey]) -> Result<Vec<Sealed>, StoreError> {
@@ -731,28 +776,16 @@ impl KeyStore for PostgresStore {
     }
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
-        let mut client = self.client().await?;
-        let txn = client
-            .transaction()
-            .await
-            .map_err(db("starting a destroy"))?;
-        // Lock in ID order first, like take, so a destroy and a take cannot deadlock.
-        txn.query(
-            "SELECT id FROM dqkd_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
-        )
-        .await
-        .map_err(db("locking keys to destroy"))?;
-        let rows = txn
-            .query(
-                "DELETE FROM dqkd_keys WHERE id = ANY($1) RETURNING id, record",
-                &[&ids],
-            )
-            .await
-            .map_err(db("destroying keys"))?;
-        let deltas = deleted_deltas(&rows)?;
-        self.commit(txn, deltas, "committing a destroy").await?;
-        Ok(rows.len() as u64)
+        match self.destroy_checked(ids, None).await {
+            Ok(count) => Ok(count),
+            Err(TakeError::Store(e)) => Err(e),
+            // Invariant: only a destroy on behalf of masters is checked, so only it is refused.
+            Err(refused) => unreachable!("a destroy for any master was refused: {refused}"),
+        }
+    }
+
+    async fn destroy_of(&self, masters: &[String], ids: &[Uuid]) -> Result<u64, TakeError> {
+        self.destroy_checked(ids, Some(masters)).await
     }
 
     async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {

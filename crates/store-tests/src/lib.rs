@@ -561,6 +561,40 @@ pub async fn concurrent_pool_binds(s: Arc<dyn KeyStore>) {
     assert_eq!(s.pending("alice", "bob"), 8);
 }
 
+/// `destroy_of` shreds only keys made for the given masters: one key of another master (even
+/// an expired one) refuses the whole request and nothing changes; unknown IDs are skipped, so
+/// a retry succeeds.
+pub async fn destroy_of_reaches_only_the_given_masters(s: Arc<dyn KeyStore>) {
+    let own = key("alice", &["bob"], &[1; 32], NOW + 100);
+    let foreign = key("bob", &["bob2"], &[2; 32], NOW + 100);
+    let stale = key("carol", &["bob"], &[3; 32], NOW - 1);
+    let (io, i_f, is) = (own.id, foreign.id, stale.id);
+    s.insert(vec![own, foreign, stale]).await.unwrap();
+    let site_a = masters(&["alice", "alice2"]);
+    let unknown = Uuid::new_v4();
+    for ids in [vec![io, i_f], vec![i_f], vec![unknown, is, io]] {
+        let r = s.destroy_of(&site_a, &ids).await;
+        assert!(matches!(r, Err(TakeError::Unauthorized)), "{ids:?}: {r:?}");
+    }
+    assert_eq!(
+        s.pending("alice", "bob"),
+        1,
+        "a refused destroy changes nothing"
+    );
+    assert_eq!(s.pending("bob", "bob2"), 1);
+    assert_eq!(s.destroy_of(&site_a, &[io, unknown, io]).await.unwrap(), 1);
+    assert_eq!(s.destroy_of(&site_a, &[io]).await.unwrap(), 0, "idempotent");
+    assert_eq!(s.pending("alice", "bob"), 0);
+    let r = s.take("bob", &masters(&["alice"]), &[io], NOW).await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    let got = s
+        .take("bob2", &masters(&["bob"]), &[i_f], NOW)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[2; 32]);
+    assert_eq!(s.destroy_of(&masters(&["carol"]), &[is]).await.unwrap(), 1);
+}
+
 /// Generates one `#[tokio::test]` per case in a module `$module`, for stores made by the async
 /// function `$make` (in scope where the macro is used), which returns
 /// `Option<(Arc<dyn KeyStore>, Guard)>`. The calling crate needs `tokio` with `macros` and
@@ -572,7 +606,8 @@ macro_rules! suite {
             $crate::suite!(@case $make; round_trip, wrong_caller_and_master,
                 unknown_and_duplicate_ids, all_or_nothing, multi_slave, expiry_and_purge,
                 pending_counts, insert_is_all_or_nothing, concurrent_takes,
-                destroy_removes_whatever_the_entitlements, pool_keys_are_bound_once,
+                destroy_removes_whatever_the_entitlements,
+                destroy_of_reaches_only_the_given_masters, pool_keys_are_bound_once,
                 pool_bind_is_all_or_nothing, pool_positions_remove_and_purge, concurrent_pool_binds,
                 pool_pages_in_position_order);
         }

@@ -92,9 +92,14 @@ impl EmbeddedStore {
     /// On first open the KEK check value is written; on later opens it must verify, so a wrong
     /// KEK is refused here rather than at the first `dec_keys`. Pending counts are rebuilt by
     /// scanning every record, which also surfaces a corrupt record at start-up.
+    ///
+    /// The store holds key IDs and SAE names in clear (only the keys are sealed), so its
+    /// folder is made private to this user (0700, created so if missing) and the database and
+    /// its logs 0600, including files an earlier version left readable.
     pub fn open(path: &Path, kek: Kek) -> Result<EmbeddedStore, StoreError> {
         let cipher = kek.cipher()?;
         drop(kek);
+        restrict_files(path)?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)
@@ -331,6 +336,75 @@ struct Prepared {
     checkpointed: u64,
 }
 
+/// Makes the folder of the store at `path` 0700 and the store's files 0600 (see
+/// [`EmbeddedStore::open`]), creating the folder and an empty database file if missing, so
+/// that no file of the store is ever readable by others, not even for a moment.
+#[cfg(unix)]
+fn restrict_files(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let io = |what: &str, at: &Path| {
+        let context = format!("{what} {}", at.display());
+        move |e| StoreError::io(context, e)
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("creating the key store folder", dir))?,
+        Err(e) => return Err(io("reading the key store folder", dir)(e)),
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            let was = meta.permissions().mode() & 0o7777;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io("making the key store folder private (0700)", dir))?;
+            tracing::warn!(
+                folder = %dir.display(),
+                was = format!("{was:04o}"),
+                "made the key store folder private (0700): it lists key IDs and SAE names"
+            );
+        }
+        Ok(_) => {}
+    }
+    // Created 0600 here, before redb opens it (redb makes a database in an empty file).
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("creating the key store file", path)(e)),
+    }
+    let log = wal_path(path);
+    for file in [
+        path.to_owned(),
+        crate::wal::previous_path(&log),
+        crate::wal::spare_path(&log),
+        log,
+    ] {
+        match std::fs::metadata(&file) {
+            Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io("making a key store file private (0600)", &file))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("reading", &file)(e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn restrict_files(_path: &Path) -> Result<(), StoreError> {
+    Ok(())
+}
+
 /// The write-ahead log of the store at `path`: the same name with `.wal` added.
 fn wal_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -563,7 +637,30 @@ impl KeyStore for EmbeddedStore {
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
-        self.call(|reply| Request::Destroy { ids, reply }).await?
+        match self
+            .call(|reply| Request::Destroy {
+                ids,
+                masters: None,
+                reply,
+            })
+            .await?
+        {
+            Ok(count) => Ok(count),
+            Err(TakeError::Store(e)) => Err(e),
+            // Invariant: only a destroy on behalf of masters is checked, so only it is refused.
+            Err(refused) => unreachable!("a destroy for any master was refused: {refused}"),
+        }
+    }
+
+    async fn destroy_of(&self, masters: &[String], ids: &[Uuid]) -> Result<u64, TakeError> {
+        let ids = ids.to_vec();
+        let masters = Some(masters.to_vec());
+        self.call(|reply| Request::Destroy {
+            ids,
+            masters,
+            reply,
+        })
+        .await?
     }
 
     async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {

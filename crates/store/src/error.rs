@@ -78,6 +78,19 @@ pub enum StoreError {
         /// What was wrong with its contents.
         reason: &'static str,
     },
+    /// A key-encryption key file that users other than its owner may read or change.
+    #[error(
+        "key-encryption key file {} is open to other users (mode {mode:04o}); \
+         run `chmod 600 {}` and start again",
+        path.display(),
+        path.display()
+    )]
+    KekFileExposed {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The key store was written with a different key-encryption key.
     #[error("key store {} was created with a different key-encryption key", path.display())]
     WrongKek {

@@ -113,7 +113,29 @@ impl Kek {
     }
 
     /// Reads a KEK written by [`Kek::generate_file`]. Surrounding whitespace is ignored.
+    ///
+    /// Refuses a file that other users may read or change (any group or other permission
+    /// bit): [`StoreError::KekFileExposed`], which names the fix.
     pub fn load(path: &Path) -> Result<Self, StoreError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| {
+                    StoreError::io(
+                        format!("reading key-encryption key file {}", path.display()),
+                        e,
+                    )
+                })?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(StoreError::KekFileExposed {
+                    path: path.to_owned(),
+                    mode: mode & 0o7777,
+                });
+            }
+        }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
             StoreError::io(
                 format!("reading key-encryption key file {}", path.display()),
@@ -511,20 +533,54 @@ mod tests {
         assert!(err.to_string().contains("missing"));
 
         let short = dir.path().join("short");
-        std::fs::write(&short, "abcd\n").unwrap();
+        write_private(&short, "abcd\n");
         assert!(matches!(
             Kek::load(&short).unwrap_err(),
             StoreError::KekFileInvalid { .. }
         ));
 
         let nonhex = dir.path().join("nonhex");
-        std::fs::write(&nonhex, format!("{}\n", "g".repeat(64))).unwrap();
+        write_private(&nonhex, &format!("{}\n", "g".repeat(64)));
         let err = Kek::load(&nonhex).unwrap_err();
         assert!(err.to_string().contains("non-hex"));
 
         let upper = dir.path().join("upper");
-        std::fs::write(&upper, "AB".repeat(32)).unwrap();
+        write_private(&upper, &"AB".repeat(32));
         assert_eq!(Kek::load(&upper).unwrap().0, [0xab; 32]);
+    }
+
+    fn write_private(path: &Path, text: &str) {
+        std::fs::write(path, text).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+
+    /// A KEK file others may read (or change) is refused, naming the file and the fix.
+    #[cfg(unix)]
+    #[test]
+    fn a_kek_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.kek");
+        Kek::generate_file(&path, false).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Kek::load(&path).unwrap_err();
+            assert!(matches!(err, StoreError::KekFileExposed { .. }), "{err}");
+            let text = err.to_string();
+            assert!(text.contains("site.kek"), "{text}");
+            assert!(
+                text.contains(&format!("chmod 600 {}", path.display())),
+                "{text}"
+            );
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            Kek::load(&path).unwrap();
+        }
     }
 
     /// Nonces come from blocks of system randomness, never the same bytes twice, across

@@ -61,14 +61,15 @@ pub use uuid::Uuid;
 /// as `dqkd-store-postgres`), so all stores refuse and accept exactly the same requests.
 ///
 /// A store keeps a [`rules::KeyMeta`] per key, checks a batch with [`rules::check_insert`]
-/// before writing it, checks a take with [`rules::check_take`] against the current metadata of
+/// before writing it, checks a take with [`rules::check_take`] (and a destroy on behalf of a
+/// peer site with [`rules::check_destroy`]) against the current metadata of
 /// every requested key (with those keys locked), then calls [`rules::KeyMeta::mark_taken`] on
 /// each and deletes the keys it reports finished. [`rules::PendingCounts`] backs
 /// [`KeyStore::pending`].
 pub mod rules {
     pub use crate::meta::{
-        check_insert, check_pool_insert, check_take, first_position_after, pool_bind_slots,
-        pool_bound_keys, KeyMeta, PendingCounts,
+        check_destroy, check_insert, check_pool_insert, check_take, first_position_after,
+        pool_bind_slots, pool_bound_keys, KeyMeta, PendingCounts,
     };
 }
 
@@ -122,6 +123,13 @@ pub trait KeyStore: Send + Sync + 'static {
     /// is found by position, not ID): see [`KeyStore::pool_remove`]. Durable before it
     /// returns.
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError>;
+
+    /// [`KeyStore::destroy`] on behalf of the site whose SAEs are `masters`: if any of `ids`
+    /// is held for a master not in `masters` (expired or not), [`TakeError::Unauthorized`]
+    /// and nothing is destroyed; else exactly as `destroy` (unknown IDs skipped). Checked and
+    /// applied atomically, so a key cannot appear in between. A KME uses it for a peer
+    /// site's `destroy`: a site may shred only keys its own SAEs made.
+    async fn destroy_of(&self, masters: &[String], ids: &[Uuid]) -> Result<u64, TakeError>;
 
     /// Stores ready keys at their positions in the pool of `link` (a name the KME chooses per
     /// pair of sites), durably, all or none. Ready keys belong to no SAE: `take` never finds

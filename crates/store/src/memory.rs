@@ -7,8 +7,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use uuid::Uuid;
 
 use crate::meta::{
-    check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys, KeyMeta,
-    PendingCounts,
+    check_destroy, check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys,
+    KeyMeta, PendingCounts,
 };
 use crate::{
     DeliveredKey, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError,
@@ -39,6 +39,20 @@ impl MemoryStore {
     /// lock is still consistent and can be used.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    /// Removes these ordinary keys; returns how many existed.
+    fn destroy(&mut self, ids: &[Uuid]) -> u64 {
+        let mut count = 0;
+        for id in ids {
+            if let Some((meta, _)) = self.keys.remove(id) {
+                self.pending.remove_key(&meta);
+                count += 1;
+            }
+        }
+        count
     }
 }
 
@@ -115,16 +129,19 @@ impl KeyStore for MemoryStore {
     }
 
     async fn destroy(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
+        Ok(self.lock().destroy(ids))
+    }
+
+    async fn destroy_of(&self, masters: &[String], ids: &[Uuid]) -> Result<u64, TakeError> {
         let mut inner = self.lock();
-        let Inner { keys, pending, .. } = &mut *inner;
-        let mut count = 0;
-        for id in ids {
-            if let Some((meta, _)) = keys.remove(id) {
-                pending.remove_key(&meta);
-                count += 1;
-            }
+        {
+            let metas: Vec<Option<&KeyMeta>> = ids
+                .iter()
+                .map(|id| inner.keys.get(id).map(|(m, _)| m))
+                .collect();
+            check_destroy(masters, &metas)?;
         }
-        Ok(count)
+        Ok(inner.destroy(ids))
     }
 
     async fn pool_insert(&self, link: &str, keys: Vec<PoolKey>) -> Result<(), StoreError> {

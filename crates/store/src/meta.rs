@@ -121,6 +121,21 @@ pub fn check_take(
     Ok(())
 }
 
+/// Decides a destroy on behalf of the site whose SAEs are `masters`, against the current
+/// metadata of each key it names (`None` = unknown): [`TakeError::Unauthorized`] if any key
+/// is held for another master, expired or not, so that a site can shred only what its own
+/// SAEs made. Unknown keys are skipped (a retry after they are gone succeeds).
+pub fn check_destroy(masters: &[String], metas: &[Option<&KeyMeta>]) -> Result<(), TakeError> {
+    if metas
+        .iter()
+        .flatten()
+        .any(|meta| !masters.contains(&meta.master))
+    {
+        return Err(TakeError::Unauthorized);
+    }
+    Ok(())
+}
+
 /// Per-(master, slave) counts of keys the slave may still fetch.
 ///
 /// Nested maps so a lookup needs no allocation.

@@ -229,14 +229,17 @@ pub(crate) fn spare_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Opens (creating if needed) a log file for reading and for writing at chosen offsets.
+/// Opens (creating if needed, readable by this user only) a log file for reading and for
+/// writing at chosen offsets.
 fn open_for_writing(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 /// Makes renames and creations in the directory of `path` durable.

@@ -62,9 +62,12 @@ pub(crate) enum Request {
         now: u64,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Destroys `ids`; with `masters`, only if every one that exists was made for one of
+    /// them (else nothing changes).
     Destroy {
         ids: Vec<Uuid>,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
+        masters: Option<Vec<String>>,
+        reply: oneshot::Sender<Result<u64, TakeError>>,
     },
     PoolInsert {
         link: String,
@@ -145,6 +148,10 @@ enum Outcome {
         oneshot::Sender<Result<Vec<ReadyKey>, StoreError>>,
         Result<Vec<ReadyKey>, StoreError>,
     ),
+    Destroy(
+        oneshot::Sender<Result<u64, TakeError>>,
+        Result<u64, TakeError>,
+    ),
 }
 
 impl Outcome {
@@ -160,8 +167,8 @@ impl Outcome {
             }
             Request::Purge { reply, .. }
             | Request::PurgeRecent { reply, .. }
-            | Request::Destroy { reply, .. }
             | Request::PoolRemove { reply, .. } => Outcome::Purge(reply, Err(e())),
+            Request::Destroy { reply, .. } => Outcome::Destroy(reply, Err(TakeError::Store(e()))),
             Request::PoolPage { reply, .. } => Outcome::Page(reply, Err(e())),
         }
     }
@@ -174,6 +181,7 @@ impl Outcome {
             Outcome::Take(tx, Ok(_)) => Outcome::Take(tx, Err(TakeError::Store(e()))),
             Outcome::Purge(tx, Ok(_)) => Outcome::Purge(tx, Err(e())),
             Outcome::Page(tx, Ok(_)) => Outcome::Page(tx, Err(e())),
+            Outcome::Destroy(tx, Ok(_)) => Outcome::Destroy(tx, Err(TakeError::Store(e()))),
             other => other,
         }
     }
@@ -187,6 +195,7 @@ impl Outcome {
                 tx.send(r).is_err() && delivered
             }
             Outcome::Purge(tx, r) => tx.send(r).is_err(),
+            Outcome::Destroy(tx, r) => tx.send(r).is_err(),
             // A reader that went away lost nothing.
             Outcome::Page(tx, r) => {
                 let _ = tx.send(r);
@@ -567,9 +576,16 @@ fn apply_all(
                     Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
                 }
             }
-            Request::Destroy { ids, reply } => match destroy(tables, &ids, deltas) {
-                Ok(r) => Ok(Outcome::Purge(reply, Ok(r))),
-                Err(e) => Err((Outcome::Purge(reply, Err(clone_batch_error(&e))), e)),
+            Request::Destroy {
+                ids,
+                masters,
+                reply,
+            } => match destroy(tables, &ids, masters.as_deref(), deltas) {
+                Ok(r) => Ok(Outcome::Destroy(reply, r)),
+                Err(e) => Err((
+                    Outcome::Destroy(reply, Err(TakeError::Store(clone_batch_error(&e)))),
+                    e,
+                )),
             },
             Request::PoolInsert { link, keys, reply } => {
                 match pool_insert(tables, cipher, &link, keys, deltas) {
@@ -962,20 +978,49 @@ fn expired_in_overlays(tables: &Tables<'_>, now: u64) -> (Vec<Uuid>, Vec<(String
 }
 
 /// Removes the given ordinary keys whatever their entitlements; unknown IDs are skipped.
+/// With `masters`, first checks that every one that exists was made for one of them
+/// (`check_destroy`); a record that cannot be read then refuses the whole request, since
+/// whose it is cannot be told.
 fn destroy(
     tables: &mut Tables<'_>,
     ids: &[Uuid],
+    masters: Option<&[String]>,
     deltas: &mut Vec<Delta>,
-) -> Result<u64, StoreError> {
-    let mut count = 0;
+) -> Result<Result<u64, TakeError>, StoreError> {
+    // Read before deleting, for the pending counts and the check (a rare path: failed
+    // requests).
+    let mut found = Vec::with_capacity(ids.len());
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
     for id in ids {
-        // Read before deleting, for the pending counts (a rare path: failed requests).
-        let Some(raw) = tables.key(*id)? else {
+        if !seen.insert(*id) {
             continue;
-        };
-        tables.del_key(*id)?;
+        }
+        if let Some(raw) = tables.key(*id)? {
+            found.push((*id, Record::decode(&raw)));
+        }
+    }
+    if let Some(masters) = masters {
+        let mut metas = Vec::with_capacity(found.len());
+        for (id, record) in &found {
+            match record {
+                Ok(record) => metas.push(Some(&record.meta)),
+                Err(reason) => {
+                    return Ok(Err(TakeError::Store(StoreError::CorruptRecord {
+                        id: *id,
+                        reason: reason.clone(),
+                    })))
+                }
+            }
+        }
+        if let Err(refused) = crate::meta::check_destroy(masters, &metas) {
+            return Ok(Err(refused));
+        }
+    }
+    let mut count = 0;
+    for (id, record) in found {
+        tables.del_key(id)?;
         count += 1;
-        match Record::decode(&raw) {
+        match record {
             Ok(record) => deltas.push(Delta::Remove(record.meta)),
             Err(reason) => {
                 tracing::warn!(key_id = %id, %reason, "destroyed a corrupt key record");
@@ -983,7 +1028,7 @@ fn destroy(
             }
         }
     }
-    Ok(count)
+    Ok(Ok(count))
 }
 
 /// Removes the ready keys at these positions of `link`; empty positions are skipped.

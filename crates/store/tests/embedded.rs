@@ -293,6 +293,49 @@ async fn old_pool_layout_is_discarded_at_open() {
     );
 }
 
+/// The store holds key IDs and SAE names in clear: its folder is 0700 and its files (database,
+/// log, spare log) 0600, for a new store and for one an earlier version left readable.
+#[cfg(unix)]
+#[tokio::test]
+async fn store_files_are_private_to_the_kme_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("data");
+    let path = folder.join("keys.redb");
+    let file = |suffix: &str| folder.join(format!("keys.redb{suffix}"));
+    {
+        let s = open(&path);
+        // A checkpoint (about once a second) moves the log aside; once it is on disk the
+        // old log is kept as the spare.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !file(".wal.spare").exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no spare log appeared"
+            );
+            s.insert(vec![key("alice", &["bob"], vec![7; 32])])
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(mode(&folder), 0o700);
+        for f in [path.clone(), file(".wal"), file(".wal.spare")] {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
+    }
+    // As an earlier version left them: everything readable.
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for f in [path.clone(), file(".wal"), file(".wal.spare")] {
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let _s = open(&path);
+    assert_eq!(mode(&folder), 0o700);
+    for f in [path.clone(), file(".wal"), file(".wal.spare")] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+}
+
 #[tokio::test]
 async fn wrong_kek_is_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();
