@@ -6,31 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{status_of, withdrawn_key_ids, Cluster};
-use dqkd_client::{Client, KeyRequestBody};
+use common::cluster::{status_of, wait_level, withdrawn_key_ids, Cluster};
+use dqkd_client::KeyRequestBody;
 use http::StatusCode;
 
 const POOLS: &str = "[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n";
-
-/// Waits until `alice`'s status toward `target` reports `want` ready keys exactly.
-async fn wait_level(client: &Client, target: &str, want: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let level = client
-            .status(target)
-            .await
-            .expect("status")
-            .stored_key_count;
-        if level == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pool toward {target} at {level}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn request(number: u32) -> KeyRequestBody {
     KeyRequestBody {

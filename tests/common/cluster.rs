@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use dqkd_client::{Client, ClientError};
 use http::StatusCode;
 
+use super::proxy::FreezingProxy;
 use super::{dqkd, store_section, TempDatabase, BIN};
 
 /// One child process with its config, ready file and log.
@@ -157,6 +158,9 @@ pub struct Cluster {
     pub entropy: Vec<Proc>,
     pub sae_site: BTreeMap<&'static str, &'static str>,
     pub timeout_ms: u64,
+    /// Proxies in front of the peer API of a site or an entropy server, by KME or server ID:
+    /// every other process reaches it through the proxy (see `start_proxied`).
+    pub proxies: BTreeMap<String, FreezingProxy>,
     /// Last, so that it is dropped after the processes that use it.
     pub databases: Vec<TempDatabase>,
 }
@@ -196,6 +200,30 @@ impl Cluster {
         timeout_ms: u64,
         extra: &str,
     ) -> Self {
+        Self::start_proxied(site_ids, entropy_count, timeout_ms, extra, &[])
+    }
+
+    /// Like `start_full`, with a [`FreezingProxy`] in front of each process named in
+    /// `proxied` (a KME ID: its peer API; an entropy server ID: its API). The manifest names
+    /// the proxy's address, so every site reaches that process through it.
+    pub fn start_proxied(
+        site_ids: &[&str],
+        entropy_count: usize,
+        timeout_ms: u64,
+        extra: &str,
+        proxied: &[&str],
+    ) -> Self {
+        let mut proxies = BTreeMap::new();
+        // The address the manifest names for `name`, which listens on `port`.
+        let mut public = |name: &str, port: u16| -> u16 {
+            if !proxied.contains(&name) {
+                return port;
+            }
+            let proxy = FreezingProxy::start(&format!("127.0.0.1:{port}"));
+            let port = proxy.addr.port();
+            proxies.insert(name.to_owned(), proxy);
+            port
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let pki = d.join("pki");
@@ -233,7 +261,8 @@ impl Cluster {
             dqkd(&["pki", "issue", "entropy", id, "--ca", pki_s]);
             let port = free_port();
             manifest.push_str(&format!(
-                "[[entropy]]\nid = \"{id}\"\naddr = \"127.0.0.1:{port}\"\n"
+                "[[entropy]]\nid = \"{id}\"\naddr = \"127.0.0.1:{}\"\n",
+                public(id, port)
             ));
             let config = d.join(format!("{id}.toml"));
             std::fs::write(
@@ -264,7 +293,8 @@ impl Cluster {
                 .map(|(sae, _)| format!("\"{sae}\""))
                 .collect();
             manifest.push_str(&format!(
-                "[[sites]]\nkme_id = \"{kme}\"\napi_addr = \"127.0.0.1:{api}\"\npeer_addr = \"127.0.0.1:{peer}\"\nsaes = [{}]\n",
+                "[[sites]]\nkme_id = \"{kme}\"\napi_addr = \"127.0.0.1:{api}\"\npeer_addr = \"127.0.0.1:{}\"\nsaes = [{}]\n",
+                public(kme, peer),
                 saes.join(", ")
             ));
             let config = d.join(format!("site-{kme}.toml"));
@@ -303,6 +333,7 @@ impl Cluster {
             entropy,
             sae_site,
             timeout_ms,
+            proxies,
         };
         for server in &mut cluster.entropy {
             server.launch();
@@ -365,6 +396,11 @@ impl Cluster {
             .find(|l| l.starts_with("url = "))
             .expect("a PostgreSQL store");
         line["url = ".len()..].trim_matches('"').to_owned()
+    }
+
+    /// The proxy in front of `name` (started with `start_proxied`).
+    pub fn proxy(&self, name: &str) -> &FreezingProxy {
+        self.proxies.get(name).expect("a proxied process")
     }
 
     pub fn site(&mut self, kme: &str) -> &mut Proc {
@@ -433,6 +469,26 @@ impl Cluster {
             assert_eq!((&s.key_ID, &s.key), (&g.key_ID, &g.key));
         }
         ids.into_iter().map(str::to_owned).collect()
+    }
+}
+
+/// Waits until `client`'s status toward `target` reports `want` ready keys exactly.
+pub async fn wait_level(client: &Client, target: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let level = client
+            .status(target)
+            .await
+            .expect("status")
+            .stored_key_count;
+        if level == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool toward {target} at {level}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

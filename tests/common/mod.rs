@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

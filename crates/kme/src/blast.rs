@@ -97,26 +97,62 @@ impl Blast {
     }
 
     /// Allocates `len` bytes on `n` servers, replacing any that fail by the next candidate.
+    /// At `deadline` it gives up; servers still silent then while others answered are tried
+    /// last for a while, like servers that failed.
     async fn allocate(
         &self,
         len: u64,
         readers: &[String],
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Vec<Allocation>, KeySourceError> {
         let mut order = self.candidates().into_iter();
         let mut running = JoinSet::new();
-        let start = |index: usize, running: &mut JoinSet<_>| {
+        let mut waiting_for: Vec<usize> = Vec::with_capacity(usize::from(self.n));
+        let start = |index: usize, running: &mut JoinSet<_>, waiting_for: &mut Vec<usize>| {
             let client = self.servers[index].client.clone();
             let readers = readers.to_vec();
+            waiting_for.push(index);
             running.spawn(async move { (index, client.allocate(len, &readers).await) });
         };
         for index in order.by_ref().take(usize::from(self.n)) {
-            start(index, &mut running);
+            start(index, &mut running, &mut waiting_for);
         }
+        let expired = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
         let mut got: Vec<(usize, Allocation)> = Vec::with_capacity(usize::from(self.n));
         let mut failures = Vec::new();
-        while let Some(joined) = running.join_next().await {
+        loop {
+            let joined = tokio::select! {
+                joined = running.join_next() => joined,
+                () = &mut expired => {
+                    // Dropping `running` aborts the calls still waiting. Servers slower than
+                    // those that answered are tried last for a while; when none answered, the
+                    // time left was too short to judge them.
+                    if !got.is_empty() {
+                        for &index in &waiting_for {
+                            self.mark(index, true);
+                        }
+                    }
+                    let silent: Vec<&str> = waiting_for
+                        .iter()
+                        .map(|&index| self.servers[index].id.as_str())
+                        .collect();
+                    tracing::warn!(servers = ?silent, "entropy servers did not answer before the request's deadline");
+                    return Err(KeySourceError::Unavailable(format!(
+                        "entropy servers {} did not answer before the request's deadline",
+                        silent.join(", ")
+                    )));
+                }
+            };
+            let Some(joined) = joined else { break };
             let (index, result) = joined
                 .map_err(|e| KeySourceError::Unavailable(format!("allocation task failed: {e}")))?;
+            waiting_for.retain(|&i| i != index);
             let server = self.servers[index].id.clone();
             let outcome = if result.is_ok() { "ok" } else { "failed" };
             metrics::counter!("dqkd_entropy_allocations_total", "server" => server, "result" => outcome)
@@ -131,7 +167,7 @@ impl Blast {
                     self.mark(index, true);
                     failures.push(format!("{}: {e}", self.servers[index].id));
                     if let Some(next) = order.next() {
-                        start(next, &mut running);
+                        start(next, &mut running, &mut waiting_for);
                     }
                 }
             }
@@ -147,15 +183,14 @@ impl Blast {
         got.sort_by_key(|(index, _)| *index);
         Ok(got.into_iter().map(|(_, a)| a).collect())
     }
-}
 
-#[async_trait::async_trait]
-impl KeySource for Blast {
-    async fn generate(
+    /// `count` keys of `len` bytes for `readers`; allocation gives up at `deadline`.
+    async fn generate_until(
         &self,
         count: usize,
         len: usize,
         readers: &[String],
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<Batch, KeySourceError> {
         let bad =
             |e: dqkd_keygen::KeygenError| KeySourceError::Unavailable(format!("extraction: {e}"));
@@ -163,7 +198,7 @@ impl KeySource for Blast {
         let range_len = block
             .checked_mul(count)
             .ok_or_else(|| KeySourceError::Unavailable("batch too large".into()))?;
-        let allocations = self.allocate(range_len as u64, readers).await?;
+        let allocations = self.allocate(range_len as u64, readers, deadline).await?;
         let ranges: Vec<&[u8]> = allocations.iter().map(|a| a.bytes.as_slice()).collect();
         let mut out = Zeroizing::new(vec![0u8; len * count]);
         self.extractor
@@ -205,6 +240,29 @@ impl KeySource for Blast {
             keys,
             metadata: Some(metadata),
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl KeySource for Blast {
+    async fn generate(
+        &self,
+        count: usize,
+        len: usize,
+        readers: &[String],
+    ) -> Result<Batch, KeySourceError> {
+        self.generate_until(count, len, readers, None).await
+    }
+
+    async fn generate_by(
+        &self,
+        count: usize,
+        len: usize,
+        readers: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Result<Batch, KeySourceError> {
+        self.generate_until(count, len, readers, Some(deadline))
+            .await
     }
 
     async fn regenerate(&self, bytes: &[u8]) -> Result<Vec<(Uuid, KeyMaterial)>, KeySourceError> {

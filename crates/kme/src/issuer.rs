@@ -6,6 +6,13 @@
 //! one local store commit. Throughput therefore grows with concurrency, while every
 //! request still waits for the durable writes that cover its own keys. There is no
 //! artificial delay: a batch is whatever queued while earlier batches were in flight.
+//!
+//! Each request carries one [`Deadline`], fixed when enc_keys arrives. Every wait on its
+//! behalf — for a batch slot, for entropy, for the peer, for keys made on demand after a pool
+//! miss — ends by then: a request still queued at its deadline is answered 503 and never
+//! sent; a batch under way works until the latest deadline among its requests, and each
+//! request whose own deadline passes first is answered 503 at that moment, its keys then
+//! destroyed at every site like those of a caller that left.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -57,9 +64,31 @@ pub struct Order {
 /// Keys issued for one order.
 pub type Issued = Vec<(Uuid, KeyMaterial)>;
 
+/// When an enc_keys request must be answered: its arrival plus `peers.timeout_ms`. On
+/// tokio's clock, so that tests can pause time.
+pub type Deadline = tokio::time::Instant;
+
 struct Job {
     order: Order,
+    deadline: Deadline,
     reply: oneshot::Sender<Result<Issued, ApiError>>,
+}
+
+impl Job {
+    /// The job, unless nothing should be made for it any more: its caller has had its
+    /// answer (at its deadline) or left, or its deadline has passed (it is answered now).
+    fn live(self, shared: &Shared, link: &Link) -> Option<Self> {
+        if self.reply.is_closed() {
+            return None;
+        }
+        if self.deadline <= Deadline::now() {
+            let _ = self
+                .reply
+                .send(Err(deadline_passed(shared, &link.remote, None)));
+            return None;
+        }
+        Some(self)
+    }
 }
 
 /// Requests that can share a batch: same peer sites, same key length.
@@ -160,23 +189,24 @@ impl Issuer {
         Ok(loaded)
     }
 
-    /// Issues the order's keys: returns once every involved site has stored them durably.
-    pub async fn issue(&self, order: Order) -> Result<Issued, ApiError> {
+    /// Issues the order's keys: returns once every involved site has stored them durably,
+    /// or with 503 at `deadline` at the latest (and then no site ever delivers them).
+    pub async fn issue(&self, order: Order, deadline: Deadline) -> Result<Issued, ApiError> {
         let link = Link {
             remote: order.remote.keys().cloned().collect(),
             len: order.len,
         };
         let (reply, answer) = oneshot::channel();
-        let mut job = Job { order, reply };
+        let mut job = Job {
+            order,
+            deadline,
+            reply,
+        };
         // A queue whose loop ended (it never does while the issuer lives) is replaced.
         for _ in 0..2 {
             let sender = self.queue(&link);
             match sender.send(job) {
-                Ok(()) => {
-                    return answer.await.unwrap_or_else(|_| {
-                        Err(ApiError::Internal("the key batch was dropped".into()))
-                    })
-                }
+                Ok(()) => return self.wait(answer, deadline, &link.remote).await,
                 Err(mpsc::error::SendError(returned)) => {
                     job = returned;
                     self.queues
@@ -187,6 +217,28 @@ impl Issuer {
             }
         }
         Err(ApiError::Internal("cannot queue the key request".into()))
+    }
+
+    /// The batch's answer, or 503 once `deadline` passes. Closing the channel then makes a
+    /// later answer fail to arrive, so its batch destroys the keys at every site.
+    async fn wait(
+        &self,
+        mut answer: oneshot::Receiver<Result<Issued, ApiError>>,
+        deadline: Deadline,
+        remote: &[String],
+    ) -> Result<Issued, ApiError> {
+        let dropped = || Err(ApiError::Internal("the key batch was dropped".into()));
+        tokio::select! {
+            result = &mut answer => result.unwrap_or_else(|_| dropped()),
+            () = tokio::time::sleep_until(deadline) => {
+                answer.close();
+                match answer.try_recv() {
+                    // Answered in the same instant: the keys are stored everywhere.
+                    Ok(result) => result,
+                    Err(_) => Err(deadline_passed(&self.shared, remote, None)),
+                }
+            }
+        }
     }
 
     fn queue(&self, link: &Link) -> mpsc::UnboundedSender<Job> {
@@ -211,16 +263,22 @@ async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, l
         let Some(first) = rx.recv().await else {
             return;
         };
-        let mut keys = first.order.count;
-        let mut jobs = vec![first];
+        // Requests whose deadline passed while they queued are not sent.
+        let mut jobs: Vec<Job> = first.live(&shared, &link).into_iter().collect();
+        let mut keys: usize = jobs.iter().map(|j| j.order.count).sum();
         while keys < MAX_BATCH_KEYS {
             match rx.try_recv() {
                 Ok(job) => {
-                    keys += job.order.count;
-                    jobs.push(job);
+                    if let Some(job) = job.live(&shared, &link) {
+                        keys += job.order.count;
+                        jobs.push(job);
+                    }
                 }
                 Err(_) => break,
             }
+        }
+        if jobs.is_empty() {
+            continue;
         }
         let shared = shared.clone();
         let link = link.clone();
@@ -231,10 +289,18 @@ async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, l
     }
 }
 
+/// Issues one batch. It works until the latest deadline among its requests, so that no
+/// request fails for an older one batched with it; a request whose own deadline comes first
+/// has its answer by then (see [`Issuer::wait`]).
 async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
     let total: usize = jobs.iter().map(|j| j.order.count).sum();
     let started = Instant::now();
-    let result = issue_batch(shared, link, &jobs, total).await;
+    let deadline = jobs
+        .iter()
+        .map(|j| j.deadline)
+        .max()
+        .unwrap_or_else(Deadline::now);
+    let result = issue_batch(shared, link, &jobs, total, deadline).await;
     let kme = shared.config.kme_id.clone();
     metrics::histogram!("dqkd_issue_batch_keys", "kme" => kme.clone()).record(total as f64);
     metrics::histogram!("dqkd_issue_batch_requests_ops", "kme" => kme.clone())
@@ -256,8 +322,11 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
         // only where it belongs. An unreachable peer fails everyone alike.
         Err(BatchError::Refused(_)) if jobs.len() > 1 => {
             for job in jobs {
+                let Some(job) = job.live(shared, link) else {
+                    continue;
+                };
                 let single = std::slice::from_ref(&job);
-                match issue_batch(shared, link, single, job.order.count).await {
+                match issue_batch(shared, link, single, job.order.count, job.deadline).await {
                     Ok(keys) => answer(shared, link, vec![job], keys),
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into_api()));
@@ -330,16 +399,19 @@ impl From<ApiError> for BatchError {
 }
 
 /// Issues one batch from the ready pool when it covers it, else generates, delivers and
-/// stores it now; returns the keys in job order.
+/// stores it now, waiting for entropy and peers until `deadline` at most (a pool miss
+/// leaves the keys made on demand only the time that remains); returns the keys in job
+/// order.
 async fn issue_batch(
     shared: &Shared,
     link: &Link,
     jobs: &[Job],
     total: usize,
+    deadline: Deadline,
 ) -> Result<Issued, BatchError> {
     if let ([site], true) = (link.remote.as_slice(), total <= POOL_MAX_BATCH_KEYS) {
         if let Some(slots) = shared.pools.take(site, total, link.len, unix_now()) {
-            match bind_ready(shared, site, jobs, &slots).await {
+            match bind_ready(shared, site, jobs, &slots, deadline).await {
                 Ok(keys) => return Ok(keys),
                 Err(Bound::Missed) => {}
                 Err(Bound::Failed(e)) => return Err(e),
@@ -348,9 +420,15 @@ async fn issue_batch(
     }
     let batch = shared
         .source
-        .generate(total, link.len, &link.remote)
+        .generate_by(total, link.len, &link.remote, deadline)
         .await
-        .map_err(|e| BatchError::Other(source_error(e)))?;
+        .map_err(|e| {
+            BatchError::Other(if Deadline::now() >= deadline {
+                deadline_passed(shared, &link.remote, Some(&e.to_string()))
+            } else {
+                source_error(e)
+            })
+        })?;
     let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
     let request_id = Uuid::new_v4();
 
@@ -358,7 +436,7 @@ async fn issue_batch(
         let metadata = batch.metadata.as_deref().ok_or_else(|| {
             ApiError::Internal("the key source gave no regeneration metadata".into())
         })?;
-        deliver(shared, link, jobs, request_id, metadata, &ids).await?;
+        deliver(shared, link, jobs, request_id, metadata, &ids, deadline).await?;
     }
 
     let now = unix_now();
@@ -421,6 +499,7 @@ async fn bind_ready(
     site: &str,
     jobs: &[Job],
     slots: &[Slot],
+    deadline: Deadline,
 ) -> Result<Issued, Bound> {
     let Some(client) = shared.peers.get(site) else {
         return Err(Bound::Missed);
@@ -440,12 +519,15 @@ async fn bind_ready(
     ];
     let started = Instant::now();
     let result = client
-        .bind(&BindRequest {
-            request_id,
-            grants,
-            positions: seqs.clone(),
-            replica: shared.config.replica.clone(),
-        })
+        .bind(
+            &BindRequest {
+                request_id,
+                grants,
+                positions: seqs.clone(),
+                replica: shared.config.replica.clone(),
+            },
+            deadline,
+        )
         .await;
     metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
@@ -760,6 +842,7 @@ async fn deliver(
     request_id: Uuid,
     metadata: &[u8],
     ids: &[Uuid],
+    deadline: Deadline,
 ) -> Result<(), BatchError> {
     let encoded = base64::engine::general_purpose::STANDARD.encode(metadata);
     let mut calls = Vec::with_capacity(link.remote.len());
@@ -783,7 +866,7 @@ async fn deliver(
             site.clone(),
             tokio::spawn(async move {
                 let started = Instant::now();
-                let result = client.deliver(&message).await;
+                let result = client.deliver(&message, deadline).await;
                 let outcome = if result.is_ok() { "ok" } else { "failed" };
                 metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
                     .record(started.elapsed().as_secs_f64());
@@ -883,6 +966,22 @@ fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid], r
     }
 }
 
+/// The answer to a request whose deadline passed before every site had stored its keys
+/// (`cause`: what it was waiting for, when known).
+fn deadline_passed(shared: &Shared, remote: &[String], cause: Option<&str>) -> ApiError {
+    let sites: Vec<String> = remote.iter().map(|s| format!("{s:?}")).collect();
+    let whom = match sites.as_slice() {
+        [] => format!("site {:?}", shared.config.kme_id),
+        [one] => format!("site {one}"),
+        many => format!("sites {}", many.join(", ")),
+    };
+    let cause = cause.map(|c| format!(" ({c})")).unwrap_or_default();
+    ApiError::Unavailable(format!(
+        "the request's deadline passed ({} ms after it arrived) before {whom} stored its keys{cause}",
+        shared.config.peer_timeout.as_millis()
+    ))
+}
+
 /// Maps a key-source failure to the answer the caller (SAE or peer) gets.
 pub(crate) fn source_error(e: KeySourceError) -> ApiError {
     match e {
@@ -897,3 +996,6 @@ pub(crate) fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -53,6 +53,24 @@ pub trait KeySource: Send + Sync + 'static {
         readers: &[String],
     ) -> Result<Batch, KeySourceError>;
 
+    /// Like [`generate`](Self::generate), but gives up at `deadline` (the deadline of the
+    /// requests the keys are for).
+    async fn generate_by(
+        &self,
+        count: usize,
+        len: usize,
+        readers: &[String],
+        deadline: tokio::time::Instant,
+    ) -> Result<Batch, KeySourceError> {
+        tokio::time::timeout_at(deadline, self.generate(count, len, readers))
+            .await
+            .unwrap_or_else(|_| {
+                Err(KeySourceError::Unavailable(
+                    "no keys were made before the request's deadline".into(),
+                ))
+            })
+    }
+
     /// Rebuilds the keys another site generated, from its metadata; checks every key's
     /// confirmation tag.
     async fn regenerate(&self, metadata: &[u8])

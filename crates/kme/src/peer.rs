@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// `POST /peer/v1/deliver`: regenerate a batch of keys and hold each for its SAEs.
@@ -185,31 +186,51 @@ impl PeerClient {
         &self.site
     }
 
-    /// Sends a deliver message and waits for the durable acknowledgement.
-    pub async fn deliver(&self, request: &DeliverRequest) -> Result<DeliverAck, PeerError> {
-        self.call("/peer/v1/deliver", request).await
+    /// Sends a deliver message and waits for the durable acknowledgement, at most until
+    /// `deadline` (the deadline of the requests it serves).
+    pub async fn deliver(
+        &self,
+        request: &DeliverRequest,
+        deadline: Instant,
+    ) -> Result<DeliverAck, PeerError> {
+        self.call("/peer/v1/deliver", request, Some(deadline)).await
     }
 
     /// Sends a batch of ready keys to regenerate and waits for the durable acknowledgement.
     pub async fn fill(&self, request: &FillRequest) -> Result<FillAck, PeerError> {
-        self.call("/peer/v1/fill", request).await
+        self.call("/peer/v1/fill", request, None).await
     }
 
-    /// Binds ready keys to SAEs and waits for the durable acknowledgement.
-    pub async fn bind(&self, request: &BindRequest) -> Result<BindAck, PeerError> {
-        self.call("/peer/v1/bind", request).await
+    /// Binds ready keys to SAEs and waits for the durable acknowledgement, at most until
+    /// `deadline` (the deadline of the requests it serves).
+    pub async fn bind(
+        &self,
+        request: &BindRequest,
+        deadline: Instant,
+    ) -> Result<BindAck, PeerError> {
+        self.call("/peer/v1/bind", request, Some(deadline)).await
     }
 
     /// Sends a destroy message.
     pub async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
-        self.call("/peer/v1/destroy", request).await
+        self.call("/peer/v1/destroy", request, None).await
     }
 
+    /// One exchange, given up after the client's timeout or at `deadline` if that is sooner.
     async fn call<Q: Serialize, A: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         body: &Q,
+        deadline: Option<Instant>,
     ) -> Result<A, PeerError> {
+        let own_limit = Instant::now() + self.timeout;
+        let (until, too_late) = match deadline {
+            Some(deadline) if deadline < own_limit => (
+                deadline,
+                "no answer before the request's deadline".to_owned(),
+            ),
+            _ => (own_limit, format!("no answer within {:?}", self.timeout)),
+        };
         let unreachable = |reason: String| PeerError::Unreachable {
             site: self.site.clone(),
             reason,
@@ -236,9 +257,9 @@ impl PeerClient {
                 .to_bytes();
             Ok::<_, PeerError>((status, body))
         };
-        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+        let (status, body) = tokio::time::timeout_at(until, exchange)
             .await
-            .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))??;
+            .map_err(|_| unreachable(too_late))??;
         if status != StatusCode::OK {
             let message = serde_json::from_slice::<dqkd_etsi014::ErrorBody>(&body)
                 .map(|e| e.message)

@@ -14,7 +14,7 @@ use dqkd_store::{DeliveredKey, KeyStore, NewKey, PoolGrant, PoolKey, Slot, TakeE
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::issuer::{source_error, unix_now, Issuer, Order};
+use crate::issuer::{source_error, unix_now, Deadline, Issuer, Order};
 use crate::keysource::KeySource;
 use crate::peer::{
     BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
@@ -217,6 +217,8 @@ impl KeyService {
         slave: &str,
         request: KeyRequest,
     ) -> Result<KeyContainer, ApiError> {
+        // One deadline for everything this request waits for, from its arrival.
+        let deadline = Deadline::now() + self.config.peer_timeout;
         let by_site = self.slaves_by_site(caller, slave, &request.additional_slaves)?;
         let own = self.config.kme_id.as_str();
         let mut local: Vec<String> = by_site.get(own).cloned().unwrap_or_default();
@@ -244,13 +246,16 @@ impl KeyService {
         }
         let keys = self
             .issuer
-            .issue(Order {
-                master: caller.id().to_owned(),
-                local,
-                remote,
-                count: request.number as usize,
-                len: (request.size_bits / 8) as usize,
-            })
+            .issue(
+                Order {
+                    master: caller.id().to_owned(),
+                    local,
+                    remote,
+                    count: request.number as usize,
+                    len: (request.size_bits / 8) as usize,
+                },
+                deadline,
+            )
             .await?;
         let ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
         tracing::info!(

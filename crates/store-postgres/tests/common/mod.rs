@@ -103,27 +103,19 @@ pub async fn admin(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A TCP proxy in front of the test server whose open connections can be frozen (they stay
-/// open and carry nothing more, like a connection whose far end vanished) and then closed.
+#[path = "../../../../tests/common/proxy.rs"]
+mod proxy;
+
+/// A TCP proxy in front of the test server whose open connections can be frozen and closed.
 pub struct FreezingProxy {
     /// The test database's URL, through the proxy.
     pub url: String,
-    state: std::sync::Arc<ProxyState>,
-}
-
-#[derive(Default)]
-struct ProxyState {
-    next_id: std::sync::atomic::AtomicU64,
-    /// Connections numbered below this carry nothing more.
-    frozen_below: std::sync::atomic::AtomicU64,
-    /// Connections numbered below this are closed.
-    closed_below: std::sync::atomic::AtomicU64,
+    proxy: proxy::FreezingProxy,
 }
 
 impl FreezingProxy {
     /// Listens on a free loopback port and forwards to the server of `url`.
     pub async fn start(url: &str) -> FreezingProxy {
-        use std::sync::atomic::Ordering::SeqCst;
         let after_scheme = url.find("://").map_or(0, |i| i + 3);
         let authority_end = url[after_scheme..]
             .find('/')
@@ -131,73 +123,26 @@ impl FreezingProxy {
         let host_start = url[after_scheme..authority_end]
             .rfind('@')
             .map_or(after_scheme, |i| after_scheme + i + 1);
-        let server = url[host_start..authority_end].to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = std::sync::Arc::new(ProxyState::default());
-        let shared = state.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let id = shared.next_id.fetch_add(1, SeqCst);
-                let upstream = tokio::net::TcpStream::connect(&server).await.unwrap();
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = upstream.into_split();
-                tokio::spawn(pump(client_read, server_write, id, shared.clone()));
-                tokio::spawn(pump(server_read, client_write, id, shared.clone()));
-            }
-        });
+        let proxy = proxy::FreezingProxy::start(&url[host_start..authority_end]);
         FreezingProxy {
-            url: format!("{}{addr}{}", &url[..host_start], &url[authority_end..]),
-            state,
+            url: format!(
+                "{}{}{}",
+                &url[..host_start],
+                proxy.addr,
+                &url[authority_end..]
+            ),
+            proxy,
         }
     }
 
     /// Every connection open now stops carrying bytes but stays open.
     pub fn freeze_open_connections(&self) {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.state
-            .frozen_below
-            .store(self.state.next_id.load(SeqCst), SeqCst);
+        self.proxy.freeze_open_connections();
     }
 
     /// Every frozen connection is closed at both ends.
     pub fn close_frozen_connections(&self) {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.state
-            .closed_below
-            .store(self.state.frozen_below.load(SeqCst), SeqCst);
-    }
-}
-
-/// Copies one direction of connection `id` until either end closes or the proxy closes it;
-/// bytes read while it is frozen are dropped.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    id: u64,
-    state: std::sync::Arc<ProxyState>,
-) {
-    use std::sync::atomic::Ordering::SeqCst;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if id < state.closed_below.load(SeqCst) {
-            return;
-        }
-        let read =
-            tokio::time::timeout(std::time::Duration::from_millis(20), from.read(&mut buf)).await;
-        match read {
-            Err(_) => continue,
-            Ok(Ok(0) | Err(_)) => return,
-            Ok(Ok(n)) => {
-                if id < state.frozen_below.load(SeqCst) {
-                    continue;
-                }
-                if to.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
+        self.proxy.close_frozen_connections();
     }
 }
 
