@@ -229,6 +229,8 @@ impl Cluster {
         let pki = d.join("pki");
         let pki_s = pki.to_str().expect("utf-8");
         dqkd(&["pki", "init", "--cluster", "test", "--out", pki_s]);
+        // Every process checks the cluster's revocation list, as `dqkd up` sets them up.
+        dqkd(&["pki", "crl", "--ca", pki_s]);
         let all_saes: [(&str, &str); 4] = [
             ("alice", "KME_A"),
             ("bob", "KME_B"),
@@ -269,7 +271,8 @@ impl Cluster {
                 &config,
                 format!(
                     "cluster = \"test\"\nserver_id = \"{id}\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/entropy/{id}.pem\"\nkey = \"pki/entropy/{id}.key\"\n"
+                     [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/entropy/{id}.pem\"\nkey = \"pki/entropy/{id}.key\"\n\
+                     crl = \"pki/ca.crl.pem\"\n"
                 ),
             )
             .expect("entropy config");
@@ -308,7 +311,7 @@ impl Cluster {
                 format!(
                     "manifest = \"cluster.toml\"\nkme_id = \"{kme}\"\napi_listen = \"127.0.0.1:{api}\"\n\
                      peer_listen = \"127.0.0.1:{peer}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\n[tls]\nca = \"pki/ca.pem\"\n\
-                     cert = \"pki/kme/{kme}.pem\"\nkey = \"pki/kme/{kme}.key\"\n{store}"
+                     cert = \"pki/kme/{kme}.pem\"\nkey = \"pki/kme/{kme}.key\"\ncrl = \"pki/ca.crl.pem\"\n{store}"
                 ),
             )
             .expect("site config");
@@ -432,16 +435,22 @@ impl Cluster {
     /// site (or anyone holding its key) can send another.
     pub fn peer_client(&self, from: &str, to: &str) -> dqkd_kme::peer::PeerClient {
         let d = self.dir.path();
-        let tls = dqkd_pki::client_config_from_combined(
-            &d.join("pki/ca.pem"),
-            &d.join(format!("pki/kme/{from}.combined.pem")),
-        )
-        .expect("KME client TLS");
+        let files = dqkd_net::TlsFiles::new(
+            d.join("pki/ca.pem"),
+            d.join(format!("pki/kme/{from}.pem")),
+            d.join(format!("pki/kme/{from}.key")),
+        );
+        let tls = dqkd_net::OutgoingTls::load(&files, dqkd_net::KeyExchange::HybridOnly)
+            .expect("KME client TLS");
+        let site = dqkd_pki::Identity::new("test", dqkd_pki::Role::Kme, to).expect("KME ID");
+        let http = tls
+            .client(site, dqkd_net::Versions::Http1, None)
+            .expect("KME client");
         let addr = self.sites[to]
             .peer_addr
             .as_deref()
             .expect("a peer listener");
-        dqkd_kme::peer::PeerClient::new(to, addr, tls, Duration::from_secs(20))
+        dqkd_kme::peer::PeerClient::new(to, addr, http, Duration::from_secs(20))
     }
 
     /// Alice asks site process `at` for `number` keys for Bob, and Bob must get exactly the

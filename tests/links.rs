@@ -1,12 +1,14 @@
-//! Impostors with valid cluster certificates, as an outsider who stole one would use them.
+//! The links between sites and to entropy servers, attacked as an outsider would.
 //!
+//! Impostors with valid cluster certificates, as an outsider who stole one would use them.
 //! A KME accepts a peer or an entropy server only if its certificate carries the identity
 //! the manifest names for that address. Each fake here holds a real certificate of the
 //! cluster CA (of another role or another ID) and answers the protocol well enough that a
 //! KME trusting it would hand out keys: fake entropy servers serve all-zero ranges, a fake
 //! peer acknowledges deliveries it never stored. Every attempt must end in a 503 that names
 //! the identity found, with no key handed out; the real links negotiate the post-quantum
-//! hybrid group.
+//! hybrid group. A server whose certificate is revoked while a KME holds a kept-alive
+//! connection to it is not called again.
 
 mod common;
 
@@ -229,4 +231,52 @@ async fn a_peer_with_an_entropy_certificate_cannot_acknowledge_keys() {
                 && !l.contains("group=\"X25519MLKEM768\"")),
         "and no other group: {metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_revoked_while_connected_is_not_called_again() {
+    let cluster = Cluster::start_with(&["KME_A", "KME_B"], 3, 2000);
+    // Site A now holds a kept-alive connection to B's peer API.
+    cluster.share_through("KME_A", 1).await;
+
+    let pki = cluster.dir.path().join("pki");
+    common::dqkd(&[
+        "pki",
+        "revoke",
+        common::path_str(&pki.join("kme/KME_B.pem")),
+        "--ca",
+        common::path_str(&pki),
+    ]);
+    // Within a few polls of the list, A refuses B at the handshake: no key for Bob's site.
+    // (B's own calls to the entropy servers fail too, since they now refuse B; a 503 for
+    // that reason is not what this test looks for.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = String::new();
+    loop {
+        let result = cluster
+            .client("alice")
+            .enc_keys("bob", &KeyRequestBody::default())
+            .await;
+        if let Err(e) = result {
+            let (status, message) = status_of::<()>(Err(e));
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{message}");
+            // A's own refusal, not B's: B answers "refused" when the entropy servers
+            // refuse it, A reports B "unreachable" when its handshake with B fails.
+            if message.contains("site \"KME_B\" is unreachable")
+                && message.contains("invalid peer certificate: Revoked")
+            {
+                break;
+            }
+            last = message;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "site A does not refuse the revoked site B (last answer: {last:?}): {}",
+            cluster.sites["KME_A"].log_text()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(cluster.sites["KME_A"]
+        .log_text()
+        .contains("revocation list reloaded"));
 }
