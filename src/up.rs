@@ -5,6 +5,7 @@
 //! site files and entropy-server files are written anew each run from the flags (they hold
 //! nothing secret).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -552,8 +553,59 @@ async fn demo(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
             Err(_) => "refused",
         }
     );
+    let mut groups = BTreeMap::<String, BTreeSet<String>>::new();
+    for i in 0..plan.sites.len() {
+        // A site's metrics are a convenience here; the flow above is what must work.
+        if let Ok(text) = scrape_metrics(plan.metrics_port(i)).await {
+            for (listener, group) in handshake_groups(&text) {
+                groups.entry(listener).or_default().insert(group);
+            }
+        }
+    }
+    let show = |listener: &str| {
+        groups
+            .get(listener)
+            .map_or("no handshake yet".to_owned(), |g| {
+                g.iter().cloned().collect::<Vec<_>>().join(", ")
+            })
+    };
+    println!(
+        "  5. key exchange negotiated: peer links {}; ETSI API {} (curl on OpenSSL 3.0 gets X25519)",
+        show("peer"),
+        show("etsi")
+    );
     println!();
     Ok(())
+}
+
+/// The Prometheus text of the metrics listener on `port`.
+async fn scrape_metrics(port: u16) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        Ok(text)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| std::io::Error::other("the metrics listener did not answer"))?
+}
+
+/// `(listener, group)` of every `dqkd_tls_handshakes_total` series in Prometheus text.
+fn handshake_groups(text: &str) -> Vec<(String, String)> {
+    let label = |line: &str, name: &str| {
+        let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = line[start..].find('"')?;
+        Some(line[start..start + len].to_owned())
+    };
+    text.lines()
+        .filter(|line| line.starts_with("dqkd_tls_handshakes_total{"))
+        .filter_map(|line| Some((label(line, "listener")?, label(line, "group")?)))
+        .collect()
 }
 
 fn print_curl(layout: &Layout, plan: &Plan) {
@@ -586,4 +638,24 @@ fn print_curl(layout: &Layout, plan: &Plan) {
     println!("      -H \"Content-Type: application/json\" \\");
     println!("      -d '{{\"key_IDs\": [{{\"key_ID\": \"SOME_KEY_ID\"}}]}}'");
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::handshake_groups;
+
+    #[test]
+    fn handshake_groups_are_read_from_prometheus_text() {
+        let text = "# TYPE dqkd_tls_handshakes_total counter\n\
+            dqkd_tls_handshakes_total{kme=\"KME_B\",listener=\"peer\",group=\"X25519MLKEM768\"} 4\n\
+            dqkd_tls_handshakes_total{kme=\"KME_A\",listener=\"etsi\",group=\"X25519\"} 1\n\
+            dqkd_requests_total{kme=\"KME_A\",listener=\"etsi\",group=\"x\"} 1\n";
+        assert_eq!(
+            handshake_groups(text),
+            [
+                ("peer".to_owned(), "X25519MLKEM768".to_owned()),
+                ("etsi".to_owned(), "X25519".to_owned())
+            ]
+        );
+    }
 }

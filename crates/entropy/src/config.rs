@@ -187,6 +187,13 @@ impl Config {
                 ),
             ));
         }
+        if file.tls.peer_key_exchange.is_some() {
+            return Err(invalid(
+                "tls.peer_key_exchange",
+                "only a KME has a peer API; an entropy server's key exchange is tls.key_exchange"
+                    .into(),
+            ));
+        }
         let abs = |p: &Path| base.join(p);
         Ok(Self {
             cluster: file.cluster,
@@ -236,6 +243,19 @@ key = "pki/entropy/E1.key"
         assert_eq!(c.tls.ca, PathBuf::from("/etc/dqkd/pki/ca.pem"));
         assert_eq!(c.mix_file, None);
         assert!(!c.insecure_corrupt_reads);
+    }
+
+    #[test]
+    fn key_exchange_is_read_and_the_peer_setting_refused() {
+        let c = check(&format!("{MINIMAL}key_exchange = \"prefer-hybrid\"\n")).unwrap();
+        assert_eq!(
+            c.tls.key_exchange,
+            Some(dqkd_pki::KeyExchange::PreferHybrid)
+        );
+        let err = check(&format!("{MINIMAL}peer_key_exchange = \"hybrid-only\"\n")).unwrap_err();
+        assert!(err.to_string().contains("tls.peer_key_exchange"), "{err}");
+        let err = check(&format!("{MINIMAL}key_exchange = \"classical\"\n")).unwrap_err();
+        assert!(err.to_string().contains("key_exchange"), "{err}");
     }
 
     #[test]

@@ -171,7 +171,7 @@ fn outgoing_tls(config: &Config) -> Result<Arc<dqkd_net::OutgoingTls>, ServeErro
 
 /// A client that accepts only the server the manifest names `role` `id`.
 fn pinned_client(
-    outgoing: &dqkd_net::OutgoingTls,
+    outgoing: &Arc<dqkd_net::OutgoingTls>,
     config: &Config,
     role: Role,
     id: &str,

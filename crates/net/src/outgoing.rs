@@ -29,11 +29,12 @@ pub struct OutgoingTls {
     state: Mutex<CrlState>,
 }
 
-/// The revocation list in force and every client that checks against it.
+/// The revocation list in force and every client that checks against it (each client
+/// keeps its [`OutgoingTls`], and so the list's follower, alive; not the other way round).
 struct CrlState {
     crls: Vec<CertificateRevocationListDer<'static>>,
     number: Option<u64>,
-    clients: Vec<PinnedClient>,
+    clients: Vec<Weak<PinnedInner>>,
 }
 
 impl std::fmt::Debug for OutgoingTls {
@@ -87,7 +88,7 @@ impl OutgoingTls {
     /// A pooled client for calls to the server whose certificate carries `expected`, and no
     /// other. `connect_timeout` bounds the TCP connect.
     pub fn client(
-        &self,
+        self: &Arc<Self>,
         expected: Identity,
         versions: Versions,
         connect_timeout: Option<Duration>,
@@ -95,17 +96,17 @@ impl OutgoingTls {
         let mut state = self.lock();
         let verifier = PinnedServerVerifier::new(&self.ca, state.crls.clone(), expected)?;
         let config = self.config(verifier.clone())?;
-        let client = PinnedClient {
-            inner: Arc::new(PinnedInner {
-                http: RwLock::new(https_client(config.clone(), versions, connect_timeout)),
-                config,
-                verifier,
-                versions,
-                connect_timeout,
-            }),
-        };
-        state.clients.push(client.clone());
-        Ok(client)
+        let inner = Arc::new(PinnedInner {
+            http: RwLock::new(https_client(config.clone(), versions, connect_timeout)),
+            config,
+            verifier,
+            versions,
+            connect_timeout,
+            _tls: self.clone(),
+        });
+        state.clients.retain(|client| client.strong_count() > 0);
+        state.clients.push(Arc::downgrade(&inner));
+        Ok(PinnedClient { inner })
     }
 
     fn config(
@@ -129,9 +130,10 @@ impl OutgoingTls {
     /// connections made before are dropped from the pools.
     fn install(&self, crls: Vec<CertificateRevocationListDer<'static>>, number: Option<u64>) {
         let mut state = self.lock();
-        for client in &state.clients {
-            if let Err(e) = client.inner.verifier.set_crls(crls.clone()) {
-                tracing::error!(server = %client.inner.verifier.expected(), error = %e,
+        state.clients.retain(|client| client.strong_count() > 0);
+        for client in state.clients.iter().filter_map(Weak::upgrade) {
+            if let Err(e) = client.verifier.set_crls(crls.clone()) {
+                tracing::error!(server = %client.verifier.expected(), error = %e,
                     "the new revocation list could not be applied to calls to this server");
                 continue;
             }
@@ -154,6 +156,8 @@ struct PinnedInner {
     verifier: Arc<PinnedServerVerifier>,
     versions: Versions,
     connect_timeout: Option<Duration>,
+    /// Keeps the revocation list followed for as long as a client uses it.
+    _tls: Arc<OutgoingTls>,
 }
 
 impl PinnedClient {
@@ -175,16 +179,14 @@ impl PinnedClient {
     pub fn expected(&self) -> &Identity {
         self.inner.verifier.expected()
     }
+}
 
+impl PinnedInner {
     /// Replaces the connection pool: idle connections close as the old pool is dropped;
     /// requests under way finish on theirs.
     fn renew(&self) {
-        let fresh = https_client(
-            self.inner.config.clone(),
-            self.inner.versions,
-            self.inner.connect_timeout,
-        );
-        *self.inner.http.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        let fresh = https_client(self.config.clone(), self.versions, self.connect_timeout);
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 }
 
