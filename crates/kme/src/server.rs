@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use dqkd_net::{BindError, MtlsListener};
+use dqkd_net::{BindError, ListenerLimits, MtlsListener};
 use dqkd_store::{EmbeddedStore, Kek, KeyStore};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -234,6 +234,7 @@ pub async fn run_with(
             tls.clone(),
             peer_router(service.clone()),
             cluster.clone(),
+            ListenerLimits::new(format!("kme/{}/peer", config.kme_id), config.connections),
             stopped.clone(),
         ))
     });
@@ -245,8 +246,9 @@ pub async fn run_with(
         ))
     });
     let app = router(service);
+    let api_limits = ListenerLimits::new(format!("kme/{}/api", config.kme_id), config.connections);
     let task = tokio::spawn(async move {
-        dqkd_net::serve_mtls(listener, tls, app, cluster, stopped).await;
+        dqkd_net::serve_mtls(listener, tls, app, cluster, api_limits, stopped).await;
         if let Some(peer_task) = peer_task {
             let _ = peer_task.await;
         }

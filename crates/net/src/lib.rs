@@ -11,6 +11,11 @@
 
 #![forbid(unsafe_code)]
 
+mod limits;
+
+pub use limits::{ListenerLimits, ServerLimits};
+
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +27,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -32,8 +37,6 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-/// How long a client may take to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open requests before closing connections.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -258,15 +261,18 @@ impl PeerIdentity {
 }
 
 /// Serves `app` on `listener` over mutual TLS until `stopped` changes, then stops
-/// accepting and lets open requests finish for up to [`DRAIN_TIMEOUT`].
+/// accepting and lets open requests finish for up to [`DRAIN_TIMEOUT`]. `limits` caps the
+/// open connections and bounds how long each may stay idle (see [`ServerLimits`]).
 pub async fn serve_mtls(
     listener: TcpListener,
     tls: ServerTls,
     app: Router,
     cluster: Arc<str>,
+    limits: ListenerLimits,
     mut stopped: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let registry = limits::Registry::new(&limits);
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -280,6 +286,10 @@ pub async fn serve_mtls(
             },
             _ = stopped.changed() => break,
         };
+        let Some(conn) = registry.admit(remote) else {
+            continue;
+        };
+        let tracker = conn.tracker();
         let _ = tcp.set_nodelay(true);
         let acceptor = tls.acceptor();
         // A clone starts as "changed" after any reload, so a connection accepted just
@@ -288,8 +298,10 @@ pub async fn serve_mtls(
         let app = app.clone();
         let cluster = cluster.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let bounds = *registry.limits();
+        tokio::spawn(conn.run(remote, async move {
+            let handshake = tokio::time::timeout(bounds.handshake_timeout(), acceptor.accept(tcp));
+            let tls = match handshake.await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake refused");
@@ -315,12 +327,22 @@ pub async fn serve_mtls(
                 })
                 .map(Arc::new);
             let peer = PeerIdentity(identity);
+            tracker.touch();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                     request.extensions_mut().insert(peer.clone());
-                    app.clone().oneshot(request)
+                    let in_flight = tracker.request();
+                    let response = app.clone().oneshot(request);
+                    async move {
+                        let response = response.await?;
+                        Ok::<_, Infallible>(limits::TrackedBody::wrap(response, in_flight))
+                    }
                 });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(bounds.header_timeout());
             let connection = builder.serve_connection(TokioIo::new(tls), service);
             tokio::select! {
                 ended = watcher.watch(connection) => {
@@ -332,7 +354,7 @@ pub async fn serve_mtls(
                     tracing::info!(%remote, "closed a connection: its client certificate is now revoked");
                 }
             }
-        });
+        }));
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
