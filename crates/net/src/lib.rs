@@ -4,6 +4,8 @@
 //! slow client never stalls the accept loop), learns the caller's [`PeerIdentity`] from its
 //! certificate, and serves HTTP/1.1 or HTTP/2 with an axum router until told to stop.
 //! [`check_own_certificate`] makes a server refuse to start with someone else's certificate.
+//! [`ServerLimits`] bounds what each listener holds: connections, and how long each may
+//! handshake, idle or send a request head.
 //!
 //! Clients: [`https_client`] builds a pooled hyper client over a given rustls
 //! configuration (the caller's certificate and the cluster CA), and [`error_chain`] turns
