@@ -37,14 +37,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Pki(cmd) => pki::run(cmd).map(|()| ExitCode::SUCCESS),
-        Command::Kme(args) => runtime()?
+        Command::Kme(args) => runtime_for_servers()?
             .block_on(serve_kme(args))
             .map(|()| ExitCode::SUCCESS),
-        Command::Entropy(args) => runtime()?
+        Command::Entropy(args) => runtime_for_servers()?
             .block_on(serve_entropy(args))
             .map(|()| ExitCode::SUCCESS),
         Command::Keys(args) => runtime()?.block_on(keys::run(args)),
-        Command::Up(args) => runtime()?
+        Command::Up(args) => runtime_for_servers()?
             .block_on(up::run(args))
             .map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => runtime()?
@@ -63,11 +63,80 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The runtime of a process that serves: with the descriptor limit raised first.
+fn runtime_for_servers() -> anyhow::Result<tokio::runtime::Runtime> {
+    raise_descriptor_limit();
+    runtime()
+}
+
+/// Descriptors kept free beyond the listeners' connection caps: store files, outgoing
+/// connections to peers and entropy servers, the metrics listener.
+const DESCRIPTOR_HEADROOM: u64 = 256;
+
+/// Raises the soft limit on open descriptors to the hard limit, so that the listeners'
+/// connection caps, not a default soft limit of 1,024, bound what a server holds; logs
+/// the change.
+fn raise_descriptor_limit() {
+    #[cfg(unix)]
+    {
+        use rlimit::Resource;
+        let (soft, hard) = match Resource::NOFILE.get() {
+            Ok(limits) => limits,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the open-descriptor limit");
+                return;
+            }
+        };
+        if soft >= hard {
+            tracing::info!(
+                limit = soft,
+                "open-descriptor limit already at its hard limit"
+            );
+            return;
+        }
+        match rlimit::increase_nofile_limit(hard) {
+            Ok(now) => tracing::info!(
+                from = soft,
+                to = now,
+                hard,
+                "raised the open-descriptor limit"
+            ),
+            Err(e) => {
+                tracing::warn!(limit = soft, hard, error = %e, "cannot raise the open-descriptor limit")
+            }
+        }
+    }
+}
+
+/// Warns when the open-descriptor limit cannot hold every listener full at once: the caps
+/// would then not protect the process from running out of descriptors.
+fn check_descriptor_budget(listeners: u64, limits: &dqkd_kme::config::ServerLimits) {
+    #[cfg(unix)]
+    {
+        let Ok((soft, _)) = rlimit::Resource::NOFILE.get() else {
+            return;
+        };
+        let needed = listeners * u64::from(limits.max_connections) + DESCRIPTOR_HEADROOM;
+        if soft < needed {
+            tracing::warn!(
+                limit = soft,
+                needed,
+                "the open-descriptor limit is below the listeners' connection caps plus headroom; \
+                 lower connections.max_connections or raise the hard limit (LimitNOFILE, ulimit -Hn)"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (listeners, limits);
+}
+
 async fn serve_kme(args: args::KmeArgs) -> anyhow::Result<()> {
     let mut config = dqkd_kme::Config::load(&args.config)?;
     if let Some(name) = &args.replica {
         config = config.with_replica(name)?;
     }
+    let listeners = 1 + u64::from(config.peer_listen.is_some());
+    check_descriptor_budget(listeners, &config.connections);
     let serving = dqkd_kme::run(config).await?;
     if let Some(path) = &args.ready_file {
         write_ready_file(
@@ -87,6 +156,7 @@ async fn serve_kme(args: args::KmeArgs) -> anyhow::Result<()> {
 
 async fn serve_entropy(args: args::EntropyArgs) -> anyhow::Result<()> {
     let config = dqkd_entropy::Config::load(&args.config)?;
+    check_descriptor_budget(1, &config.connections);
     let serving = dqkd_entropy::run(config).await?;
     if let Some(path) = &args.ready_file {
         write_ready_file(

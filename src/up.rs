@@ -472,6 +472,7 @@ fn write_configs(
                 pool_size: None,
                 kek: layout.rel(&layout.data().join(format!("{kme}.kek"))),
             },
+            connections: Default::default(),
         };
         write_toml(&layout.dir.join(format!("site-{kme}.toml")), &site)?;
     }
@@ -487,6 +488,7 @@ fn write_configs(
             max_allocation: None,
             max_live_bytes: None,
             mix_file: None,
+            connections: Default::default(),
         };
         write_toml(&layout.dir.join(format!("entropy-{id}.toml")), &file)?;
     }

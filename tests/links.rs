@@ -92,6 +92,7 @@ async fn impostor(
         mtls.tls,
         app,
         Arc::from("test"),
+        dqkd_net::ServerLimits::default(),
         stopped,
     ));
     Impostor { stop, task }

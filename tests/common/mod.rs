@@ -112,6 +112,8 @@ pub struct Site {
     pub url: String,
     pub metrics_url: String,
     pub limits: &'static str,
+    /// The open-descriptor limit (soft and hard) the KME process starts under, if lowered.
+    pub descriptor_limit: Option<u32>,
 }
 
 pub const LIMITS: &str = r#"
@@ -130,6 +132,17 @@ impl Site {
     }
 
     pub fn start_with(limits: &'static str) -> Self {
+        Self::start_configured(limits, "", None)
+    }
+
+    /// A site whose manifest has `limits`, whose site file ends with `site_extra` (e.g. a
+    /// `[connections]` section), and whose process may open at most `descriptor_limit`
+    /// descriptors.
+    pub fn start_configured(
+        limits: &'static str,
+        site_extra: &str,
+        descriptor_limit: Option<u32>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let pki = d.join("pki");
@@ -178,7 +191,8 @@ ca = "pki/ca.pem"
 cert = "pki/kme/KME_A.pem"
 key = "pki/kme/KME_A.key"
 crl = "pki/ca.crl.pem"
-{store}"#
+{store}
+{site_extra}"#
             ),
         )
         .expect("write site file");
@@ -189,6 +203,7 @@ crl = "pki/ca.crl.pem"
             url: String::new(),
             metrics_url: String::new(),
             limits,
+            descriptor_limit,
         };
         site.launch();
         site
@@ -199,7 +214,20 @@ crl = "pki/ca.crl.pem"
         let ready = self.dir.path().join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::File::create(self.dir.path().join("kme.log")).expect("log file");
-        let child = Command::new(BIN)
+        let mut command = match self.descriptor_limit {
+            // Both limits, so that the process cannot raise its soft limit past it.
+            Some(limit) => {
+                let mut sh = Command::new("sh");
+                sh.args([
+                    "-c",
+                    &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+                    BIN,
+                ]);
+                sh
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(["kme", "--config"])
             .arg(self.dir.path().join("site.toml"))
             .arg("--ready-file")

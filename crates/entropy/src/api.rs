@@ -242,6 +242,7 @@ mod tests {
             max_allocation: 1 << 16,
             max_live_bytes: 1 << 20,
             mix_file: None,
+            connections: Default::default(),
             insecure_corrupt_reads: false,
         };
         router(Arc::new(EntropyService::new(

@@ -56,10 +56,16 @@ pub struct ConfigFile {
     /// A device or file (e.g. `/dev/hwrng`) whose bytes are XOR-mixed into the OS CSPRNG's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mix_file: Option<PathBuf>,
+    /// Connection limits of the listener; defaults when absent.
+    #[serde(default, skip_serializing_if = "ServerLimits::is_default")]
+    pub connections: ServerLimits,
 }
 
 /// Certificate files (the same shape for every dqkd process).
 pub use dqkd_net::TlsFiles;
+
+/// Connection limits of a listener (the same shape for every dqkd server).
+pub use dqkd_net::ServerLimits;
 
 /// A problem with the configuration; each names the file and the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +122,8 @@ pub struct Config {
     pub max_live_bytes: u64,
     /// Optional mixing source.
     pub mix_file: Option<PathBuf>,
+    /// Connection limits of the listener.
+    pub connections: ServerLimits,
     /// For tests of the confirmation tag only: flips one bit of every range served to
     /// readers (the allocator still gets the true bytes); never enable in production.
     /// Deliberately not a config-file key, so no deployed file can turn it on: a test sets
@@ -194,6 +202,9 @@ impl Config {
                     .into(),
             ));
         }
+        file.connections
+            .check()
+            .map_err(|problem| invalid("connections", problem))?;
         let abs = |p: &Path| base.join(p);
         Ok(Self {
             cluster: file.cluster,
@@ -206,6 +217,7 @@ impl Config {
             max_allocation,
             max_live_bytes,
             mix_file: file.mix_file.as_deref().map(abs),
+            connections: file.connections,
             insecure_corrupt_reads: false,
         })
     }
@@ -275,6 +287,7 @@ key = "pki/entropy/E1.key"
             ("max_allocation = 0", "max_allocation"),
             ("max_live_bytes = 10", "max_live_bytes"),
             ("pool_max_bytes = 0", "pool_max_bytes"),
+            ("connections = { max_connections = 0 }", "connections"),
         ] {
             let err = check(&format!("{extra}\n{MINIMAL}")).unwrap_err();
             assert!(

@@ -111,8 +111,9 @@ pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serv
     let sweeper = tokio::spawn(sweep_loop(service.clone(), stopped.clone()));
     let app = router(service.clone());
     let cluster: Arc<str> = config.cluster.as_str().into();
+    let limits = config.connections;
     let task = tokio::spawn(async move {
-        dqkd_net::serve_mtls(listener, tls, app, cluster, stopped).await;
+        dqkd_net::serve_mtls(listener, tls, app, cluster, limits, stopped).await;
         let _ = sweeper.await;
     });
     if config.insecure_corrupt_reads {

@@ -319,6 +319,7 @@ mod tests {
             max_allocation: None,
             max_live_bytes: None,
             mix_file: None,
+            connections: Default::default(),
         };
         let mut config = Config::from_file(file, Path::new("e.toml"), Path::new(".")).unwrap();
         config.insecure_corrupt_reads = corrupt;

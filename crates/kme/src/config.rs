@@ -226,10 +226,16 @@ pub struct SiteFile {
     pub tls: TlsFiles,
     /// Key store.
     pub store: StoreFiles,
+    /// Connection limits of each listener (ETSI API and peer API); defaults when absent.
+    #[serde(default, skip_serializing_if = "ServerLimits::is_default")]
+    pub connections: ServerLimits,
 }
 
 /// Certificate files (the same shape for every dqkd process).
 pub use dqkd_net::TlsFiles;
+
+/// Connection limits of a listener (the same shape for every dqkd server).
+pub use dqkd_net::ServerLimits;
 
 /// Key store of a site, as written: exactly one of `path` (embedded) and `url`
 /// (PostgreSQL).
@@ -366,6 +372,8 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Store, with absolute paths.
     pub store: StoreConfig,
+    /// Connection limits of each listener.
+    pub connections: ServerLimits,
     /// This process's name among the replicas of its site (`dqkd kme --replica`), which
     /// then keeps ready-key pools of its own; `None` for a site's only process.
     pub replica: Option<String>,
@@ -507,6 +515,12 @@ impl Config {
             return Err(invalid("peers.timeout_ms must be at least 1".into()));
         }
         check_pools(&manifest.pools, manifest.entropy.is_empty()).map_err(invalid)?;
+        site.connections
+            .check()
+            .map_err(|problem| ConfigError::Invalid {
+                path: site_path.to_owned(),
+                problem,
+            })?;
         let abs = |p: &Path| base.join(p);
         Ok(Self {
             cluster: manifest.cluster,
@@ -535,6 +549,7 @@ impl Config {
                 location: store_location(&site.store, base, site_path)?,
                 kek: abs(&site.store.kek),
             },
+            connections: site.connections,
             replica: None,
         })
     }
@@ -721,6 +736,7 @@ mod tests {
                 pool_size: None,
                 kek: "kek".into(),
             },
+            connections: ServerLimits::default(),
         }
     }
 
@@ -915,6 +931,34 @@ saes = ["bob"]
         )
         .expect_err("both");
         assert!(err.to_string().contains("choose one store"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_default_and_zero_is_refused() {
+        let config = check(TWO_SITES, "A").expect("valid");
+        assert_eq!(config.connections, ServerLimits::default());
+        let mut file = site("A");
+        file.connections.idle_timeout_ms = 0;
+        let err = Config::from_parts(
+            manifest(TWO_SITES),
+            Path::new("cluster.toml"),
+            file,
+            Path::new("/etc/dqkd/site.toml"),
+        )
+        .expect_err("zero");
+        let text = err.to_string();
+        assert!(
+            text.contains("/etc/dqkd/site.toml") && text.contains("connections.idle_timeout_ms"),
+            "{text}"
+        );
+        let parsed: SiteFile = toml::from_str(
+            "manifest = \"c.toml\"\nkme_id = \"A\"\napi_listen = \"127.0.0.1:0\"\n\
+             [tls]\nca = \"ca\"\ncert = \"c\"\nkey = \"k\"\n[store]\npath = \"s\"\nkek = \"k\"\n\
+             [connections]\nmax_connections = 64\n",
+        )
+        .expect("parses");
+        assert_eq!(parsed.connections.max_connections, 64);
+        assert_eq!(parsed.connections.idle_timeout_ms, 60_000);
     }
 
     #[test]

@@ -274,6 +274,7 @@ pub async fn run_with(
             peer_tls,
             peer_router(service.clone()),
             cluster.clone(),
+            config.connections,
             stopped.clone(),
         ))
     });
@@ -285,8 +286,9 @@ pub async fn run_with(
         ))
     });
     let app = router(service);
+    let api_limits = config.connections;
     let task = tokio::spawn(async move {
-        dqkd_net::serve_mtls(listener, tls, app, cluster, stopped).await;
+        dqkd_net::serve_mtls(listener, tls, app, cluster, api_limits, stopped).await;
         if let Some(peer_task) = peer_task {
             let _ = peer_task.await;
         }

@@ -4,6 +4,8 @@
 //! slow client never stalls the accept loop), learns the caller's [`PeerIdentity`] from its
 //! certificate, and serves HTTP/1.1 or HTTP/2 with an axum router until told to stop.
 //! [`check_own_certificate`] makes a server refuse to start with someone else's certificate.
+//! [`ServerLimits`] bounds what each listener holds: connections, and how long each may
+//! handshake, idle or send a request head.
 //!
 //! Clients: [`OutgoingTls`] makes the clients of calls between dqkd processes, each pinned
 //! to the one identity it may reach and following the revocation list; [`https_client`]
@@ -12,6 +14,11 @@
 
 #![forbid(unsafe_code)]
 
+mod limits;
+
+pub use limits::ServerLimits;
+
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,7 +30,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::CertificateDer;
@@ -40,9 +47,6 @@ pub use dqkd_pki::KeyExchange;
 pub use outgoing::{OutgoingTls, PinnedClient};
 use server_tls::revoked;
 pub use server_tls::ServerTls;
-
-/// How long a client may take to finish its TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open requests before closing connections.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -184,15 +188,18 @@ impl PeerIdentity {
 }
 
 /// Serves `app` on `listener` over mutual TLS until `stopped` changes, then stops
-/// accepting and lets open requests finish for up to [`DRAIN_TIMEOUT`].
+/// accepting and lets open requests finish for up to [`DRAIN_TIMEOUT`]. `limits` caps the
+/// open connections and bounds how long each may stay idle (see [`ServerLimits`]).
 pub async fn serve_mtls(
     listener: TcpListener,
     tls: ServerTls,
     app: Router,
     cluster: Arc<str>,
+    limits: ServerLimits,
     mut stopped: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let registry = limits::Registry::new(limits, tls.labels());
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -206,6 +213,10 @@ pub async fn serve_mtls(
             },
             _ = stopped.changed() => break,
         };
+        let Some(conn) = registry.admit(remote) else {
+            continue;
+        };
+        let tracker = conn.tracker();
         let _ = tcp.set_nodelay(true);
         let acceptor = tls.acceptor();
         let mut updates = tls.updates();
@@ -213,8 +224,10 @@ pub async fn serve_mtls(
         let app = app.clone();
         let cluster = cluster.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let bounds = *registry.limits();
+        tokio::spawn(conn.run(remote, async move {
+            let handshake = tokio::time::timeout(bounds.handshake_timeout(), acceptor.accept(tcp));
+            let stream = match handshake.await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(e)) => {
                     tracing::debug!(%remote, error = %e, "TLS handshake refused");
@@ -241,12 +254,22 @@ pub async fn serve_mtls(
                 })
                 .map(Arc::new);
             let peer = PeerIdentity(identity);
+            tracker.touch();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                     request.extensions_mut().insert(peer.clone());
-                    app.clone().oneshot(request)
+                    let in_flight = tracker.request();
+                    let response = app.clone().oneshot(request);
+                    async move {
+                        let response = response.await?;
+                        Ok::<_, Infallible>(limits::TrackedBody::wrap(response, in_flight))
+                    }
                 });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(bounds.header_timeout());
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 ended = watcher.watch(connection) => {
@@ -258,7 +281,7 @@ pub async fn serve_mtls(
                     tracing::info!(%remote, "closed a connection: its client certificate is now revoked");
                 }
             }
-        });
+        }));
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())

@@ -183,9 +183,13 @@ impl PinnedClient {
 
 impl PinnedInner {
     /// Replaces the connection pool: idle connections close as the old pool is dropped;
-    /// requests under way finish on theirs.
+    /// requests under way finish on theirs. The TLS session cache is replaced too: a
+    /// resumed session skips certificate checks, so a revoked server could otherwise be
+    /// reached again through a session made before.
     fn renew(&self) {
-        let fresh = https_client(self.config.clone(), self.versions, self.connect_timeout);
+        let mut config = self.config.clone();
+        config.resumption = rustls::client::Resumption::default();
+        let fresh = https_client(config, self.versions, self.connect_timeout);
         *self.http.write().unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 }

@@ -104,6 +104,11 @@ impl ServerTls {
         }
     }
 
+    /// The labels of this listener's metrics (the process and the listener's name).
+    pub(crate) fn labels(&self) -> Arc<[(&'static str, String)]> {
+        self.labels.clone()
+    }
+
     /// The key exchange this listener accepts.
     pub fn key_exchange(&self) -> KeyExchange {
         self.key_exchange
