@@ -469,6 +469,10 @@ fn write_configs(
                 },
                 url: store.url(kme),
                 pool_size: None,
+                ca: None,
+                cert: None,
+                key: None,
+                insecure_allow_plaintext: false,
                 kek: layout.rel(&layout.data().join(format!("{kme}.kek"))),
             },
         };
