@@ -197,24 +197,31 @@ async fn a_peer_cannot_destroy_keys_it_never_made() {
         slaves: vec!["bob".into()],
         key_ids: vec![Uuid::new_v4()],
     };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     forbidden(
         from_c
-            .deliver(&DeliverRequest {
-                request_id: Uuid::new_v4(),
-                metadata: String::new(),
-                grants: vec![grant.clone()],
-            })
+            .deliver(
+                &DeliverRequest {
+                    request_id: Uuid::new_v4(),
+                    metadata: String::new(),
+                    grants: vec![grant.clone()],
+                },
+                deadline,
+            )
             .await,
         "C delivers for alice",
     );
     forbidden(
         from_c
-            .bind(&BindRequest {
-                request_id: Uuid::new_v4(),
-                grants: vec![grant],
-                positions: vec![1],
-                replica: None,
-            })
+            .bind(
+                &BindRequest {
+                    request_id: Uuid::new_v4(),
+                    grants: vec![grant],
+                    positions: vec![1],
+                    replica: None,
+                },
+                deadline,
+            )
             .await,
         "C binds for alice",
     );

@@ -432,16 +432,27 @@ impl Cluster {
     /// site (or anyone holding its key) can send another.
     pub fn peer_client(&self, from: &str, to: &str) -> dqkd_kme::peer::PeerClient {
         let d = self.dir.path();
-        let tls = dqkd_pki::client_config_from_combined(
-            &d.join("pki/ca.pem"),
-            &d.join(format!("pki/kme/{from}.combined.pem")),
+        let outgoing = dqkd_net::OutgoingTls::load(
+            &dqkd_net::TlsFiles {
+                ca: d.join("pki/ca.pem"),
+                cert: d.join(format!("pki/kme/{from}.pem")),
+                key: d.join(format!("pki/kme/{from}.key")),
+                crl: None,
+                key_exchange: None,
+                peer_key_exchange: None,
+            },
+            dqkd_pki::KeyExchange::HybridOnly,
         )
         .expect("KME client TLS");
+        let expected = dqkd_pki::Identity::new("test", dqkd_pki::Role::Kme, to).expect("identity");
+        let http = outgoing
+            .client(expected, dqkd_net::Versions::Http1, None)
+            .expect("pinned client");
         let addr = self.sites[to]
             .peer_addr
             .as_deref()
             .expect("a peer listener");
-        dqkd_kme::peer::PeerClient::new(to, addr, tls, Duration::from_secs(20))
+        dqkd_kme::peer::PeerClient::new(to, addr, http, Duration::from_secs(20))
     }
 
     /// Alice asks site process `at` for `number` keys for Bob, and Bob must get exactly the
