@@ -64,7 +64,7 @@ pub enum PkiCommand {
         /// What the certificate is for.
         #[arg(value_enum)]
         role: RoleArg,
-        /// The KME ID, SAE ID or entropy server ID.
+        /// The KME ID, SAE ID or entropy server ID (for `server`: a file name).
         id: String,
         /// Folder holding `ca.pem` and `ca.key`.
         #[arg(long)]
@@ -72,7 +72,8 @@ pub enum PkiCommand {
         /// Output folder (default: `<ca>/<role>`).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// DNS name the server answers on (repeatable; default localhost for servers).
+        /// DNS name the server answers on (repeatable; default localhost for KMEs and entropy
+        /// servers; `server` needs at least one --dns or --ip).
         #[arg(long = "dns")]
         dns_names: Vec<String>,
         /// IP address the server answers on (repeatable; default 127.0.0.1 and ::1).
@@ -121,6 +122,9 @@ pub enum RoleArg {
     Sae,
     /// An entropy server.
     Entropy,
+    /// A TLS server outside the cluster's identities (the sites' PostgreSQL): DNS and IP
+    /// names only, no dqkd identity, server authentication only; writes `.pem` and `.key`.
+    Server,
 }
 
 #[derive(Debug, Args)]

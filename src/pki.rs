@@ -25,13 +25,26 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
             password,
             force,
         } => {
+            let authority = dqkd_pki::load_ca(&ca)
+                .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;
             let role = match role {
                 RoleArg::Kme => dqkd_pki::Role::Kme,
                 RoleArg::Sae => dqkd_pki::Role::Sae,
                 RoleArg::Entropy => dqkd_pki::Role::Entropy,
+                RoleArg::Server => {
+                    let options = dqkd_pki::IssueOptions {
+                        out_dir: out.unwrap_or_else(|| ca.join("server")),
+                        dns_names,
+                        ip_addresses,
+                        force,
+                        ..Default::default()
+                    };
+                    let issued = authority.issue_server(&id, &options)?;
+                    println!("certificate: {}", issued.cert_chain.display());
+                    println!("key:         {}", issued.key.display());
+                    return Ok(());
+                }
             };
-            let authority = dqkd_pki::load_ca(&ca)
-                .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;
             let options = dqkd_pki::IssueOptions {
                 out_dir: out.unwrap_or_else(|| ca.join(role.as_str())),
                 dns_names,

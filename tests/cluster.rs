@@ -197,6 +197,7 @@ async fn a_peer_cannot_destroy_keys_it_never_made() {
         slaves: vec!["bob".into()],
         key_ids: vec![Uuid::new_v4()],
     };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     forbidden(
         from_c
             .deliver(
@@ -205,7 +206,7 @@ async fn a_peer_cannot_destroy_keys_it_never_made() {
                     metadata: String::new(),
                     grants: vec![grant.clone()],
                 },
-                tokio::time::Instant::now() + Duration::from_secs(20),
+                deadline,
             )
             .await,
         "C delivers for alice",
@@ -219,7 +220,7 @@ async fn a_peer_cannot_destroy_keys_it_never_made() {
                     positions: vec![1],
                     replica: None,
                 },
-                tokio::time::Instant::now() + Duration::from_secs(20),
+                deadline,
             )
             .await,
         "C binds for alice",

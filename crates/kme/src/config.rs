@@ -252,6 +252,21 @@ pub struct StoreFiles {
     /// Connections to PostgreSQL per replica (default 16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<usize>,
+    /// PEM file of the CA that signed the PostgreSQL server's certificate. When set, every
+    /// connection is TLS (required, never plaintext) and the server's chain and host name are
+    /// verified against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) presented to PostgreSQL; needs `key` and `ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Accept a plaintext connection to a PostgreSQL host that is not loopback (a trusted
+    /// private network). Loopback hosts and Unix sockets never need it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_allow_plaintext: bool,
     /// The site key-encryption key (64 hex characters), which seals keys at rest. Every
     /// replica of a site uses the same one.
     pub kek: PathBuf,
@@ -268,7 +283,27 @@ pub enum StoreLocation {
         url: String,
         /// Connections per replica.
         pool_size: usize,
+        /// TLS to the database (`None`: plaintext, which the configuration allowed).
+        tls: Option<PostgresTls>,
     },
+}
+
+/// TLS to PostgreSQL: required on every connection, the server verified against `ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresTls {
+    /// The CA that signed the server's certificate (PEM).
+    pub ca: PathBuf,
+    /// Client certificate chain and key (PEM), when the server asks for one.
+    pub client: Option<ClientCertFiles>,
+}
+
+/// A client certificate chain and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
 }
 
 /// The validated key store settings.
@@ -630,7 +665,19 @@ fn store_location(
         .filter(|u| !u.is_empty())
         .or_else(|| store.url.clone());
     match (&store.path, url) {
-        (Some(path), None) => Ok(StoreLocation::Embedded(base.join(path))),
+        (Some(path), None) => {
+            if store.ca.is_some()
+                || store.cert.is_some()
+                || store.key.is_some()
+                || store.insecure_allow_plaintext
+            {
+                return Err(invalid(
+                    "[store] ca, cert, key and insecure_allow_plaintext apply to PostgreSQL \
+                     (url) only, not to the embedded store (path)",
+                ));
+            }
+            Ok(StoreLocation::Embedded(base.join(path)))
+        }
         (None, Some(url)) => {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err(invalid("[store] url must be a postgres:// URL"));
@@ -639,7 +686,12 @@ fn store_location(
             if pool_size == 0 {
                 return Err(invalid("[store] pool_size must be at least 1"));
             }
-            Ok(StoreLocation::Postgres { url, pool_size })
+            let tls = postgres_tls(store, &url, base).map_err(|p| invalid(&p))?;
+            Ok(StoreLocation::Postgres {
+                url,
+                pool_size,
+                tls,
+            })
         }
         (Some(_), Some(_)) => Err(invalid(
             "[store] names both path and url (or DQKD_STORE_URL is set): choose one store",
@@ -648,6 +700,87 @@ fn store_location(
             "[store] needs path (embedded store) or url (PostgreSQL)",
         )),
     }
+}
+
+/// TLS to PostgreSQL from `[store] ca`, `cert` and `key`, checked against what `url` says:
+/// with `ca`, TLS is required (an `sslmode` allowing plaintext, or a Unix socket, contradicts
+/// it); without, the connection is plaintext, which a host other than loopback gets only with
+/// `insecure_allow_plaintext`.
+fn postgres_tls(store: &StoreFiles, url: &str, base: &Path) -> Result<Option<PostgresTls>, String> {
+    let facts = dqkd_store_postgres::url_transport(url)
+        .map_err(|e| format!("[store] url (or DQKD_STORE_URL): {e}"))?;
+    let client = match (&store.cert, &store.key) {
+        (Some(cert), Some(key)) => Some(ClientCertFiles {
+            cert: base.join(cert),
+            key: base.join(key),
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(
+                "[store] cert and key (the client certificate for PostgreSQL) go \
+                        together: give both or neither"
+                    .into(),
+            )
+        }
+    };
+    let Some(ca) = &store.ca else {
+        if client.is_some() {
+            return Err(
+                "[store] cert and key need [store] ca: a client certificate is sent only over \
+                 TLS, and TLS needs the CA that signed the server's certificate"
+                    .into(),
+            );
+        }
+        if facts.ssl_mode == Some(dqkd_store_postgres::WrittenSslMode::Require) {
+            return Err(
+                "[store] url asks for sslmode=require but [store] ca is not set: dqkd verifies \
+                 the database server's certificate (chain and host name), so name the CA that \
+                 signed it in [store] ca"
+                    .into(),
+            );
+        }
+        if let Some(host) = facts.remote_host {
+            if !store.insecure_allow_plaintext {
+                return Err(format!(
+                    "[store] url connects to {host} in plaintext: set [store] ca to the CA that \
+                     signed the database server's certificate (TLS), or \
+                     insecure_allow_plaintext = true to accept an unencrypted connection on a \
+                     trusted network"
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    if store.insecure_allow_plaintext {
+        return Err(
+            "[store] insecure_allow_plaintext contradicts [store] ca: with a CA the connection \
+             is always TLS; remove one of them"
+                .into(),
+        );
+    }
+    if facts.unix_socket {
+        return Err(
+            "[store] ca is set but the url connects through a Unix socket, which PostgreSQL \
+             never encrypts: connect to a TCP host, or remove ca"
+                .into(),
+        );
+    }
+    if let Some(
+        mode @ (dqkd_store_postgres::WrittenSslMode::Disable
+        | dqkd_store_postgres::WrittenSslMode::Prefer),
+    ) = facts.ssl_mode
+    {
+        return Err(format!(
+            "[store] url has sslmode={}, which contradicts [store] ca (with a CA the connection \
+             is TLS, required and verified): remove sslmode from the url or write \
+             sslmode=require",
+            mode.as_str()
+        ));
+    }
+    Ok(Some(PostgresTls {
+        ca: base.join(ca),
+        client,
+    }))
 }
 
 fn check_limits(l: &ManifestLimits) -> Result<(), String> {
@@ -734,6 +867,10 @@ mod tests {
                 path: Some("store.redb".into()),
                 url: None,
                 pool_size: None,
+                ca: None,
+                cert: None,
+                key: None,
+                insecure_allow_plaintext: false,
                 kek: "kek".into(),
             },
             connections: ServerLimits::default(),
@@ -847,6 +984,7 @@ saes = ["bob"]
         let mut shared = site("A");
         shared.store.path = None;
         shared.store.url = Some("postgres://db.internal/dqkd".into());
+        shared.store.insecure_allow_plaintext = true;
         let on_postgres = || {
             Config::from_parts(
                 manifest(TWO_SITES),
@@ -905,6 +1043,10 @@ saes = ["bob"]
             path: path.map(Into::into),
             url: url.map(Into::into),
             pool_size: None,
+            ca: None,
+            cert: None,
+            key: None,
+            insecure_allow_plaintext: false,
             kek: "kek".into(),
         };
         let base = Path::new("/srv");
@@ -918,10 +1060,13 @@ saes = ["bob"]
             assert!(store_location(&files(None, Some("mysql://x")), base, site).is_err());
         }
         assert_eq!(
-            store_location(&files(None, Some("postgres://u@h/db")), base, site).expect("pg"),
+            store_location(&files(None, Some("postgres://u@localhost/db")), base, site)
+                .expect("pg"),
             StoreLocation::Postgres {
-                url: std::env::var("DQKD_STORE_URL").unwrap_or_else(|_| "postgres://u@h/db".into()),
-                pool_size: 16
+                url: std::env::var("DQKD_STORE_URL")
+                    .unwrap_or_else(|_| "postgres://u@localhost/db".into()),
+                pool_size: 16,
+                tls: None,
             }
         );
         let err = store_location(
@@ -931,6 +1076,135 @@ saes = ["bob"]
         )
         .expect_err("both");
         assert!(err.to_string().contains("choose one store"), "{err}");
+    }
+
+    /// `[store]` as written, for the PostgreSQL transport checks.
+    fn postgres_store(url: &str, extra: &str) -> StoreFiles {
+        toml::from_str(&format!("url = {url:?}\nkek = \"kek\"\n{extra}")).expect("[store]")
+    }
+
+    #[test]
+    fn plaintext_to_a_remote_database_needs_the_insecure_switch() {
+        if std::env::var_os("DQKD_STORE_URL").is_some() {
+            return;
+        }
+        let (base, site) = (Path::new("/srv"), Path::new("/srv/site.toml"));
+        let check =
+            |url: &str, extra: &str| store_location(&postgres_store(url, extra), base, site);
+        for remote in [
+            "postgres://dqkd@db.example.net/kme_a",
+            "postgres://dqkd@10.0.0.5:5432/kme_a",
+            "postgres://dqkd@localhost/kme_a?hostaddr=10.0.0.5",
+        ] {
+            let err = check(remote, "").expect_err(remote);
+            let text = err.to_string();
+            assert!(text.contains("/srv/site.toml"), "{text}");
+            assert!(text.contains("in plaintext"), "{text}");
+            assert!(text.contains("[store] ca"), "{text}");
+            assert!(text.contains("insecure_allow_plaintext"), "{text}");
+            let allowed = check(remote, "insecure_allow_plaintext = true").expect(remote);
+            assert!(
+                matches!(allowed, StoreLocation::Postgres { tls: None, .. }),
+                "{allowed:?}"
+            );
+        }
+        for local in [
+            "postgres://dqkd@127.0.0.1/kme_a",
+            "postgres://dqkd@127.0.0.53:5433/kme_a",
+            "postgres://dqkd@localhost/kme_a",
+            "postgres://dqkd@[::1]/kme_a",
+            "postgres://dqkd@localhost/kme_a?host=/run/postgresql",
+        ] {
+            let ok = check(local, "").expect(local);
+            assert!(
+                matches!(ok, StoreLocation::Postgres { tls: None, .. }),
+                "{ok:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ca_makes_postgres_tls_and_contradictions_are_refused() {
+        if std::env::var_os("DQKD_STORE_URL").is_some() {
+            return;
+        }
+        let (base, site) = (Path::new("/srv"), Path::new("/srv/site.toml"));
+        let check =
+            |url: &str, extra: &str| store_location(&postgres_store(url, extra), base, site);
+        let remote = "postgres://dqkd@db.example.net/kme_a";
+        assert_eq!(
+            check(remote, "ca = \"pki/db-ca.pem\"").expect("tls"),
+            StoreLocation::Postgres {
+                url: remote.into(),
+                pool_size: 16,
+                tls: Some(PostgresTls {
+                    ca: "/srv/pki/db-ca.pem".into(),
+                    client: None,
+                }),
+            }
+        );
+        let with_client = check(
+            &format!("{remote}?sslmode=require"),
+            "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"",
+        )
+        .expect("client certificate");
+        assert!(
+            matches!(&with_client, StoreLocation::Postgres { tls: Some(PostgresTls {
+                client: Some(ClientCertFiles { cert, key }), .. }), .. }
+                if cert == Path::new("/srv/c.pem") && key == Path::new("/srv/c.key")),
+            "{with_client:?}"
+        );
+        for (url, extra, needle) in [
+            (
+                format!("{remote}?sslmode=disable"),
+                "ca = \"ca.pem\"",
+                "sslmode=disable, which contradicts [store] ca",
+            ),
+            (
+                format!("{remote}?sslmode=prefer"),
+                "ca = \"ca.pem\"",
+                "sslmode=prefer, which contradicts [store] ca",
+            ),
+            (
+                "postgres://dqkd@127.0.0.1/kme_a?sslmode=require".into(),
+                "",
+                "sslmode=require but [store] ca is not set",
+            ),
+            (
+                format!("{remote}?sslmode=verify-full"),
+                "ca = \"ca.pem\"",
+                "write sslmode=require",
+            ),
+            (
+                remote.into(),
+                "ca = \"ca.pem\"\ninsecure_allow_plaintext = true",
+                "insecure_allow_plaintext contradicts [store] ca",
+            ),
+            (
+                "postgres://dqkd@localhost/kme_a?host=/run/postgresql".into(),
+                "ca = \"ca.pem\"",
+                "Unix socket",
+            ),
+            (
+                remote.into(),
+                "ca = \"ca.pem\"\ncert = \"c.pem\"",
+                "give both or neither",
+            ),
+            (
+                "postgres://dqkd@127.0.0.1/kme_a".into(),
+                "cert = \"c.pem\"\nkey = \"c.key\"",
+                "need [store] ca",
+            ),
+        ] {
+            let err = check(&url, extra).expect_err(&url);
+            let text = err.to_string();
+            assert!(text.contains(needle), "{url} {extra}: {text}");
+            assert!(text.contains("/srv/site.toml"), "{text}");
+        }
+        let embedded: StoreFiles =
+            toml::from_str("path = \"k.redb\"\nkek = \"kek\"\nca = \"ca.pem\"").expect("[store]");
+        let err = store_location(&embedded, base, site).expect_err("ca on a file");
+        assert!(err.to_string().contains("PostgreSQL (url) only"), "{err}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{peer_router, router};
 use crate::blast::Blast;
-use crate::config::{Config, StoreLocation};
+use crate::config::{Config, PostgresTls, StoreLocation};
 use crate::keysource::{KeySource, OsRandom};
 use crate::peer::PeerClient;
 use crate::service::KeyService;
@@ -99,17 +99,42 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
                 source,
             },
         )?),
-        StoreLocation::Postgres { url, pool_size } => Arc::new(
-            dqkd_store_postgres::PostgresStore::connect(url, kek, *pool_size)
-                .await
-                .map_err(|source| ServeError::Store {
-                    path: redact_url(url),
-                    source,
-                })?,
-        ),
+        StoreLocation::Postgres {
+            url,
+            pool_size,
+            tls,
+        } => {
+            let mut options = dqkd_store_postgres::Options::new(*pool_size);
+            if let Some(tls) = tls {
+                options = options.tls(postgres_tls(tls)?);
+            }
+            Arc::new(
+                dqkd_store_postgres::PostgresStore::connect_with(url, kek, options)
+                    .await
+                    .map_err(|source| ServeError::Store {
+                        path: redact_url(url),
+                        source,
+                    })?,
+            )
+        }
     };
     let source = key_source(&config)?;
     run_with(config, store, source).await
+}
+
+/// The TLS client configuration for PostgreSQL from `[store] ca` (and `cert`/`key`).
+fn postgres_tls(tls: &PostgresTls) -> Result<dqkd_pki::rustls::ClientConfig, ServeError> {
+    let fail = |what: &str, e: dqkd_pki::PkiError| ServeError::Tls(format!("[store] {what}: {e}"));
+    let ca = dqkd_pki::load_certs(&tls.ca).map_err(|e| fail("ca", e))?;
+    let client = match &tls.client {
+        Some(files) => Some((
+            dqkd_pki::load_certs(&files.cert).map_err(|e| fail("cert", e))?,
+            dqkd_pki::load_private_key(&files.key).map_err(|e| fail("key", e))?,
+        )),
+        None => None,
+    };
+    dqkd_pki::database_client_config(&ca, client)
+        .map_err(|e| fail(&format!("ca {} / cert / key", tls.ca.display()), e))
 }
 
 /// A database URL without its password, for messages.

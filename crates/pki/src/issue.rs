@@ -220,6 +220,101 @@ impl Ca {
         };
         params.use_authority_key_identifier_extension = true;
 
+        self.set_validity(&mut params, opts)?;
+        Ok(params)
+    }
+}
+
+/// What [`Ca::issue_server`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCertPaths {
+    /// `<name>.pem`: leaf certificate then CA certificate.
+    pub cert_chain: PathBuf,
+    /// `<name>.key`: PKCS#8 PEM private key, mode 0600.
+    pub key: PathBuf,
+}
+
+impl Ca {
+    /// Issues a plain TLS server certificate for a service outside the cluster's identities
+    /// (a PostgreSQL server, say): the given DNS names and IP addresses, `serverAuth` only,
+    /// and no `dqkd://` identity, so its key can never act as a KME, SAE or entropy server.
+    /// Writes `<name>.pem` (leaf then CA) and `<name>.key`. At least one DNS name or IP
+    /// address is required: the client checks the server's name against them.
+    pub fn issue_server(&self, name: &str, opts: &IssueOptions) -> Result<ServerCertPaths> {
+        crate::identity::validate_name("server name", name)?;
+        if opts.validity_days == 0 {
+            return Err(PkiError::InvalidValidity(
+                "validity_days must be at least 1",
+            ));
+        }
+        if opts.dns_names.is_empty() && opts.ip_addresses.is_empty() {
+            return Err(PkiError::InvalidName {
+                what: "server certificate",
+                value: name.to_owned(),
+                reason: "needs at least one DNS name or IP address (--dns, --ip)",
+            });
+        }
+        let paths = ServerCertPaths {
+            cert_chain: opts.out_dir.join(format!("{name}.pem")),
+            key: opts.out_dir.join(format!("{name}.key")),
+        };
+        files::ensure_free(
+            [paths.cert_chain.as_path(), paths.key.as_path()],
+            opts.force,
+        )?;
+
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| PkiError::generate("generating leaf key", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        // A label with spaces: never mistaken for an SAE ID (an SAE's CN is its ID).
+        dn.push(DnType::CommonName, format!("dqkd server {name}"));
+        params.distinguished_name = dn;
+        let mut sans = Vec::new();
+        for dns in &opts.dns_names {
+            let san = dns
+                .clone()
+                .try_into()
+                .map_err(|e| PkiError::generate(format!("DNS name {dns:?}"), e))?;
+            sans.push(SanType::DnsName(san));
+        }
+        sans.extend(opts.ip_addresses.iter().copied().map(SanType::IpAddress));
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        self.set_validity(&mut params, opts)?;
+
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)
+            .map_err(|e| PkiError::generate("reading CA certificate", e))?;
+        let leaf = params
+            .signed_by(&key, &issuer)
+            .map_err(|e| PkiError::generate(format!("signing certificate for server {name}"), e))?;
+        files::create_dir(&opts.out_dir)?;
+        files::write_all(
+            &[
+                OutFile {
+                    path: paths.key.clone(),
+                    contents: Zeroizing::new(key.serialize_pem().into_bytes()),
+                    secrecy: Secrecy::Secret,
+                },
+                OutFile {
+                    path: paths.cert_chain.clone(),
+                    contents: Zeroizing::new(
+                        format!("{}{}", leaf.pem(), self.cert_pem).into_bytes(),
+                    ),
+                    secrecy: Secrecy::Public,
+                },
+            ],
+            opts.force,
+        )?;
+        Ok(paths)
+    }
+
+    /// Validity from now (less clock skew) for `opts.validity_days`, capped at the CA's
+    /// expiry, and a random serial number.
+    fn set_validity(&self, params: &mut CertificateParams, opts: &IssueOptions) -> Result<()> {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - CLOCK_SKEW;
         // A leaf outliving its CA would only fail later and more confusingly.
@@ -229,7 +324,7 @@ impl Ca {
             return Err(PkiError::InvalidValidity("the CA certificate has expired"));
         }
         params.serial_number = Some(random_serial()?);
-        Ok(params)
+        Ok(())
     }
 }
 

@@ -45,15 +45,15 @@ mod tls;
 pub use ca::{init_ca, load_ca, Ca, CaPaths, CA_CERT_FILE, CA_KEY_FILE};
 pub use error::{PkiError, Result};
 pub use identity::{validate_name, Identity, Role, MAX_NAME_LEN};
-pub use issue::{IssueOptions, IssuedPaths, DEFAULT_VALIDITY_DAYS};
+pub use issue::{IssueOptions, IssuedPaths, ServerCertPaths, DEFAULT_VALIDITY_DAYS};
 pub use pem::{load_certs, load_private_key};
 pub use pinned::{IdentityMismatch, PinnedServerVerifier};
 pub use revoke::{crl_number, load_crls, parse_crls, Revocation, CRL_FILE, LEDGER_FILE};
 pub use tls::{
     client_config, client_config_from_combined, client_config_from_der, client_config_with_crl,
-    client_config_with_crls, client_verifier, negotiated_group, peer_identity,
-    pinned_client_config, provider, root_store, server_config, server_config_from_der,
-    server_config_with_crl, server_config_with_verifier, KeyExchange,
+    client_config_with_crls, client_verifier, database_client_config, negotiated_group,
+    peer_identity, pinned_client_config, provider, root_store, server_config,
+    server_config_from_der, server_config_with_crl, server_config_with_verifier, KeyExchange,
 };
 
 /// Re-exported so callers can name the configuration types without adding rustls themselves.

@@ -258,6 +258,34 @@ pub fn client_config_with_crls(
     Ok(config)
 }
 
+/// A client configuration for a database server (PostgreSQL): trusts only `ca_certs`, checks
+/// the whole chain and that the certificate names the host connected to (DNS name or IP
+/// address), presents `client_auth` (chain and key) when given, offers the hybrid key exchange
+/// first with classical groups after it (database servers rarely have ML-KEM yet), and
+/// announces ALPN `postgresql` (PostgreSQL 17 and later refuse any other protocol name).
+pub fn database_client_config(
+    ca_certs: &[CertificateDer<'_>],
+    client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(root_store(ca_certs)?),
+        provider(KeyExchange::PreferHybrid),
+    )
+    .build()?;
+    let builder = ClientConfig::builder_with_provider(provider(KeyExchange::PreferHybrid))
+        .with_protocol_versions(VERSIONS)
+        .map_err(|e| PkiError::tls("selecting TLS versions", e))?
+        .with_webpki_verifier(verifier);
+    let mut config = match client_auth {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| PkiError::tls("loading client certificate and key", e))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(config)
+}
+
 /// A client configuration for a call between dqkd processes: it presents `cert_chain`,
 /// offers the groups of `key_exchange`, and accepts only the server `verifier` pins.
 pub fn pinned_client_config(

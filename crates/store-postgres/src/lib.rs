@@ -46,10 +46,15 @@
 //! process's own commits show at once, other replicas' within one refresh interval (1 s by
 //! default, [`Options::refresh`]).
 //!
-//! Limits: the connection to the database is not encrypted (`NoTls`), so the server must be on
-//! a trusted network (key bytes are sealed under the KEK either way, but SAE IDs and the
-//! database password are not). Connection parameters come from a `postgres://` URL or a
-//! `key=value` string as accepted by `tokio-postgres`.
+//! Transport: with [`Options::tls`] every connection (the pool's and the one holding pool
+//! claims) is TLS, required and verified by the given rustls configuration (chain and host
+//! name); without it, plaintext, which only a trusted network or a loopback connection makes
+//! acceptable (key bytes are sealed under the KEK either way, but SAE IDs and the database
+//! password are not). [`url_transport`] tells a caller where a URL leads, to refuse plaintext
+//! to a remote host. Connection parameters come from a `postgres://` URL or a `key=value`
+//! string as accepted by `tokio-postgres` (`sslmode` is `disable`, `prefer` or `require`; one
+//! that contradicts the TLS setting is refused). The administrative helpers
+//! ([`create_database_if_missing`], [`drop_database`]), made for local tools, are plaintext.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), dqkd_store::StoreError> {
@@ -69,13 +74,14 @@
 mod counts;
 mod error;
 mod schema;
+mod transport;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
 use dqkd_store::rules::{
     check_destroy, check_insert, check_pool_insert, check_take, pool_bind_slots, pool_bound_keys,
     KeyMeta,
@@ -87,12 +93,14 @@ use dqkd_store::{
 };
 use futures_util::future::{try_join, try_join_all};
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::counts::{Counts, Delta};
 use crate::error::{db, pool, PgFailure};
 pub use crate::schema::{MIGRATION_LOCK_KEY, SCHEMA_VERSION};
+use crate::transport::Connector;
+pub use crate::transport::{url_transport, UrlTransport, WrittenSslMode};
+pub use rustls::ClientConfig as TlsConfig;
 
 /// Tuning of a [`PostgresStore`]; start from [`Options::new`].
 #[derive(Debug, Clone)]
@@ -103,6 +111,9 @@ pub struct Options {
     pub pool_size: usize,
     /// How often the pending counts are reloaded from the database (default 1 s).
     pub refresh: Duration,
+    /// TLS for every connection (required, no plaintext fallback), verified by this
+    /// configuration; `None`: plaintext. See [`Options::tls`].
+    pub tls: Option<Arc<TlsConfig>>,
 }
 
 impl Options {
@@ -111,7 +122,17 @@ impl Options {
         Options {
             pool_size: pool_size.max(1),
             refresh: Duration::from_secs(1),
+            tls: None,
         }
+    }
+
+    /// Connects over TLS only, with `config` verifying the server (build it with
+    /// `dqkd_pki::database_client_config`, which checks the chain and the host name). A URL
+    /// with `sslmode=disable` or `prefer` is then refused; without TLS, one with
+    /// `sslmode=require` is.
+    pub fn tls(mut self, config: TlsConfig) -> Self {
+        self.tls = Some(Arc::new(config));
+        self
     }
 
     /// Sets the pending-count refresh interval (at least 10 ms).
@@ -137,8 +158,9 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 /// Key store on a PostgreSQL database shared by every KME replica of a site.
 pub struct PostgresStore {
     pool: Pool,
-    /// Where to open the connection that holds pool claims.
+    /// Where and how to open the connection that holds pool claims.
     config: tokio_postgres::Config,
+    connector: Connector,
     claims: tokio::sync::Mutex<Claims>,
     cipher: Cipher,
     counts: Arc<Counts>,
@@ -324,8 +346,8 @@ impl PostgresStore {
     pub async fn connect_with(url: &str, kek: Kek, options: Options) -> Result<Self, StoreError> {
         let cipher = kek.cipher()?;
         drop(kek);
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(db("parsing the key database URL"))?;
+        let mut config = transport::parse(url)?;
+        let connector = Connector::new(&mut config, url, options.tls.clone())?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
@@ -333,9 +355,8 @@ impl PostgresStore {
             config.application_name("dqkd");
         }
         let database = describe(&config);
-        let manager = Manager::from_config(
+        let manager = connector.manager(
             config.clone(),
-            NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -356,10 +377,12 @@ impl PostgresStore {
             Arc::clone(&counts),
             options.refresh,
         ));
-        tracing::info!(%database, pool_size = options.pool_size, "key store connected");
+        tracing::info!(%database, pool_size = options.pool_size, tls = options.tls.is_some(),
+            "key store connected");
         Ok(PostgresStore {
             pool,
             config,
+            connector,
             claims: tokio::sync::Mutex::default(),
             cipher,
             counts,
@@ -386,19 +409,16 @@ impl PostgresStore {
             "{CLAIM_APPLICATION_NAME} (pid {})",
             std::process::id()
         ));
-        let (client, connection) = tokio::time::timeout(CLAIM_TIMEOUT, config.connect(NoTls))
+        let database = self.database.clone();
+        let on_end = move |e| {
+            tracing::warn!(%database, error = %PgFailure::new(e),
+                "the connection holding this process's ready-key pool claims ended; \
+                 they lapse until the next claim");
+        };
+        tokio::time::timeout(CLAIM_TIMEOUT, self.connector.connect(&config, on_end))
             .await
             .map_err(|_| claim_timed_out("connecting to hold ready-key pool claims"))?
-            .map_err(db("connecting to hold ready-key pool claims"))?;
-        let database = self.database.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(%database, error = %PgFailure::new(e),
-                    "the connection holding this process's ready-key pool claims ended; \
-                     they lapse until the next claim");
-            }
-        });
-        Ok(client)
+            .map_err(db("connecting to hold ready-key pool claims"))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

@@ -19,15 +19,42 @@ pub fn kek() -> Kek {
 /// `eprintln!` and the process's stderr handle for passing tests, so the notice is written to
 /// a fresh handle on `/dev/stderr`, with `eprintln!` as the fallback where that cannot be opened.
 pub fn skipped() {
+    notice("!!! SKIPPED: DQKD_TEST_POSTGRES_URL is not set; PostgreSQL store NOT tested !!!");
+}
+
+/// Set (to anything but empty or `0`) where every test must run: a test whose environment
+/// variable is missing then fails instead of skipping.
+pub const REQUIRE: &str = "DQKD_TEST_REQUIRE";
+
+/// The environment variable naming the PEM file of the CA that signed the test server's
+/// certificate (TLS on, certificate for `localhost`, `127.0.0.1` and `::1`).
+pub const CA_ENV: &str = "DQKD_TEST_POSTGRES_CA";
+
+/// The value of `var`, or `None` after a loud SKIPPED notice naming `what` went untested;
+/// a failure instead when [`REQUIRE`] is set.
+pub fn required_env(var: &str, what: &str) -> Option<String> {
+    if let Some(value) = std::env::var(var).ok().filter(|v| !v.is_empty()) {
+        return Some(value);
+    }
+    let required = std::env::var(REQUIRE).is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        !required,
+        "{var} is not set but {REQUIRE} is: {what} must be tested here"
+    );
+    notice(&format!(
+        "!!! SKIPPED: {var} is not set; {what} NOT tested !!!"
+    ));
+    None
+}
+
+fn notice(text: &str) {
     use std::io::Write;
-    const NOTICE: &str =
-        "!!! SKIPPED: DQKD_TEST_POSTGRES_URL is not set; PostgreSQL store NOT tested !!!";
     let direct = std::fs::OpenOptions::new()
         .append(true)
         .open("/dev/stderr")
-        .and_then(|mut f| writeln!(f, "{NOTICE}"));
+        .and_then(|mut f| writeln!(f, "{text}"));
     if direct.is_err() {
-        eprintln!("{NOTICE}");
+        eprintln!("{text}");
     }
 }
 
@@ -47,6 +74,16 @@ impl TestDb {
             skipped();
             return None;
         };
+        Some(Self::create_on(admin_url).await)
+    }
+
+    /// Like [`TestDb::create`], but a missing `ENV` fails the test when [`REQUIRE`] is set.
+    pub async fn create_required(what: &str) -> Option<TestDb> {
+        let admin_url = required_env(ENV, what)?;
+        Some(Self::create_on(admin_url).await)
+    }
+
+    async fn create_on(admin_url: String) -> TestDb {
         let name = format!(
             "dqkd_test_{}",
             &uuid::Uuid::new_v4().simple().to_string()[..16]
@@ -57,11 +94,11 @@ impl TestDb {
             .await
             .expect("creating the test database");
         let url = with_database(&admin_url, &name);
-        Some(TestDb {
+        TestDb {
             admin_url,
             name,
             url,
-        })
+        }
     }
 
     /// A plain client on the test database, for looking at what the store wrote.
