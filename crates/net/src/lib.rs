@@ -39,6 +39,7 @@ use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 mod crl;
+mod malformed;
 mod outgoing;
 mod server_tls;
 
@@ -270,7 +271,7 @@ pub async fn serve_mtls(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(bounds.header_timeout());
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection(TokioIo::new(malformed::JsonErrors::new(stream)), service);
             tokio::select! {
                 ended = watcher.watch(connection) => {
                     if let Err(e) = ended {
