@@ -9,8 +9,9 @@
 //! * [`extract`]: the [`Extractor`] that turns `n` server blocks into a key, singly or in
 //!   batches;
 //! * [`metadata`]: the versioned binary message site A sends site B to regenerate a batch;
-//! * [`confirm`]: the key-confirmation tag that catches servers that answered the two sites
-//!   differently.
+//! * [`confirm`]: the key-confirmation tag, a one-time MAC under a one-time pad extracted
+//!   beside each key, that catches servers that answered the two sites differently and
+//!   reveals nothing about the key.
 //!
 //! # The protocol in brief
 //!
@@ -25,7 +26,9 @@
 //! **What `c` buys.** Every square submatrix of a Cauchy matrix is invertible. With any `c`
 //! blocks known, the key is an invertible linear map of the `n − c` unknown blocks plus a
 //! known constant, so uniform unknown blocks give a uniform key independent of everything
-//! the adversary knows. This holds against unbounded computation (information-theoretic).
+//! the adversary knows. This holds against unbounded computation (information-theoretic),
+//! for the key and, since metadata version 2, for the confirmation tag sent beside it. The
+//! links that carry the blocks are TLS, which is computational (see the protocol doc).
 //!
 //! **What the TTL buys.** Servers shred each range after the named KMEs have read it, and
 //! unused pool bytes when the pool's TTL ends. Afterwards the bytes exist nowhere, so a later
@@ -41,19 +44,22 @@
 //! # Example
 //!
 //! ```
-//! use dqkd_keygen::{confirm, metadata, Extractor};
+//! use dqkd_keygen::confirm::{self, TagKey};
+//! use dqkd_keygen::{metadata, Extractor};
 //!
 //! # fn main() -> Result<(), dqkd_keygen::KeygenError> {
 //! let ex = Extractor::new(3, 1)?;
-//! let l = ex.block_len(32)?; // 16 bytes from each server for a 256-bit key
+//! // A 256-bit key and the 32 bytes that key its tag: (32 + 32) / 2 = 32 bytes per server.
+//! let l = metadata::key_block_len(32, 3, 1)?;
 //! // In production these come from three entropy servers; both sites read the same bytes.
-//! let blocks = [[0x11u8; 16], [0x22; 16], [0x33; 16]];
+//! let blocks = [[0x11u8; 32], [0x22; 32], [0x33; 32]];
 //! let refs: Vec<&[u8]> = blocks.iter().map(|b| &b[..l]).collect();
 //!
-//! let mut key_a = [0u8; 32];
-//! ex.extract(&refs, &mut key_a)?;
+//! let mut material_a = [0u8; 32 + confirm::EXTRA_LEN];
+//! ex.extract(&refs, &mut material_a)?;
+//! let (key_a, tag_key) = TagKey::split(&material_a).expect("longer than 32 bytes");
 //! let key_id = [7u8; 16];
-//! let tag = confirm::confirm_tag(&key_a, &key_id);
+//! let tag = tag_key.tag(key_a, &key_id);
 //!
 //! let meta = metadata::BatchMetadata {
 //!     version: metadata::VERSION,
@@ -64,7 +70,7 @@
 //!             server_id: format!("entropy-{j}"),
 //!             pool_id: [j; 16],
 //!             offset: 0,
-//!             len: 16,
+//!             len: 32,
 //!         })
 //!         .collect(),
 //!     expires_at_unix: 1_800_000_000,
@@ -75,9 +81,10 @@
 //! // Site B: decode, fetch the same blocks, extract, confirm.
 //! let got = metadata::decode(&wire)?;
 //! let entry = &got.keys[0];
-//! let mut key_b = [0u8; 32];
-//! ex.extract(&refs, &mut key_b)?;
-//! assert!(confirm::verify_confirm(&key_b, &entry.key_id, &entry.confirm));
+//! let mut material_b = [0u8; 32 + confirm::EXTRA_LEN];
+//! ex.extract(&refs, &mut material_b)?;
+//! let (key_b, tag_key_b) = TagKey::split(&material_b).expect("longer than 32 bytes");
+//! assert!(tag_key_b.verify(key_b, &entry.key_id, &entry.confirm));
 //! assert_eq!(key_a, key_b);
 //! # Ok(())
 //! # }

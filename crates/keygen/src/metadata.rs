@@ -3,12 +3,12 @@
 //! One batch shares one allocation (a byte range) per entropy server; each key names the
 //! offset of its `L`-byte block, which sits at the same offset inside every range.
 //!
-//! # Wire format, version 1 (all integers big-endian)
+//! # Wire format, version 2 (all integers big-endian)
 //!
 //! ```text
-//! u8   version (= 1)
-//! u8   n                       number of servers / ranges
-//! u8   c                       leak tolerance
+//! u8   version (= 2)
+//! u8   n                       number of servers / ranges, 2..=255
+//! u8   c                       leak tolerance, c < n and 2n − c <= 256
 //! u64  expires_at_unix         seconds; after this the ranges are shredded
 //! n ×  range:
 //!        u8   server_id length (1..=64)
@@ -24,6 +24,19 @@
 //!        [16] confirm          see crate::confirm
 //! ```
 //!
+//! A key of `m = size_bits / 8` bytes uses a block of `L = ceil((m + 32) / (n − c))` bytes
+//! at `block_offset` in every range: the extraction output is `key ‖ k_mac ‖ mask`, the last
+//! 32 bytes keying the confirmation tag ([`crate::confirm`]).
+//!
+//! # Versions
+//!
+//! Version 1 had the same layout with `L = ceil(m / (n − c))` and a tag that was an HMAC keyed
+//! with the key, an offline oracle for short keys. It is retired: [`decode`] recognises it
+//! and fails with [`MetadataError::RetiredVersion`], so a site still running an older dqkd
+//! gets a clear refusal, and no key is ever accepted under the old tag. Metadata lives only
+//! in flight (the receiving site stores the regenerated keys, not the metadata), so nothing
+//! stored needs the old version.
+//!
 //! Nothing may follow the last key. Decoding is "parse, don't validate": [`decode`] only
 //! returns a [`BatchMetadata`] that passes every check in [`BatchMetadata::validate`], and
 //! [`BatchMetadata::encode`] refuses to write one that does not.
@@ -38,11 +51,15 @@
 
 use std::collections::HashSet;
 
-use crate::cauchy;
 use crate::extract::block_len;
+use crate::{cauchy, confirm};
 
 /// The only version this crate writes and reads.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// The retired version 1 (HMAC tag keyed with the key); refused with a clear error.
+pub const RETIRED_VERSION: u8 = 1;
+/// Fewest servers per key: with one, the key would be that server's block.
+pub const MIN_SERVERS: u8 = 2;
 /// Longest accepted server ID in bytes.
 pub const MAX_SERVER_ID_LEN: usize = 64;
 /// Most keys in one batch (2^20). A batch of 256-bit keys this size needs 16 MiB per
@@ -63,7 +80,13 @@ pub enum MetadataError {
     /// The version byte is not one this crate understands.
     #[error("unsupported metadata version {0}")]
     UnsupportedVersion(u8),
-    /// `n` and `c` are not usable (see [`crate::cauchy`]).
+    /// The version byte names a retired version (the sender runs an older dqkd).
+    #[error(
+        "metadata version {0} is retired (its confirmation tag was a function of the key); \
+         the sending site runs an older dqkd and must be upgraded"
+    )]
+    RetiredVersion(u8),
+    /// `n` and `c` are not usable (see [`crate::cauchy`]), or `n` < [`MIN_SERVERS`].
     #[error("bad extraction parameters n={n}, c={c}")]
     BadParameters {
         /// Number of servers.
@@ -184,24 +207,18 @@ pub struct BatchMetadata {
 }
 
 impl BatchMetadata {
-    /// Block length `L` of key `index`, or `None` if there is no such key.
+    /// Block length `L` of key `index` (it yields the key and its tag key), or `None` if
+    /// there is no such key.
     pub fn block_len(&self, index: usize) -> Option<usize> {
         let k = self.keys.get(index)?;
-        block_len(k.size_bytes(), self.n.into(), self.c.into()).ok()
+        key_block_len(k.size_bytes(), self.n, self.c).ok()
     }
 
     /// Checks every semantic rule of the format (see the module docs).
     pub fn validate(&self) -> Result<(), MetadataError> {
-        if self.version != VERSION {
-            return Err(MetadataError::UnsupportedVersion(self.version));
-        }
-        let (n, c) = (usize::from(self.n), usize::from(self.c));
-        if cauchy::check_params(n, c).is_err() {
-            return Err(MetadataError::BadParameters {
-                n: self.n,
-                c: self.c,
-            });
-        }
+        check_version(self.version)?;
+        check_params(self.n, self.c)?;
+        let n = usize::from(self.n);
         if self.ranges.len() != n {
             return Err(MetadataError::RangeCount {
                 expected: n,
@@ -235,7 +252,7 @@ impl BatchMetadata {
             if k.size_bits == 0 || k.size_bits % 8 != 0 || k.size_bytes() > MAX_KEY_BYTES {
                 return Err(bad_size);
             }
-            let l = block_len(k.size_bytes(), n, c).map_err(|_| bad_size)? as u64;
+            let l = key_block_len(k.size_bytes(), self.n, self.c).map_err(|_| bad_size)? as u64;
             let end = k.block_offset.checked_add(l);
             for (range, r) in self.ranges.iter().enumerate() {
                 if end.is_none_or(|e| e > r.len) {
@@ -258,7 +275,7 @@ impl BatchMetadata {
         Ok(())
     }
 
-    /// Encodes to the version-1 wire format after validating.
+    /// Encodes to the version-2 wire format after validating.
     pub fn encode(&self) -> Result<Vec<u8>, MetadataError> {
         self.validate()?;
         let ranges_len: usize = self.ranges.iter().map(|r| 1 + r.server_id.len() + 32).sum();
@@ -287,18 +304,40 @@ impl BatchMetadata {
     }
 }
 
-/// Decodes and validates version-1 metadata; rejects truncated input and trailing bytes.
+/// Block length `L = ceil((m + 32) / (n − c))` of an `m`-byte key: its block yields the key
+/// and the 32 bytes that key its confirmation tag.
+pub fn key_block_len(key_bytes: usize, n: u8, c: u8) -> Result<usize, crate::KeygenError> {
+    if key_bytes == 0 {
+        return Err(crate::KeygenError::EmptyKey);
+    }
+    let material = confirm::material_len(key_bytes).ok_or(crate::KeygenError::SizeOverflow)?;
+    block_len(material, n.into(), c.into())
+}
+
+fn check_version(version: u8) -> Result<(), MetadataError> {
+    match version {
+        VERSION => Ok(()),
+        RETIRED_VERSION => Err(MetadataError::RetiredVersion(version)),
+        other => Err(MetadataError::UnsupportedVersion(other)),
+    }
+}
+
+fn check_params(n: u8, c: u8) -> Result<(), MetadataError> {
+    if n < MIN_SERVERS || cauchy::check_params(n.into(), c.into()).is_err() {
+        return Err(MetadataError::BadParameters { n, c });
+    }
+    Ok(())
+}
+
+/// Decodes and validates version-2 metadata; rejects truncated input, trailing bytes and
+/// other versions (the retired version 1 with [`MetadataError::RetiredVersion`]).
 pub fn decode(bytes: &[u8]) -> Result<BatchMetadata, MetadataError> {
     let mut r = Reader { rest: bytes };
     let version = r.u8()?;
-    if version != VERSION {
-        return Err(MetadataError::UnsupportedVersion(version));
-    }
+    check_version(version)?;
     let n = r.u8()?;
     let c = r.u8()?;
-    if cauchy::check_params(n.into(), c.into()).is_err() {
-        return Err(MetadataError::BadParameters { n, c });
-    }
+    check_params(n, c)?;
     let expires_at_unix = r.u64()?;
     let mut ranges = Vec::with_capacity(n.into());
     for _ in 0..n {

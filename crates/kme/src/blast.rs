@@ -10,8 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dqkd_entropy::client::{Allocation, EntropyClient};
+use dqkd_keygen::confirm::{self, TagKey};
 use dqkd_keygen::metadata::{self, BatchMetadata, KeyEntry, RangeRef};
-use dqkd_keygen::{confirm, Extractor};
+use dqkd_keygen::Extractor;
 use dqkd_store::KeyMaterial;
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -194,26 +195,32 @@ impl Blast {
     ) -> Result<Batch, KeySourceError> {
         let bad =
             |e: dqkd_keygen::KeygenError| KeySourceError::Unavailable(format!("extraction: {e}"));
-        let block = self.extractor.block_len(len).map_err(bad)?;
+        // Each key comes with 32 more bytes from the same ranges that key its confirmation
+        // tag (docs/keygen-protocol.md): `key ‖ k_mac ‖ mask`.
+        let material = confirm::material_len(len)
+            .ok_or_else(|| KeySourceError::Unavailable("key too large".into()))?;
+        let block = metadata::key_block_len(len, self.n, self.c).map_err(bad)?;
         let range_len = block
             .checked_mul(count)
             .ok_or_else(|| KeySourceError::Unavailable("batch too large".into()))?;
         let allocations = self.allocate(range_len as u64, readers, deadline).await?;
         let ranges: Vec<&[u8]> = allocations.iter().map(|a| a.bytes.as_slice()).collect();
-        let mut out = Zeroizing::new(vec![0u8; len * count]);
+        let mut out = Zeroizing::new(vec![0u8; material * count]);
         self.extractor
-            .extract_batch(&ranges, len, count, &mut out)
+            .extract_batch(&ranges, material, count, &mut out)
             .map_err(bad)?;
 
         let ids = crate::keyid::new_key_ids(count).map_err(|_| KeySourceError::Rng)?;
         let mut keys = Vec::with_capacity(count);
         let mut entries = Vec::with_capacity(count);
-        for ((t, bytes), id) in out.chunks_exact(len).enumerate().zip(ids) {
+        for ((t, material), id) in out.chunks_exact(material).enumerate().zip(ids) {
+            let (bytes, tag_key) = TagKey::split(material)
+                .ok_or_else(|| KeySourceError::Unavailable("empty key".into()))?;
             entries.push(KeyEntry {
                 key_id: *id.as_bytes(),
                 size_bits: (len * 8) as u32,
                 block_offset: (t * block) as u64,
-                confirm: confirm::confirm_tag(bytes, id.as_bytes()),
+                confirm: tag_key.tag(bytes, id.as_bytes()),
             });
             keys.push((id, KeyMaterial::new(bytes.to_vec())));
         }
@@ -331,12 +338,16 @@ impl KeySource for Blast {
                 .ok_or_else(|| KeySourceError::BadMetadata("key without a block length".into()))?;
             let start = entry.block_offset as usize;
             let slices: Vec<&[u8]> = blocks.iter().map(|b| &b[start..start + block]).collect();
-            let mut key = Zeroizing::new(vec![0u8; entry.size_bytes()]);
+            let material_len = confirm::material_len(entry.size_bytes())
+                .ok_or_else(|| KeySourceError::BadMetadata("key too large".into()))?;
+            let mut material = Zeroizing::new(vec![0u8; material_len]);
             extractor
-                .extract(&slices, &mut key)
+                .extract(&slices, &mut material)
                 .map_err(|e| KeySourceError::BadMetadata(e.to_string()))?;
+            let (key, tag_key) = TagKey::split(&material)
+                .ok_or_else(|| KeySourceError::BadMetadata("empty key".into()))?;
             let id = Uuid::from_bytes(entry.key_id);
-            if !confirm::verify_confirm(&key, &entry.key_id, &entry.confirm) {
+            if !tag_key.verify(key, &entry.key_id, &entry.confirm) {
                 return Err(KeySourceError::Confirmation { key_id: id });
             }
             keys.push((id, KeyMaterial::new(key.to_vec())));

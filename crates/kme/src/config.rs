@@ -46,17 +46,35 @@ pub struct Manifest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeygenParams {
-    /// Entropy servers used per key.
+    /// Entropy servers used per key (at least 2: with one, the key is that server's block).
     pub n: u8,
     /// How many of the `n` servers (or their links) may leak without weakening the key.
+    /// At least 1: with 0, every server learns linear information about every key.
     pub c: u8,
+    /// Accept `c = 0` anyway (for measurements, never production); every start logs a
+    /// warning.
+    #[serde(skip_serializing_if = "is_false")]
+    pub insecure_allow_c0: bool,
 }
 
 impl Default for KeygenParams {
     fn default() -> Self {
-        Self { n: 3, c: 1 }
+        Self {
+            n: 3,
+            c: 1,
+            insecure_allow_c0: false,
+        }
     }
 }
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Smallest key two sites may share unless `[limits] allow_short_keys = true`: with `c + 1`
+/// servers leaked a key keeps only part of its bits, and fewer than 128 bits is within reach
+/// of a search.
+pub const MIN_CROSS_SITE_KEY_BITS: u32 = 128;
 
 /// Site-to-site settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +148,10 @@ pub struct ManifestLimits {
     pub max_key_count: u64,
     /// Most `additional_slave_SAE_IDs` in one request.
     pub max_sae_id_count: u32,
+    /// Allow `min_key_size` below [`MIN_CROSS_SITE_KEY_BITS`] in a cluster of more than one
+    /// site; every start then logs a warning.
+    #[serde(skip_serializing_if = "is_false")]
+    pub allow_short_keys: bool,
 }
 
 impl Default for ManifestLimits {
@@ -137,11 +159,13 @@ impl Default for ManifestLimits {
         let etsi = Limits::default();
         Self {
             default_key_size: etsi.default_key_size,
-            min_key_size: etsi.min_key_size,
+            // Not ETSI's 64: keys shared between sites are at least 128 bits.
+            min_key_size: etsi.min_key_size.max(MIN_CROSS_SITE_KEY_BITS),
             max_key_size: etsi.max_key_size,
             max_key_per_request: etsi.max_key_per_request,
             max_key_count: 100_000,
             max_sae_id_count: etsi.max_sae_id_count,
+            allow_short_keys: false,
         }
     }
 }
@@ -534,11 +558,10 @@ impl Config {
                 )));
             }
         }
-        let KeygenParams { n, c } = manifest.keygen;
-        if n == 0 || c >= n || 2 * usize::from(n) - usize::from(c) > 256 {
-            return Err(invalid(format!(
-                "keygen needs 1 <= n, c < n and 2n - c <= 256; got n = {n}, c = {c}"
-            )));
+        check_keygen(&manifest.keygen).map_err(invalid)?;
+        let n = manifest.keygen.n;
+        if sites.len() > 1 {
+            check_cross_site_sizes(&manifest.limits).map_err(invalid)?;
         }
         if !manifest.entropy.is_empty() && manifest.entropy.len() < usize::from(n) {
             return Err(invalid(format!(
@@ -607,6 +630,27 @@ impl Config {
         }
         self.replica = Some(name.to_owned());
         Ok(self)
+    }
+
+    /// What this configuration switched off, one sentence each, for a warning at every
+    /// start: `[keygen] insecure_allow_c0` in use, or short keys between sites allowed.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.keygen.c == 0 {
+            out.push(
+                "[keygen] c = 0 (insecure_allow_c0 = true): every entropy server learns linear \
+                 information about every key; never use this in production"
+                    .to_owned(),
+            );
+        }
+        if self.sites.len() > 1 && self.limits.min_key_size < MIN_CROSS_SITE_KEY_BITS {
+            out.push(format!(
+                "[limits] allow_short_keys = true: keys of {} bits may be shared between sites; \
+                 with c + 1 servers leaked such a key is within reach of a search",
+                self.limits.min_key_size
+            ));
+        }
+        out
     }
 
     /// This site's entry.
@@ -781,6 +825,49 @@ fn postgres_tls(store: &StoreFiles, url: &str, base: &Path) -> Result<Option<Pos
         ca: base.join(ca),
         client,
     }))
+}
+
+/// `n ≥ 2` always; `1 ≤ c` unless `insecure_allow_c0`; and a Cauchy matrix that fits
+/// GF(2^8) (`c < n`, `2n − c ≤ 256`).
+fn check_keygen(k: &KeygenParams) -> Result<(), String> {
+    let KeygenParams {
+        n,
+        c,
+        insecure_allow_c0,
+    } = *k;
+    if n < 2 {
+        return Err(format!(
+            "[keygen] n = {n}: at least 2 entropy servers per key are needed (with one, the \
+             key is that server's block)"
+        ));
+    }
+    if c >= n || 2 * usize::from(n) - usize::from(c) > 256 {
+        return Err(format!(
+            "[keygen] needs c < n and 2n - c <= 256; got n = {n}, c = {c}"
+        ));
+    }
+    if c == 0 && !insecure_allow_c0 {
+        return Err(
+            "[keygen] c = 0: every entropy server would learn linear information about every \
+             key; use c >= 1 (or, never in production, [keygen] insecure_allow_c0 = true)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Keys shared between sites are at least [`MIN_CROSS_SITE_KEY_BITS`] bits unless the
+/// manifest says `[limits] allow_short_keys = true`.
+fn check_cross_site_sizes(l: &ManifestLimits) -> Result<(), String> {
+    if l.min_key_size < MIN_CROSS_SITE_KEY_BITS && !l.allow_short_keys {
+        return Err(format!(
+            "[limits] min_key_size = {} bits: keys shared between sites must be at least \
+             {MIN_CROSS_SITE_KEY_BITS} bits (with c + 1 entropy servers leaked a shorter key is \
+             within reach of a search); raise it, or set [limits] allow_short_keys = true",
+            l.min_key_size
+        ));
+    }
+    Ok(())
 }
 
 fn check_limits(l: &ManifestLimits) -> Result<(), String> {
@@ -969,6 +1056,69 @@ saes = ["bob"]
 
         let bad_c = format!("[keygen]\nn = 2\nc = 2\n{TWO_SITES}");
         assert!(check(&bad_c, "A").is_err());
+    }
+
+    #[test]
+    fn parameters_that_void_the_claim_are_refused() {
+        let with = |keygen: &str| format!("[keygen]\n{keygen}\n{TWO_SITES}");
+        for (keygen, needle) in [
+            ("n = 1\nc = 0", "[keygen] n = 1: at least 2"),
+            (
+                "n = 1\nc = 0\ninsecure_allow_c0 = true",
+                "[keygen] n = 1: at least 2",
+            ),
+            ("n = 0\nc = 0", "[keygen] n = 0: at least 2"),
+            ("n = 3\nc = 0", "[keygen] c = 0"),
+            ("n = 2\nc = 0", "insecure_allow_c0 = true"),
+            ("n = 3\nc = 3", "c < n"),
+        ] {
+            let err = check(&with(keygen), "A").expect_err(keygen);
+            let text = err.to_string();
+            assert!(text.starts_with("cluster.toml: "), "names the file: {text}");
+            assert!(text.contains(needle), "{keygen}: {text}");
+        }
+        let config = check(&with("n = 3\nc = 0\ninsecure_allow_c0 = true"), "A")
+            .expect("c = 0 with the switch");
+        assert_eq!(config.keygen.c, 0);
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("insecure_allow_c0"), "{warnings:?}");
+        // The switch alone, with c >= 1, weakens nothing and warns about nothing.
+        let config = check(&with("n = 3\nc = 1\ninsecure_allow_c0 = true"), "A").expect("valid");
+        assert!(config.warnings().is_empty());
+        assert!(check(TWO_SITES, "A").expect("valid").warnings().is_empty());
+    }
+
+    #[test]
+    fn short_keys_between_sites_need_the_switch() {
+        assert_eq!(ManifestLimits::default().min_key_size, 128);
+        let with = |limits: &str, sites: &str| format!("[limits]\n{limits}\n{sites}");
+        let err = check(&with("min_key_size = 64", TWO_SITES), "A").expect_err("64 bits");
+        let text = err.to_string();
+        assert!(text.starts_with("cluster.toml: "), "{text}");
+        assert!(
+            text.contains("[limits] min_key_size = 64 bits") && text.contains("allow_short_keys"),
+            "{text}"
+        );
+        assert!(check(&with("min_key_size = 120", TWO_SITES), "A").is_err());
+        let config = check(&with("min_key_size = 128", TWO_SITES), "A").expect("128 bits");
+        assert!(config.warnings().is_empty());
+
+        let config = check(
+            &with("min_key_size = 64\nallow_short_keys = true", TWO_SITES),
+            "A",
+        )
+        .expect("allowed");
+        assert_eq!(config.limits.min_key_size, 64);
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("allow_short_keys"), "{warnings:?}");
+
+        // One site shares no key with another site: short keys need no switch there.
+        let one_site =
+            "[[sites]]\nkme_id = \"A\"\napi_addr = \"127.0.0.1:1\"\nsaes = [\"alice\"]\n";
+        let config = check(&with("min_key_size = 64", one_site), "A").expect("one site");
+        assert!(config.warnings().is_empty());
     }
 
     #[test]

@@ -88,6 +88,9 @@ impl Serving {
 
 /// Opens the store, loads certificates, binds the listener and starts serving.
 pub async fn run(config: Config) -> Result<Serving, ServeError> {
+    for warning in config.warnings() {
+        tracing::warn!(kme_id = %config.kme_id, "insecure configuration: {warning}");
+    }
     let kek = Kek::load(&config.store.kek).map_err(|source| ServeError::Store {
         path: config.store.kek.display().to_string(),
         source,

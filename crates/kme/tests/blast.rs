@@ -232,6 +232,32 @@ async fn regeneration_after_the_pool_ttl_fails_as_expired() {
 }
 
 #[tokio::test]
+async fn metadata_from_a_site_running_the_retired_version_is_refused_clearly() {
+    let cluster = Cluster::start(3, "", &[]).await;
+    let batch = cluster
+        .blast("KME_A")
+        .generate(1, 32, &to_b())
+        .await
+        .unwrap();
+    // Version 1 (HMAC tag keyed with the key) had the same layout but for the version byte.
+    let mut v1 = metadata(&batch).to_vec();
+    assert_eq!(v1[0], dqkd_keygen::metadata::VERSION);
+    v1[0] = 1;
+    let b = cluster.blast("KME_B");
+    let err = b.regenerate(&v1).await.expect_err("version 1 is retired");
+    let text = err.to_string();
+    assert!(matches!(err, KeySourceError::BadMetadata(_)), "{err:?}");
+    assert!(
+        text.contains("version 1 is retired") && text.contains("older dqkd"),
+        "{text}"
+    );
+    // Refusing it read nothing: the version-2 metadata still regenerates the key.
+    let regenerated = b.regenerate(metadata(&batch)).await.unwrap();
+    assert_same_keys(&batch, &regenerated);
+    cluster.stop().await;
+}
+
+#[tokio::test]
 async fn altered_bytes_are_caught_by_the_confirmation_tag() {
     // E2 gives the allocator true bytes and readers bytes with one bit flipped.
     let cluster = Cluster::start(3, "", &[1]).await;

@@ -11,7 +11,7 @@ fn sample() -> BatchMetadata {
                 server_id: format!("es{j}"),
                 pool_id: [j; 16],
                 offset: 1000 * u64::from(j),
-                len: 32,
+                len: 64,
             })
             .collect(),
         expires_at_unix: 1_800_000_000,
@@ -25,7 +25,7 @@ fn sample() -> BatchMetadata {
             KeyEntry {
                 key_id: [0xA1; 16],
                 size_bits: 256,
-                block_offset: 16,
+                block_offset: 32,
                 confirm: [0x22; 16],
             },
         ],
@@ -34,7 +34,7 @@ fn sample() -> BatchMetadata {
 
 /// Random valid metadata: distinct servers and key IDs, disjoint blocks that fit.
 fn arb_meta() -> impl Strategy<Value = BatchMetadata> {
-    (1u8..=6)
+    (2u8..=6)
         .prop_flat_map(|n| (Just(n), 0..n))
         .prop_flat_map(|(n, c)| {
             (
@@ -58,7 +58,7 @@ fn arb_meta() -> impl Strategy<Value = BatchMetadata> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (bytes, gap, id_tail, confirm))| {
-                    let l = block_len(bytes as usize, n.into(), c.into()).expect("valid") as u64;
+                    let l = key_block_len(bytes as usize, n, c).expect("valid") as u64;
                     let block_offset = pos + gap;
                     pos = block_offset + l;
                     let mut key_id = [0u8; 16];
@@ -96,13 +96,13 @@ fn arb_meta() -> impl Strategy<Value = BatchMetadata> {
 #[test]
 fn golden_encoding() {
     let bytes = sample().encode().expect("valid");
-    let mut expected = vec![1u8, 3, 1];
+    let mut expected = vec![2u8, 3, 1];
     expected.extend_from_slice(&1_800_000_000u64.to_be_bytes());
     for j in 0..3u8 {
         expected.extend_from_slice(&[3, b'e', b's', b'0' + j]);
         expected.extend_from_slice(&[j; 16]);
         expected.extend_from_slice(&(1000 * u64::from(j)).to_be_bytes());
-        expected.extend_from_slice(&32u64.to_be_bytes());
+        expected.extend_from_slice(&64u64.to_be_bytes());
     }
     expected.extend_from_slice(&[0, 0, 0, 2]);
     expected.extend_from_slice(&[0xA0; 16]);
@@ -111,11 +111,12 @@ fn golden_encoding() {
     expected.extend_from_slice(&[0x11; 16]);
     expected.extend_from_slice(&[0xA1; 16]);
     expected.extend_from_slice(&[0, 0, 1, 0]);
-    expected.extend_from_slice(&16u64.to_be_bytes());
+    expected.extend_from_slice(&32u64.to_be_bytes());
     expected.extend_from_slice(&[0x22; 16]);
     assert_eq!(bytes, expected);
     assert_eq!(decode(&bytes), Ok(sample()));
-    assert_eq!(sample().block_len(1), Some(16));
+    // (32 key bytes + 32 tag-key bytes) / (n − c = 2).
+    assert_eq!(sample().block_len(1), Some(32));
     assert_eq!(sample().block_len(2), None);
 }
 
@@ -141,8 +142,15 @@ fn trailing_bytes_rejected() {
 fn header_errors() {
     let good = sample().encode().expect("valid");
     let mut b = good.clone();
-    b[0] = 2;
-    assert_eq!(decode(&b), Err(MetadataError::UnsupportedVersion(2)));
+    b[0] = 3;
+    assert_eq!(decode(&b), Err(MetadataError::UnsupportedVersion(3)));
+    let mut b = good.clone();
+    b[0] = 0;
+    assert_eq!(decode(&b), Err(MetadataError::UnsupportedVersion(0)));
+    let mut b = good.clone();
+    b[1] = 1;
+    b[2] = 0;
+    assert_eq!(decode(&b), Err(MetadataError::BadParameters { n: 1, c: 0 }));
     let mut b = good.clone();
     b[2] = 3;
     assert_eq!(decode(&b), Err(MetadataError::BadParameters { n: 3, c: 3 }));
@@ -174,7 +182,7 @@ fn huge_key_count_is_rejected_without_allocating() {
 #[test]
 fn semantic_errors() {
     let mut m = sample();
-    m.keys[1].block_offset = 17;
+    m.keys[1].block_offset = 33;
     assert_eq!(
         m.encode(),
         Err(MetadataError::RangeOutOfBounds { key: 1, range: 0 })
@@ -186,7 +194,7 @@ fn semantic_errors() {
         Err(MetadataError::RangeOutOfBounds { key: 1, range: 0 })
     );
     let mut m = sample();
-    m.keys[1].block_offset = 8;
+    m.keys[1].block_offset = 31;
     assert!(matches!(
         m.encode(),
         Err(MetadataError::OverlappingBlocks { .. })
@@ -233,6 +241,36 @@ fn semantic_errors() {
     let mut m = sample();
     m.version = 0;
     assert_eq!(m.encode(), Err(MetadataError::UnsupportedVersion(0)));
+    let mut m = sample();
+    m.version = RETIRED_VERSION;
+    assert_eq!(m.encode(), Err(MetadataError::RetiredVersion(1)));
+    let mut m = sample();
+    m.n = 1;
+    m.c = 0;
+    m.ranges.truncate(1);
+    assert_eq!(m.encode(), Err(MetadataError::BadParameters { n: 1, c: 0 }));
+}
+
+/// Version-1 metadata, as an older dqkd wrote it: the same layout with version byte 1 and
+/// blocks of `ceil(m / (n − c))` bytes. It is refused with a message that names the cause.
+#[test]
+fn version_1_is_refused_clearly() {
+    let mut v1 = vec![1u8, 3, 1];
+    v1.extend_from_slice(&1_800_000_000u64.to_be_bytes());
+    for j in 0..3u8 {
+        v1.extend_from_slice(&[3, b'e', b's', b'0' + j]);
+        v1.extend_from_slice(&[j; 16]);
+        v1.extend_from_slice(&0u64.to_be_bytes());
+        v1.extend_from_slice(&16u64.to_be_bytes());
+    }
+    v1.extend_from_slice(&[0, 0, 0, 1]);
+    v1.extend_from_slice(&[0xA0; 16]);
+    v1.extend_from_slice(&[0, 0, 1, 0]);
+    v1.extend_from_slice(&0u64.to_be_bytes());
+    v1.extend_from_slice(&[0x11; 16]);
+    let err = decode(&v1).expect_err("version 1 is retired");
+    assert_eq!(err, MetadataError::RetiredVersion(1));
+    assert!(err.to_string().contains("older dqkd"), "{err}");
 }
 
 proptest! {
@@ -251,7 +289,28 @@ proptest! {
 
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decode(&bytes);
+        if let Ok(d) = decode(&bytes) {
+            prop_assert_eq!(d.encode().expect("decoded is valid"), bytes);
+        }
+    }
+
+    /// Arbitrary bytes behind a plausible header (version 2, small n and c, a short first
+    /// server ID), so that the search reaches the ranges, the key count and the entries.
+    #[test]
+    fn arbitrary_bytes_after_a_valid_header(
+        n in 2u8..=4,
+        c in 0u8..=3,
+        body in proptest::collection::vec(any::<u8>(), 0..400),
+    ) {
+        let mut bytes = vec![VERSION, n, c % n];
+        bytes.extend_from_slice(&body);
+        match decode(&bytes) {
+            Ok(d) => {
+                prop_assert!(d.validate().is_ok());
+                prop_assert_eq!(d.encode().expect("decoded is valid"), bytes);
+            }
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
     }
 
     #[test]
