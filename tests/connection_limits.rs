@@ -157,3 +157,47 @@ async fn connection_flood_does_not_starve_saes() {
         "the eviction is logged: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_sent_too_slowly_is_answered_408_and_frees_the_connection() {
+    // An SAE that announces a body and trickles it keeps its connection "busy" (out of reach
+    // of eviction) only until the request timeout.
+    let site = Site::start_configured(LIMITS, "[connections]\nrequest_timeout_ms = 1000\n", None);
+    let addr = api_addr(&site);
+    let mut tls =
+        dqkd_pki::client_config_from_combined(&site.ca(), &site.path("pki/sae/carol.combined.pem"))
+            .expect("client TLS config");
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = TlsConnector::from(Arc::new(tls));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let mut stream = tls
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .expect("TLS");
+    let start = Instant::now();
+    stream
+        .write_all(
+            b"POST /api/v1/keys/bob/enc_keys HTTP/1.1\r\nhost: kme\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"num",
+        )
+        .await
+        .expect("write");
+    stream.flush().await.expect("flush");
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed before the step bound")
+        .ok();
+    let took = start.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{answer:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "answered after {took:?}"
+    );
+}

@@ -111,10 +111,14 @@ async fn a_pool_that_cannot_serve_falls_back_to_keys_on_demand() {
     }
     cluster.site("KME_B").kill9();
     std::fs::remove_file(cluster.dir.path().join("KME_B.redb")).expect("B's store file");
-    // and its write-ahead log (an old log on a new store file refuses to open).
-    let log = cluster.dir.path().join("KME_B.redb.wal");
-    if log.exists() {
-        std::fs::remove_file(log).expect("B's write-ahead log");
+    // and every write-ahead log with it (`.wal`, and `.wal.prev` when the kill came before a
+    // checkpoint finished: replayed onto the new file, it would bring the ready keys back).
+    for entry in std::fs::read_dir(cluster.dir.path()).expect("cluster folder") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("KME_B.redb.wal") {
+            std::fs::remove_file(&path).expect("B's write-ahead log");
+        }
     }
     cluster.site("KME_B").launch();
     share(&cluster, 3).await;

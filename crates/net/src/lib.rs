@@ -260,9 +260,13 @@ pub async fn serve_mtls(
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                     request.extensions_mut().insert(peer.clone());
                     let in_flight = tracker.request();
-                    let response = app.clone().oneshot(request);
+                    let response =
+                        tokio::time::timeout(bounds.request_timeout(), app.clone().oneshot(request));
                     async move {
-                        let response = response.await?;
+                        let response = match response.await {
+                            Ok(response) => response?,
+                            Err(_) => limits::request_timed_out(remote),
+                        };
                         Ok::<_, Infallible>(limits::TrackedBody::wrap(response, in_flight))
                     }
                 });
@@ -273,13 +277,16 @@ pub async fn serve_mtls(
                 .header_read_timeout(bounds.header_timeout());
             let connection = builder.serve_connection(TokioIo::new(malformed::JsonErrors::new(stream)), service);
             tokio::select! {
+                // The revocation check first: a list reloaded during the handshake is
+                // applied before the connection's first request is read.
+                biased;
+                () = revoked(&mut updates, &chain) => {
+                    tracing::info!(%remote, "closed a connection: its client certificate is now revoked");
+                }
                 ended = watcher.watch(connection) => {
                     if let Err(e) = ended {
                         tracing::debug!(%remote, error = %e, "connection ended with an error");
                     }
-                }
-                () = revoked(&mut updates, &chain) => {
-                    tracing::info!(%remote, "closed a connection: its client certificate is now revoked");
                 }
             }
         }));

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,6 +33,10 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Default time an HTTP/1 client has to send a complete request head, in milliseconds.
 pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Default time from a request head to its answer, body upload included, in milliseconds:
+/// well above any request's own deadline (`peers.timeout_ms`), so it cuts only requests
+/// whose body trickles in.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 
 /// Connection limits of a listener, as written in a config file (`[connections]`). Every
 /// field is optional in the file; the defaults suit a site serving thousands of SAEs.
@@ -52,6 +56,10 @@ pub struct ServerLimits {
     /// server starts waiting for it (default 10 s). It cuts slowly sent headers, and it
     /// also closes a kept-alive HTTP/1 connection that sends no new request for that long.
     pub header_timeout_ms: u64,
+    /// Time from a request head to the head of its answer, reading the request body
+    /// included (default 30 s): a client that sends its body slowly cannot keep a
+    /// connection busy, and so out of reach of eviction, for longer. Answered 408.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for ServerLimits {
@@ -61,6 +69,7 @@ impl Default for ServerLimits {
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
         }
     }
 }
@@ -74,6 +83,7 @@ impl ServerLimits {
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("header_timeout_ms", self.header_timeout_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
         ] {
             if value == 0 {
                 return Err(format!("connections.{key} must be at least 1"));
@@ -101,6 +111,11 @@ impl ServerLimits {
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms)
     }
+
+    /// The time a request may take to its answer, body upload included.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
 }
 
 /// What one open connection shares with its registry.
@@ -113,6 +128,9 @@ pub(crate) struct ConnState {
     last_active_ms: AtomicU64,
     /// Woken when the registry evicts the connection.
     evicted: Notify,
+    /// Whether a request has been served on it (so its client proved its certificate and
+    /// used it): such connections are evicted only after those that never served one.
+    served: AtomicBool,
 }
 
 impl ConnState {
@@ -129,6 +147,10 @@ impl ConnState {
 
     fn last_active_ms(&self) -> u64 {
         self.last_active_ms.load(Ordering::Acquire)
+    }
+
+    fn has_served(&self) -> bool {
+        self.served.load(Ordering::Acquire)
     }
 }
 
@@ -162,15 +184,18 @@ impl Table {
         }
     }
 
-    /// Enters a new connection opened at `now_ms`, evicting the longest-idle connection
-    /// without a request in flight if the table is full, or refusing it if none is idle.
+    /// Enters a new connection opened at `now_ms`, evicting a connection without a request
+    /// in flight if the table is full, or refusing it if none is idle. The victim is the
+    /// longest-idle connection that never served a request (still handshaking, or silent
+    /// since), and only when there is none the longest-idle of the others: a flood of new
+    /// connections evicts itself before it reaches the kept-alive connections of SAEs.
     pub(crate) fn admit(&mut self, now_ms: u64) -> Admission {
         let evicted = if self.open.len() >= self.cap {
             let victim = self
                 .open
                 .iter()
                 .filter(|(_, state)| state.is_idle())
-                .min_by_key(|(id, state)| (state.last_active_ms(), **id))
+                .min_by_key(|(id, state)| (state.has_served(), state.last_active_ms(), **id))
                 .map(|(id, _)| *id);
             match victim {
                 Some(id) => self.open.remove(&id),
@@ -395,6 +420,7 @@ impl Tracker {
     /// A request begins; the returned guard ends it when dropped.
     pub(crate) fn request(&self) -> InFlight {
         self.state.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.state.served.store(true, Ordering::Release);
         self.touch();
         InFlight {
             registry: self.registry.clone(),
@@ -417,6 +443,27 @@ impl Drop for InFlight {
             .store(self.registry.now_ms(), Ordering::Release);
         self.state.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The answer to a request that did not get its own answer within
+/// [`ServerLimits::request_timeout`] (most often: its body arrived too slowly): 408 with a
+/// JSON `Error` body, and the connection closed after it.
+pub(crate) fn request_timed_out(remote: SocketAddr) -> axum::response::Response {
+    tracing::warn!(%remote, "a request took longer than connections.request_timeout_ms; answered 408 and closed");
+    let mut response = axum::response::Response::new(axum::body::Body::from(
+        r#"{"message":"the request was not received in time"}"#,
+    ));
+    *response.status_mut() = axum::http::StatusCode::REQUEST_TIMEOUT;
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 /// A response body that keeps its request in flight until it is sent.

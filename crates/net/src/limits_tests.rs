@@ -35,6 +35,22 @@ fn at_the_cap_the_longest_idle_connection_is_evicted() {
 }
 
 #[test]
+fn a_flood_of_new_connections_evicts_itself_before_served_ones() {
+    let mut table = Table::new(3);
+    // An SAE's kept-alive connection, idle since long ago but once used.
+    let (_, sae, _) = admitted(table.admit(0));
+    sae.served.store(true, Ordering::Release);
+    let (_, _, _) = admitted(table.admit(100));
+    let (_, _, _) = admitted(table.admit(200));
+    // New connections that never send a request keep arriving: they replace each other.
+    for now in 300..400 {
+        let (_, _, evicted) = admitted(table.admit(now));
+        assert!(!Arc::ptr_eq(&evicted.expect("room"), &sae), "at {now}");
+    }
+    assert_eq!(table.len(), 3);
+}
+
+#[test]
 fn a_connection_with_a_request_in_flight_is_never_evicted() {
     let mut table = Table::new(2);
     let (_, busy, _) = admitted(table.admit(0));

@@ -278,6 +278,18 @@ pub fn parse_crls(pem: &[u8], path: &Path) -> Result<Vec<CertificateRevocationLi
             what: "certificate revocation list",
         });
     }
+    // One cluster, one CA, one list. With several, the certificate checks use the first
+    // list of the issuer while the rollback guard reads the highest number of all, so an
+    // old list placed before the current one would undo revocations unnoticed.
+    if crls.len() > 1 {
+        return Err(PkiError::InvalidCrl {
+            path: path.to_owned(),
+            reason: format!(
+                "holds {} revocation lists; dqkd reads exactly one, the cluster CA's",
+                crls.len()
+            ),
+        });
+    }
     Ok(crls)
 }
 

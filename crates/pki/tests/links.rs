@@ -306,3 +306,21 @@ fn a_pinned_client_follows_a_new_revocation_list() {
         .unwrap();
     handshake(server(&c, &reissued, KeyExchange::HybridOnly), client()).unwrap();
 }
+
+#[test]
+fn a_file_with_two_revocation_lists_is_refused() {
+    // An old list placed before the current one would be the one certificates are checked
+    // against, while its higher-numbered neighbour passed the rollback guard.
+    let c = common::cluster("lab");
+    let old = std::fs::read(c.ca.write_crl().unwrap()).unwrap();
+    c.ca.revoke(&c.sae.cert_chain).unwrap();
+    let mut both = old;
+    both.extend(std::fs::read(c.ca.crl_path()).unwrap());
+    let path = c.dir.path().join("two.crl.pem");
+    std::fs::write(&path, both).unwrap();
+    let err = dqkd_pki::load_crls(&path).unwrap_err();
+    assert!(
+        err.to_string().contains("holds 2 revocation lists"),
+        "{err}"
+    );
+}

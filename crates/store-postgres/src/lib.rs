@@ -462,21 +462,27 @@ impl PostgresStore {
             )
             .await
             .map_err(db("locking keys to destroy"))?;
-        if let Some(masters) = masters {
-            let mut records = Vec::with_capacity(locked.len());
-            for row in &locked {
-                let id: Uuid = row.try_get(0).map_err(db("reading a key record"))?;
+        let mut locked_ids = Vec::with_capacity(locked.len());
+        let mut records = Vec::with_capacity(locked.len());
+        for row in &locked {
+            let id: Uuid = row.try_get(0).map_err(db("reading a key record"))?;
+            locked_ids.push(id);
+            if masters.is_some() {
                 let bytes: &[u8] = row.try_get(1).map_err(db("reading a key record"))?;
                 records.push(decode(id, bytes)?);
             }
+        }
+        if let Some(masters) = masters {
             let metas: Vec<Option<&KeyMeta>> = records.iter().map(|r| Some(r.meta())).collect();
             // On refusal the transaction is dropped, which rolls it back.
             check_destroy(masters, &metas)?;
         }
+        // Only the rows locked and checked above: under READ COMMITTED a DELETE by the
+        // requested IDs would also see keys committed since, which were never checked.
         let rows = txn
             .query(
                 "DELETE FROM dqkd_keys WHERE id = ANY($1) RETURNING id, record",
-                &[&ids],
+                &[&locked_ids],
             )
             .await
             .map_err(db("destroying keys"))?;
