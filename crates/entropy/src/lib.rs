@@ -9,9 +9,9 @@
 //! to regenerate it.
 //!
 //! Layout, one way: [`api`] (HTTP, status codes, mTLS identity) → [`pool`] (ranges,
-//! readers, expiry, the memory bound; no I/O) and [`source`] (the OS CSPRNG, optionally
-//! XOR-mixed with a device or file). [`server::run`] serves a validated [`Config`];
-//! [`client::EntropyClient`] is the KME side.
+//! readers, expiry, the memory bound, quotas; no I/O) and [`source`] (the OS CSPRNG,
+//! optionally XOR-mixed with a device or file, each checked by the [`health`] tests).
+//! [`server::run`] serves a validated [`Config`]; [`client::EntropyClient`] is the KME side.
 //!
 //! ```no_run
 //! # async fn demo(tls: &dqkd_net::OutgoingTls) -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +33,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 mod error;
+pub mod health;
 mod hex;
 pub mod metrics;
 pub mod pool;
