@@ -220,13 +220,19 @@ impl Pools {
         self.pools.len()
     }
 
-    /// Whether `len` more unread bytes allocated by `kme` would fit, in its quota and in
-    /// the server's bound; checked before generating the bytes so that a full server does
-    /// not burn CPU on bytes it will refuse to hold. The quota is checked first, so that a
-    /// greedy KME is told about its own quota.
+    /// Whether `len` more unread bytes allocated by `kme` would fit, in the server's bound
+    /// and in its quota; checked before generating the bytes so that a full server does
+    /// not burn CPU on bytes it will refuse to hold.
     pub fn check_room(&self, kme: &str, len: u64, holds_bytes: bool) -> Result<(), PoolError> {
         if !holds_bytes {
             return Ok(());
+        }
+        if self.live_bytes.saturating_add(len) > self.limits.max_live_bytes {
+            return Err(PoolError::Full {
+                live: self.live_bytes,
+                len,
+                max: self.limits.max_live_bytes,
+            });
         }
         let mine = self.live_bytes_of(kme);
         if mine.saturating_add(len) > self.limits.max_live_bytes_per_kme {
@@ -235,13 +241,6 @@ impl Pools {
                 live: mine,
                 len,
                 quota: self.limits.max_live_bytes_per_kme,
-            });
-        }
-        if self.live_bytes.saturating_add(len) > self.limits.max_live_bytes {
-            return Err(PoolError::Full {
-                live: self.live_bytes,
-                len,
-                max: self.limits.max_live_bytes,
             });
         }
         Ok(())
