@@ -14,7 +14,7 @@
 //! [`server::run`] serves a validated [`Config`]; [`client::EntropyClient`] is the KME side.
 //!
 //! ```no_run
-//! # async fn demo(tls: &dqkd_net::OutgoingTls) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(tls: &std::sync::Arc<dqkd_net::OutgoingTls>) -> Result<(), Box<dyn std::error::Error>> {
 //! use dqkd_entropy::EntropyClient;
 //! // Accepts only the certificate of entropy server E1 of cluster "lab".
 //! let only_e1 = dqkd_pki::Identity::new("lab", dqkd_pki::Role::Entropy, "E1")?;
