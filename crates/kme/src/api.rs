@@ -365,6 +365,9 @@ mod tests {
         let keys: Vec<String> = (0..1000).map(|i| format!("{i:064}")).collect();
         let buffer = super::secret_json_bytes(&keys).unwrap();
         assert_eq!(buffer.len(), buffer.capacity());
-        assert_eq!(serde_json::from_slice::<Vec<String>>(&buffer).unwrap(), keys);
+        assert_eq!(
+            serde_json::from_slice::<Vec<String>>(&buffer).unwrap(),
+            keys
+        );
     }
 }
