@@ -572,7 +572,9 @@ async fn start_up_checks() {
 fn random_bytes(len: usize) -> Vec<u8> {
     use ring::rand::SecureRandom as _;
     let mut bytes = vec![0u8; len];
-    ring::rand::SystemRandom::new().fill(&mut bytes).unwrap();
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("OS RNG");
     bytes
 }
 
