@@ -491,6 +491,7 @@ fn write_configs(
             pool_max_bytes: None,
             max_allocation: None,
             max_live_bytes: None,
+            max_live_bytes_per_kme: None,
             mix_file: None,
             connections: Default::default(),
         };

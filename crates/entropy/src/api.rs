@@ -241,9 +241,11 @@ mod tests {
             pool_max_bytes: 1 << 20,
             max_allocation: 1 << 16,
             max_live_bytes: 1 << 20,
+            max_live_bytes_per_kme: 1 << 19,
             mix_file: None,
             connections: Default::default(),
             insecure_corrupt_reads: false,
+            insecure_stuck_output: false,
         };
         router(Arc::new(EntropyService::new(
             Arc::new(config),

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::pool::PoolId;
 use crate::service::{AllocateRequest, Health};
@@ -332,6 +332,12 @@ impl EntropyClient {
 
     /// Reads a body of exactly `len` bytes straight into a zeroising buffer; more or
     /// fewer is a bad response (a server that sends the wrong amount is broken or lying).
+    ///
+    /// Each frame is copied into the buffer (allocated once at full size, so it never
+    /// reallocates and leaves no stale copy) and then wiped if this is its only holder.
+    /// What this cannot wipe: a frame that still shares its allocation with the HTTP
+    /// library's read buffer (the library reuses or frees that buffer without wiping it),
+    /// the TLS library's record buffers, and the kernel's socket buffers.
     async fn read_exact(
         &self,
         mut body: Incoming,
@@ -342,10 +348,14 @@ impl EntropyClient {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| self.unreachable(&e))?;
             if let Ok(data) = frame.into_data() {
-                if out.len() + data.len() > want {
+                let fits = out.len() + data.len() <= want;
+                if fits {
+                    out.extend_from_slice(&data);
+                }
+                wipe(data);
+                if !fits {
                     return Err(self.bad(format!("body longer than the {len} bytes asked for")));
                 }
-                out.extend_from_slice(&data);
             }
         }
         if out.len() != want {
@@ -382,6 +392,14 @@ impl EntropyClient {
             server_id: self.server_id.clone(),
             reason: dqkd_net::error_chain(error),
         }
+    }
+}
+
+/// Zeroises a body frame if no one else holds its bytes; a shared frame is left to its
+/// other holders (see `read_exact`).
+fn wipe(frame: Bytes) {
+    if let Ok(mut unique) = frame.try_into_mut() {
+        unique.as_mut().zeroize();
     }
 }
 
@@ -436,6 +454,23 @@ mod tests {
             max: 2,
         };
         assert!(full.to_string().starts_with(POOL_FULL_PREFIX));
+    }
+
+    #[test]
+    fn unique_frames_are_wiped() {
+        // A frame that owns its bytes is zeroised in place: observe it through the
+        // `BytesMut` it turns back into.
+        let frame = Bytes::from(vec![0xA5u8; 64]);
+        let ptr = frame.as_ptr();
+        let mut unique = frame.try_into_mut().expect("unique");
+        unique.as_mut().zeroize();
+        assert!(unique.iter().all(|&b| b == 0));
+        assert_eq!(unique.as_ptr(), ptr, "wiped in place, not copied");
+        // A shared frame is not touched (its other holder still reads its bytes).
+        let frame = Bytes::from(vec![0x5Au8; 64]);
+        let other = frame.clone();
+        wipe(frame);
+        assert!(other.iter().all(|&b| b == 0x5A));
     }
 
     #[tokio::test]

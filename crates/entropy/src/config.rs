@@ -21,6 +21,11 @@ pub const DEFAULT_POOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_MAX_ALLOCATION: u64 = 16 * 1024 * 1024;
 /// Default bound on unread range bytes held in memory: 256 MiB.
 pub const DEFAULT_MAX_LIVE_BYTES: u64 = 256 * 1024 * 1024;
+/// Default quota of one allocating KME, as a fraction of `max_live_bytes`: half. The server
+/// does not know how many KMEs the cluster has; half means that one greedy or broken KME
+/// can never hold more than half of the server, so another always finds room. For a strict
+/// fair share set `max_live_bytes_per_kme = max_live_bytes / number of KMEs`.
+pub const DEFAULT_PER_KME_DIVISOR: u64 = 2;
 /// Hard upper bound on `max_allocation`: one response body must fit comfortably in memory.
 pub const MAX_ALLOCATION_LIMIT: u64 = 1024 * 1024 * 1024;
 
@@ -53,7 +58,12 @@ pub struct ConfigFile {
     /// Most unread range bytes held at once (default 256 MiB); beyond it allocations get 503.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_live_bytes: Option<u64>,
+    /// Most unread bytes held at once for the ranges one KME allocated (default half of
+    /// `max_live_bytes`, and at least `max_allocation`); beyond it that KME gets 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_live_bytes_per_kme: Option<u64>,
     /// A device or file (e.g. `/dev/hwrng`) whose bytes are XOR-mixed into the OS CSPRNG's.
+    /// A regular file is read once, never rewound, and must hold at least `pool_max_bytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mix_file: Option<PathBuf>,
     /// Connection limits of the listener; defaults when absent.
@@ -120,6 +130,8 @@ pub struct Config {
     pub max_allocation: u64,
     /// Most unread range bytes held at once.
     pub max_live_bytes: u64,
+    /// Most unread range bytes held at once for the ranges one KME allocated.
+    pub max_live_bytes_per_kme: u64,
     /// Optional mixing source.
     pub mix_file: Option<PathBuf>,
     /// Connection limits of the listener.
@@ -129,6 +141,12 @@ pub struct Config {
     /// Deliberately not a config-file key, so no deployed file can turn it on: a test sets
     /// it on the loaded `Config`. Always `false` from [`Config::load`].
     pub insecure_corrupt_reads: bool,
+    /// For tests of the KME's own health check only: every allocation is all zeros (a
+    /// stuck source that this server's health tests do not see, like a server gone bad),
+    /// and readers get the same zeros. Never enable in production; like
+    /// `insecure_corrupt_reads`, not a config-file key, and always `false` from
+    /// [`Config::load`].
+    pub insecure_stuck_output: bool,
 }
 
 impl Config {
@@ -195,6 +213,18 @@ impl Config {
                 ),
             ));
         }
+        let per_kme = file
+            .max_live_bytes_per_kme
+            .unwrap_or_else(|| (max_live_bytes / DEFAULT_PER_KME_DIVISOR).max(max_allocation));
+        if per_kme < max_allocation || per_kme > max_live_bytes {
+            return Err(invalid(
+                "max_live_bytes_per_kme",
+                format!(
+                    "{per_kme} must be between max_allocation ({max_allocation}) and \
+                     max_live_bytes ({max_live_bytes})"
+                ),
+            ));
+        }
         if file.tls.peer_key_exchange.is_some() {
             return Err(invalid(
                 "tls.peer_key_exchange",
@@ -216,9 +246,11 @@ impl Config {
             pool_max_bytes,
             max_allocation,
             max_live_bytes,
+            max_live_bytes_per_kme: per_kme,
             mix_file: file.mix_file.as_deref().map(abs),
             connections: file.connections,
             insecure_corrupt_reads: false,
+            insecure_stuck_output: false,
         })
     }
 }
@@ -252,9 +284,30 @@ key = "pki/entropy/E1.key"
         assert_eq!(c.pool_rotate, Duration::from_secs(60));
         assert_eq!(c.max_allocation, 16 * 1024 * 1024);
         assert_eq!(c.max_live_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.max_live_bytes_per_kme, 128 * 1024 * 1024);
         assert_eq!(c.tls.ca, PathBuf::from("/etc/dqkd/pki/ca.pem"));
         assert_eq!(c.mix_file, None);
         assert!(!c.insecure_corrupt_reads);
+        assert!(!c.insecure_stuck_output);
+    }
+
+    #[test]
+    fn per_kme_quota_defaults_to_half_and_at_least_one_allocation() {
+        let c = check(&format!(
+            "max_live_bytes = 1000\nmax_allocation = 400\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.max_live_bytes_per_kme, 500);
+        let c = check(&format!(
+            "max_live_bytes = 1000\nmax_allocation = 800\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.max_live_bytes_per_kme, 800);
+        let c = check(&format!(
+            "max_live_bytes = 1000\nmax_allocation = 100\nmax_live_bytes_per_kme = 250\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.max_live_bytes_per_kme, 250);
     }
 
     #[test]
@@ -287,6 +340,14 @@ key = "pki/entropy/E1.key"
             ("max_allocation = 0", "max_allocation"),
             ("max_live_bytes = 10", "max_live_bytes"),
             ("pool_max_bytes = 0", "pool_max_bytes"),
+            (
+                "max_allocation = 100\nmax_live_bytes = 1000\nmax_live_bytes_per_kme = 99",
+                "max_live_bytes_per_kme",
+            ),
+            (
+                "max_allocation = 100\nmax_live_bytes = 1000\nmax_live_bytes_per_kme = 1001",
+                "max_live_bytes_per_kme",
+            ),
             ("connections = { max_connections = 0 }", "connections"),
         ] {
             let err = check(&format!("{extra}\n{MINIMAL}")).unwrap_err();

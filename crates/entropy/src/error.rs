@@ -25,6 +25,14 @@ pub enum ApiError {
     /// The memory bound is reached; try again later or another server (503).
     #[error("{0}")]
     PoolFull(String),
+    /// The calling KME holds as many unread bytes as its quota allows (503); the message
+    /// names the quota.
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// The entropy source failed a health test or ran out, and stays failed until a
+    /// restart (503); the message gives the reason.
+    #[error("entropy source failed, allocation stopped until the server is restarted: {0}")]
+    SourceFailed(String),
     /// The entropy source or the server failed (503). The cause is logged; the client
     /// sees a generic message.
     #[error("entropy source unavailable")]
@@ -48,7 +56,10 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) | Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::Gone(_) => StatusCode::GONE,
-            Self::PoolFull(_) | Self::Internal(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PoolFull(_)
+            | Self::QuotaExceeded(_)
+            | Self::SourceFailed(_)
+            | Self::Internal(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
@@ -62,6 +73,8 @@ impl ApiError {
             Self::NotFound(_) | Self::NoRoute(_) => Refusal::NotFound,
             Self::Gone(_) => Refusal::AlreadyRead,
             Self::PoolFull(_) => Refusal::PoolFull,
+            Self::QuotaExceeded(_) => Refusal::Quota,
+            Self::SourceFailed(_) => Refusal::SourceFailed,
             Self::Internal(_) => Refusal::Internal,
             Self::MethodNotAllowed(_) => Refusal::MethodNotAllowed,
             Self::BodyTooLarge(_) => Refusal::TooLarge,
@@ -74,6 +87,7 @@ impl From<PoolError> for ApiError {
         let message = e.to_string();
         match e {
             PoolError::Full { .. } => Self::PoolFull(message),
+            PoolError::Quota { .. } => Self::QuotaExceeded(message),
             PoolError::NotFound => Self::NotFound(message),
             PoolError::NotReader(_) => Self::Forbidden(message),
             PoolError::AlreadyRead(_) => Self::Gone(message),

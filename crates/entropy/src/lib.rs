@@ -9,12 +9,12 @@
 //! to regenerate it.
 //!
 //! Layout, one way: [`api`] (HTTP, status codes, mTLS identity) → [`pool`] (ranges,
-//! readers, expiry, the memory bound; no I/O) and [`source`] (the OS CSPRNG, optionally
-//! XOR-mixed with a device or file). [`server::run`] serves a validated [`Config`];
-//! [`client::EntropyClient`] is the KME side.
+//! readers, expiry, the memory bound, quotas; no I/O) and [`source`] (the OS CSPRNG,
+//! optionally XOR-mixed with a device or file, each checked by the [`health`] tests).
+//! [`server::run`] serves a validated [`Config`]; [`client::EntropyClient`] is the KME side.
 //!
 //! ```no_run
-//! # async fn demo(tls: &dqkd_net::OutgoingTls) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo(tls: &std::sync::Arc<dqkd_net::OutgoingTls>) -> Result<(), Box<dyn std::error::Error>> {
 //! use dqkd_entropy::EntropyClient;
 //! // Accepts only the certificate of entropy server E1 of cluster "lab".
 //! let only_e1 = dqkd_pki::Identity::new("lab", dqkd_pki::Role::Entropy, "E1")?;
@@ -33,6 +33,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 mod error;
+pub mod health;
 mod hex;
 pub mod metrics;
 pub mod pool;

@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::source::SourceStatus;
+
 /// Why a request was refused; the `reason` label of `dqkd_entropy_refusals_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -24,10 +26,14 @@ pub enum Refusal {
     PoolFull,
     /// 503: the entropy source or the server failed.
     Internal,
+    /// 503: the calling KME's quota is reached.
+    Quota,
+    /// 503: the entropy source failed a health test or ran out (latched).
+    SourceFailed,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 10] = [
         Refusal::BadRequest,
         Refusal::Forbidden,
         Refusal::NotFound,
@@ -36,6 +42,8 @@ impl Refusal {
         Refusal::TooLarge,
         Refusal::PoolFull,
         Refusal::Internal,
+        Refusal::Quota,
+        Refusal::SourceFailed,
     ];
 
     /// The label value.
@@ -49,6 +57,8 @@ impl Refusal {
             Refusal::TooLarge => "too_large",
             Refusal::PoolFull => "pool_full",
             Refusal::Internal => "internal",
+            Refusal::Quota => "quota_exceeded",
+            Refusal::SourceFailed => "source_failed",
         }
     }
 
@@ -92,8 +102,9 @@ impl Metrics {
         self.refusals[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The Prometheus text exposition of every counter, with `live_bytes` as the gauge.
-    pub fn render(&self, live_bytes: u64) -> String {
+    /// The Prometheus text exposition of every counter, with `live_bytes` and the health of
+    /// each raw entropy source as gauges.
+    pub fn render(&self, live_bytes: u64, sources: SourceStatus) -> String {
         let mut out = String::with_capacity(1024);
         let mut counter = |name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -129,6 +140,23 @@ impl Metrics {
         let _ = writeln!(out, "dqkd_entropy_live_bytes {live_bytes}");
         let _ = writeln!(
             out,
+            "# HELP dqkd_entropy_source_healthy 1 while the raw source passes its SP 800-90B \
+             health tests (and a mix file is not exhausted), 0 once it failed (until restart)."
+        );
+        let _ = writeln!(out, "# TYPE dqkd_entropy_source_healthy gauge");
+        let mut healthy = |source: &str, ok: bool| {
+            let _ = writeln!(
+                out,
+                "dqkd_entropy_source_healthy{{source=\"{source}\"}} {}",
+                u8::from(ok)
+            );
+        };
+        healthy("os", sources.os_healthy);
+        if let Some(ok) = sources.mix_healthy {
+            healthy("mix", ok);
+        }
+        let _ = writeln!(
+            out,
             "# HELP dqkd_entropy_refusals_total Requests refused, by reason."
         );
         let _ = writeln!(out, "# TYPE dqkd_entropy_refusals_total counter");
@@ -156,7 +184,15 @@ mod tests {
         m.shredded(10);
         m.refused(Refusal::PoolFull);
         m.refused(Refusal::PoolFull);
-        let text = m.render(5);
+        let text = m.render(
+            5,
+            SourceStatus {
+                os_healthy: true,
+                mix_healthy: Some(false),
+            },
+        );
+        assert!(text.contains("dqkd_entropy_source_healthy{source=\"os\"} 1\n"));
+        assert!(text.contains("dqkd_entropy_source_healthy{source=\"mix\"} 0\n"));
         assert!(text.contains("dqkd_entropy_bytes_allocated_total 10\n"));
         assert!(text.contains("dqkd_entropy_allocations_total 1\n"));
         assert!(text.contains("dqkd_entropy_live_bytes 5\n"));

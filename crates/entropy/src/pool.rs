@@ -5,6 +5,10 @@
 //! No I/O and no clock: the caller passes the time and the bytes in, so every rule here is
 //! tested without sockets or sleeps. The server keeps one [`Pools`] behind a mutex.
 //!
+//! Two bounds on the unread bytes held: all of them ([`PoolLimits::max_live_bytes`]) and
+//! those allocated by any one KME ([`PoolLimits::max_live_bytes_per_kme`]), so that a KME
+//! that names readers who never read fills only its own quota, not the server.
+//!
 //! A range's bytes are held as one [`SharedBytes`] buffer: the allocator's response body
 //! and each reader's response body share it instead of copying it. The pool drops its
 //! handle as soon as the last reader has read the range (or the pool expires); the buffer
@@ -66,6 +70,8 @@ pub struct PoolLimits {
     pub pool_max_bytes: u64,
     /// Most unread range bytes held at once.
     pub max_live_bytes: u64,
+    /// Most unread range bytes held at once for ranges one KME allocated.
+    pub max_live_bytes_per_kme: u64,
 }
 
 /// Why a pool operation was refused.
@@ -81,6 +87,21 @@ pub enum PoolError {
         len: u64,
         /// The bound.
         max: u64,
+    },
+    /// Holding the range would exceed the allocating KME's quota.
+    #[error(
+        "entropy quota of {kme} exceeded: {live} unread bytes held for its ranges, {len} more \
+         would exceed max_live_bytes_per_kme ({quota})"
+    )]
+    Quota {
+        /// The allocating KME.
+        kme: String,
+        /// Unread bytes held for its ranges now.
+        live: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// Its quota.
+        quota: u64,
     },
     /// No such range: unknown pool, expired pool, or no range with this offset and length.
     #[error("range unknown or expired (shredded)")]
@@ -131,6 +152,8 @@ pub struct Pools {
     current: Option<PoolId>,
     pools: HashMap<PoolId, Pool>,
     live_bytes: u64,
+    /// Unread bytes held per allocating KME; no entry means 0.
+    live_by_kme: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -146,6 +169,8 @@ struct Pool {
 /// that a second read is told "already read" (410), not "unknown" (404).
 struct Range {
     len: u64,
+    /// The KME that allocated it; its quota holds the unread bytes.
+    owner: String,
     readers: Vec<Reader>,
     bytes: Option<SharedBytes>,
 }
@@ -155,6 +180,7 @@ impl fmt::Debug for Range {
         // Never the bytes.
         f.debug_struct("Range")
             .field("len", &self.len)
+            .field("owner", &self.owner)
             .field("readers", &self.readers)
             .field("held", &self.bytes.is_some())
             .finish()
@@ -175,6 +201,7 @@ impl Pools {
             current: None,
             pools: HashMap::new(),
             live_bytes: 0,
+            live_by_kme: HashMap::new(),
         }
     }
 
@@ -183,38 +210,57 @@ impl Pools {
         self.live_bytes
     }
 
+    /// Unread bytes held now for ranges `kme` allocated.
+    pub fn live_bytes_of(&self, kme: &str) -> u64 {
+        self.live_by_kme.get(kme).copied().unwrap_or(0)
+    }
+
     /// Pools alive now (including expired ones the sweep has not removed yet).
     pub fn pool_count(&self) -> usize {
         self.pools.len()
     }
 
-    /// Whether `len` more unread bytes would fit; checked before generating the bytes so
-    /// that a full server does not burn CPU on bytes it will refuse to hold.
-    pub fn check_room(&self, len: u64, holds_bytes: bool) -> Result<(), PoolError> {
-        if holds_bytes && self.live_bytes.saturating_add(len) > self.limits.max_live_bytes {
+    /// Whether `len` more unread bytes allocated by `kme` would fit, in the server's bound
+    /// and in its quota; checked before generating the bytes so that a full server does
+    /// not burn CPU on bytes it will refuse to hold.
+    pub fn check_room(&self, kme: &str, len: u64, holds_bytes: bool) -> Result<(), PoolError> {
+        if !holds_bytes {
+            return Ok(());
+        }
+        if self.live_bytes.saturating_add(len) > self.limits.max_live_bytes {
             return Err(PoolError::Full {
                 live: self.live_bytes,
                 len,
                 max: self.limits.max_live_bytes,
             });
         }
+        let mine = self.live_bytes_of(kme);
+        if mine.saturating_add(len) > self.limits.max_live_bytes_per_kme {
+            return Err(PoolError::Quota {
+                kme: kme.to_owned(),
+                live: mine,
+                len,
+                quota: self.limits.max_live_bytes_per_kme,
+            });
+        }
         Ok(())
     }
 
-    /// Carves a range of `bytes.len()` bytes for `readers` out of the current pool,
-    /// starting a new pool (with ID `fresh_id`) when the current one is too old, too big or
-    /// has too many ranges. With no readers the bytes are not kept at all.
+    /// Carves a range of `bytes.len()` bytes for `readers` out of the current pool on
+    /// behalf of `kme`, starting a new pool (with ID `fresh_id`) when the current one is too
+    /// old, too big or has too many ranges. With no readers the bytes are not kept at all.
     pub fn allocate(
         &mut self,
         now: Instant,
         now_unix: u64,
         fresh_id: PoolId,
+        kme: &str,
         readers: Vec<String>,
         bytes: SharedBytes,
     ) -> Result<Granted, PoolError> {
         let len = bytes.len() as u64;
         let holds = !readers.is_empty();
-        self.check_room(len, holds)?;
+        self.check_room(kme, len, holds)?;
         let pool_id = self.current_pool(now, now_unix, fresh_id, len);
         let pool = self.pools.get_mut(&pool_id).ok_or(PoolError::NotFound)?;
         let offset = pool.next_offset;
@@ -223,6 +269,7 @@ impl Pools {
             offset,
             Range {
                 len,
+                owner: kme.to_owned(),
                 readers: readers
                     .into_iter()
                     .map(|id| Reader { id, read: false })
@@ -232,6 +279,7 @@ impl Pools {
         );
         if holds {
             self.live_bytes += len;
+            *self.live_by_kme.entry(kme.to_owned()).or_insert(0) += len;
         }
         Ok(Granted {
             pool_id,
@@ -302,6 +350,7 @@ impl Pools {
         if range.readers.iter().all(|r| r.read) {
             range.bytes = None;
             self.live_bytes -= len;
+            release(&mut self.live_by_kme, &range.owner, len);
             shredded = len;
         }
         Ok(ReadOutcome { bytes, shredded })
@@ -311,16 +360,16 @@ impl Pools {
     pub fn expire(&mut self, now: Instant) -> Sweep {
         let mut sweep = Sweep::default();
         let live = &mut self.live_bytes;
+        let by_kme = &mut self.live_by_kme;
         self.pools.retain(|_, pool| {
             if now < pool.expires {
                 return true;
             }
-            let held: u64 = pool
-                .ranges
-                .values()
-                .filter(|r| r.bytes.is_some())
-                .map(|r| r.len)
-                .sum();
+            let mut held = 0;
+            for range in pool.ranges.values().filter(|r| r.bytes.is_some()) {
+                held += range.len;
+                release(by_kme, &range.owner, range.len);
+            }
             *live -= held;
             sweep.bytes += held;
             sweep.pools += 1;
@@ -333,6 +382,17 @@ impl Pools {
     }
 }
 
+/// Takes `len` released bytes off `kme`'s count, dropping the entry at zero so that KMEs
+/// that come and go leave nothing behind.
+fn release(by_kme: &mut HashMap<String, u64>, kme: &str, len: u64) {
+    if let Some(held) = by_kme.get_mut(kme) {
+        *held = held.saturating_sub(len);
+        if *held == 0 {
+            by_kme.remove(kme);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,6 +402,7 @@ mod tests {
         rotate: Duration::from_secs(5),
         pool_max_bytes: 100,
         max_live_bytes: 64,
+        max_live_bytes_per_kme: 64,
     };
 
     fn bytes(len: usize, fill: u8) -> SharedBytes {
@@ -369,30 +430,33 @@ mod tests {
         let t0 = Instant::now();
         let mut pools = Pools::new(LIMITS);
         let a = pools
-            .allocate(t0, 1000, id(1), vec![], bytes(40, 1))
+            .allocate(t0, 1000, id(1), "A", vec![], bytes(40, 1))
             .unwrap();
         let b = pools
-            .allocate(t0, 1000, id(2), vec![], bytes(40, 2))
+            .allocate(t0, 1000, id(2), "A", vec![], bytes(40, 2))
             .unwrap();
         assert_eq!((a.pool_id, a.offset, a.expires_at), (id(1), 0, 1010));
         assert_eq!((b.pool_id, b.offset), (id(1), 40));
         // 80 + 40 > pool_max_bytes: new pool.
         let c = pools
-            .allocate(t0, 1000, id(3), vec![], bytes(40, 3))
+            .allocate(t0, 1000, id(3), "A", vec![], bytes(40, 3))
             .unwrap();
         assert_eq!((c.pool_id, c.offset), (id(3), 0));
         // Older than `rotate`: new pool.
         let later = t0 + Duration::from_secs(6);
         let d = pools
-            .allocate(later, 1006, id(4), vec![], bytes(1, 4))
+            .allocate(later, 1006, id(4), "A", vec![], bytes(1, 4))
             .unwrap();
         assert_eq!((d.pool_id, d.offset, d.expires_at), (id(4), 0, 1016));
         // Larger than pool_max_bytes still works in a fresh pool.
         let mut big = Pools::new(PoolLimits {
             max_live_bytes: 1000,
+            max_live_bytes_per_kme: 1000,
             ..LIMITS
         });
-        let e = big.allocate(t0, 0, id(5), vec![], bytes(500, 5)).unwrap();
+        let e = big
+            .allocate(t0, 0, id(5), "A", vec![], bytes(500, 5))
+            .unwrap();
         assert_eq!(e.offset, 0);
     }
 
@@ -401,7 +465,7 @@ mod tests {
         let t0 = Instant::now();
         let mut pools = Pools::new(LIMITS);
         let g = pools
-            .allocate(t0, 0, id(1), readers(&["B", "C"]), bytes(8, 7))
+            .allocate(t0, 0, id(1), "A", readers(&["B", "C"]), bytes(8, 7))
             .unwrap();
         assert_eq!(pools.live_bytes(), 8);
         let read = |p: &mut Pools, who: &str| p.read(t0, g.pool_id, g.offset, g.len, who);
@@ -442,7 +506,9 @@ mod tests {
     fn no_readers_keeps_no_bytes() {
         let t0 = Instant::now();
         let mut pools = Pools::new(LIMITS);
-        let g = pools.allocate(t0, 0, id(1), vec![], bytes(60, 1)).unwrap();
+        let g = pools
+            .allocate(t0, 0, id(1), "A", vec![], bytes(60, 1))
+            .unwrap();
         assert_eq!(pools.live_bytes(), 0);
         assert_eq!(
             pools.read(t0, g.pool_id, 0, 60, "A").unwrap_err(),
@@ -455,10 +521,10 @@ mod tests {
         let t0 = Instant::now();
         let mut pools = Pools::new(LIMITS);
         let g = pools
-            .allocate(t0, 0, id(1), readers(&["B"]), bytes(60, 1))
+            .allocate(t0, 0, id(1), "A", readers(&["B"]), bytes(60, 1))
             .unwrap();
         let err = pools
-            .allocate(t0, 0, id(2), readers(&["B"]), bytes(5, 1))
+            .allocate(t0, 0, id(2), "C", readers(&["B"]), bytes(5, 1))
             .unwrap_err();
         assert!(matches!(
             err,
@@ -470,7 +536,7 @@ mod tests {
         ));
         pools.read(t0, g.pool_id, 0, 60, "B").unwrap();
         pools
-            .allocate(t0, 0, id(2), readers(&["B"]), bytes(5, 1))
+            .allocate(t0, 0, id(2), "C", readers(&["B"]), bytes(5, 1))
             .unwrap();
     }
 
@@ -479,7 +545,7 @@ mod tests {
         let t0 = Instant::now();
         let mut pools = Pools::new(LIMITS);
         let g = pools
-            .allocate(t0, 0, id(1), readers(&["B"]), bytes(10, 1))
+            .allocate(t0, 0, id(1), "A", readers(&["B"]), bytes(10, 1))
             .unwrap();
         assert_eq!(pools.expire(t0 + Duration::from_secs(9)), Sweep::default());
         let at_ttl = t0 + Duration::from_secs(10);
@@ -499,7 +565,7 @@ mod tests {
         assert_eq!(pools.pool_count(), 0);
         // The next allocation starts a fresh pool.
         let h = pools
-            .allocate(at_ttl, 10, id(2), vec![], bytes(1, 1))
+            .allocate(at_ttl, 10, id(2), "A", vec![], bytes(1, 1))
             .unwrap();
         assert_eq!(h.pool_id, id(2));
     }
@@ -510,12 +576,73 @@ mod tests {
         let mut pools = Pools::new(LIMITS);
         let original = bytes(4, 9);
         let g = pools
-            .allocate(t0, 0, id(1), readers(&["B"]), original.clone())
+            .allocate(t0, 0, id(1), "A", readers(&["B"]), original.clone())
             .unwrap();
         let out = pools.read(t0, g.pool_id, 0, 4, "B").unwrap();
         // Pool released its handle; the allocator's and the reader's remain.
         assert_eq!(Arc::strong_count(&original), 2);
         drop(out);
         assert_eq!(Arc::strong_count(&original), 1);
+    }
+
+    #[test]
+    fn one_greedy_kme_cannot_stop_another() {
+        let t0 = Instant::now();
+        let mut pools = Pools::new(PoolLimits {
+            max_live_bytes: 64,
+            max_live_bytes_per_kme: 32,
+            ..LIMITS
+        });
+        // A names a reader that never reads, until its quota is used up.
+        for n in 0..4 {
+            pools
+                .allocate(t0, 0, id(1), "A", readers(&["Z"]), bytes(8, n))
+                .unwrap();
+        }
+        let err = pools
+            .allocate(t0, 0, id(1), "A", readers(&["Z"]), bytes(1, 9))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            PoolError::Quota {
+                kme: "A".into(),
+                live: 32,
+                len: 1,
+                quota: 32
+            }
+        );
+        assert!(err.to_string().contains("max_live_bytes_per_kme"), "{err}");
+        // Allocations without readers hold nothing and stay allowed.
+        pools
+            .allocate(t0, 0, id(1), "A", vec![], bytes(8, 1))
+            .unwrap();
+        // B still allocates, up to its own quota.
+        let g = pools
+            .allocate(t0, 0, id(1), "B", readers(&["A"]), bytes(32, 2))
+            .unwrap();
+        assert_eq!(
+            (pools.live_bytes_of("A"), pools.live_bytes_of("B")),
+            (32, 32)
+        );
+        // Reading B's range frees B's quota, not A's.
+        pools.read(t0, g.pool_id, g.offset, 32, "A").unwrap();
+        assert_eq!(
+            (pools.live_bytes_of("A"), pools.live_bytes_of("B")),
+            (32, 0)
+        );
+        // Expiry frees A's.
+        pools.expire(t0 + LIMITS.ttl);
+        assert_eq!(pools.live_bytes_of("A"), 0);
+        assert!(pools.live_by_kme.is_empty());
+        pools
+            .allocate(
+                t0 + LIMITS.ttl,
+                10,
+                id(2),
+                "A",
+                readers(&["Z"]),
+                bytes(32, 3),
+            )
+            .unwrap();
     }
 }

@@ -78,7 +78,8 @@ impl Serving {
 /// Loads certificates, opens the entropy source, binds the listener and starts serving.
 pub async fn run(config: Config) -> Result<Serving, ServeError> {
     let source = match &config.mix_file {
-        Some(path) => EntropySource::with_mix_file(path)?,
+        // A mix file is never rewound: one that cannot fill even one pool is refused.
+        Some(path) => EntropySource::with_mix_file(path, config.pool_max_bytes)?,
         None => EntropySource::system(),
     };
     run_with(config, Arc::new(source)).await
@@ -121,6 +122,13 @@ pub async fn run_with(config: Config, source: Arc<EntropySource>) -> Result<Serv
             server_id = %config.server_id,
             "INSECURE: insecure_corrupt_reads is on; every range served to a reader has a \
              flipped bit, so no key regenerated from this server will match. For tests only"
+        );
+    }
+    if config.insecure_stuck_output {
+        tracing::warn!(
+            server_id = %config.server_id,
+            "INSECURE: insecure_stuck_output is on; every range this server hands out is all \
+             zeros, past its own health tests. For tests of the KMEs' checks only"
         );
     }
     tracing::info!(

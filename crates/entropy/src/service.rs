@@ -30,7 +30,7 @@ pub struct AllocateRequest {
 /// The body of `GET /health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
-    /// Always `"ok"` when the server answers.
+    /// `"ok"`, or `"failed"` once an entropy source has failed (allocation stopped).
     pub status: String,
     /// This server's ID.
     pub server_id: String,
@@ -38,6 +38,10 @@ pub struct Health {
     pub live_bytes: u64,
     /// Live pools.
     pub pools: usize,
+    /// Why the entropy source failed (a health test, or a mix file run out): allocations
+    /// answer 503 with this reason until the server is restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy_failure: Option<String>,
 }
 
 /// A caller proven by its certificate to be a KME of this cluster. Only
@@ -79,6 +83,7 @@ impl EntropyService {
             rotate: config.pool_rotate,
             pool_max_bytes: config.pool_max_bytes,
             max_live_bytes: config.max_live_bytes,
+            max_live_bytes_per_kme: config.max_live_bytes_per_kme,
         };
         Self {
             config,
@@ -128,7 +133,8 @@ impl EntropyService {
     }
 
     /// Hands out `request.len` fresh random bytes as a never-reused range that each named
-    /// reader may read once.
+    /// reader may read once. Refused (503) once the entropy source has failed, or when the
+    /// bytes would exceed the caller's quota or the server's memory bound.
     pub async fn allocate(
         &self,
         caller: &VerifiedKme,
@@ -144,8 +150,11 @@ impl EntropyService {
         check_readers(&request.readers)?;
         let len = usize::try_from(request.len)
             .map_err(|_| ApiError::BadRequest(format!("len {} is too large", request.len)))?;
+        if let Some(reason) = self.source.failure() {
+            return Err(ApiError::SourceFailed(reason.to_owned()));
+        }
         let holds = !request.readers.is_empty();
-        self.lock().check_room(request.len, holds)?;
+        self.lock().check_room(caller.id(), request.len, holds)?;
 
         let bytes = self.generate(len).await?;
         let mut fresh = [0u8; 16];
@@ -157,6 +166,7 @@ impl EntropyService {
             Instant::now(),
             unix_now(),
             PoolId(fresh),
+            caller.id(),
             request.readers,
             bytes.clone(),
         )?;
@@ -215,24 +225,29 @@ impl EntropyService {
 
     /// Health for `GET /health`.
     pub fn health(&self, _caller: &VerifiedMember) -> Health {
+        let failure = self.source.failure().map(str::to_owned);
         let pools = self.lock();
         Health {
-            status: "ok".into(),
+            status: if failure.is_some() { "failed" } else { "ok" }.into(),
             server_id: self.config.server_id.clone(),
             live_bytes: pools.live_bytes(),
             pools: pools.pool_count(),
+            entropy_failure: failure,
         }
     }
 
     /// Prometheus text for `GET /metrics`.
     pub fn metrics_text(&self, _caller: &VerifiedMember) -> String {
         let live = self.lock().live_bytes();
-        self.metrics.render(live)
+        self.metrics.render(live, self.source.status())
     }
 
     /// Fills a fresh buffer on a blocking thread: megabytes of CSPRNG output (and reads
     /// from a possibly slow device) must not stall the async workers.
     async fn generate(&self, len: usize) -> Result<SharedBytes, ApiError> {
+        if self.config.insecure_stuck_output {
+            return Ok(Arc::new(Zeroizing::new(vec![0u8; len])));
+        }
         let source = self.source.clone();
         let filled = tokio::task::spawn_blocking(move || {
             let mut buffer = Zeroizing::new(vec![0u8; len]);
@@ -240,7 +255,10 @@ impl EntropyService {
         })
         .await
         .map_err(|e| ApiError::Internal(format!("entropy task failed: {e}")))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| match self.source.failure() {
+            Some(reason) => ApiError::SourceFailed(reason.to_owned()),
+            None => ApiError::Internal(e.to_string()),
+        })?;
         Ok(Arc::new(filled))
     }
 
@@ -301,6 +319,15 @@ mod tests {
     use std::path::Path;
 
     fn service(corrupt: bool) -> EntropyService {
+        service_with(corrupt, EntropySource::system(), None)
+    }
+
+    fn service_with(
+        corrupt: bool,
+        source: EntropySource,
+        // (max_live_bytes, max_allocation)
+        limits: Option<(u64, u64)>,
+    ) -> EntropyService {
         let file = ConfigFile {
             cluster: "test".into(),
             server_id: "E1".into(),
@@ -316,14 +343,15 @@ mod tests {
             pool_ttl_secs: None,
             pool_rotate_secs: None,
             pool_max_bytes: None,
-            max_allocation: None,
-            max_live_bytes: None,
+            max_allocation: limits.map(|(_, max_allocation)| max_allocation),
+            max_live_bytes: limits.map(|(max, _)| max),
+            max_live_bytes_per_kme: None,
             mix_file: None,
             connections: Default::default(),
         };
         let mut config = Config::from_file(file, Path::new("e.toml"), Path::new(".")).unwrap();
         config.insecure_corrupt_reads = corrupt;
-        EntropyService::new(Arc::new(config), Arc::new(EntropySource::system()))
+        EntropyService::new(Arc::new(config), Arc::new(source))
     }
 
     fn kme(service: &EntropyService, id: &str) -> VerifiedKme {
@@ -360,6 +388,94 @@ mod tests {
             assert_eq!(bit_distance(&allocated, &b), want, "corrupt = {corrupt}");
             assert_eq!(bit_distance(&allocated, &c), want, "corrupt = {corrupt}");
         }
+    }
+
+    fn request(len: u64, readers: &[&str]) -> AllocateRequest {
+        AllocateRequest {
+            len,
+            readers: readers.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_greedy_kme_cannot_stop_another() {
+        // 4000 bytes in all, 2000 per KME (the default: half).
+        let service = service_with(false, EntropySource::system(), Some((4000, 1000)));
+        assert_eq!(service.config().max_live_bytes_per_kme, 2000);
+        let (a, b) = (kme(&service, "KME_A"), kme(&service, "KME_B"));
+        // A names a reader that never reads, until it is refused.
+        for _ in 0..2 {
+            service
+                .allocate(&a, request(1000, &["KME_X"]))
+                .await
+                .unwrap();
+        }
+        let err = service
+            .allocate(&a, request(1000, &["KME_X"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        let text = err.to_string();
+        assert!(
+            text.contains("entropy quota of KME_A exceeded") && text.contains("(2000)"),
+            "{text}"
+        );
+        // B is not affected.
+        for _ in 0..2 {
+            service
+                .allocate(&b, request(1000, &["KME_X"]))
+                .await
+                .unwrap();
+        }
+        assert!(service
+            .metrics_text(&VerifiedMember { _private: () })
+            .contains("dqkd_entropy_live_bytes 4000\n"));
+    }
+
+    #[tokio::test]
+    async fn a_failed_source_stops_allocation_with_the_reason() {
+        let service = service_with(false, EntropySource::stuck(0), None);
+        let a = kme(&service, "KME_A");
+        let member = VerifiedMember { _private: () };
+        assert_eq!(service.health(&member).status, "ok");
+        for _ in 0..2 {
+            let err = service
+                .allocate(&a, request(64, &["KME_B"]))
+                .await
+                .unwrap_err();
+            assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+            let text = err.to_string();
+            assert!(
+                text.contains("the OS generator failed its health test: repetition count"),
+                "{text}"
+            );
+        }
+        let health = service.health(&member);
+        assert_eq!(health.status, "failed");
+        assert!(health
+            .entropy_failure
+            .as_deref()
+            .is_some_and(|r| r.contains("repetition count test failed")));
+        assert!(service
+            .metrics_text(&member)
+            .contains("dqkd_entropy_source_healthy{source=\"os\"} 0\n"));
+        assert_eq!(service.lock().live_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn stuck_output_serves_zeros() {
+        let mut config = service(false).config().clone();
+        config.insecure_stuck_output = true;
+        let service = EntropyService::new(Arc::new(config), Arc::new(EntropySource::system()));
+        let (granted, bytes) = service
+            .allocate(&kme(&service, "KME_A"), request(64, &["KME_B"]))
+            .await
+            .unwrap();
+        assert_eq!(**bytes, vec![0u8; 64]);
+        let read = service
+            .read(&kme(&service, "KME_B"), granted.pool_id, granted.offset, 64)
+            .unwrap();
+        assert_eq!(**read, vec![0u8; 64]);
     }
 
     #[test]

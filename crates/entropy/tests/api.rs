@@ -320,7 +320,10 @@ async fn ranges_expire_with_their_pool() {
 
 #[tokio::test]
 async fn memory_bound_pushes_back_then_recovers() {
-    let fx = Fixture::start("max_allocation = 1024\nmax_live_bytes = 2048").await;
+    let fx = Fixture::start(
+        "max_allocation = 1024\nmax_live_bytes = 2048\nmax_live_bytes_per_kme = 2048",
+    )
+    .await;
     let (a, b) = (fx.kme("KME_A"), fx.kme("KME_B"));
     let first = a.allocate(1024, &readers(&["KME_B"])).await.unwrap();
     let _second = a.allocate(1024, &readers(&["KME_B"])).await.unwrap();
@@ -337,6 +340,35 @@ async fn memory_bound_pushes_back_then_recovers() {
     let text = a.metrics().await.unwrap();
     assert!(
         text.contains("dqkd_entropy_refusals_total{reason=\"pool_full\"} 1\n"),
+        "{text}"
+    );
+    fx.stop().await;
+}
+
+#[tokio::test]
+async fn a_greedy_kme_cannot_stop_another() {
+    // Quota: the default, half of max_live_bytes.
+    let fx = Fixture::start("max_allocation = 1024\nmax_live_bytes = 4096").await;
+    let (a, b) = (fx.kme("KME_A"), fx.kme("KME_B"));
+    // A names a reader that never reads, until it is refused.
+    for _ in 0..2 {
+        a.allocate(1024, &readers(&["KME_C"])).await.unwrap();
+    }
+    let err = a.allocate(1024, &readers(&["KME_C"])).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_refused(
+        Err::<(), _>(err),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "entropy quota of KME_A exceeded: 2048 unread bytes held for its ranges, 1024 more \
+         would exceed max_live_bytes_per_kme (2048)",
+    );
+    // B still allocates, its whole quota.
+    for _ in 0..2 {
+        b.allocate(1024, &readers(&["KME_C"])).await.unwrap();
+    }
+    let text = a.metrics().await.unwrap();
+    assert!(
+        text.contains("dqkd_entropy_refusals_total{reason=\"quota_exceeded\"} 1\n"),
         "{text}"
     );
     fx.stop().await;
@@ -458,9 +490,34 @@ async fn start_up_checks() {
         .expect("must refuse a missing mix source");
     assert!(matches!(err, ServeError::Source(_)), "{err}");
 
-    // A readable one is mixed in and the server works.
-    std::fs::write(dir.path().join("mix.bin"), [0x5au8; 4096]).unwrap();
-    let path = write_config(dir.path(), "mix_file = \"mix.bin\"");
+    // A stuck one fails its health test at start, although XOR-ed with the OS output it
+    // would look random.
+    std::fs::write(dir.path().join("mix.bin"), [0x5au8; 65_536]).unwrap();
+    let path = write_config(dir.path(), "mix_file = \"mix.bin\"\npool_max_bytes = 65536");
+    let err = dqkd_entropy::run(Config::load(&path).unwrap())
+        .await
+        .err()
+        .expect("must refuse a stuck mix source");
+    assert!(
+        err.to_string().contains("repetition count test failed"),
+        "{err}"
+    );
+
+    // A mix file smaller than one pool would have to wrap around: refused.
+    std::fs::write(dir.path().join("mix.bin"), random_bytes(65_535)).unwrap();
+    let err = dqkd_entropy::run(Config::load(&path).unwrap())
+        .await
+        .err()
+        .expect("must refuse a mix file smaller than a pool");
+    assert!(
+        err.to_string()
+            .contains("holds 65535 bytes, less than the 65536 bytes one pool can draw"),
+        "{err}"
+    );
+
+    // A good one is mixed in and the server works, until the file is used up: then
+    // allocation stops with the reason, and /health and the metrics say so.
+    std::fs::write(dir.path().join("mix.bin"), random_bytes(65_536)).unwrap();
     let serving = dqkd_entropy::run(Config::load(&path).unwrap())
         .await
         .unwrap();
@@ -473,12 +530,52 @@ async fn start_up_checks() {
     let a = EntropyClient::new(&format!("https://{}", serving.api_addr()), "E1", tls).unwrap();
     let range = a.allocate(10_000, &[]).await.unwrap();
     assert_eq!(range.bytes.len(), 10_000);
+    assert_eq!(a.health_report().await.unwrap().status, "ok");
+    for _ in 0..5 {
+        a.allocate(10_000, &[]).await.unwrap();
+    }
+    let err = a.allocate(10_000, &[]).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert_refused(
+        Err::<(), _>(err),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "is exhausted (a mix file is read once, never rewound)",
+    );
+    // Latched: even a byte is refused now.
+    assert!(a.allocate(1, &[]).await.is_err());
+    let health = a.health_report().await.unwrap();
+    assert_eq!(health.status, "failed");
+    assert!(
+        health
+            .entropy_failure
+            .as_deref()
+            .is_some_and(|r| r.contains("exhausted")),
+        "{health:?}"
+    );
+    let text = a.metrics().await.unwrap();
+    assert!(
+        text.contains("dqkd_entropy_source_healthy{source=\"mix\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dqkd_entropy_source_healthy{source=\"os\"} 1\n"),
+        "{text}"
+    );
     serving.shutdown().await;
 
     // Unknown config keys name the file.
     let path = write_config(dir.path(), "pool_size = 1");
     let err = Config::load(&path).unwrap_err();
     assert!(err.to_string().contains("entropy.toml"), "{err}");
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    use ring::rand::SecureRandom as _;
+    let mut bytes = vec![0u8; len];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("OS RNG");
+    bytes
 }
 
 /// A client presenting the KME certificate `cert`/`key` that accepts only entropy server

@@ -279,10 +279,34 @@ impl AsRef<[u8]> for SecretBuffer {
 }
 
 fn secret_json<T: Serialize>(value: &T) -> Response {
-    let mut buffer = Zeroizing::new(Vec::with_capacity(256));
-    match serde_json::to_writer(&mut *buffer, value) {
-        Ok(()) => with_json_type(Bytes::from_owner(SecretBuffer(buffer)).into_response()),
+    match secret_json_bytes(value) {
+        Ok(buffer) => with_json_type(Bytes::from_owner(SecretBuffer(buffer)).into_response()),
         Err(e) => ApiError::Internal(format!("serialising response: {e}")).into_response(),
+    }
+}
+
+/// The JSON of `value` in a zeroising buffer sized exactly in a first, counting pass: a
+/// buffer that grew while being written would leave its earlier, smaller copies of the
+/// keys in freed memory, unwiped.
+fn secret_json_bytes<T: Serialize>(value: &T) -> serde_json::Result<Zeroizing<Vec<u8>>> {
+    let mut counter = CountingWriter(0);
+    serde_json::to_writer(&mut counter, value)?;
+    let mut buffer = Zeroizing::new(Vec::with_capacity(counter.0));
+    serde_json::to_writer(&mut *buffer, value)?;
+    Ok(buffer)
+}
+
+/// Counts the bytes written to it and keeps none.
+struct CountingWriter(usize);
+
+impl std::io::Write for CountingWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 += bytes.len();
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -332,4 +356,18 @@ async fn log_request(
         "request"
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn key_json_is_written_into_one_buffer_that_never_grew() {
+        let keys: Vec<String> = (0..1000).map(|i| format!("{i:064}")).collect();
+        let buffer = super::secret_json_bytes(&keys).unwrap();
+        assert_eq!(buffer.len(), buffer.capacity());
+        assert_eq!(
+            serde_json::from_slice::<Vec<String>>(&buffer).unwrap(),
+            keys
+        );
+    }
 }

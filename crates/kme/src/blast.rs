@@ -4,12 +4,21 @@
 //! One batch costs one allocation per server, however many keys it holds. A server that
 //! does not answer is skipped for another (any `n` healthy servers of those configured),
 //! and is tried last for a while so that one dead server does not slow every request.
+//!
+//! Every block received from a server runs the SP 800-90B repetition count test
+//! ([`dqkd_entropy::health`], cutoff 11 equal bytes in a row) before it is used. A server
+//! whose block fails is treated like a server that is down: logged at error, tried last
+//! for a while, and replaced by a spare; with fewer than `n` healthy blocks the request
+//! fails rather than issue keys. This catches a real server gone bad (say one serving
+//! zeros); keeping impostors out is the pinned server identity's job. Blocks shorter than
+//! the cutoff cannot fail the test.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dqkd_entropy::client::{Allocation, EntropyClient};
+use dqkd_entropy::health::{HealthFailure, RepetitionCount};
 use dqkd_keygen::confirm::{self, TagKey};
 use dqkd_keygen::metadata::{self, BatchMetadata, KeyEntry, RangeRef};
 use dqkd_keygen::Extractor;
@@ -155,7 +164,24 @@ impl Blast {
                 .map_err(|e| KeySourceError::Unavailable(format!("allocation task failed: {e}")))?;
             waiting_for.retain(|&i| i != index);
             let server = self.servers[index].id.clone();
-            let outcome = if result.is_ok() { "ok" } else { "failed" };
+            // A block that fails the health test counts as a failed allocation.
+            let result = result.map_err(|e| e.to_string()).and_then(|allocation| {
+                match repetition_count(&allocation.bytes) {
+                    Ok(()) => Ok(allocation),
+                    Err(failure) => {
+                        tracing::error!(
+                            server = %server,
+                            %failure,
+                            "entropy server sent a block that failed the health test; routing around it"
+                        );
+                        Err(unhealthy(&server, failure))
+                    }
+                }
+            });
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(_) => "failed",
+            };
             metrics::counter!("dqkd_entropy_allocations_total", "server" => server, "result" => outcome)
                 .increment(1);
             match result {
@@ -306,7 +332,20 @@ impl KeySource for Blast {
                 joined.map_err(|e| KeySourceError::Regenerate(format!("read task failed: {e}")))?;
             let range = &meta.ranges[j];
             match result {
-                Ok(bytes) if bytes.len() as u64 == range.len => blocks[j] = Some(bytes),
+                Ok(bytes) if bytes.len() as u64 == range.len => {
+                    if let Err(failure) = repetition_count(&bytes) {
+                        tracing::error!(
+                            server = %range.server_id,
+                            %failure,
+                            "entropy server sent a block that failed the health test"
+                        );
+                        return Err(KeySourceError::Regenerate(unhealthy(
+                            &range.server_id,
+                            failure,
+                        )));
+                    }
+                    blocks[j] = Some(bytes)
+                }
                 Ok(bytes) => {
                     return Err(KeySourceError::Regenerate(format!(
                         "entropy server {:?} returned {} bytes for a range of {}",
@@ -354,4 +393,13 @@ impl KeySource for Blast {
         }
         Ok(keys)
     }
+}
+
+/// The SP 800-90B repetition count test over one block, fresh for each block.
+fn repetition_count(block: &[u8]) -> Result<(), HealthFailure> {
+    RepetitionCount::new().feed(block)
+}
+
+fn unhealthy(server: &str, failure: HealthFailure) -> String {
+    format!("entropy server {server} sent a block that failed its health test: {failure}")
 }

@@ -29,13 +29,26 @@ impl Cluster {
     /// Starts `count` servers; `extra` is added to every server's TOML, and the servers
     /// whose index is in `liars` flip a bit of every range they serve to readers.
     async fn start(count: usize, extra: &str, liars: &[usize]) -> Self {
+        Self::start_configured(count, extra, |j, config| {
+            config.insecure_corrupt_reads = liars.contains(&j);
+        })
+        .await
+    }
+
+    /// Starts `count` servers; `extra` is added to every server's TOML, and `adjust` may
+    /// change server `j`'s loaded configuration (the test-only switches).
+    async fn start_configured(
+        count: usize,
+        extra: &str,
+        adjust: impl Fn(usize, &mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ids: Vec<String> = (1..=count).map(|j| format!("E{j}")).collect();
         make_pki(dir.path(), &ids);
         let (mut urls, mut serving) = (Vec::new(), Vec::new());
         for (j, id) in ids.iter().enumerate() {
             let mut config = Config::load(&write_config(dir.path(), id, extra)).expect("config");
-            config.insecure_corrupt_reads = liars.contains(&j);
+            adjust(j, &mut config);
             let server = dqkd_entropy::run(config)
                 .await
                 .expect("start entropy server");
@@ -347,6 +360,52 @@ async fn regeneration_with_a_server_down_is_unavailable() {
     let text = err.to_string();
     assert!(matches!(err, KeySourceError::Unavailable(_)), "{err:?}");
     assert!(text.contains("entropy server E3 unreachable"), "{text}");
+    cluster.stop().await;
+}
+
+/// Starts `count` servers of which server `stuck` (0-based) hands out all-zero ranges, as a
+/// server whose source died unnoticed (or a fake) would.
+async fn with_a_stuck_server(count: usize, stuck: usize) -> Cluster {
+    Cluster::start_configured(count, "", |j, config| {
+        config.insecure_stuck_output = j == stuck;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_server_serving_stuck_bytes_is_routed_around() {
+    // E2 is among the first three a fresh generator tries.
+    let cluster = with_a_stuck_server(4, 1).await;
+    let (a, b) = (cluster.blast("KME_A"), cluster.blast("KME_B"));
+    for _ in 0..3 {
+        let batch = a.generate(4, 32, &to_b()).await.unwrap();
+        let used = servers_used(&batch);
+        assert_eq!(used.len(), usize::from(N));
+        assert!(!used.contains(&"E2".to_owned()), "{used:?}");
+        assert!(batch.keys.iter().all(|(_, k)| k.as_bytes() != [0u8; 32]));
+        let regenerated = b.regenerate(metadata(&batch)).await.unwrap();
+        assert_same_keys(&batch, &regenerated);
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn with_fewer_than_n_healthy_servers_no_keys_are_issued() {
+    let cluster = with_a_stuck_server(3, 1).await;
+    let err = cluster
+        .blast("KME_A")
+        .generate(4, 32, &to_b())
+        .await
+        .err()
+        .expect("two healthy servers cannot give n = 3 blocks");
+    let text = err.to_string();
+    assert!(matches!(err, KeySourceError::Unavailable(_)), "{err:?}");
+    assert!(
+        text.contains("only 2 of the 3 entropy servers needed answered")
+            && text.contains("entropy server E2 sent a block that failed its health test")
+            && text.contains("repetition count test failed: byte 0x00"),
+        "{text}"
+    );
     cluster.stop().await;
 }
 
