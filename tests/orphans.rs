@@ -47,7 +47,11 @@ async fn load(alice: Client, received: Arc<Mutex<BTreeSet<String>>>, stop: Arc<A
     while !stop.load(Ordering::Relaxed) {
         n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
         // Mostly pool-sized requests (bind), every fourth a large one (deliver).
-        let number = if (n >> 8) % 4 == 0 { 100 } else { 1 + (n >> 12) % 8 };
+        let number = if (n >> 8) % 4 == 0 {
+            100
+        } else {
+            1 + (n >> 12) % 8
+        };
         let request = KeyRequestBody {
             number: Some(number),
             ..Default::default()
@@ -92,7 +96,11 @@ async fn no_orphan_keys_at_the_peer_after_kill_9_under_load() {
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(restarted.elapsed())).await;
 
     let received: Vec<String> = received.lock().expect("received").iter().cloned().collect();
-    assert!(received.len() > 1000, "only {} keys received", received.len());
+    assert!(
+        received.len() > 1000,
+        "only {} keys received",
+        received.len()
+    );
     let bob = cluster.client("bob");
     for chunk in received.chunks(500) {
         let ids: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -122,5 +130,8 @@ async fn no_orphan_keys_at_the_peer_after_kill_9_under_load() {
         at_b >= answer_lost,
         "A answered {answer_lost} keys that B does not hold"
     );
-    assert_eq!(orphans, 0, "keys at B that no Alice received and A never answered");
+    assert_eq!(
+        orphans, 0,
+        "keys at B that no Alice received and A never answered"
+    );
 }

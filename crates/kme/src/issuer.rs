@@ -25,9 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use dqkd_store::{
-    InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError,
-};
+use dqkd_store::{InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use uuid::Uuid;
 
@@ -579,7 +577,14 @@ async fn bind_ready(
             );
             // The peer may still hold some of them: shred those there too.
             for chunk in stale.chunks(REMOVE_CHUNK) {
-                withdraw(shared, Uuid::new_v4(), &[site.to_owned()], &[], chunk, false);
+                withdraw(
+                    shared,
+                    Uuid::new_v4(),
+                    &[site.to_owned()],
+                    &[],
+                    chunk,
+                    false,
+                );
             }
             remove_ready_here(shared, &name, stale);
             return Err(Bound::Missed);
@@ -836,7 +841,14 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
         Ok(ack) if ack.request_id == request_id && ack.stored == ids.len() => {}
         other => {
             metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(shared, request_id, std::slice::from_ref(&peer), &[], &seqs, false);
+            withdraw(
+                shared,
+                request_id,
+                std::slice::from_ref(&peer),
+                &[],
+                &seqs,
+                false,
+            );
             return Err(ApiError::Unavailable(match other {
                 Err(e) => e.to_string(),
                 Ok(ack) => format!(
@@ -859,7 +871,14 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
         })
         .collect();
     if let Err(e) = shared.store.pool_insert(pool.name(), keys).await {
-        withdraw(shared, request_id, std::slice::from_ref(&peer), &[], &seqs, false);
+        withdraw(
+            shared,
+            request_id,
+            std::slice::from_ref(&peer),
+            &[],
+            &seqs,
+            false,
+        );
         return Err(e.into());
     }
     pool.push(slots, expires_at);

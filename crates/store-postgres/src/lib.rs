@@ -88,8 +88,7 @@ use dqkd_store::rules::{
 };
 use dqkd_store::seal::{Cipher, Record};
 use dqkd_store::{
-    InFlight,
-    DeliveredKey, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
+    DeliveredKey, InFlight, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
     StoreError, TakeError,
 };
 use futures_util::future::{try_join, try_join_all};
@@ -231,7 +230,8 @@ const POOL_LIST: &str = "SELECT seq, id, expires_at, CASE WHEN expires_at = $2 T
                          ORDER BY seq LIMIT $4";
 
 /// Why a ready key is refused whose position has no `bigint` form.
-const RECORD_IN_FLIGHT: &str = "INSERT INTO dqkd_in_flight (request_id, owner, sites, key_ids, ready) \
+const RECORD_IN_FLIGHT: &str =
+    "INSERT INTO dqkd_in_flight (request_id, owner, sites, key_ids, ready) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO UPDATE SET owner = EXCLUDED.owner, \
      sites = EXCLUDED.sites, key_ids = EXCLUDED.key_ids, ready = EXCLUDED.ready";
 const FORGET_IN_FLIGHT: &str = "DELETE FROM dqkd_in_flight WHERE request_id = $1";

@@ -24,7 +24,8 @@
 use std::sync::Arc;
 
 use dqkd_store::{
-    InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError, TakeError, Uuid,
+    InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError,
+    TakeError, Uuid,
 };
 
 /// The clock the cases pass to `take`; keys expire relative to it.
@@ -690,7 +691,11 @@ pub async fn in_flight_records_leave_with_the_answering_commit(s: Arc<dyn KeySto
         .unwrap();
     s.forget_in_flight(&[other.request_id]).await.unwrap();
     assert!(s.in_flight("a2").await.unwrap().is_empty());
-    assert_eq!(s.pending("alice", "alice"), 3, "the first insert and two bound keys");
+    assert_eq!(
+        s.pending("alice", "alice"),
+        3,
+        "the first insert and two bound keys"
+    );
 }
 
 /// Generates one `#[tokio::test]` per case in a module `$module`, for stores made by the async

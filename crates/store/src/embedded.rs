@@ -811,7 +811,10 @@ mod tests {
             let store = EmbeddedStore::open(&path, kek()).unwrap();
             assert_eq!(store.replayed_at_open(), 1);
             assert_eq!(store.in_flight("").await.unwrap(), vec![logged.clone()]);
-            assert_eq!(store.in_flight("a1").await.unwrap(), vec![forgotten.clone()]);
+            assert_eq!(
+                store.in_flight("a1").await.unwrap(),
+                vec![forgotten.clone()]
+            );
             store.record_in_flight(filed.clone()).await.unwrap();
             store
                 .forget_in_flight(&[forgotten.request_id])

@@ -54,9 +54,7 @@ mod writer;
 pub use embedded::{CommitStats, EmbeddedStore};
 pub use error::{RecordError, StoreError, TakeError};
 pub use kek::{Kek, KEK_LEN};
-pub use key::{
-    DeliveredKey, InFlight, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
-};
+pub use key::{DeliveredKey, InFlight, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, Slot};
 pub use memory::MemoryStore;
 pub use uuid::Uuid;
 
@@ -216,7 +214,9 @@ pub trait KeyStore: Send + Sync + 'static {
     /// `Ok(false)` while another live process holds it. A claim lasts as long as the process
     /// (or its hold on the store) does. A store that one process alone can open claims every
     /// pool for it. Claims only decide which process refills a pool and hands its keys out; a
-    /// ready key is bound at most once whoever tries.
+    /// ready key is bound at most once whoever tries. A KME claims the name
+    /// `in-flight:<replica name>` the same way before it recovers its in-flight records
+    /// ([`KeyStore::in_flight`]), so that it never withdraws a live sibling's requests.
     async fn claim_pool(&self, link: &str) -> Result<bool, StoreError> {
         let _ = link;
         Ok(true)

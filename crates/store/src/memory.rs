@@ -11,8 +11,8 @@ use crate::meta::{
     KeyMeta, PendingCounts,
 };
 use crate::{
-    DeliveredKey, InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError,
-    TakeError,
+    DeliveredKey, InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
+    StoreError, TakeError,
 };
 
 /// In-memory key store behind one mutex.

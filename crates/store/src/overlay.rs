@@ -115,9 +115,7 @@ impl Overlay {
 
     /// Entries held (puts and tombstones), for metrics.
     pub(crate) fn len(&self) -> usize {
-        self.keys.len()
-            + self.in_flight.len()
-            + self.ready.values().map(Layer::len).sum::<usize>()
+        self.keys.len() + self.in_flight.len() + self.ready.values().map(Layer::len).sum::<usize>()
     }
 }
 

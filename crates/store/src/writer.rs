@@ -22,9 +22,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::checkpoint::{self, Checkpointer};
-use crate::embedded::{
-    ready_key, ready_value, split_ready, IN_FLIGHT, KEYS, META, READY, WAL_SEQ,
-};
+use crate::embedded::{ready_key, ready_value, split_ready, IN_FLIGHT, KEYS, META, READY, WAL_SEQ};
 use crate::expiry::{Lifetimes, Seen};
 use crate::kek::Cipher;
 use crate::meta::{
@@ -35,7 +33,8 @@ use crate::overlay::Overlay;
 use crate::record::{aad, Record, VERSION};
 use crate::wal::{Batch, Wal};
 use crate::{
-    DeliveredKey, InFlight, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, StoreError, TakeError,
+    DeliveredKey, InFlight, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, StoreError,
+    TakeError,
 };
 
 /// Upper bound on operations per transaction, to bound the latency of the first caller.
@@ -587,12 +586,10 @@ fn apply_all(
                 Ok(r) => Ok(Outcome::Insert(reply, r)),
                 Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
             },
-            Request::RecordInFlight { id, value, reply } => {
-                match tables.put_in_flight(id, value) {
-                    Ok(()) => Ok(Outcome::Insert(reply, Ok(()))),
-                    Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
-                }
-            }
+            Request::RecordInFlight { id, value, reply } => match tables.put_in_flight(id, value) {
+                Ok(()) => Ok(Outcome::Insert(reply, Ok(()))),
+                Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
+            },
             Request::ForgetInFlight { ids, reply } => {
                 match ids.iter().try_for_each(|id| tables.del_in_flight(*id)) {
                     Ok(()) => Ok(Outcome::Insert(reply, Ok(()))),

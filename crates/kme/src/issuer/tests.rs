@@ -182,10 +182,17 @@ async fn requests_left_in_flight_are_withdrawn_at_start() {
     };
     let (mine, sibling) = (record(""), record("r2"));
     store.record_in_flight(mine).await.expect("record");
-    store.record_in_flight(sibling.clone()).await.expect("record");
+    store
+        .record_in_flight(sibling.clone())
+        .await
+        .expect("record");
     let (_stop, stopped) = watch::channel(false);
     issuer.start_pools(stopped).await.expect("start");
-    assert_eq!(store.pending("alice", "bob"), 0, "this site's copy is shredded");
+    assert_eq!(
+        store.pending("alice", "bob"),
+        0,
+        "this site's copy is shredded"
+    );
     sleep(Duration::from_millis(10)).await;
     assert!(store.in_flight("").await.expect("records").is_empty());
     assert_eq!(
