@@ -47,7 +47,7 @@ async fn load(alice: Client, received: Arc<Mutex<BTreeSet<String>>>, stop: Arc<A
     while !stop.load(Ordering::Relaxed) {
         n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
         // Mostly pool-sized requests (bind), every fourth a large one (deliver).
-        let number = if (n >> 8) % 4 == 0 {
+        let number = if (n >> 8).is_multiple_of(4) {
             100
         } else {
             1 + (n >> 12) % 8
