@@ -13,13 +13,19 @@
 //! sent; a batch under way works until the latest deadline among its requests, and each
 //! request whose own deadline passes first is answered 503 at that moment, its keys then
 //! destroyed at every site like those of a caller that left.
+//!
+//! A cross-site request is recorded in the store as *in flight* before its first peer
+//! message, and the record leaves in the commit that stores this site's own copy of its keys
+//! (the moment it is answered). A record still there when the process starts again is a
+//! request whose keys a peer may hold but nobody received: [`Issuer::start_pools`] withdraws
+//! them at every site first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use dqkd_store::{KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
+use dqkd_store::{InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use uuid::Uuid;
 
@@ -155,6 +161,8 @@ impl Issuer {
     /// stopping when `stopped` turns true. Returns how many ready keys were loaded.
     pub async fn start_pools(&self, stopped: watch::Receiver<bool>) -> Result<u64, StoreError> {
         let shared = &self.shared;
+        // Before the pools are read, so that ready keys of an unanswered bind are gone here.
+        recover_in_flight(shared).await?;
         let mut loaded = 0;
         for pool in shared.pools.links() {
             let claimed = match shared.store.claim_pool(pool.name()).await {
@@ -315,7 +323,7 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
                 micros = started.elapsed().as_micros() as u64,
                 "key batch issued"
             );
-            answer(shared, link, jobs, keys);
+            answer(shared, link, jobs, keys).await;
         }
         // A peer that answered and refused may have refused one request of the batch
         // (its pair over quota, say): each request is tried alone, so the refusal lands
@@ -327,7 +335,7 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
                 };
                 let single = std::slice::from_ref(&job);
                 match issue_batch(shared, link, single, job.order.count, job.deadline).await {
-                    Ok(keys) => answer(shared, link, vec![job], keys),
+                    Ok(keys) => answer(shared, link, vec![job], keys).await,
                     Err(e) => {
                         let _ = job.reply.send(Err(e.into_api()));
                     }
@@ -355,7 +363,7 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
 
 /// Hands each job its keys, in order. A job whose caller went away (its connection
 /// closed) never gets them: they are destroyed at every site so no one else can.
-fn answer(shared: &Shared, link: &Link, jobs: Vec<Job>, mut keys: Issued) {
+async fn answer(shared: &Shared, link: &Link, jobs: Vec<Job>, mut keys: Issued) {
     for job in jobs {
         let rest = keys.split_off(job.order.count.min(keys.len()));
         let mine = std::mem::replace(&mut keys, rest);
@@ -365,7 +373,12 @@ fn answer(shared: &Shared, link: &Link, jobs: Vec<Job>, mut keys: Issued) {
                 count = ids.len(),
                 "caller left before its keys were handed over; destroying them"
             );
-            withdraw(shared, Uuid::new_v4(), &link.remote, &ids, &[]);
+            let request_id = Uuid::new_v4();
+            let recorded = !link.remote.is_empty()
+                && record_in_flight(shared, request_id, &link.remote, &ids, &[])
+                    .await
+                    .is_ok();
+            withdraw(shared, request_id, &link.remote, &ids, &[], recorded);
             let store = shared.store.clone();
             tokio::spawn(async move {
                 if let Err(e) = store.destroy(&ids).await {
@@ -436,6 +449,7 @@ async fn issue_batch(
         let metadata = batch.metadata.as_deref().ok_or_else(|| {
             ApiError::Internal("the key source gave no regeneration metadata".into())
         })?;
+        record_in_flight(shared, request_id, &link.remote, &ids, &[]).await?;
         deliver(shared, link, jobs, request_id, metadata, &ids, deadline).await?;
     }
 
@@ -459,11 +473,18 @@ async fn issue_batch(
             });
         }
     }
-    if !records.is_empty() {
-        if let Err(e) = shared.store.insert(records).await {
-            withdraw(shared, request_id, &link.remote, &ids, &[]);
-            return Err(BatchError::Other(e.into()));
+    if link.remote.is_empty() {
+        // Same-site: no peer holds anything, so no record to answer.
+        if !records.is_empty() {
+            shared.store.insert(records).await.map_err(ApiError::from)?;
         }
+    } else if let Err(e) = shared
+        .store
+        .insert_answering(records, Some(request_id))
+        .await
+    {
+        withdraw(shared, request_id, &link.remote, &ids, &[], true);
+        return Err(BatchError::Other(e.into()));
     }
     Ok(batch.keys)
 }
@@ -517,6 +538,12 @@ async fn bind_ready(
         ("kme", shared.config.kme_id.clone()),
         ("peer", site.to_owned()),
     ];
+    if let Err(e) = record_in_flight(shared, request_id, &[site.to_owned()], &ids, &seqs).await {
+        // Nothing was sent, but the keys have left this site's pool: shred them at both.
+        withdraw(shared, request_id, &[site.to_owned()], &[], &seqs, false);
+        remove_ready_here(shared, &name, seqs);
+        return Err(Bound::Failed(BatchError::Other(e)));
+    }
     let started = Instant::now();
     let result = client
         .bind(
@@ -539,6 +566,8 @@ async fn bind_ready(
     match result {
         Ok(ack) if ack.request_id == request_id && ack.bound == ids.len() => {}
         Err(PeerError::Refused { status, .. }) if status == http::StatusCode::CONFLICT => {
+            // The peer refused the whole bind: nothing of it is stored there to withdraw.
+            forget_in_flight(shared, request_id);
             shred("the peer no longer holds them");
             let stale: Vec<u64> = shared.pools.discard(site).iter().map(|s| s.seq).collect();
             tracing::warn!(
@@ -548,14 +577,21 @@ async fn bind_ready(
             );
             // The peer may still hold some of them: shred those there too.
             for chunk in stale.chunks(REMOVE_CHUNK) {
-                withdraw(shared, Uuid::new_v4(), &[site.to_owned()], &[], chunk);
+                withdraw(
+                    shared,
+                    Uuid::new_v4(),
+                    &[site.to_owned()],
+                    &[],
+                    chunk,
+                    false,
+                );
             }
             remove_ready_here(shared, &name, stale);
             return Err(Bound::Missed);
         }
         other => {
             metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs);
+            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs, true);
             shred("the bind failed");
             let (refused, reason) = match other {
                 Err(e @ PeerError::Refused { .. }) => (true, e.to_string()),
@@ -598,13 +634,17 @@ async fn bind_ready(
         });
         offset += job.order.count;
     }
-    match shared.store.pool_bind(&name, local, now).await {
+    match shared
+        .store
+        .pool_bind_answering(&name, local, now, Some(request_id))
+        .await
+    {
         Ok(keys) => Ok(keys.into_iter().map(|k| (k.id, k.material)).collect()),
         Err(e) => {
             // Bound at the peer but not here (shredded as expired, say): undo the peer's
             // side and make the keys on demand instead.
             tracing::warn!(site, error = %e, "ready keys could not be bound here; withdrawing them");
-            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs);
+            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs, true);
             shred("the local bind failed");
             Err(Bound::Missed)
         }
@@ -801,7 +841,14 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
         Ok(ack) if ack.request_id == request_id && ack.stored == ids.len() => {}
         other => {
             metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(shared, request_id, std::slice::from_ref(&peer), &[], &seqs);
+            withdraw(
+                shared,
+                request_id,
+                std::slice::from_ref(&peer),
+                &[],
+                &seqs,
+                false,
+            );
             return Err(ApiError::Unavailable(match other {
                 Err(e) => e.to_string(),
                 Ok(ack) => format!(
@@ -824,7 +871,14 @@ async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(),
         })
         .collect();
     if let Err(e) = shared.store.pool_insert(pool.name(), keys).await {
-        withdraw(shared, request_id, std::slice::from_ref(&peer), &[], &seqs);
+        withdraw(
+            shared,
+            request_id,
+            std::slice::from_ref(&peer),
+            &[],
+            &seqs,
+            false,
+        );
         return Err(e.into());
     }
     pool.push(slots, expires_at);
@@ -904,7 +958,7 @@ async fn deliver(
         return Ok(());
     }
     // A site that timed out may have stored the keys: withdraw them everywhere.
-    withdraw(shared, request_id, &link.remote, ids, &[]);
+    withdraw(shared, request_id, &link.remote, ids, &[], true);
     let refused = failures
         .iter()
         .all(|f| matches!(f, PeerError::Refused { .. }));
@@ -927,9 +981,18 @@ async fn deliver(
 
 /// Destroys a failed batch's keys at every peer site (ordinary keys by ID, ready keys of this
 /// site's pool toward it by position), retrying in the background until each site confirms
-/// or the keys would have expired anyway.
-fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid], ready: &[u64]) {
+/// or the keys would have expired anyway; then, if the request was `recorded` as in flight,
+/// forgets that record (a crash before then withdraws it again at the next start).
+fn withdraw(
+    shared: &Shared,
+    request_id: Uuid,
+    sites: &[String],
+    ids: &[Uuid],
+    ready: &[u64],
+    recorded: bool,
+) {
     let deadline = shared.config.key_ttl;
+    let mut calls = Vec::with_capacity(sites.len());
     for site in sites {
         let Some(client) = shared.peers.get(site).cloned() else {
             continue;
@@ -942,7 +1005,7 @@ fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid], r
             // reads the same to a peer that predates replica names.
             replica: shared.config.replica.clone().filter(|_| !ready.is_empty()),
         };
-        tokio::spawn(async move {
+        calls.push(tokio::spawn(async move {
             let started = Instant::now();
             let mut wait = Duration::from_millis(200);
             loop {
@@ -962,8 +1025,135 @@ fn withdraw(shared: &Shared, request_id: Uuid, sites: &[String], ids: &[Uuid], r
                     }
                 }
             }
+        }));
+    }
+    if recorded {
+        let store = shared.store.clone();
+        tokio::spawn(async move {
+            for call in calls {
+                let _ = call.await;
+            }
+            if let Err(e) = store.forget_in_flight(&[request_id]).await {
+                tracing::warn!(%request_id, error = %e, "could not forget a withdrawn request; it is withdrawn again at the next start");
+            }
         });
     }
+}
+
+/// The owner of this process's in-flight records: its replica name, or none.
+fn owner(shared: &Shared) -> String {
+    shared.config.replica.clone().unwrap_or_default()
+}
+
+/// Records durably that request `request_id` is about to reach `sites` (see
+/// [`KeyStore::record_in_flight`]), before its first peer message.
+async fn record_in_flight(
+    shared: &Shared,
+    request_id: Uuid,
+    sites: &[String],
+    ids: &[Uuid],
+    ready: &[u64],
+) -> Result<(), ApiError> {
+    shared
+        .store
+        .record_in_flight(InFlight {
+            request_id,
+            owner: owner(shared),
+            sites: sites.to_vec(),
+            key_ids: ids.to_vec(),
+            ready: ready.to_vec(),
+        })
+        .await
+        .map_err(ApiError::from)
+}
+
+/// Forgets the in-flight record of a request no peer acted on, in the background (a record
+/// left behind only costs an idempotent withdrawal at the next start).
+fn forget_in_flight(shared: &Shared, request_id: Uuid) {
+    let store = shared.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.forget_in_flight(&[request_id]).await {
+            tracing::warn!(%request_id, error = %e, "could not forget an in-flight request");
+        }
+    });
+}
+
+/// How often a process asks again for the claim on its in-flight records while another live
+/// process of its site (started with the same replica name) holds it.
+const IN_FLIGHT_CLAIM_RETRY: Duration = Duration::from_secs(2);
+
+/// Withdraws every request this process (by its replica name) left unanswered when it last
+/// stopped: shreds this site's copies (ready keys of an unanswered bind, keys of a caller
+/// that left) now, and the peers' in the background, retrying until each confirms; each
+/// record is forgotten once its peers have. Only the process that holds the claim on these
+/// records does it, so a live process started with the same replica name is never undone.
+async fn recover_in_flight(shared: &Arc<Shared>) -> Result<(), StoreError> {
+    let claim = format!("in-flight:{}", owner(shared));
+    if !shared.store.claim_pool(&claim).await.unwrap_or(false) {
+        tracing::warn!(
+            claim,
+            "another running process of this site holds these in-flight records (two \
+             replicas started with one --replica name?); recovering them once it is released"
+        );
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(IN_FLIGHT_CLAIM_RETRY).await;
+                if shared.store.claim_pool(&claim).await.unwrap_or(false) {
+                    if let Err(e) = withdraw_unanswered(&shared).await {
+                        tracing::warn!(error = %e, "could not read unanswered requests");
+                    }
+                    return;
+                }
+            }
+        });
+        return Ok(());
+    }
+    withdraw_unanswered(shared).await
+}
+
+async fn withdraw_unanswered(shared: &Shared) -> Result<(), StoreError> {
+    let records = shared.store.in_flight(&owner(shared)).await?;
+    if records.is_empty() {
+        return Ok(());
+    }
+    let keys: usize = records.iter().map(|r| r.key_ids.len()).sum();
+    tracing::warn!(
+        target: "dqkd::audit",
+        event = "unanswered_withdrawn",
+        requests = records.len(),
+        keys,
+        "withdrawing the keys of requests left unanswered when this process stopped"
+    );
+    for record in records {
+        shared.store.destroy(&record.key_ids).await?;
+        if let [site] = record.sites.as_slice() {
+            if !record.ready.is_empty() {
+                let name = crate::pools::link_name(
+                    &shared.config.kme_id,
+                    site,
+                    shared.config.replica.as_deref(),
+                );
+                shared.store.pool_remove(&name, &record.ready).await?;
+            }
+        }
+        tracing::info!(
+            target: "dqkd::audit",
+            event = "keys_withdrawn",
+            request_id = %record.request_id,
+            key_ids = ?record.key_ids,
+            "withdrawing the keys of a request left unanswered"
+        );
+        withdraw(
+            shared,
+            record.request_id,
+            &record.sites,
+            &record.key_ids,
+            &record.ready,
+            true,
+        );
+    }
+    Ok(())
 }
 
 /// The answer to a request whose deadline passed before every site had stored its keys

@@ -88,7 +88,7 @@ use dqkd_store::rules::{
 };
 use dqkd_store::seal::{Cipher, Record};
 use dqkd_store::{
-    DeliveredKey, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
+    DeliveredKey, InFlight, Kek, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
     StoreError, TakeError,
 };
 use futures_util::future::{try_join, try_join_all};
@@ -230,6 +230,11 @@ const POOL_LIST: &str = "SELECT seq, id, expires_at, CASE WHEN expires_at = $2 T
                          ORDER BY seq LIMIT $4";
 
 /// Why a ready key is refused whose position has no `bigint` form.
+const RECORD_IN_FLIGHT: &str =
+    "INSERT INTO dqkd_in_flight (request_id, owner, sites, key_ids, ready) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO UPDATE SET owner = EXCLUDED.owner, \
+     sites = EXCLUDED.sites, key_ids = EXCLUDED.key_ids, ready = EXCLUDED.ready";
+const FORGET_IN_FLIGHT: &str = "DELETE FROM dqkd_in_flight WHERE request_id = $1";
 const SEQ_TOO_LARGE: &str = "pool position above i64::MAX, which the PostgreSQL store cannot hold";
 
 /// A pool position as stored. Positions are u64 in the API and `bigint` in the table; real
@@ -623,6 +628,25 @@ fn decode(id: Uuid, bytes: &[u8]) -> Result<Record, StoreError> {
     Record::decode(bytes).map_err(|reason| StoreError::CorruptRecord { id, reason })
 }
 
+/// Deletes the in-flight record `answered` inside `txn`, the transaction that stores the
+/// origin's copy of its keys.
+async fn forget_answered(
+    txn: &deadpool_postgres::Transaction<'_>,
+    answered: Option<Uuid>,
+) -> Result<(), StoreError> {
+    let Some(id) = answered else {
+        return Ok(());
+    };
+    let stmt = txn
+        .prepare_cached(FORGET_IN_FLIGHT)
+        .await
+        .map_err(db("preparing an answer"))?;
+    txn.execute(&stmt, &[&id])
+        .await
+        .map_err(db("marking a request answered"))?;
+    Ok(())
+}
+
 /// Writes sealed keys into `dqkd_keys` inside `txn`. On [`StoreError::DuplicateId`] (the first
 /// key, in batch order, whose ID is already a key) the caller drops `txn`, which rolls it
 /// back: none of the batch is stored.
@@ -670,7 +694,11 @@ async fn write_keys(
 
 #[async_trait::async_trait]
 impl KeyStore for PostgresStore {
-    async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
+    async fn insert_answering(
+        &self,
+        keys: Vec<NewKey>,
+        answered: Option<Uuid>,
+    ) -> Result<(), StoreError> {
         check_insert(&keys, |_| Ok::<_, std::convert::Infallible>(false))
             .unwrap_or_else(|never| match never {})?;
         let rows = self.seal_keys(&keys)?;
@@ -681,6 +709,7 @@ impl KeyStore for PostgresStore {
             .await
             .map_err(db("starting an insert"))?;
         write_keys(&txn, &rows).await?;
+        forget_answered(&txn, answered).await?;
         let deltas = rows
             .into_iter()
             .map(|row| Delta::Add(row.record.meta().clone()))
@@ -874,11 +903,12 @@ impl KeyStore for PostgresStore {
         txn.commit().await.map_err(db("committing a pool insert"))
     }
 
-    async fn pool_bind(
+    async fn pool_bind_answering(
         &self,
         link: &str,
         grants: Vec<PoolGrant>,
         now: u64,
+        answered: Option<Uuid>,
     ) -> Result<Vec<DeliveredKey>, TakeError> {
         let slots = pool_bind_slots(&grants)?;
         // A position with no `bigint` form can hold no key.
@@ -915,6 +945,7 @@ impl KeyStore for PostgresStore {
         let sealed = self.seal_keys(&bound)?;
         drop(bound);
         write_keys(&txn, &sealed).await?;
+        forget_answered(&txn, answered).await?;
         let delivered = ids
             .iter()
             .map(|id| {
@@ -931,6 +962,83 @@ impl KeyStore for PostgresStore {
             .collect();
         self.commit(txn, deltas, "committing a pool bind").await?;
         Ok(delivered)
+    }
+
+    async fn record_in_flight(&self, request: InFlight) -> Result<(), StoreError> {
+        let ready: Vec<i64> = request
+            .ready
+            .iter()
+            .map(|&seq| to_db_seq(seq))
+            .collect::<Option<_>>()
+            .ok_or_else(|| StoreError::Database {
+                context: format!(
+                    "recording request {}: a ready-key position has no stored form",
+                    request.request_id
+                ),
+                source: "position above i64::MAX".into(),
+            })?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(RECORD_IN_FLIGHT)
+            .await
+            .map_err(db("preparing an in-flight record"))?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &request.request_id,
+                    &request.owner,
+                    &request.sites,
+                    &request.key_ids,
+                    &ready,
+                ],
+            )
+            .await
+            .map_err(db("recording an in-flight request"))?;
+        Ok(())
+    }
+
+    async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT request_id, sites, key_ids, ready FROM dqkd_in_flight WHERE owner = $1",
+                &[&owner],
+            )
+            .await
+            .map_err(db("reading in-flight requests"))?;
+        let read = |e| db("reading an in-flight request")(e);
+        rows.iter()
+            .map(|row| {
+                let request_id: Uuid = row.try_get(0).map_err(read)?;
+                let ready: Vec<i64> = row.try_get(3).map_err(read)?;
+                Ok(InFlight {
+                    request_id,
+                    owner: owner.to_owned(),
+                    sites: row.try_get(1).map_err(read)?,
+                    key_ids: row.try_get(2).map_err(read)?,
+                    ready: ready
+                        .into_iter()
+                        .map(|seq| from_db_seq(request_id, seq))
+                        .collect::<Result<_, _>>()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_in_flight(&self, request_ids: &[Uuid]) -> Result<(), StoreError> {
+        if request_ids.is_empty() {
+            return Ok(());
+        }
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM dqkd_in_flight WHERE request_id = ANY($1)",
+                &[&request_ids],
+            )
+            .await
+            .map_err(db("forgetting in-flight requests"))?;
+        Ok(())
     }
 
     async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError> {

@@ -35,10 +35,14 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: include_str!("../migrations/0003_pool_positions.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/0004_in_flight.sql"),
+    },
 ];
 
 /// The schema version this build writes (the version of the last migration).
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 const KEK_CHECK: &str = "kek_check";
 

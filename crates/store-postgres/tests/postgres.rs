@@ -773,7 +773,8 @@ async fn key_in_version_1_database(db: &TestDb, byte: u8) -> Uuid {
     db.client()
         .await
         .batch_execute(
-            "DROP TABLE dqkd_pool_keys; DELETE FROM dqkd_schema_migrations WHERE version > 1",
+            "DROP TABLE dqkd_pool_keys; DROP TABLE dqkd_in_flight; \
+             DELETE FROM dqkd_schema_migrations WHERE version > 1",
         )
         .await
         .unwrap();

@@ -24,7 +24,8 @@
 use std::sync::Arc;
 
 use dqkd_store::{
-    KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError, TakeError, Uuid,
+    InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError,
+    TakeError, Uuid,
 };
 
 /// The clock the cases pass to `take`; keys expire relative to it.
@@ -595,6 +596,108 @@ pub async fn destroy_of_reaches_only_the_given_masters(s: Arc<dyn KeyStore>) {
     assert_eq!(s.destroy_of(&masters(&["carol"]), &[is]).await.unwrap(), 1);
 }
 
+fn in_flight(owner: &str, key_ids: &[Uuid], ready: &[u64]) -> InFlight {
+    InFlight {
+        request_id: Uuid::new_v4(),
+        owner: owner.into(),
+        sites: vec!["KME_B".into(), "KME_C".into()],
+        key_ids: key_ids.to_vec(),
+        ready: ready.to_vec(),
+    }
+}
+
+fn sorted(mut records: Vec<InFlight>) -> Vec<InFlight> {
+    records.sort_by_key(|r| r.request_id);
+    records
+}
+
+/// In-flight records are kept per owner until the commit that answers them (an insert or a
+/// bind that succeeds) or until they are forgotten; a failed insert or bind keeps its
+/// record. Recording again replaces a record; forgetting is idempotent.
+pub async fn in_flight_records_leave_with_the_answering_commit(s: Arc<dyn KeyStore>) {
+    let k = key("alice", &["alice"], &[1; 32], NOW + 60);
+    let delivered = in_flight("", &[k.id], &[]);
+    let bound = in_flight("", &[Uuid::new_v4()], &[21]);
+    let empty = in_flight("", &[Uuid::new_v4()], &[]);
+    let other = in_flight("a2", &[Uuid::new_v4()], &[]);
+    for r in [&delivered, &bound, &empty, &other] {
+        s.record_in_flight(r.clone()).await.unwrap();
+    }
+    assert_eq!(
+        sorted(s.in_flight("").await.unwrap()),
+        sorted(vec![delivered.clone(), bound.clone(), empty.clone()])
+    );
+    assert_eq!(s.in_flight("a2").await.unwrap(), vec![other.clone()]);
+    assert!(s.in_flight("a3").await.unwrap().is_empty());
+    let mut replaced = bound.clone();
+    replaced.ready = vec![21, 22];
+    s.record_in_flight(replaced.clone()).await.unwrap();
+
+    // A failed insert (a duplicate ID) leaves the record: nothing was answered.
+    s.insert(vec![k.clone()]).await.unwrap();
+    let r = s
+        .insert_answering(vec![k.clone()], Some(delivered.request_id))
+        .await;
+    assert!(matches!(r, Err(StoreError::DuplicateId { .. })), "{r:?}");
+    assert!(s.in_flight("").await.unwrap().contains(&delivered));
+    let mut fresh = key("alice", &["alice"], &[2; 32], NOW + 60);
+    fresh.id = Uuid::new_v4();
+    s.insert_answering(vec![fresh.clone()], Some(delivered.request_id))
+        .await
+        .unwrap();
+    // An origin that keeps no copy still answers with a commit.
+    s.insert_answering(Vec::new(), Some(empty.request_id))
+        .await
+        .unwrap();
+    assert_eq!(s.in_flight("").await.unwrap(), vec![replaced.clone()]);
+    let got = s
+        .take("alice", &masters(&["alice"]), &[fresh.id], NOW)
+        .await
+        .unwrap();
+    assert_eq!(got[0].material.as_bytes(), &[2; 32]);
+
+    // A bind that fails keeps the record; one that succeeds takes it away.
+    let (a, b) = (ready(21, NOW + 100), ready(22, NOW + 100));
+    s.pool_insert("A>B", vec![a.clone(), b.clone()])
+        .await
+        .unwrap();
+    let missing = Slot {
+        seq: 23,
+        id: Uuid::new_v4(),
+    };
+    let r = s
+        .pool_bind_answering(
+            "A>B",
+            vec![grant(&[a.slot, missing], "alice", &["alice"])],
+            NOW,
+            Some(replaced.request_id),
+        )
+        .await;
+    assert!(matches!(r, Err(TakeError::NotFound)), "{r:?}");
+    assert_eq!(s.in_flight("").await.unwrap(), vec![replaced.clone()]);
+    s.pool_bind_answering(
+        "A>B",
+        vec![grant(&[a.slot, b.slot], "alice", &["alice"])],
+        NOW,
+        Some(replaced.request_id),
+    )
+    .await
+    .unwrap();
+    assert!(s.in_flight("").await.unwrap().is_empty());
+
+    // Forgetting: unknown IDs skipped, and again is harmless.
+    s.forget_in_flight(&[other.request_id, Uuid::new_v4()])
+        .await
+        .unwrap();
+    s.forget_in_flight(&[other.request_id]).await.unwrap();
+    assert!(s.in_flight("a2").await.unwrap().is_empty());
+    assert_eq!(
+        s.pending("alice", "alice"),
+        3,
+        "the first insert and two bound keys"
+    );
+}
+
 /// Generates one `#[tokio::test]` per case in a module `$module`, for stores made by the async
 /// function `$make` (in scope where the macro is used), which returns
 /// `Option<(Arc<dyn KeyStore>, Guard)>`. The calling crate needs `tokio` with `macros` and
@@ -609,7 +712,7 @@ macro_rules! suite {
                 destroy_removes_whatever_the_entitlements,
                 destroy_of_reaches_only_the_given_masters, pool_keys_are_bound_once,
                 pool_bind_is_all_or_nothing, pool_positions_remove_and_purge, concurrent_pool_binds,
-                pool_pages_in_position_order);
+                pool_pages_in_position_order, in_flight_records_leave_with_the_answering_commit);
         }
     };
     (@case $make:ident; $($case:ident),*) => {

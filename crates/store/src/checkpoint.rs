@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use redb::{Database, Durability};
 
-use crate::embedded::{KEYS, READY};
+use crate::embedded::{IN_FLIGHT, KEYS, READY};
 use crate::overlay::Overlay;
 use crate::writer::write_checkpoint_seq;
 use crate::StoreError;
@@ -130,6 +130,15 @@ pub(crate) fn apply(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), St
                         .map(drop)
                         .map_err(write)?,
                 }
+            }
+        }
+        let mut in_flight = txn
+            .open_table(IN_FLIGHT)
+            .map_err(|e| StoreError::redb("opening the in-flight table", e))?;
+        for (id, value) in overlay.in_flight.iter() {
+            match value {
+                Some(v) => in_flight.insert(id, v).map(drop).map_err(write)?,
+                None => in_flight.remove(id).map(drop).map_err(write)?,
             }
         }
     }

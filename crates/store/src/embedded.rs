@@ -25,7 +25,7 @@ use crate::record::Record;
 use crate::wal::{Change, Recovered, Wal};
 use crate::writer::{self, Base, Durable, Request, Stats};
 use crate::{
-    DeliveredKey, Kek, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, RecordError, Slot,
+    DeliveredKey, InFlight, Kek, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, RecordError, Slot,
     StoreError, TakeError,
 };
 
@@ -39,6 +39,9 @@ pub(crate) const READY: TableDefinition<(&str, u64), &[u8]> = TableDefinition::n
 /// The ready-key table of earlier versions, keyed by key ID; discarded at open (ready keys
 /// belong to no SAE, so dropping them loses nothing: the peer's copies expire).
 const OLD_POOL: TableDefinition<u128, &[u8]> = TableDefinition::new("pool");
+/// Cross-site requests sent and not yet answered: request ID (as u128) → encoded
+/// [`crate::InFlight`] (see `inflight`).
+pub(crate) const IN_FLIGHT: TableDefinition<u128, &[u8]> = TableDefinition::new("in_flight");
 /// Store-wide facts, such as the KEK check value.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const KEK_CHECK: &str = "kek_check";
@@ -426,6 +429,9 @@ fn replay(
     let mut ready = txn
         .open_table(READY)
         .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+    let mut in_flight = txn
+        .open_table(IN_FLIGHT)
+        .map_err(|e| StoreError::redb("opening the in-flight table", e))?;
     let write = |e| StoreError::redb("applying the write-ahead log", e);
     let (mut replayed, mut last) = (0, checkpointed);
     for (seq, changes) in recovered {
@@ -456,6 +462,12 @@ fn replay(
                 }
                 Change::DelReady(link, seq) => {
                     ready.remove((link.as_str(), seq)).map_err(write)?;
+                }
+                Change::PutInFlight(id, value) => {
+                    in_flight.insert(id, value.as_slice()).map_err(write)?;
+                }
+                Change::DelInFlight(id) => {
+                    in_flight.remove(id).map_err(write)?;
                 }
             }
         }
@@ -515,6 +527,8 @@ fn prepare(
         drop(meta);
         txn.open_table(READY)
             .map_err(|e| StoreError::redb("creating the ready-key table", e))?;
+        txn.open_table(IN_FLIGHT)
+            .map_err(|e| StoreError::redb("creating the in-flight table", e))?;
         discard_old_pool(&txn)?;
         let (replayed, last) = replay(&txn, checkpointed, recovered, &wal_path(path))?;
         crate::writer::write_checkpoint_seq(&txn, last)?;
@@ -565,8 +579,17 @@ fn discard_old_pool(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 
 #[async_trait::async_trait]
 impl KeyStore for EmbeddedStore {
-    async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
-        self.call(|reply| Request::Insert { keys, reply }).await?
+    async fn insert_answering(
+        &self,
+        keys: Vec<NewKey>,
+        answered: Option<Uuid>,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Request::Insert {
+            keys,
+            answered,
+            reply,
+        })
+        .await?
     }
 
     async fn take(
@@ -669,20 +692,41 @@ impl KeyStore for EmbeddedStore {
             .await?
     }
 
-    async fn pool_bind(
+    async fn pool_bind_answering(
         &self,
         link: &str,
         grants: Vec<PoolGrant>,
         now: u64,
+        answered: Option<Uuid>,
     ) -> Result<Vec<DeliveredKey>, TakeError> {
         let link = link.to_owned();
         self.call(|reply| Request::PoolBind {
             link,
             grants,
             now,
+            answered,
             reply,
         })
         .await?
+    }
+
+    async fn record_in_flight(&self, request: InFlight) -> Result<(), StoreError> {
+        let value = crate::inflight::encode(&request);
+        let id = request.request_id;
+        self.call(|reply| Request::RecordInFlight { id, value, reply })
+            .await?
+    }
+
+    async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError> {
+        let owner = owner.to_owned();
+        self.call(|reply| Request::InFlight { owner, reply })
+            .await?
+    }
+
+    async fn forget_in_flight(&self, request_ids: &[Uuid]) -> Result<(), StoreError> {
+        let ids = request_ids.to_vec();
+        self.call(|reply| Request::ForgetInFlight { ids, reply })
+            .await?
     }
 
     async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError> {
@@ -735,6 +779,62 @@ mod tests {
         }
         let err = EmbeddedStore::open(&path, kek()).unwrap_err();
         assert!(err.to_string().contains("records are missing"), "{err}");
+    }
+
+    fn in_flight(owner: &str) -> InFlight {
+        InFlight {
+            request_id: Uuid::new_v4(),
+            owner: owner.into(),
+            sites: vec!["KME_B".into()],
+            key_ids: vec![Uuid::new_v4()],
+            ready: vec![3],
+        }
+    }
+
+    /// In-flight records survive a restart, whether a checkpoint filed them in redb or only
+    /// the write-ahead log holds them, and so do their deletions.
+    #[tokio::test]
+    async fn in_flight_records_survive_checkpoints_and_log_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.redb");
+        let (filed, logged, forgotten) = (in_flight(""), in_flight(""), in_flight("a1"));
+        drop(EmbeddedStore::open(&path, kek()).unwrap());
+        {
+            // What a crash leaves: records only the log holds (checkpoint at 0, record 1 next).
+            let (mut wal, _) = Wal::open(&wal_path(&path)).unwrap();
+            let put = |r: &InFlight| {
+                Change::PutInFlight(r.request_id.as_u128(), crate::inflight::encode(r))
+            };
+            wal.append(&[put(&logged), put(&forgotten)]).unwrap();
+        }
+        {
+            let store = EmbeddedStore::open(&path, kek()).unwrap();
+            assert_eq!(store.replayed_at_open(), 1);
+            assert_eq!(store.in_flight("").await.unwrap(), vec![logged.clone()]);
+            assert_eq!(
+                store.in_flight("a1").await.unwrap(),
+                vec![forgotten.clone()]
+            );
+            store.record_in_flight(filed.clone()).await.unwrap();
+            store
+                .forget_in_flight(&[forgotten.request_id])
+                .await
+                .unwrap();
+        } // a clean close checkpoints the changes
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        let mut found = store.in_flight("").await.unwrap();
+        found.sort_by_key(|r| r.request_id);
+        let mut want = vec![filed.clone(), logged.clone()];
+        want.sort_by_key(|r| r.request_id);
+        assert_eq!(found, want);
+        assert!(store.in_flight("a1").await.unwrap().is_empty());
+        store
+            .insert_answering(Vec::new(), Some(filed.request_id))
+            .await
+            .unwrap();
+        drop(store);
+        let store = EmbeddedStore::open(&path, kek()).unwrap();
+        assert_eq!(store.in_flight("").await.unwrap(), vec![logged]);
     }
 
     /// Records the store already covers are skipped; the next one is applied.

@@ -132,3 +132,22 @@ mod tests {
         }
     }
 }
+
+/// A cross-site request that this site has sent (or is about to send) to peer sites and has
+/// not answered yet: what must be withdrawn at those sites if this process dies before it
+/// answers. See [`crate::KeyStore::record_in_flight`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// The request ID of the peer messages (`deliver` or `bind`); unique per record.
+    pub request_id: Uuid,
+    /// The process of this site that sent it: its replica name, empty for a site run by one
+    /// process. A process recovers only its own records, never those of a live sibling.
+    pub owner: String,
+    /// The peer sites the request goes to.
+    pub sites: Vec<String>,
+    /// Ordinary keys the peers may store (or bind) for it.
+    pub key_ids: Vec<Uuid>,
+    /// Positions of this site's ready keys toward the one site in `sites` that the request
+    /// binds (empty for a `deliver`).
+    pub ready: Vec<u64>,
+}

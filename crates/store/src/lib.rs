@@ -41,6 +41,7 @@ mod checkpoint;
 mod embedded;
 mod error;
 mod expiry;
+mod inflight;
 mod kek;
 mod key;
 mod memory;
@@ -53,7 +54,7 @@ mod writer;
 pub use embedded::{CommitStats, EmbeddedStore};
 pub use error::{RecordError, StoreError, TakeError};
 pub use kek::{Kek, KEK_LEN};
-pub use key::{DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, Slot};
+pub use key::{DeliveredKey, InFlight, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, Slot};
 pub use memory::MemoryStore;
 pub use uuid::Uuid;
 
@@ -90,7 +91,19 @@ pub mod seal {
 pub trait KeyStore: Send + Sync + 'static {
     /// Stores the keys durably; every slave in `slaves` becomes entitled to fetch the key once.
     /// Returns only after the write is committed to disk (fsync). All keys or none.
-    async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError>;
+    async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
+        self.insert_answering(keys, None).await
+    }
+
+    /// [`KeyStore::insert`] that also deletes the in-flight record `answered` (if any), in the
+    /// same atomic commit: the origin of a cross-site request stores its own copy of the keys
+    /// and marks the request answered at once, so that a crash can leave either both or
+    /// neither. `keys` may be empty (the origin keeps no copy). On failure neither happens.
+    async fn insert_answering(
+        &self,
+        keys: Vec<NewKey>,
+        answered: Option<Uuid>,
+    ) -> Result<(), StoreError>;
 
     /// All-or-nothing delivery to slave SAE `caller` of the keys `ids`, each of which must have
     /// been made for a master in `masters` (a set because a KME ID in the URL means "any SAE of
@@ -150,6 +163,19 @@ pub trait KeyStore: Send + Sync + 'static {
         link: &str,
         grants: Vec<PoolGrant>,
         now: u64,
+    ) -> Result<Vec<DeliveredKey>, TakeError> {
+        self.pool_bind_answering(link, grants, now, None).await
+    }
+
+    /// [`KeyStore::pool_bind`] that also deletes the in-flight record `answered` (if any), in
+    /// the same atomic commit (see [`KeyStore::insert_answering`]). On failure neither
+    /// happens.
+    async fn pool_bind_answering(
+        &self,
+        link: &str,
+        grants: Vec<PoolGrant>,
+        now: u64,
+        answered: Option<Uuid>,
     ) -> Result<Vec<DeliveredKey>, TakeError>;
 
     /// Shreds the ready keys at these positions of the pool of `link`; positions that hold
@@ -168,12 +194,29 @@ pub trait KeyStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ReadyKey>, StoreError>;
 
+    /// Records durably, before the first peer message of a cross-site request, that this site
+    /// has not answered it yet (a record with the same request ID is replaced). The record
+    /// leaves with the commit that stores the origin's own copy
+    /// ([`KeyStore::insert_answering`], [`KeyStore::pool_bind_answering`]), or with
+    /// [`KeyStore::forget_in_flight`] once a failed request is withdrawn everywhere. A record
+    /// still present after a restart is a request nobody was answered: its keys must be
+    /// withdrawn at its sites. Durable before it returns.
+    async fn record_in_flight(&self, request: InFlight) -> Result<(), StoreError>;
+
+    /// The in-flight records of `owner` ([`InFlight::owner`]), in no particular order.
+    async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError>;
+
+    /// Deletes these in-flight records; unknown IDs are skipped. Durable before it returns.
+    async fn forget_in_flight(&self, request_ids: &[Uuid]) -> Result<(), StoreError>;
+
     /// Makes sure this process alone keeps the pool of `link` among the processes that
     /// share this store: `Ok(true)` when it holds the claim (just taken or already held),
     /// `Ok(false)` while another live process holds it. A claim lasts as long as the process
     /// (or its hold on the store) does. A store that one process alone can open claims every
     /// pool for it. Claims only decide which process refills a pool and hands its keys out; a
-    /// ready key is bound at most once whoever tries.
+    /// ready key is bound at most once whoever tries. A KME claims the name
+    /// `in-flight:<replica name>` the same way before it recovers its in-flight records
+    /// ([`KeyStore::in_flight`]), so that it never withdraws a live sibling's requests.
     async fn claim_pool(&self, link: &str) -> Result<bool, StoreError> {
         let _ = link;
         Ok(true)

@@ -11,8 +11,8 @@ use crate::meta::{
     KeyMeta, PendingCounts,
 };
 use crate::{
-    DeliveredKey, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot, StoreError,
-    TakeError,
+    DeliveredKey, InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, ReadyKey, Slot,
+    StoreError, TakeError,
 };
 
 /// In-memory key store behind one mutex.
@@ -27,6 +27,8 @@ struct Inner {
     pending: PendingCounts,
     /// Ready keys: (link, position) → (ID, expiry, bytes).
     pool: BTreeMap<(String, u64), (Uuid, u64, KeyMaterial)>,
+    /// In-flight records by request ID.
+    in_flight: HashMap<Uuid, InFlight>,
 }
 
 impl MemoryStore {
@@ -58,7 +60,11 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl KeyStore for MemoryStore {
-    async fn insert(&self, keys: Vec<NewKey>) -> Result<(), StoreError> {
+    async fn insert_answering(
+        &self,
+        keys: Vec<NewKey>,
+        answered: Option<Uuid>,
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         check_insert(&keys, |id| {
             Ok::<_, StoreError>(inner.keys.contains_key(&id))
@@ -67,6 +73,9 @@ impl KeyStore for MemoryStore {
             let meta = KeyMeta::new(&k.master, &k.slaves, k.expires_at);
             inner.pending.add_key(&meta);
             inner.keys.insert(k.id, (meta, k.material));
+        }
+        if let Some(id) = answered {
+            inner.in_flight.remove(&id);
         }
         Ok(())
     }
@@ -115,6 +124,7 @@ impl KeyStore for MemoryStore {
             keys,
             pending,
             pool,
+            ..
         } = &mut *inner;
         let before = keys.len() + pool.len();
         keys.retain(|_, (meta, _)| {
@@ -161,11 +171,12 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 
-    async fn pool_bind(
+    async fn pool_bind_answering(
         &self,
         link: &str,
         grants: Vec<PoolGrant>,
         now: u64,
+        answered: Option<Uuid>,
     ) -> Result<Vec<DeliveredKey>, TakeError> {
         let mut inner = self.lock();
         let slots = pool_bind_slots(&grants)?;
@@ -199,7 +210,33 @@ impl KeyStore for MemoryStore {
             inner.pending.add_key(&meta);
             inner.keys.insert(k.id, (meta, k.material));
         }
+        if let Some(id) = answered {
+            inner.in_flight.remove(&id);
+        }
         Ok(delivered)
+    }
+
+    async fn record_in_flight(&self, request: InFlight) -> Result<(), StoreError> {
+        self.lock().in_flight.insert(request.request_id, request);
+        Ok(())
+    }
+
+    async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError> {
+        Ok(self
+            .lock()
+            .in_flight
+            .values()
+            .filter(|r| r.owner == owner)
+            .cloned()
+            .collect())
+    }
+
+    async fn forget_in_flight(&self, request_ids: &[Uuid]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        for id in request_ids {
+            inner.in_flight.remove(id);
+        }
+        Ok(())
     }
 
     async fn pool_remove(&self, link: &str, seqs: &[u64]) -> Result<u64, StoreError> {

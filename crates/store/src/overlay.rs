@@ -91,13 +91,15 @@ impl<K: Ord + Copy> Layer<K> {
     }
 }
 
-/// The changes to both tables since the layer below was frozen.
+/// The changes to the tables since the layer below was frozen.
 #[derive(Debug, Default)]
 pub(crate) struct Overlay {
     /// Ordinary keys by ID.
     pub(crate) keys: Layer<u128>,
     /// Ready keys per link, by position.
     pub(crate) ready: HashMap<String, Layer<u64>>,
+    /// In-flight records by request ID.
+    pub(crate) in_flight: Layer<u128>,
 }
 
 impl Overlay {
@@ -113,7 +115,7 @@ impl Overlay {
 
     /// Entries held (puts and tombstones), for metrics.
     pub(crate) fn len(&self) -> usize {
-        self.keys.len() + self.ready.values().map(Layer::len).sum::<usize>()
+        self.keys.len() + self.in_flight.len() + self.ready.values().map(Layer::len).sum::<usize>()
     }
 }
 

@@ -48,12 +48,18 @@ pub(crate) enum Change {
     PutReady(String, u64, Vec<u8>),
     /// Ready-key table: delete (link, position).
     DelReady(String, u64),
+    /// In-flight table: write the encoded record of a request ID.
+    PutInFlight(u128, Vec<u8>),
+    /// In-flight table: delete a request ID.
+    DelInFlight(u128),
 }
 
 const PUT_KEY: u8 = 1;
 const DEL_KEY: u8 = 2;
 const PUT_READY: u8 = 3;
 const DEL_READY: u8 = 4;
+const PUT_IN_FLIGHT: u8 = 5;
+const DEL_IN_FLIGHT: u8 = 6;
 const HEADER: usize = 4 + 8 + 8;
 
 /// A checkpointed file larger than this is deleted rather than kept for reuse, so a burst
@@ -321,6 +327,21 @@ impl Batch {
         self.counted()
     }
 
+    /// In-flight table: write the encoded record of a request ID.
+    pub(crate) fn put_in_flight(&mut self, id: u128, value: &[u8]) -> std::io::Result<()> {
+        self.buf.push(PUT_IN_FLIGHT);
+        self.buf.extend_from_slice(&id.to_be_bytes());
+        self.bytes(value)?;
+        self.counted()
+    }
+
+    /// In-flight table: delete a request ID.
+    pub(crate) fn del_in_flight(&mut self, id: u128) -> std::io::Result<()> {
+        self.buf.push(DEL_IN_FLIGHT);
+        self.buf.extend_from_slice(&id.to_be_bytes());
+        self.counted()
+    }
+
     #[cfg(test)]
     fn push(&mut self, change: &Change) -> std::io::Result<()> {
         match change {
@@ -328,6 +349,8 @@ impl Batch {
             Change::DelKey(id) => self.del_key(*id),
             Change::PutReady(link, pos, value) => self.put_ready(link, *pos, value),
             Change::DelReady(link, pos) => self.del_ready(link, *pos),
+            Change::PutInFlight(id, value) => self.put_in_flight(*id, value),
+            Change::DelInFlight(id) => self.del_in_flight(*id),
         }
     }
 
@@ -423,6 +446,8 @@ fn decode(payload: &[u8]) -> Option<Vec<Change>> {
             DEL_KEY => Change::DelKey(r.u128()?),
             PUT_READY => Change::PutReady(r.text()?, r.u64()?, r.bytes()?),
             DEL_READY => Change::DelReady(r.text()?, r.u64()?),
+            PUT_IN_FLIGHT => Change::PutInFlight(r.u128()?, r.bytes()?),
+            DEL_IN_FLIGHT => Change::DelInFlight(r.u128()?),
             _ => return None,
         });
     }
@@ -440,6 +465,8 @@ mod tests {
             Change::DelKey(8),
             Change::PutReady("A>B".into(), 42, vec![9; 40]),
             Change::DelReady("A>B".into(), 41),
+            Change::PutInFlight(9, vec![1; 20]),
+            Change::DelInFlight(10),
         ]
     }
 

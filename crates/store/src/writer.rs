@@ -15,12 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, WriteTransaction};
+use redb::{
+    Database, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction,
+};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::checkpoint::{self, Checkpointer};
-use crate::embedded::{ready_key, ready_value, split_ready, KEYS, META, READY, WAL_SEQ};
+use crate::embedded::{ready_key, ready_value, split_ready, IN_FLIGHT, KEYS, META, READY, WAL_SEQ};
 use crate::expiry::{Lifetimes, Seen};
 use crate::kek::Cipher;
 use crate::meta::{
@@ -31,7 +33,8 @@ use crate::overlay::Overlay;
 use crate::record::{aad, Record, VERSION};
 use crate::wal::{Batch, Wal};
 use crate::{
-    DeliveredKey, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, StoreError, TakeError,
+    DeliveredKey, InFlight, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, StoreError,
+    TakeError,
 };
 
 /// Upper bound on operations per transaction, to bound the latency of the first caller.
@@ -39,8 +42,10 @@ const MAX_BATCH: usize = 1024;
 
 /// One operation sent to the writer with the channel for its answer.
 pub(crate) enum Request {
+    /// Stores keys; deletes the in-flight record `answered` with them.
     Insert {
         keys: Vec<NewKey>,
+        answered: Option<Uuid>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Take {
@@ -74,16 +79,34 @@ pub(crate) enum Request {
         keys: Vec<PoolKey>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Binds ready keys; deletes the in-flight record `answered` with them.
     PoolBind {
         link: String,
         grants: Vec<PoolGrant>,
         now: u64,
+        answered: Option<Uuid>,
         reply: oneshot::Sender<Result<Vec<DeliveredKey>, TakeError>>,
     },
     PoolRemove {
         link: String,
         seqs: Vec<u64>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    /// Writes the encoded in-flight record of request `id`.
+    RecordInFlight {
+        id: Uuid,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Deletes in-flight records.
+    ForgetInFlight {
+        ids: Vec<Uuid>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// A read of the in-flight records of `owner` (only the writer sees the overlay).
+    InFlight {
+        owner: String,
+        reply: oneshot::Sender<Result<Vec<InFlight>, StoreError>>,
     },
     /// A read, served here because only the writer sees the overlay.
     PoolPage {
@@ -152,6 +175,10 @@ enum Outcome {
         oneshot::Sender<Result<u64, TakeError>>,
         Result<u64, TakeError>,
     ),
+    InFlight(
+        oneshot::Sender<Result<Vec<InFlight>, StoreError>>,
+        Result<Vec<InFlight>, StoreError>,
+    ),
 }
 
 impl Outcome {
@@ -159,9 +186,11 @@ impl Outcome {
     fn failed(request: Request, err: &StoreError) -> Self {
         let e = || clone_batch_error(err);
         match request {
-            Request::Insert { reply, .. } | Request::PoolInsert { reply, .. } => {
-                Outcome::Insert(reply, Err(e()))
-            }
+            Request::Insert { reply, .. }
+            | Request::PoolInsert { reply, .. }
+            | Request::RecordInFlight { reply, .. }
+            | Request::ForgetInFlight { reply, .. } => Outcome::Insert(reply, Err(e())),
+            Request::InFlight { reply, .. } => Outcome::InFlight(reply, Err(e())),
             Request::Take { reply, .. } | Request::PoolBind { reply, .. } => {
                 Outcome::Take(reply, Err(TakeError::Store(e())))
             }
@@ -182,6 +211,7 @@ impl Outcome {
             Outcome::Purge(tx, Ok(_)) => Outcome::Purge(tx, Err(e())),
             Outcome::Page(tx, Ok(_)) => Outcome::Page(tx, Err(e())),
             Outcome::Destroy(tx, Ok(_)) => Outcome::Destroy(tx, Err(TakeError::Store(e()))),
+            Outcome::InFlight(tx, Ok(_)) => Outcome::InFlight(tx, Err(e())),
             other => other,
         }
     }
@@ -198,6 +228,10 @@ impl Outcome {
             Outcome::Destroy(tx, r) => tx.send(r).is_err(),
             // A reader that went away lost nothing.
             Outcome::Page(tx, r) => {
+                let _ = tx.send(r);
+                false
+            }
+            Outcome::InFlight(tx, r) => {
                 let _ = tx.send(r);
                 false
             }
@@ -502,6 +536,7 @@ fn process(
 pub(crate) struct Base {
     pub(crate) keys: ReadOnlyTable<u128, &'static [u8]>,
     pub(crate) ready: ReadOnlyTable<(&'static str, u64), &'static [u8]>,
+    pub(crate) in_flight: ReadOnlyTable<u128, &'static [u8]>,
     // Kept open for the tables' snapshot.
     _txn: ReadTransaction,
 }
@@ -517,9 +552,13 @@ impl Base {
         let ready = txn
             .open_table(READY)
             .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
+        let in_flight = txn
+            .open_table(IN_FLIGHT)
+            .map_err(|e| StoreError::redb("opening the in-flight table", e))?;
         Ok(Self {
             keys,
             ready,
+            in_flight,
             _txn: txn,
         })
     }
@@ -537,10 +576,30 @@ fn apply_all(
     let mut queue = batch.into_iter();
     while let Some(request) = queue.next() {
         let step = match request {
-            Request::Insert { keys, reply } => match insert(tables, cipher, keys, deltas) {
+            Request::Insert {
+                keys,
+                answered,
+                reply,
+            } => match insert(tables, cipher, keys, deltas)
+                .and_then(|r| answer_in_flight(tables, r, answered))
+            {
                 Ok(r) => Ok(Outcome::Insert(reply, r)),
                 Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
             },
+            Request::RecordInFlight { id, value, reply } => match tables.put_in_flight(id, value) {
+                Ok(()) => Ok(Outcome::Insert(reply, Ok(()))),
+                Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
+            },
+            Request::ForgetInFlight { ids, reply } => {
+                match ids.iter().try_for_each(|id| tables.del_in_flight(*id)) {
+                    Ok(()) => Ok(Outcome::Insert(reply, Ok(()))),
+                    Err(e) => Err((Outcome::Insert(reply, Err(clone_batch_error(&e))), e)),
+                }
+            }
+            // A read writes nothing: its failure is its caller's alone.
+            Request::InFlight { owner, reply } => {
+                Ok(Outcome::InFlight(reply, in_flight_of(tables, &owner)))
+            }
             Request::Take {
                 caller,
                 masters,
@@ -607,8 +666,11 @@ fn apply_all(
                 link,
                 grants,
                 now,
+                answered,
                 reply,
-            } => match pool_bind(tables, cipher, &link, grants, now, deltas) {
+            } => match pool_bind(tables, cipher, &link, grants, now, deltas)
+                .and_then(|r| answer_in_flight(tables, r, answered))
+            {
                 Ok(r) => Ok(Outcome::Take(reply, r)),
                 Err(e) => Err((
                     Outcome::Take(reply, Err(TakeError::Store(clone_batch_error(&e)))),
@@ -755,6 +817,39 @@ impl Tables<'_> {
             .map_err(log_error)?;
         self.ready_lifetimes.note_position(seq, expires_at);
         self.active.pool_mut(link).put(seq, value, true);
+        Ok(())
+    }
+
+    /// Whether request `id` has an in-flight record.
+    fn has_in_flight(&self, id: Uuid) -> Result<bool, StoreError> {
+        let raw = id.as_u128();
+        if let Some(v) = self.active.in_flight.get(raw) {
+            return Ok(v.is_some());
+        }
+        if let Some(v) = self.frozen.and_then(|f| f.in_flight.get(raw)) {
+            return Ok(v.is_some());
+        }
+        Ok(self.base.in_flight.get(raw).map_err(read_error)?.is_some())
+    }
+
+    /// Writes the in-flight record of request `id` (replacing one it may have).
+    fn put_in_flight(&mut self, id: Uuid, value: Vec<u8>) -> Result<(), StoreError> {
+        let absent = !self.has_in_flight(id)?;
+        self.changes
+            .put_in_flight(id.as_u128(), &value)
+            .map_err(log_error)?;
+        self.active.in_flight.put(id.as_u128(), value, absent);
+        Ok(())
+    }
+
+    /// Deletes the in-flight record of request `id`, if it has one.
+    fn del_in_flight(&mut self, id: Uuid) -> Result<(), StoreError> {
+        if self.has_in_flight(id)? {
+            self.changes
+                .del_in_flight(id.as_u128())
+                .map_err(log_error)?;
+            self.active.in_flight.delete(id.as_u128());
+        }
         Ok(())
     }
 
@@ -1149,6 +1244,50 @@ fn pool_bind(
     deltas.push(Delta::Wrote);
     write_sealed(tables, encoded, deltas)?;
     Ok(Ok(delivered))
+}
+
+/// After an insert or a bind `result`: deletes the in-flight record `answered` if the
+/// operation succeeded, so both land in the same log record or neither does.
+fn answer_in_flight<T, E>(
+    tables: &mut Tables<'_>,
+    result: Result<T, E>,
+    answered: Option<Uuid>,
+) -> Result<Result<T, E>, StoreError> {
+    if let (Ok(_), Some(id)) = (&result, answered) {
+        tables.del_in_flight(id)?;
+    }
+    Ok(result)
+}
+
+/// The in-flight records of `owner`: redb's, under the overlays' changes.
+fn in_flight_of(tables: &Tables<'_>, owner: &str) -> Result<Vec<InFlight>, StoreError> {
+    let scan = |e| StoreError::redb("reading in-flight records", e);
+    let mut all: std::collections::BTreeMap<u128, Option<Vec<u8>>> = Default::default();
+    for entry in tables.base.in_flight.iter().map_err(scan)? {
+        let (k, v) = entry.map_err(scan)?;
+        all.insert(k.value(), Some(v.value().to_vec()));
+    }
+    for layer in [tables.frozen, Some(&*tables.active)].into_iter().flatten() {
+        for (id, value) in layer.in_flight.iter() {
+            all.insert(id, value.map(<[u8]>::to_vec));
+        }
+    }
+    let mut found = Vec::new();
+    for (id, value) in all {
+        let Some(value) = value else { continue };
+        let id = Uuid::from_u128(id);
+        match crate::inflight::decode(id, &value) {
+            Some(record) if record.owner == owner => found.push(record),
+            Some(_) => {}
+            None => {
+                return Err(StoreError::CorruptRecord {
+                    id,
+                    reason: crate::RecordError::Truncated,
+                })
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Up to `limit` ready keys of `link` from position `from` on, in position order: redb's

@@ -148,3 +148,56 @@ async fn a_request_in_time_gets_its_keys() {
     assert_eq!(keys.len(), 1);
     assert_eq!(store.pending("alice", "bob"), 1);
 }
+
+/// A same-site request needs no in-flight record: none is written.
+#[tokio::test(start_paused = true)]
+async fn a_same_site_request_records_nothing_in_flight() {
+    let (issuer, _, store) = issuer(Duration::ZERO);
+    issuer
+        .issue(order(), Deadline::now() + TIMEOUT)
+        .await
+        .expect("keys");
+    assert!(store.in_flight("").await.expect("records").is_empty());
+}
+
+/// At start, a request left in flight by the previous run is withdrawn: this site's copies go
+/// at once, and the record once every peer is done (here there is none to call).
+#[tokio::test(start_paused = true)]
+async fn requests_left_in_flight_are_withdrawn_at_start() {
+    let (issuer, _, store) = issuer(Duration::ZERO);
+    let left = NewKey {
+        id: Uuid::new_v4(),
+        master: "alice".into(),
+        slaves: vec!["bob".into()],
+        material: KeyMaterial::new(vec![1; 32]),
+        expires_at: u64::MAX,
+    };
+    store.insert(vec![left.clone()]).await.expect("insert");
+    let record = |owner: &str| InFlight {
+        request_id: Uuid::new_v4(),
+        owner: owner.into(),
+        sites: vec!["B".into()],
+        key_ids: vec![left.id],
+        ready: vec![],
+    };
+    let (mine, sibling) = (record(""), record("r2"));
+    store.record_in_flight(mine).await.expect("record");
+    store
+        .record_in_flight(sibling.clone())
+        .await
+        .expect("record");
+    let (_stop, stopped) = watch::channel(false);
+    issuer.start_pools(stopped).await.expect("start");
+    assert_eq!(
+        store.pending("alice", "bob"),
+        0,
+        "this site's copy is shredded"
+    );
+    sleep(Duration::from_millis(10)).await;
+    assert!(store.in_flight("").await.expect("records").is_empty());
+    assert_eq!(
+        store.in_flight("r2").await.expect("records"),
+        vec![sibling],
+        "another process's records are not touched"
+    );
+}
