@@ -30,7 +30,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::CertificateDer;
@@ -255,6 +255,9 @@ pub async fn serve_mtls(
                 })
                 .map(Arc::new);
             let peer = PeerIdentity(identity);
+            if stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+                tracker.http1();
+            }
             tracker.touch();
             let service =
                 hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -270,11 +273,7 @@ pub async fn serve_mtls(
                         Ok::<_, Infallible>(limits::TrackedBody::wrap(response, in_flight))
                     }
                 });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(bounds.header_timeout());
+            let builder = auto::Builder::new(TokioExecutor::new());
             let connection = builder.serve_connection(TokioIo::new(malformed::JsonErrors::new(stream)), service);
             tokio::select! {
                 // The revocation check first: a list reloaded during the handshake is

@@ -131,6 +131,9 @@ pub(crate) struct ConnState {
     /// Whether a request has been served on it (so its client proved its certificate and
     /// used it): such connections are evicted only after those that never served one.
     served: AtomicBool,
+    /// How long it may stay without a request in flight, in milliseconds (0: the
+    /// listener's idle timeout). HTTP/1 connections get the shorter header timeout.
+    idle_limit_ms: AtomicU64,
 }
 
 impl ConnState {
@@ -372,10 +375,13 @@ impl Connection {
         }
     }
 
-    /// Completes once the connection has had no request in flight for the idle timeout.
+    /// Completes once the connection has had no request in flight for its idle limit.
     async fn idle(&self) {
-        let timeout = self.registry.limits.idle_timeout_ms;
         loop {
+            let timeout = match self.state.idle_limit_ms.load(Ordering::Acquire) {
+                0 => self.registry.limits.idle_timeout_ms,
+                limit => limit,
+            };
             let now = self.registry.now_ms();
             let since = now.saturating_sub(self.state.last_active_ms());
             let wait = if self.state.is_idle() {
@@ -386,7 +392,11 @@ impl Connection {
             } else {
                 timeout
             };
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+            // The limit can shrink once the handshake tells HTTP/1 from HTTP/2: never sleep
+            // past the shortest one without looking again.
+            let limits = &self.registry.limits;
+            let recheck = limits.header_timeout_ms.min(limits.idle_timeout_ms);
+            tokio::time::sleep(Duration::from_millis(wait.min(recheck))).await;
         }
     }
 }
@@ -415,6 +425,16 @@ impl Tracker {
         self.state
             .last_active_ms
             .store(self.registry.now_ms(), Ordering::Release);
+    }
+
+    /// The connection speaks HTTP/1: between requests it waits for a request head, which
+    /// must arrive within the header timeout. One timer per connection does what hyper's
+    /// header timeout does with one per request: a head trickling in has no request in
+    /// flight, and neither has a kept-alive connection waiting for its next one.
+    pub(crate) fn http1(&self) {
+        let limits = &self.registry.limits;
+        let limit = limits.header_timeout_ms.min(limits.idle_timeout_ms);
+        self.state.idle_limit_ms.store(limit, Ordering::Release);
     }
 
     /// A request begins; the returned guard ends it when dropped.
