@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dqkd_entropy::EntropyClient;
+use dqkd_net::{KeyExchange, Versions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_dqkd");
 
@@ -120,17 +121,10 @@ key = "pki/entropy/E1.key"
 }
 
 /// A client presenting the KME certificate `cert`/`key` that accepts only entropy server
-/// `server` of cluster "test".
-fn pinned(
-    ca: &std::path::Path,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-    server: &str,
-) -> dqkd_net::PinnedClient {
+/// `server`.
+fn pinned(ca: &Path, cert: &Path, key: &Path, server: &str) -> dqkd_net::PinnedClient {
     let files = dqkd_net::TlsFiles::new(ca.to_owned(), cert.to_owned(), key.to_owned());
-    let tls = dqkd_net::OutgoingTls::load(&files, dqkd_pki::KeyExchange::HybridOnly)
-        .expect("client TLS config");
     let server = dqkd_pki::Identity::new("test", dqkd_pki::Role::Entropy, server).expect("ID");
-    tls.client(server, dqkd_net::Versions::Any, None)
+    dqkd_net::OutgoingTls::single(&files, KeyExchange::HybridOnly, server, Versions::Any)
         .expect("client")
 }

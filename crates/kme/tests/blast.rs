@@ -8,6 +8,7 @@ use std::time::Duration;
 use dqkd_entropy::{Config, EntropyClient, Serving};
 use dqkd_kme::blast::Blast;
 use dqkd_kme::keysource::{Batch, KeySource, KeySourceError};
+use dqkd_net::{KeyExchange, Versions};
 use dqkd_pki::{init_ca, load_ca, IssueOptions, Role};
 use uuid::Uuid;
 
@@ -410,17 +411,10 @@ async fn with_fewer_than_n_healthy_servers_no_keys_are_issued() {
 }
 
 /// A client presenting the KME certificate `cert`/`key` that accepts only entropy server
-/// `server` of the test cluster.
-fn pinned(
-    ca: &std::path::Path,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-    server: &str,
-) -> dqkd_net::PinnedClient {
+/// `server`.
+fn pinned(ca: &Path, cert: &Path, key: &Path, server: &str) -> dqkd_net::PinnedClient {
     let files = dqkd_net::TlsFiles::new(ca.to_owned(), cert.to_owned(), key.to_owned());
-    let tls = dqkd_net::OutgoingTls::load(&files, dqkd_pki::KeyExchange::HybridOnly)
-        .expect("client TLS config");
     let server = dqkd_pki::Identity::new(CLUSTER, dqkd_pki::Role::Entropy, server).expect("ID");
-    tls.client(server, dqkd_net::Versions::Any, None)
+    dqkd_net::OutgoingTls::single(&files, KeyExchange::HybridOnly, server, Versions::Any)
         .expect("client")
 }

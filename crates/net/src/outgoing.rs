@@ -80,6 +80,17 @@ impl OutgoingTls {
         Ok(outgoing)
     }
 
+    /// One pinned client straight from certificate files, for a tool or test that calls one
+    /// server (no revocation list unless `tls` names one).
+    pub fn single(
+        tls: &TlsFiles,
+        key_exchange: KeyExchange,
+        expected: Identity,
+        versions: Versions,
+    ) -> Result<PinnedClient, dqkd_pki::PkiError> {
+        Self::load(tls, key_exchange)?.client(expected, versions, None)
+    }
+
     /// The key exchange these calls offer.
     pub fn key_exchange(&self) -> KeyExchange {
         self.key_exchange
