@@ -69,6 +69,21 @@ impl Kek {
         }
         text.push('\n');
 
+        // The folder is made if missing, private to the user like the store's own.
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.exists() {
+                let mut builder = std::fs::DirBuilder::new();
+                builder.recursive(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::DirBuilderExt;
+                    builder.mode(0o700);
+                }
+                builder.create(parent).map_err(|e| {
+                    StoreError::io(format!("creating the folder {}", parent.display()), e)
+                })?;
+            }
+        }
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true);
         if force {
@@ -560,6 +575,23 @@ mod tests {
 
     /// A KEK file others may read (or change) is refused, naming the file and the fix.
     #[cfg(unix)]
+    #[test]
+    fn generating_a_kek_makes_its_missing_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("data/site").join("KME_A.kek");
+        Kek::generate_file(&path, false).expect("KEK in a new folder");
+        assert!(Kek::load(&path).is_ok());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path.parent().expect("parent"))
+                .expect("folder")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+
     #[test]
     fn a_kek_file_others_can_read_is_refused() {
         use std::os::unix::fs::PermissionsExt;
