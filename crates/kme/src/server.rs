@@ -121,8 +121,10 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
             )
         }
     };
-    let source = key_source(&config)?;
-    run_with(config, store, source).await
+    // One client setup (and one revocation-list follower) for peers and entropy servers.
+    let outgoing = outgoing_tls(&config)?;
+    let source = key_source(&config, &outgoing)?;
+    serve(config, store, source, outgoing).await
 }
 
 /// The TLS client configuration for PostgreSQL from `[store] ca` (and `cert`/`key`).
@@ -153,15 +155,17 @@ fn redact_url(url: &str) -> String {
 }
 
 /// The BLAST-style generator when the manifest lists entropy servers, else the OS CSPRNG.
-fn key_source(config: &Config) -> Result<Arc<dyn KeySource>, ServeError> {
+fn key_source(
+    config: &Config,
+    outgoing: &Arc<dqkd_net::OutgoingTls>,
+) -> Result<Arc<dyn KeySource>, ServeError> {
     if config.entropy.is_empty() {
         return Ok(Arc::new(OsRandom::default()));
     }
-    let outgoing = outgoing_tls(config)?;
     let mut servers = Vec::with_capacity(config.entropy.len());
     for server in &config.entropy {
         let http = pinned_client(
-            &outgoing,
+            outgoing,
             config,
             Role::Entropy,
             &server.id,
@@ -212,9 +216,11 @@ fn pinned_client(
         .map_err(|e| ServeError::Tls(e.to_string()))
 }
 
-fn peer_clients(config: &Config) -> Result<BTreeMap<String, PeerClient>, ServeError> {
+fn peer_clients(
+    config: &Config,
+    outgoing: &Arc<dqkd_net::OutgoingTls>,
+) -> Result<BTreeMap<String, PeerClient>, ServeError> {
     let mut peers = BTreeMap::new();
-    let outgoing = outgoing_tls(config)?;
     for site in config.sites.values() {
         if site.kme_id == config.kme_id {
             continue;
@@ -224,7 +230,7 @@ fn peer_clients(config: &Config) -> Result<BTreeMap<String, PeerClient>, ServeEr
             // stream bookkeeping cost more CPU than one kept-alive connection per message
             // in flight.
             let http = pinned_client(
-                &outgoing,
+                outgoing,
                 config,
                 Role::Kme,
                 &site.kme_id,
@@ -242,6 +248,17 @@ pub async fn run_with(
     config: Config,
     store: Arc<dyn KeyStore>,
     source: Arc<dyn KeySource>,
+) -> Result<Serving, ServeError> {
+    let outgoing = outgoing_tls(&config)?;
+    serve(config, store, source, outgoing).await
+}
+
+/// [`run_with`], with this KME's client setup for its calls to peers already made.
+async fn serve(
+    config: Config,
+    store: Arc<dyn KeyStore>,
+    source: Arc<dyn KeySource>,
+    outgoing: Arc<dqkd_net::OutgoingTls>,
 ) -> Result<Serving, ServeError> {
     let MtlsListener {
         tls,
@@ -274,7 +291,7 @@ pub async fn run_with(
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let peers = peer_clients(&config)?;
+    let peers = peer_clients(&config, &outgoing)?;
     let config = Arc::new(config);
     let service = Arc::new(KeyService::new(config.clone(), store, source, peers));
     let (stop, stopped) = watch::channel(false);
