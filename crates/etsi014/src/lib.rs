@@ -21,6 +21,6 @@ mod types;
 
 pub use request::{
     parse_dec_query, parse_enc_query, parse_key_ids, parse_key_request, KeyRequest, Limits,
-    ValidationError,
+    ValidationError, MAX_FIELD_NAME_CHARS, MAX_UNKNOWN_FIELDS,
 };
 pub use types::{ErrorBody, Key, KeyContainer, KeyIdRef, KeyIds, Status};

@@ -48,7 +48,27 @@ pub struct KeyRequest {
     /// Further slaves that receive the same keys: non-blank, distinct, at most
     /// `max_sae_id_count`.
     pub additional_slaves: Vec<String>,
+    /// Names of body fields the standard does not define, which were ignored (a misspelt
+    /// field otherwise changes the result silently). Names only, never values; at most
+    /// [`MAX_UNKNOWN_FIELDS`], each cut to [`MAX_FIELD_NAME_CHARS`] characters.
+    pub unknown_fields: Vec<String>,
 }
+
+/// The fields of a Key request, as the standard spells them.
+const KEY_REQUEST_FIELDS: [&str; 5] = [
+    "number",
+    "size",
+    "additional_slave_SAE_IDs",
+    "extension_mandatory",
+    "extension_optional",
+];
+
+/// Most unknown field names kept from one request: enough to find a misspelling, too few
+/// for a client to fill a log line.
+pub const MAX_UNKNOWN_FIELDS: usize = 8;
+
+/// Longest unknown field name kept, in characters.
+pub const MAX_FIELD_NAME_CHARS: usize = 64;
 
 /// Why a request is refused; `Display` is the message sent in the 400 Error body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -185,7 +205,19 @@ pub fn parse_key_request(body: &[u8], limits: &Limits) -> Result<KeyRequest, Val
             })
         }
     }
-    validate_number_size(number, size, additional, limits)
+    let mut request = validate_number_size(number, size, additional, limits)?;
+    request.unknown_fields = unknown_fields(&object);
+    Ok(request)
+}
+
+/// The names in `object` that are not Key request fields, bounded in number and length.
+fn unknown_fields(object: &Map<String, Value>) -> Vec<String> {
+    object
+        .keys()
+        .filter(|name| !KEY_REQUEST_FIELDS.contains(&name.as_str()))
+        .take(MAX_UNKNOWN_FIELDS)
+        .map(|name| name.chars().take(MAX_FIELD_NAME_CHARS).collect())
+        .collect()
 }
 
 /// Parses the query string of an enc_keys GET (`number` and `size` only).
@@ -444,6 +476,7 @@ fn validate_number_size(
         number: number as u32,
         size_bits: size as u32,
         additional_slaves,
+        unknown_fields: Vec::new(),
     })
 }
 

@@ -218,6 +218,11 @@ async fn enc_keys_post(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let request = parse_key_request(&body, &service.config().limits.etsi())?;
+    if !request.unknown_fields.is_empty() {
+        // A misspelt field (e.g. multicast) otherwise changes the answer silently.
+        tracing::warn!(sae = caller.id(), slave = %slave, fields = ?request.unknown_fields,
+            "Key request has fields the standard does not define; they were ignored");
+    }
     let keys = service.enc_keys(&caller, &slave, request).await?;
     Ok(secret_json(&keys))
 }

@@ -20,6 +20,7 @@ fn empty_body_and_empty_object_mean_defaults() {
         number: 1,
         size_bits: 256,
         additional_slaves: vec![],
+        unknown_fields: vec![],
     };
     assert_eq!(body(""), Ok(expected.clone()));
     assert_eq!(body("  \n"), Ok(expected.clone()));
@@ -304,4 +305,39 @@ fn dec_query_validation() {
         parse_dec_query(Some(&format!("key_ID={id}&number=1"))),
         Err(ValidationError::UnknownQueryParameter(_))
     ));
+}
+
+#[test]
+fn unknown_fields_are_named_without_their_values() {
+    let req = body(
+        r#"{"number":2,"additional_slave_SAEs_IDs":["carol"],"sise":"SECRET-VALUE",
+            "extension_optional":[]}"#,
+    )
+    .expect("unknown fields are ignored, not refused");
+    assert_eq!(req.number, 2);
+    assert!(req.additional_slaves.is_empty());
+    assert_eq!(req.unknown_fields, ["additional_slave_SAEs_IDs", "sise"]);
+    assert!(!format!("{:?}", req.unknown_fields).contains("SECRET"));
+
+    let known = body(
+        r#"{"number":1,"size":256,"additional_slave_SAE_IDs":["carol"],
+            "extension_mandatory":[],"extension_optional":[]}"#,
+    )
+    .expect("valid");
+    assert!(
+        known.unknown_fields.is_empty(),
+        "{:?}",
+        known.unknown_fields
+    );
+}
+
+#[test]
+fn unknown_field_names_are_bounded() {
+    let long = "x".repeat(500);
+    let mut fields: Vec<String> = (0..50).map(|i| format!("\"f{i:02}\":1")).collect();
+    fields.push(format!("\"{long}\":1"));
+    let req = body(&format!("{{{}}}", fields.join(","))).expect("valid");
+    assert_eq!(req.unknown_fields.len(), MAX_UNKNOWN_FIELDS);
+    let req = body(&format!("{{\"{long}\":1}}")).expect("valid");
+    assert_eq!(req.unknown_fields[0].chars().count(), MAX_FIELD_NAME_CHARS);
 }
