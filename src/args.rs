@@ -43,6 +43,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Start a local cluster and measure it under load over real mutual TLS.
     Bench(BenchArgs),
+    /// Check a site file, its manifest, certificates, KEK and store without starting
+    /// anything; one line per problem, exit 1 if any.
+    Check(CheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +142,13 @@ pub struct KmeArgs {
     /// Write `{"api_addr": …}` here once the API accepts connections.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The site file (TOML) of a KME; it names the cluster manifest.
+    #[arg(long, env = "DQKD_CONFIG")]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@
 
 mod args;
 mod bench;
+mod check;
 mod keys;
 mod pki;
 mod up;
@@ -53,6 +54,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => runtime()?
             .block_on(bench::run(args))
             .map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => check::run(args),
     }
 }
 

@@ -99,7 +99,7 @@ use crate::counts::{Counts, Delta};
 use crate::error::{db, pool, PgFailure};
 pub use crate::schema::{MIGRATION_LOCK_KEY, SCHEMA_VERSION};
 use crate::transport::Connector;
-pub use crate::transport::{url_transport, UrlTransport, WrittenSslMode};
+pub use crate::transport::{url_tcp_endpoints, url_transport, UrlTransport, WrittenSslMode};
 pub use rustls::ClientConfig as TlsConfig;
 
 /// Tuning of a [`PostgresStore`]; start from [`Options::new`].

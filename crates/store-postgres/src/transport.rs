@@ -87,6 +87,24 @@ pub fn url_transport(url: &str) -> Result<UrlTransport, StoreError> {
     })
 }
 
+/// The TCP endpoints (host, port) a connection URL names, in order, so that a check can see
+/// whether the database answers without logging in. Unix sockets are left out.
+pub fn url_tcp_endpoints(url: &str) -> Result<Vec<(String, u16)>, StoreError> {
+    let config = parse(url)?;
+    let ports = config.get_ports();
+    let port = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+    Ok(config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, host)| match host {
+            Host::Tcp(name) => Some((name.clone(), port(i))),
+            #[cfg(unix)]
+            Host::Unix(_) => None,
+        })
+        .collect())
+}
+
 /// Parses a connection URL, explaining libpq's verifying modes, which tokio-postgres lacks.
 pub(crate) fn parse(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     url.parse().map_err(|e| {
