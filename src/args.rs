@@ -46,6 +46,18 @@ pub enum Command {
     /// Check a site file, its manifest, certificates, KEK and store without starting
     /// anything; one line per problem, exit 1 if any.
     Check(CheckArgs),
+    /// Print a shell completion script for dqkd.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print dqkd's manual page (roff), or write one page per command into a folder.
+    Man {
+        /// Folder for `dqkd.1` and one `dqkd-<command>.1` per command.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,7 @@ mod args;
 mod bench;
 mod check;
 mod keys;
+mod manual;
 mod pki;
 mod up;
 
@@ -55,6 +56,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .block_on(bench::run(args))
             .map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check::run(args),
+        Command::Completions { shell } => manual::completions(shell).map(|()| ExitCode::SUCCESS),
+        Command::Man { out } => manual::man(out.as_deref()).map(|()| ExitCode::SUCCESS),
     }
 }
 
