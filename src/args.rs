@@ -43,8 +43,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Start a local cluster and measure it under load over real mutual TLS.
     Bench(BenchArgs),
-    /// Check a site file, its manifest, certificates, KEK and store without starting
-    /// anything; one line per problem, exit 1 if any.
+    /// Check a site file (its manifest, certificates, KEK and store) or an entropy server's
+    /// file without starting anything; one line per problem, exit 1 if any.
     Check(CheckArgs),
     /// Print a shell completion script for dqkd.
     Completions {
@@ -158,7 +158,8 @@ pub struct KmeArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The site file (TOML) of a KME; it names the cluster manifest.
+    /// The site file (TOML) of a KME, which names the cluster manifest, or an entropy
+    /// server's file.
     #[arg(long, env = "DQKD_CONFIG")]
     pub config: PathBuf,
 }

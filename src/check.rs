@@ -1,8 +1,10 @@
-//! `dqkd check`: what `dqkd kme` would refuse at start, found without starting anything.
+//! `dqkd check`: what `dqkd kme` (or `dqkd entropy`) would refuse at start, found without
+//! starting anything.
 //!
 //! The site file and manifest go through the KME's own loader (the same checks, the same
-//! messages); the certificates through the verifier the servers use; the key-encryption key
-//! through the store's loader. Each problem is one line naming the file and the entry.
+//! messages), an entropy server's file through its own; the certificates through the
+//! verifier the servers use; the key-encryption key through the store's loader. Each
+//! problem is one line naming the file and the entry.
 
 use std::net::{TcpStream, ToSocketAddrs as _};
 use std::path::Path;
@@ -10,7 +12,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use dqkd_kme::config::{StoreLocation, TlsFiles};
-use dqkd_pki::{CertificateFiles, Finding, Severity};
+use dqkd_pki::{CertificateFiles, Finding, Role, Severity};
 
 use crate::args::CheckArgs;
 
@@ -26,8 +28,11 @@ struct Line {
 
 /// Prints one line per problem or warning and exits 1 when any problem was found.
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let site = args.config.as_path();
-    let config = match dqkd_kme::Config::load(site) {
+    let path = args.config.as_path();
+    if is_entropy_file(path) {
+        return Ok(entropy(path));
+    }
+    let config = match dqkd_kme::Config::load(path) {
         Ok(config) => config,
         Err(e) => {
             // The loader's messages name the file and the entry already.
@@ -35,39 +40,78 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let mut lines = certificates(&config.tls, &config.cluster, &config.kme_id);
+    let mut lines = certificates(&config.tls, &config.cluster, Role::Kme, &config.kme_id);
     lines.extend(kek(&config.store.kek));
     lines.extend(store(&config.store.location));
-    let problems = lines
-        .iter()
-        .filter(|l| l.severity == Severity::Problem)
-        .count();
-    for line in &lines {
+    let what = format!("site {} of cluster {}", config.kme_id, config.cluster);
+    Ok(report(path, &lines, &what))
+}
+
+/// An entropy server's file names its `server_id`; a site file never does.
+fn is_entropy_file(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.contains_key("server_id") && !t.contains_key("manifest"))
+}
+
+/// The same checks for an entropy server: its loader, its certificates, its mix file.
+fn entropy(path: &Path) -> ExitCode {
+    let config = match dqkd_entropy::Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            println!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut lines = certificates(
+        &config.tls,
+        &config.cluster,
+        Role::Entropy,
+        &config.server_id,
+    );
+    if let Some(mix) = &config.mix_file {
+        if let Err(e) = std::fs::File::open(mix) {
+            lines.push(Line {
+                entry: "mix_file".into(),
+                severity: Severity::Problem,
+                message: format!("{}: {e}", mix.display()),
+            });
+        }
+    }
+    let what = format!(
+        "entropy server {} of cluster {}",
+        config.server_id, config.cluster
+    );
+    report(path, &lines, &what)
+}
+
+/// Prints the lines, then a summary: `ok` on stdout, or the count of problems on stderr.
+fn report(path: &Path, lines: &[Line], what: &str) -> ExitCode {
+    for line in lines {
         let tag = match line.severity {
             Severity::Problem => "",
             Severity::Warning => "warning: ",
         };
-        println!("{}: {}: {tag}{}", site.display(), line.entry, line.message);
+        println!("{}: {}: {tag}{}", path.display(), line.entry, line.message);
     }
+    let problems = lines
+        .iter()
+        .filter(|l| l.severity == Severity::Problem)
+        .count();
     if problems > 0 {
         eprintln!(
-            "dqkd check: {problems} problem(s) in {} (site {})",
-            site.display(),
-            config.kme_id
+            "dqkd check: {problems} problem(s) in {} ({what})",
+            path.display()
         );
-        return Ok(ExitCode::from(1));
+        return ExitCode::from(1);
     }
-    println!(
-        "{}: ok (site {} of cluster {})",
-        site.display(),
-        config.kme_id,
-        config.cluster
-    );
-    Ok(ExitCode::SUCCESS)
+    println!("{}: ok ({what})", path.display());
+    ExitCode::SUCCESS
 }
 
 /// Chain, validity, key and revocation list; then whose certificate it is.
-fn certificates(tls: &TlsFiles, cluster: &str, kme_id: &str) -> Vec<Line> {
+fn certificates(tls: &TlsFiles, cluster: &str, role: Role, id: &str) -> Vec<Line> {
     let files = CertificateFiles {
         ca: &tls.ca,
         cert: &tls.cert,
@@ -78,9 +122,7 @@ fn certificates(tls: &TlsFiles, cluster: &str, kme_id: &str) -> Vec<Line> {
     let mut lines: Vec<Line> = findings.into_iter().map(|f| tls_line(tls, f)).collect();
     // An unreadable file was reported above; the identity check would only repeat it.
     if dqkd_pki::load_certs(&tls.cert).is_ok() {
-        if let Err(message) =
-            dqkd_net::check_own_certificate(&tls.cert, cluster, dqkd_pki::Role::Kme, kme_id)
-        {
+        if let Err(message) = dqkd_net::check_own_certificate(&tls.cert, cluster, role, id) {
             lines.push(Line {
                 entry: "[tls] cert".into(),
                 severity: Severity::Problem,

@@ -262,3 +262,39 @@ fn config_problems_come_from_the_loader() {
         "{out}"
     );
 }
+
+#[test]
+fn an_entropy_server_file_is_checked_as_one() {
+    let (dir, _) = good_site();
+    let d = dir.path();
+    dqkd(&[
+        "pki",
+        "issue",
+        "entropy",
+        "E1",
+        "--ca",
+        path_str(&d.join("pki")),
+    ]);
+    let file = |cert: &str| {
+        format!(
+            "cluster = \"test\"\nserver_id = \"E1\"\nlisten = \"127.0.0.1:0\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/{cert}.pem\"\nkey = \"pki/{cert}.key\"\ncrl = \"pki/ca.crl.pem\"\n"
+        )
+    };
+    let good = d.join("entropy.toml");
+    std::fs::write(&good, file("entropy/E1")).expect("write");
+    let (code, out) = check(&good);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ok (entropy server E1 of cluster test)"),
+        "{out}"
+    );
+    // A KME's certificate is not this entropy server's.
+    std::fs::write(&good, file("kme/KME_A")).expect("write");
+    let (code, out) = check(&good);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("entropy.toml: [tls] cert: ") && out.contains("not of entropy server \"E1\""),
+        "{out}"
+    );
+}
