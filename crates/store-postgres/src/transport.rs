@@ -289,4 +289,22 @@ mod tests {
         let err = url_transport("postgres://u@h/db?sslmode=verify-full").expect_err("verify");
         assert!(err.to_string().contains("sslmode=require"), "{err}");
     }
+
+    #[test]
+    fn tcp_endpoints_pair_hosts_with_ports() {
+        let endpoints = |url: &str| url_tcp_endpoints(url).expect(url);
+        assert_eq!(
+            endpoints("postgres://u@db.example.net/db"),
+            [("db.example.net".to_owned(), 5432)]
+        );
+        assert_eq!(
+            endpoints("postgres://u@a:6000,b:6001/db"),
+            [("a".to_owned(), 6000), ("b".to_owned(), 6001)]
+        );
+        assert_eq!(
+            endpoints("host=a,b port=7000 user=u"),
+            [("a".to_owned(), 7000), ("b".to_owned(), 7000)]
+        );
+        assert!(endpoints("host=/var/run/postgresql user=u").is_empty());
+    }
 }
