@@ -12,8 +12,8 @@
 use dqkd_store::TakeError;
 
 use crate::config::Config;
+use crate::inbox::VerifiedKme;
 use crate::peer::Grant;
-use crate::service::VerifiedKme;
 use crate::ApiError;
 
 /// The keys and pools of one calling site.
@@ -82,8 +82,7 @@ impl<'a> PeerScope<'a> {
                 request_id,
                 &format!("names keys (of {named}) made by another site's SAEs"),
             )),
-            Err(TakeError::Store(e)) => Err(e.into()),
-            Err(other) => Err(ApiError::Internal(format!("key store: {other}"))),
+            Err(other) => Err(other.into()),
         }
     }
 

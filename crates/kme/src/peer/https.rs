@@ -1,0 +1,312 @@
+//! The peer protocol over mutual TLS: [`PeerClient`], the [`Peer`] this site calls other
+//! sites through, and [`peer_router`], the routes through which other sites reach this site's
+//! [`PeerInbox`]. Only here do peer messages meet HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::{
+    BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
+    FillRequest, Peer, PeerError, PeerHealth,
+};
+use crate::api::{json, log_request, no_route, wrong_method, Body};
+use crate::inbox::{PeerInbox, VerifiedKme};
+use crate::issuer::Deadline;
+use crate::ApiError;
+
+/// Largest peer answer accepted.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// A kept-alive connection pool to one peer site's peer API.
+#[derive(Clone)]
+pub struct PeerClient {
+    site: String,
+    base: String,
+    http: dqkd_net::PinnedClient,
+    timeout: Duration,
+}
+
+impl PeerClient {
+    /// A client for site `site` at `addr` (`host:port`) over `http`, which presents this
+    /// KME's certificate and accepts only site `site`'s (see `dqkd_net::OutgoingTls`).
+    pub fn new(site: &str, addr: &str, http: dqkd_net::PinnedClient, timeout: Duration) -> Self {
+        Self {
+            site: site.to_owned(),
+            base: format!("https://{addr}"),
+            http,
+            timeout,
+        }
+    }
+
+    /// The peer's KME ID.
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// Sends a deliver message and waits for the durable acknowledgement, at most until
+    /// `deadline` (the deadline of the requests it serves).
+    pub async fn deliver(
+        &self,
+        request: &DeliverRequest,
+        deadline: Instant,
+    ) -> Result<DeliverAck, PeerError> {
+        self.call("/peer/v1/deliver", request, Some(deadline)).await
+    }
+
+    /// Sends a batch of ready keys to regenerate and waits for the durable acknowledgement.
+    pub async fn fill(&self, request: &FillRequest) -> Result<FillAck, PeerError> {
+        self.call("/peer/v1/fill", request, None).await
+    }
+
+    /// Binds ready keys to SAEs and waits for the durable acknowledgement, at most until
+    /// `deadline` (the deadline of the requests it serves).
+    pub async fn bind(
+        &self,
+        request: &BindRequest,
+        deadline: Instant,
+    ) -> Result<BindAck, PeerError> {
+        self.call("/peer/v1/bind", request, Some(deadline)).await
+    }
+
+    /// Sends a destroy message.
+    pub async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
+        self.call("/peer/v1/destroy", request, None).await
+    }
+
+    /// Asks whether the peer's KME answers.
+    pub async fn health(&self) -> Result<PeerHealth, PeerError> {
+        self.call("/peer/v1/health", &(), None).await
+    }
+
+    /// One exchange, given up after the client's timeout or at `deadline` if that is sooner.
+    async fn call<Q: Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Q,
+        deadline: Option<Instant>,
+    ) -> Result<A, PeerError> {
+        let own_limit = Instant::now() + self.timeout;
+        let (until, too_late) = match deadline {
+            Some(deadline) if deadline < own_limit => (
+                deadline,
+                "no answer before the request's deadline".to_owned(),
+            ),
+            _ => (own_limit, format!("no answer within {:?}", self.timeout)),
+        };
+        let unreachable = |reason: String| PeerError::Unreachable {
+            site: self.site.clone(),
+            reason,
+        };
+        // The one call without a message is the health check, a GET.
+        let body = serde_json::to_vec(body).map_err(|e| unreachable(e.to_string()))?;
+        let (method, body) = if body == b"null" {
+            (Method::GET, Vec::new())
+        } else {
+            (Method::POST, body)
+        };
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| unreachable(dqkd_net::error_chain(&e)))?;
+            let status = response.status();
+            // Answers are small JSON; a peer cannot make this site buffer more.
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| unreachable(e.to_string()))?
+                .to_bytes();
+            Ok::<_, PeerError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout_at(until, exchange)
+            .await
+            .map_err(|_| unreachable(too_late))??;
+        if status != StatusCode::OK {
+            let message = serde_json::from_slice::<dqkd_etsi014::ErrorBody>(&body)
+                .map(|e| e.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(PeerError::Refused {
+                site: self.site.clone(),
+                status,
+                message,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| PeerError::Refused {
+            site: self.site.clone(),
+            status,
+            message: format!("unreadable answer: {e}"),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Peer for PeerClient {
+    fn site(&self) -> &str {
+        &self.site
+    }
+
+    async fn deliver(
+        &self,
+        request: &DeliverRequest,
+        deadline: Deadline,
+    ) -> Result<DeliverAck, PeerError> {
+        PeerClient::deliver(self, request, deadline).await
+    }
+
+    async fn fill(&self, request: &FillRequest) -> Result<FillAck, PeerError> {
+        PeerClient::fill(self, request).await
+    }
+
+    async fn bind(&self, request: &BindRequest, deadline: Deadline) -> Result<BindAck, PeerError> {
+        PeerClient::bind(self, request, deadline).await
+    }
+
+    async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
+        PeerClient::destroy(self, request).await
+    }
+
+    async fn health(&self) -> Result<PeerHealth, PeerError> {
+        PeerClient::health(self).await
+    }
+}
+
+/// Largest peer message accepted: regeneration metadata for a large batch of keys.
+pub const MAX_PEER_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Builds the peer (KME-to-KME) router; only other sites' KME certificates may use it.
+pub fn peer_router(inbox: Arc<PeerInbox>) -> Router {
+    Router::new()
+        .route("/peer/v1/deliver", post(peer_deliver))
+        .route("/peer/v1/destroy", post(peer_destroy))
+        .route("/peer/v1/fill", post(peer_fill))
+        .route("/peer/v1/bind", post(peer_bind))
+        .route("/peer/v1/health", get(peer_health))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_PEER_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            (inbox.config().kme_id.clone(), "peer"),
+            log_request,
+        ))
+        .with_state(inbox)
+}
+
+/// The caller, proven by its certificate to be another site's KME.
+struct PeerKme(VerifiedKme);
+
+impl FromRequestParts<Arc<PeerInbox>> for PeerKme {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        inbox: &Arc<PeerInbox>,
+    ) -> Result<Self, Self::Rejection> {
+        inbox
+            .verify_kme(dqkd_net::PeerIdentity::of(&parts.extensions))
+            .map(PeerKme)
+    }
+}
+
+/// A peer message in the request body, parsed as JSON; a bad one is a 400 naming the message.
+struct PeerMessage<T>(T);
+
+/// The name a message goes by in errors.
+trait Named: serde::de::DeserializeOwned {
+    const NAME: &'static str;
+}
+
+impl Named for DeliverRequest {
+    const NAME: &'static str = "deliver";
+}
+impl Named for FillRequest {
+    const NAME: &'static str = "fill";
+}
+impl Named for BindRequest {
+    const NAME: &'static str = "bind";
+}
+impl Named for DestroyRequest {
+    const NAME: &'static str = "destroy";
+}
+
+impl<S: Send + Sync, T: Named> FromRequest<S> for PeerMessage<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let Body(body) = Body::from_request(request, state).await?;
+        serde_json::from_slice(&body)
+            .map(PeerMessage)
+            .map_err(|e| ApiError::BadRequest(format!("invalid {} message: {e}", T::NAME)))
+    }
+}
+
+async fn peer_deliver(
+    State(inbox): State<Arc<PeerInbox>>,
+    PeerKme(peer): PeerKme,
+    PeerMessage(request): PeerMessage<DeliverRequest>,
+) -> Result<Response, ApiError> {
+    to_completion("delivery", async move {
+        inbox.peer_deliver(&peer, request).await
+    })
+    .await
+}
+
+async fn peer_fill(
+    State(inbox): State<Arc<PeerInbox>>,
+    PeerKme(peer): PeerKme,
+    PeerMessage(request): PeerMessage<FillRequest>,
+) -> Result<Response, ApiError> {
+    to_completion("fill", async move { inbox.peer_fill(&peer, request).await }).await
+}
+
+async fn peer_bind(
+    State(inbox): State<Arc<PeerInbox>>,
+    PeerKme(peer): PeerKme,
+    PeerMessage(request): PeerMessage<BindRequest>,
+) -> Result<Response, ApiError> {
+    to_completion("bind", async move { inbox.peer_bind(&peer, request).await }).await
+}
+
+/// Runs a peer operation that stores keys to completion even if the origin hangs up: a
+/// cancelled one could commit keys and skip the checks that follow the commit.
+async fn to_completion<A: Serialize + Send + 'static>(
+    what: &str,
+    operation: impl std::future::Future<Output = Result<A, ApiError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let ack = tokio::spawn(operation)
+        .await
+        .map_err(|e| ApiError::Internal(format!("{what} task failed: {e}")))??;
+    Ok(json(&ack))
+}
+
+async fn peer_destroy(
+    State(inbox): State<Arc<PeerInbox>>,
+    PeerKme(peer): PeerKme,
+    PeerMessage(request): PeerMessage<DestroyRequest>,
+) -> Result<Response, ApiError> {
+    Ok(json(&inbox.peer_destroy(&peer, request).await?))
+}
+
+async fn peer_health(State(inbox): State<Arc<PeerInbox>>, PeerKme(_peer): PeerKme) -> Response {
+    json(&PeerHealth {
+        status: "ok".into(),
+        kme_id: inbox.config().kme_id.clone(),
+    })
+}
