@@ -235,20 +235,10 @@ pub(crate) async fn log_request(
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
     let elapsed = start.elapsed();
-    // The last path segment names the call; anything else is one label, so a scanner
-    // cannot blow up the number of series.
-    const CALLS: [&str; 8] = [
-        "status", "enc_keys", "dec_keys", "deliver", "destroy", "fill", "bind", "health",
-    ];
-    let call = path
-        .rsplit('/')
-        .next()
-        .filter(|c| CALLS.contains(c))
-        .unwrap_or("other");
     let labels = [
         ("kme", kme),
         ("api", api.to_owned()),
-        ("call", call.to_owned()),
+        ("call", call_label(&path).to_owned()),
         ("code", response.status().as_u16().to_string()),
     ];
     metrics::counter!("dqkd_requests_total", &labels).increment(1);
@@ -263,8 +253,29 @@ pub(crate) async fn log_request(
     response
 }
 
+/// The call a request path names, for the metrics: its last segment if that is a call of
+/// the ETSI or peer API, else "other", so that a scanner cannot blow up the number of series.
+fn call_label(path: &str) -> &str {
+    const CALLS: [&str; 8] = [
+        "status", "enc_keys", "dec_keys", "deliver", "destroy", "fill", "bind", "health",
+    ];
+    path.rsplit('/')
+        .next()
+        .filter(|c| CALLS.contains(c))
+        .unwrap_or("other")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_peer_call_has_its_own_metrics_label() {
+        for call in ["deliver", "destroy", "fill", "bind", "health"] {
+            assert_eq!(super::call_label(&format!("/peer/v1/{call}")), call);
+        }
+        assert_eq!(super::call_label("/api/v1/keys/bob/enc_keys"), "enc_keys");
+        assert_eq!(super::call_label("/peer/v1/anything"), "other");
+    }
+
     #[test]
     fn key_json_is_written_into_one_buffer_that_never_grew() {
         let keys: Vec<String> = (0..1000).map(|i| format!("{i:064}")).collect();
