@@ -28,8 +28,10 @@ use crate::ApiError;
 /// smaller; anything larger is refused before it is buffered.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
-pub use crate::peer::{peer_router, MAX_PEER_BODY_BYTES};
+mod peer;
+
 pub use dqkd_net::PeerIdentity;
+pub use peer::{peer_router, MAX_PEER_BODY_BYTES};
 
 /// Builds the router; the server adds the TLS identity, tests may add it themselves.
 pub fn router(service: Arc<KeyService>) -> Router {

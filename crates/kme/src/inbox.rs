@@ -20,25 +20,11 @@ use crate::peer::{
     FillRequest, Grant,
 };
 use crate::scope::PeerScope;
+pub use crate::scope::VerifiedKme;
 use crate::ApiError;
 
 /// How many completed deliver request IDs a site remembers for idempotent retries.
 const REMEMBERED_REQUESTS: usize = 65_536;
-
-/// Another site's KME, as proven by its client certificate.
-///
-/// Only [`PeerInbox::verify_kme`] makes one, so no peer method can run without it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedKme {
-    id: String,
-}
-
-impl VerifiedKme {
-    /// The peer's KME ID.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-}
 
 /// What this site does for its peers, apart from HTTP.
 pub struct PeerInbox {
@@ -86,22 +72,7 @@ impl PeerInbox {
         &self,
         identity: Option<&dqkd_pki::Identity>,
     ) -> Result<VerifiedKme, ApiError> {
-        let identity = identity.ok_or_else(|| {
-            ApiError::Unauthorized("the client certificate carries no dqkd identity".into())
-        })?;
-        if identity.role() != dqkd_pki::Role::Kme
-            || identity.id() == self.config.kme_id
-            || !self.config.sites.contains_key(identity.id())
-        {
-            return Err(ApiError::Unauthorized(format!(
-                "{} is not a peer site of KME {:?}",
-                identity.uri(),
-                self.config.kme_id
-            )));
-        }
-        Ok(VerifiedKme {
-            id: identity.id().to_owned(),
-        })
+        VerifiedKme::check(identity, &self.config)
     }
 
     /// Peer `deliver`: regenerate the keys another site made and hold them for our SAEs.

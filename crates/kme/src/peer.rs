@@ -10,18 +10,18 @@
 //! is refused with 403 and changes nothing.
 //!
 //! This file says what the sites tell each other: the messages and the [`Peer`] trait the
-//! origin calls them through. [`crate::inbox::PeerInbox`] is what a receiving site does with
-//! them; `https` carries them between sites ([`PeerClient`] and [`peer_router`]).
+//! origin calls them through ([`PeerClient`] over mutual TLS). [`crate::inbox::PeerInbox`] is
+//! what a receiving site does with them.
 
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::issuer::Deadline;
+use tokio::time::Instant;
 
 mod https;
 
-pub use https::{peer_router, PeerClient, MAX_PEER_BODY_BYTES};
+pub use https::PeerClient;
 
 /// `POST /peer/v1/deliver`: regenerate a batch of keys and hold each for its SAEs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,14 +186,14 @@ pub trait Peer: Send + Sync {
     async fn deliver(
         &self,
         request: &DeliverRequest,
-        deadline: Deadline,
+        deadline: Instant,
     ) -> Result<DeliverAck, PeerError>;
 
     /// Has the peer regenerate and store a batch of ready keys of this site's pool toward it.
     async fn fill(&self, request: &FillRequest) -> Result<FillAck, PeerError>;
 
     /// Binds ready keys to SAEs at the peer, waiting at most until `deadline`.
-    async fn bind(&self, request: &BindRequest, deadline: Deadline) -> Result<BindAck, PeerError>;
+    async fn bind(&self, request: &BindRequest, deadline: Instant) -> Result<BindAck, PeerError>;
 
     /// Has the peer shred keys of a failed request.
     async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError>;
