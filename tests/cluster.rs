@@ -4,9 +4,11 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::cluster::{status_of, withdrawn_key_ids, Cluster};
+use common::cluster::{status_of, wait_until, withdrawals_confirmed, withdrawn_key_ids, Cluster};
 use dqkd_client::{ClientError, KeyRequestBody};
 use dqkd_kme::peer::{BindRequest, DeliverRequest, DestroyRequest, Grant, PeerError};
 use http::StatusCode;
@@ -288,9 +290,12 @@ async fn an_unresponsive_peer_gives_503_in_time_and_leaves_no_orphan_key() {
         "waited {waited:?}"
     );
 
-    // B wakes up and may finish the old request, but A withdraws it: after recovery none
-    // of its keys is deliverable at either site.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // B wakes up and may finish the old request, but A withdraws it: once B confirms the
+    // withdrawal none of its keys is deliverable at either site.
+    wait_until("B to confirm the withdrawal", || {
+        withdrawals_confirmed(&cluster.sites["KME_A"].log_text())
+    })
+    .await;
     let ids = withdrawn_key_ids(&cluster.sites["KME_A"].log_text());
     assert_eq!(ids.len(), 2, "A logs the withdrawn key IDs: {ids:?}");
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -351,15 +356,19 @@ async fn one_entropy_server_down_is_routed_around() {
 async fn crash_during_stream(victim: &str) {
     let mut cluster = Cluster::start_with(&["KME_A", "KME_B"], 3, 1500);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Keys issued and requests failed so far, to tell when the stream ran in each phase.
+    let issued_count = Arc::new(AtomicUsize::new(0));
+    let failed_count = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..4 {
         let alice = cluster.client("alice");
         let tx = tx.clone();
         let stop = stop.clone();
+        let (issued_count, failed_count) = (issued_count.clone(), failed_count.clone());
         workers.push(tokio::spawn(async move {
             let mut errors = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 match alice
                     .enc_keys(
                         "bob",
@@ -371,11 +380,13 @@ async fn crash_during_stream(victim: &str) {
                     .await
                 {
                     Ok(keys) => {
+                        issued_count.fetch_add(keys.keys.len(), Ordering::Relaxed);
                         for k in keys.keys {
                             let _ = tx.send((k.key_ID.clone(), k.key.clone()));
                         }
                     }
                     Err(_) => {
+                        failed_count.fetch_add(1, Ordering::Relaxed);
                         errors += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -385,12 +396,20 @@ async fn crash_during_stream(victim: &str) {
         }));
     }
     drop(tx);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Keys flow, then the victim dies mid-stream; requests fail while it is down, and keys
+    // flow again once it is back.
+    let issued = || issued_count.load(Ordering::Relaxed);
+    wait_until("keys before the crash", || issued() >= 10).await;
+    let failed_before = failed_count.load(Ordering::Relaxed);
     cluster.site(victim).kill9();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until("a request to fail during the crash", || {
+        failed_count.load(Ordering::Relaxed) > failed_before
+    })
+    .await;
     cluster.site(victim).launch();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let after_restart = issued();
+    wait_until("keys after the restart", || issued() >= after_restart + 10).await;
+    stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.await.expect("worker");
     }

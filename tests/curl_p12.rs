@@ -26,7 +26,7 @@ fn curl(args: &[&str]) -> (bool, String) {
 fn have_curl() -> bool {
     let found = Command::new("curl").arg("--version").output().is_ok();
     if !found {
-        eprintln!("!!! SKIPPED: curl is not installed; the curl flow was NOT tested !!!");
+        common::skip("curl", "the curl flow");
     }
     found
 }

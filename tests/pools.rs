@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{status_of, wait_level, withdrawn_key_ids, Cluster};
+use common::cluster::{
+    status_of, wait_level, wait_until, withdrawals_confirmed, withdrawn_key_ids, Cluster,
+};
 use dqkd_client::KeyRequestBody;
 use http::StatusCode;
 
@@ -151,7 +153,11 @@ async fn a_frozen_peer_during_a_bind_gives_503_and_the_keys_are_withdrawn() {
     assert!(message.contains("KME_B"), "{message}");
     assert!(waited < Duration::from_millis(3000), "waited {waited:?}");
 
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once B confirms the withdrawal, the keys are gone at both sites.
+    wait_until("B to confirm the withdrawal", || {
+        withdrawals_confirmed(&cluster.sites["KME_A"].log_text())
+    })
+    .await;
     let log = cluster.sites["KME_A"].log_text();
     let ids = withdrawn_key_ids(&log);
     assert_eq!(ids.len(), 2, "A logs the withdrawn key IDs: {log}");

@@ -21,9 +21,7 @@ fn postgres_cluster() -> Option<Cluster> {
 /// Sites A and B on PostgreSQL, one process each, with `extra` in the manifest.
 fn postgres_cluster_full(extra: &str) -> Option<Cluster> {
     if std::env::var_os("DQKD_TEST_POSTGRES_URL").is_none() {
-        eprintln!(
-            "!!! SKIPPED: DQKD_TEST_POSTGRES_URL is not set; replicated sites NOT tested !!!"
-        );
+        common::skip("DQKD_TEST_POSTGRES_URL", "replicated sites");
         return None;
     }
     // Every test of this file runs on PostgreSQL: replicas need a shared store.

@@ -481,6 +481,31 @@ impl Cluster {
     }
 }
 
+/// Waits until `condition` holds, asking every 20 ms; fails naming `what` after 30 s.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !condition() {
+        assert!(Instant::now() < deadline, "still waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether the origin withdrew a request (its audit log says so) and a peer confirmed each
+/// withdrawal it logged.
+pub fn withdrawals_confirmed(log: &str) -> bool {
+    let mut requests = log
+        .lines()
+        .filter(|l| l.contains("keys_withdrawn"))
+        .filter_map(|l| l.split("request_id=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .peekable();
+    requests.peek().is_some()
+        && requests.all(|id| {
+            log.lines()
+                .any(|l| l.contains("withdrew keys of a failed request") && l.contains(id))
+        })
+}
+
 /// Waits until `client`'s status toward `target` reports `want` ready keys exactly.
 pub async fn wait_level(client: &Client, target: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);

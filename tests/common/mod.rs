@@ -16,6 +16,30 @@ use dqkd_client::Client;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_dqkd");
 
+/// Set (to anything but empty or `0`) where every test must run, as in CI: a test that would
+/// skip for a missing tool or setting fails instead.
+pub const REQUIRE: &str = "DQKD_TEST_REQUIRE";
+
+/// Says loudly that `what` went untested because `missing` is missing; a failure instead when
+/// [`REQUIRE`] is set. Written to a fresh `/dev/stderr` handle, which the test harness does
+/// not capture, with `eprintln!` as the fallback.
+pub fn skip(missing: &str, what: &str) {
+    let required = std::env::var(REQUIRE).is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        !required,
+        "{missing} is missing but {REQUIRE} is set: {what} must be tested here"
+    );
+    let text = format!("!!! SKIPPED: {missing} is missing; {what} NOT tested !!!");
+    use std::io::Write;
+    let direct = std::fs::OpenOptions::new()
+        .append(true)
+        .open("/dev/stderr")
+        .and_then(|mut f| writeln!(f, "{text}"));
+    if direct.is_err() {
+        eprintln!("{text}");
+    }
+}
+
 /// Which key store the end-to-end tests run on: the embedded file store by default, or
 /// PostgreSQL when `DQKD_TEST_STORE=postgres` (with `DQKD_TEST_POSTGRES_URL` naming an
 /// admin connection; each site then gets a throwaway database).

@@ -8,26 +8,30 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Path, RawQuery, Request, State,
+};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use dqkd_etsi014::{parse_dec_query, parse_enc_query, parse_key_ids, parse_key_request};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use crate::peer::{BindRequest, DeliverRequest, DestroyRequest, FillRequest};
-use crate::service::{KeyService, VerifiedKme, VerifiedSae};
+use crate::service::{KeyService, VerifiedSae};
 use crate::ApiError;
 
 /// Largest request body accepted. A dec_keys body naming `max_key_per_request` IDs is far
 /// smaller; anything larger is refused before it is buffered.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
+mod peer;
+
 pub use dqkd_net::PeerIdentity;
+pub use peer::{peer_router, MAX_PEER_BODY_BYTES};
 
 /// Builds the router; the server adds the TLS identity, tests may add it themselves.
 pub fn router(service: Arc<KeyService>) -> Router {
@@ -45,120 +49,10 @@ pub fn router(service: Arc<KeyService>) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
-            (service.clone(), "etsi"),
+            (service.config().kme_id.clone(), "etsi"),
             log_request,
         ))
         .with_state(service)
-}
-
-/// Largest peer message accepted: regeneration metadata for a large batch of keys.
-pub const MAX_PEER_BODY_BYTES: usize = 64 * 1024 * 1024;
-
-/// Builds the peer (KME-to-KME) router; only other sites' KME certificates may use it.
-pub fn peer_router(service: Arc<KeyService>) -> Router {
-    Router::new()
-        .route("/peer/v1/deliver", post(peer_deliver))
-        .route("/peer/v1/destroy", post(peer_destroy))
-        .route("/peer/v1/fill", post(peer_fill))
-        .route("/peer/v1/bind", post(peer_bind))
-        .route("/peer/v1/health", get(peer_health))
-        .fallback(no_route)
-        .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(MAX_PEER_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(
-            (service.clone(), "peer"),
-            log_request,
-        ))
-        .with_state(service)
-}
-
-/// The caller, proven by its certificate to be another site's KME.
-struct PeerKme(VerifiedKme);
-
-impl FromRequestParts<Arc<KeyService>> for PeerKme {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        service: &Arc<KeyService>,
-    ) -> Result<Self, Self::Rejection> {
-        service
-            .verify_kme(PeerIdentity::of(&parts.extensions))
-            .map(PeerKme)
-    }
-}
-
-async fn peer_deliver(
-    State(service): State<Arc<KeyService>>,
-    PeerKme(peer): PeerKme,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let request: DeliverRequest = peer_message(body, "deliver")?;
-    to_completion("delivery", async move {
-        service.peer_deliver(&peer, request).await
-    })
-    .await
-}
-
-async fn peer_fill(
-    State(service): State<Arc<KeyService>>,
-    PeerKme(peer): PeerKme,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let request: FillRequest = peer_message(body, "fill")?;
-    to_completion(
-        "fill",
-        async move { service.peer_fill(&peer, request).await },
-    )
-    .await
-}
-
-async fn peer_bind(
-    State(service): State<Arc<KeyService>>,
-    PeerKme(peer): PeerKme,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let request: BindRequest = peer_message(body, "bind")?;
-    to_completion(
-        "bind",
-        async move { service.peer_bind(&peer, request).await },
-    )
-    .await
-}
-
-/// Parses the JSON body of a peer message.
-fn peer_message<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    what: &str,
-) -> Result<T, ApiError> {
-    let body = body.map_err(body_error)?;
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid {what} message: {e}")))
-}
-
-/// Runs a peer operation that stores keys to completion even if the origin hangs up: a
-/// cancelled one could commit keys and skip the checks that follow the commit.
-async fn to_completion<A: serde::Serialize + Send + 'static>(
-    what: &str,
-    operation: impl std::future::Future<Output = Result<A, ApiError>> + Send + 'static,
-) -> Result<Response, ApiError> {
-    let ack = tokio::spawn(operation)
-        .await
-        .map_err(|e| ApiError::Internal(format!("{what} task failed: {e}")))??;
-    Ok(json(&ack))
-}
-
-async fn peer_destroy(
-    State(service): State<Arc<KeyService>>,
-    PeerKme(peer): PeerKme,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let request: DestroyRequest = peer_message(body, "destroy")?;
-    Ok(json(&service.peer_destroy(&peer, request).await?))
-}
-
-async fn peer_health(State(service): State<Arc<KeyService>>, PeerKme(_peer): PeerKme) -> Response {
-    json(&serde_json::json!({ "status": "ok", "kme_id": service.config().kme_id }))
 }
 
 /// The caller, proven by its certificate to be an SAE of this site.
@@ -214,9 +108,8 @@ async fn enc_keys_post(
     State(service): State<Arc<KeyService>>,
     Caller(caller): Caller,
     SaeSegment(slave): SaeSegment,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
     let request = parse_key_request(&body, &service.config().limits.etsi())?;
     if !request.unknown_fields.is_empty() {
         // A misspelt field (e.g. multicast) otherwise changes the answer silently.
@@ -242,21 +135,35 @@ async fn dec_keys_post(
     State(service): State<Arc<KeyService>>,
     Caller(caller): Caller,
     SaeSegment(master): SaeSegment,
-    body: Result<Bytes, BytesRejection>,
+    Body(body): Body,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(body_error)?;
     let ids = parse_key_ids(&body, service.config().limits.max_key_per_request)?;
     let keys = service.dec_keys(&caller, &master, &ids).await?;
     Ok(secret_json(&keys))
 }
 
-async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
+pub(crate) async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
     let _ = method;
     ApiError::NoRoute(uri.path().to_owned())
 }
 
-async fn wrong_method(method: Method) -> ApiError {
+pub(crate) async fn wrong_method(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
+}
+
+/// The whole request body, within the router's limit; a body that is too large or cannot be
+/// read is refused as an [`ApiError`], like every other failure.
+pub(crate) struct Body(pub(crate) Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(request, state)
+            .await
+            .map(Body)
+            .map_err(body_error)
+    }
 }
 
 fn body_error(rejection: BytesRejection) -> ApiError {
@@ -267,7 +174,7 @@ fn body_error(rejection: BytesRejection) -> ApiError {
     }
 }
 
-fn json<T: Serialize>(value: &T) -> Response {
+pub(crate) fn json<T: Serialize>(value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => with_json_type(body.into_response()),
         Err(e) => ApiError::Internal(format!("serialising response: {e}")).into_response(),
@@ -325,8 +232,8 @@ fn with_json_type(mut response: Response) -> Response {
 
 /// One debug line and the request metrics per request: API, method, status, time.
 /// Never bodies (they hold keys).
-async fn log_request(
-    State((service, api)): State<(Arc<KeyService>, &'static str)>,
+pub(crate) async fn log_request(
+    State((kme, api)): State<(String, &'static str)>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -335,20 +242,10 @@ async fn log_request(
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
     let elapsed = start.elapsed();
-    // The last path segment names the call; anything else is one label, so a scanner
-    // cannot blow up the number of series.
-    const CALLS: [&str; 6] = [
-        "status", "enc_keys", "dec_keys", "deliver", "destroy", "health",
-    ];
-    let call = path
-        .rsplit('/')
-        .next()
-        .filter(|c| CALLS.contains(c))
-        .unwrap_or("other");
     let labels = [
-        ("kme", service.config().kme_id.clone()),
+        ("kme", kme),
         ("api", api.to_owned()),
-        ("call", call.to_owned()),
+        ("call", call_label(&path).to_owned()),
         ("code", response.status().as_u16().to_string()),
     ];
     metrics::counter!("dqkd_requests_total", &labels).increment(1);
@@ -363,8 +260,29 @@ async fn log_request(
     response
 }
 
+/// The call a request path names, for the metrics: its last segment if that is a call of
+/// the ETSI or peer API, else "other", so that a scanner cannot blow up the number of series.
+fn call_label(path: &str) -> &str {
+    const CALLS: [&str; 8] = [
+        "status", "enc_keys", "dec_keys", "deliver", "destroy", "fill", "bind", "health",
+    ];
+    path.rsplit('/')
+        .next()
+        .filter(|c| CALLS.contains(c))
+        .unwrap_or("other")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_peer_call_has_its_own_metrics_label() {
+        for call in ["deliver", "destroy", "fill", "bind", "health"] {
+            assert_eq!(super::call_label(&format!("/peer/v1/{call}")), call);
+        }
+        assert_eq!(super::call_label("/api/v1/keys/bob/enc_keys"), "enc_keys");
+        assert_eq!(super::call_label("/peer/v1/anything"), "other");
+    }
+
     #[test]
     fn key_json_is_written_into_one_buffer_that_never_grew() {
         let keys: Vec<String> = (0..1000).map(|i| format!("{i:064}")).collect();

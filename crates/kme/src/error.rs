@@ -82,3 +82,17 @@ impl From<dqkd_store::StoreError> for ApiError {
         Self::Internal(format!("key store: {e}"))
     }
 }
+
+/// A take that found nothing is the ETSI "keys not found", one the caller may not make is 401.
+/// A caller that means something else by either (a peer's bind or destroy) matches it first.
+impl From<dqkd_store::TakeError> for ApiError {
+    fn from(e: dqkd_store::TakeError) -> Self {
+        use dqkd_store::TakeError;
+        match e {
+            TakeError::NotFound => Self::KeysNotFound,
+            TakeError::Unauthorized => Self::Unauthorized(e.to_string()),
+            TakeError::Store(e) => e.into(),
+            other => Self::Internal(format!("key store: {other}")),
+        }
+    }
+}

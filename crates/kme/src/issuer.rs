@@ -19,6 +19,11 @@
 //! (the moment it is answered). A record still there when the process starts again is a
 //! request whose keys a peer may hold but nobody received: [`Issuer::start_pools`] withdraws
 //! them at every site first.
+//!
+//! The jobs are split by module: this file batches requests and runs a batch; `outbound`
+//! delivers to peers and withdraws; `bind` serves a batch from a ready pool; `refill` keeps
+//! the pools filled. A batch stores this site's copy only with the `PeersStored`
+//! proof that every peer stored theirs first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,10 +37,23 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::keysource::{KeySource, KeySourceError};
 use crate::peer::{
-    BindRequest, DeliverRequest, DestroyRequest, FillRequest, Grant, PeerClient, PeerError,
+    BindRequest, DeliverRequest, DestroyRequest, FillRequest, Grant, Peer, PeerError,
 };
 use crate::pools::{LinkPool, Pools};
 use crate::ApiError;
+
+mod bind;
+mod error;
+mod outbound;
+mod refill;
+#[cfg(test)]
+mod tests;
+
+use bind::{bind_ready, Bound};
+use outbound::{deliver, record_in_flight, recover_in_flight, withdraw, PeersStored};
+use refill::refill_loop;
+
+pub use error::IssueError;
 
 /// Most keys one batch carries (a single request may exceed it alone).
 const MAX_BATCH_KEYS: usize = 4096;
@@ -77,7 +95,7 @@ pub type Deadline = tokio::time::Instant;
 struct Job {
     order: Order,
     deadline: Deadline,
-    reply: oneshot::Sender<Result<Issued, ApiError>>,
+    reply: oneshot::Sender<Result<Issued, IssueError>>,
 }
 
 impl Job {
@@ -109,7 +127,7 @@ struct Shared {
     config: Arc<Config>,
     store: Arc<dyn KeyStore>,
     source: Arc<dyn KeySource>,
-    peers: BTreeMap<String, PeerClient>,
+    peers: BTreeMap<String, Arc<dyn Peer>>,
     pools: Pools,
 }
 
@@ -125,7 +143,7 @@ impl Issuer {
         config: Arc<Config>,
         store: Arc<dyn KeyStore>,
         source: Arc<dyn KeySource>,
-        peers: BTreeMap<String, PeerClient>,
+        peers: BTreeMap<String, Arc<dyn Peer>>,
     ) -> Self {
         let pools = Pools::new(
             &config.kme_id,
@@ -199,7 +217,7 @@ impl Issuer {
 
     /// Issues the order's keys: returns once every involved site has stored them durably,
     /// or with 503 at `deadline` at the latest (and then no site ever delivers them).
-    pub async fn issue(&self, order: Order, deadline: Deadline) -> Result<Issued, ApiError> {
+    pub async fn issue(&self, order: Order, deadline: Deadline) -> Result<Issued, IssueError> {
         let link = Link {
             remote: order.remote.keys().cloned().collect(),
             len: order.len,
@@ -224,18 +242,18 @@ impl Issuer {
                 }
             }
         }
-        Err(ApiError::Internal("cannot queue the key request".into()))
+        Err(IssueError::Internal("cannot queue the key request".into()))
     }
 
     /// The batch's answer, or 503 once `deadline` passes. Closing the channel then makes a
     /// later answer fail to arrive, so its batch destroys the keys at every site.
     async fn wait(
         &self,
-        mut answer: oneshot::Receiver<Result<Issued, ApiError>>,
+        mut answer: oneshot::Receiver<Result<Issued, IssueError>>,
         deadline: Deadline,
         remote: &[String],
-    ) -> Result<Issued, ApiError> {
-        let dropped = || Err(ApiError::Internal("the key batch was dropped".into()));
+    ) -> Result<Issued, IssueError> {
+        let dropped = || Err(IssueError::Internal("the key batch was dropped".into()));
         tokio::select! {
             result = &mut answer => result.unwrap_or_else(|_| dropped()),
             () = tokio::time::sleep_until(deadline) => {
@@ -328,7 +346,7 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
         // A peer that answered and refused may have refused one request of the batch
         // (its pair over quota, say): each request is tried alone, so the refusal lands
         // only where it belongs. An unreachable peer fails everyone alike.
-        Err(BatchError::Refused(_)) if jobs.len() > 1 => {
+        Err(IssueError::Refused(_)) if jobs.len() > 1 => {
             for job in jobs {
                 let Some(job) = job.live(shared, link) else {
                     continue;
@@ -337,23 +355,22 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
                 match issue_batch(shared, link, single, job.order.count, job.deadline).await {
                     Ok(keys) => answer(shared, link, vec![job], keys).await,
                     Err(e) => {
-                        let _ = job.reply.send(Err(e.into_api()));
+                        let _ = job.reply.send(Err(e));
                     }
                 }
             }
         }
         Err(e) => {
-            let e = e.into_api();
-            if let ApiError::Internal(cause) = &e {
+            if let IssueError::Internal(cause) = &e {
                 tracing::error!(%cause, "issuing a key batch failed");
             }
             let message = e.to_string();
-            let bad_request = matches!(e, ApiError::BadRequest(_));
+            let bad_request = matches!(e, IssueError::BadRequest(_));
             for job in jobs {
                 let error = if bad_request {
-                    ApiError::BadRequest(message.clone())
+                    IssueError::BadRequest(message.clone())
                 } else {
-                    ApiError::Unavailable(message.clone())
+                    IssueError::Unavailable(message.clone())
                 };
                 let _ = job.reply.send(Err(error));
             }
@@ -389,28 +406,6 @@ async fn answer(shared: &Shared, link: &Link, jobs: Vec<Job>, mut keys: Issued) 
     }
 }
 
-/// Why a batch failed.
-enum BatchError {
-    /// A peer answered and refused the delivery.
-    Refused(ApiError),
-    /// Anything else: the key source, an unreachable peer, the local store.
-    Other(ApiError),
-}
-
-impl BatchError {
-    fn into_api(self) -> ApiError {
-        match self {
-            Self::Refused(e) | Self::Other(e) => e,
-        }
-    }
-}
-
-impl From<ApiError> for BatchError {
-    fn from(e: ApiError) -> Self {
-        Self::Other(e)
-    }
-}
-
 /// Issues one batch from the ready pool when it covers it, else generates, delivers and
 /// stores it now, waiting for entropy and peers until `deadline` at most (a pool miss
 /// leaves the keys made on demand only the time that remains); returns the keys in job
@@ -421,7 +416,7 @@ async fn issue_batch(
     jobs: &[Job],
     total: usize,
     deadline: Deadline,
-) -> Result<Issued, BatchError> {
+) -> Result<Issued, IssueError> {
     if let ([site], true) = (link.remote.as_slice(), total <= POOL_MAX_BATCH_KEYS) {
         if let Some(slots) = shared.pools.take(site, total, link.len, unix_now()) {
             match bind_ready(shared, site, jobs, &slots, deadline).await {
@@ -436,29 +431,28 @@ async fn issue_batch(
         .generate_by(total, link.len, &link.remote, deadline)
         .await
         .map_err(|e| {
-            BatchError::Other(if Deadline::now() >= deadline {
+            if Deadline::now() >= deadline {
                 deadline_passed(shared, &link.remote, Some(&e.to_string()))
             } else {
-                source_error(e)
-            })
+                e.into()
+            }
         })?;
     let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
     let request_id = Uuid::new_v4();
-
-    if !link.remote.is_empty() {
-        let metadata = batch.metadata.as_deref().ok_or_else(|| {
-            ApiError::Internal("the key source gave no regeneration metadata".into())
-        })?;
-        record_in_flight(shared, request_id, &link.remote, &ids, &[]).await?;
-        deliver(shared, link, jobs, request_id, metadata, &ids, deadline).await?;
-    }
+    let stored = match PeersStored::no_peers(&link.remote) {
+        Some(none_needed) => none_needed,
+        None => {
+            let metadata = batch.metadata.as_deref().ok_or_else(|| {
+                IssueError::Internal("the key source gave no regeneration metadata".into())
+            })?;
+            record_in_flight(shared, request_id, &link.remote, &ids, &[]).await?;
+            deliver(shared, link, jobs, request_id, metadata, &ids, deadline).await?
+        }
+    };
 
     let now = unix_now();
     let mut records = Vec::new();
-    let mut offset = 0;
-    for job in jobs {
-        let keys = &batch.keys[offset..offset + job.order.count];
-        offset += job.order.count;
+    for (job, keys) in per_job(jobs, &batch.keys) {
         if job.order.local.is_empty() {
             continue;
         }
@@ -473,182 +467,46 @@ async fn issue_batch(
             });
         }
     }
-    if link.remote.is_empty() {
-        // Same-site: no peer holds anything, so no record to answer.
-        if !records.is_empty() {
-            shared.store.insert(records).await.map_err(ApiError::from)?;
+    if let Err(e) = store_here(shared, stored, link, records, request_id).await {
+        if !link.remote.is_empty() {
+            withdraw(shared, request_id, &link.remote, &ids, &[], true);
         }
-    } else if let Err(e) = shared
-        .store
-        .insert_answering(records, Some(request_id))
-        .await
-    {
-        withdraw(shared, request_id, &link.remote, &ids, &[], true);
-        return Err(BatchError::Other(e.into()));
+        return Err(e.into());
     }
     Ok(batch.keys)
 }
 
-/// One grant per job for the slaves at `site`: job `i` gets the next `count` of `ids`.
-fn grants_for(site: &str, jobs: &[Job], ids: &[Uuid]) -> Vec<Grant> {
-    let mut grants = Vec::with_capacity(jobs.len());
-    let mut offset = 0;
-    for job in jobs {
-        grants.push(Grant {
-            master: job.order.master.clone(),
-            slaves: job.order.remote.get(site).cloned().unwrap_or_default(),
-            key_ids: ids[offset..offset + job.order.count].to_vec(),
-        });
-        offset += job.order.count;
-    }
-    grants
-}
-
-/// Why ready keys could not be bound.
-enum Bound {
-    /// They were no longer ready at one of the sites (nothing was bound): make keys on demand.
-    Missed,
-    /// The peer refused or did not answer; the keys are withdrawn.
-    Failed(BatchError),
-}
-
-/// Binds ready keys toward `site` to the batch's SAEs: at the peer first (one round trip),
-/// then here; returns the keys in job order. On any failure the keys are shredded at both
-/// sites, so a ready key is bound once or never.
-async fn bind_ready(
+/// Stores this site's copy of a batch's keys, which only the proof that every peer site
+/// stored them first allows. A cross-site batch's in-flight record leaves in the same commit.
+async fn store_here(
     shared: &Shared,
-    site: &str,
-    jobs: &[Job],
-    slots: &[Slot],
-    deadline: Deadline,
-) -> Result<Issued, Bound> {
-    let Some(client) = shared.peers.get(site) else {
-        return Err(Bound::Missed);
-    };
-    let name = crate::pools::link_name(
-        &shared.config.kme_id,
-        site,
-        shared.config.replica.as_deref(),
-    );
-    let request_id = Uuid::new_v4();
-    let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
-    let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
-    let grants = grants_for(site, jobs, &ids);
-    let labels = [
-        ("kme", shared.config.kme_id.clone()),
-        ("peer", site.to_owned()),
-    ];
-    if let Err(e) = record_in_flight(shared, request_id, &[site.to_owned()], &ids, &seqs).await {
-        // Nothing was sent, but the keys have left this site's pool: shred them at both.
-        withdraw(shared, request_id, &[site.to_owned()], &[], &seqs, false);
-        remove_ready_here(shared, &name, seqs);
-        return Err(Bound::Failed(BatchError::Other(e)));
+    _stored: PeersStored,
+    link: &Link,
+    records: Vec<NewKey>,
+    request_id: Uuid,
+) -> Result<(), StoreError> {
+    if !link.remote.is_empty() {
+        return shared
+            .store
+            .insert_answering(records, Some(request_id))
+            .await;
     }
-    let started = Instant::now();
-    let result = client
-        .bind(
-            &BindRequest {
-                request_id,
-                grants,
-                positions: seqs.clone(),
-                replica: shared.config.replica.clone(),
-            },
-            deadline,
-        )
-        .await;
-    metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!("dqkd_peer_binds_total", &labels).increment(1);
-    let shred = |why: &str| {
-        tracing::debug!(site, count = ids.len(), why, "shredding ready keys");
-        remove_ready_here(shared, &name, seqs.clone());
-    };
-    match result {
-        Ok(ack) if ack.request_id == request_id && ack.bound == ids.len() => {}
-        Err(PeerError::Refused { status, .. }) if status == http::StatusCode::CONFLICT => {
-            // The peer refused the whole bind: nothing of it is stored there to withdraw.
-            forget_in_flight(shared, request_id);
-            shred("the peer no longer holds them");
-            let stale: Vec<u64> = shared.pools.discard(site).iter().map(|s| s.seq).collect();
-            tracing::warn!(
-                site,
-                discarded = stale.len(),
-                "the peer does not hold keys this site thought ready; refilling the pool from scratch"
-            );
-            // The peer may still hold some of them: shred those there too.
-            for chunk in stale.chunks(REMOVE_CHUNK) {
-                withdraw(
-                    shared,
-                    Uuid::new_v4(),
-                    &[site.to_owned()],
-                    &[],
-                    chunk,
-                    false,
-                );
-            }
-            remove_ready_here(shared, &name, stale);
-            return Err(Bound::Missed);
-        }
-        other => {
-            metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs, true);
-            shred("the bind failed");
-            let (refused, reason) = match other {
-                Err(e @ PeerError::Refused { .. }) => (true, e.to_string()),
-                Err(e) => (false, e.to_string()),
-                Ok(ack) => (
-                    true,
-                    format!(
-                        "site {site:?} acknowledged bind {} of {} keys, expected {request_id} of {}",
-                        ack.request_id,
-                        ack.bound,
-                        ids.len()
-                    ),
-                ),
-            };
-            tracing::warn!(
-                target: "dqkd::audit",
-                event = "keys_withdrawn",
-                %request_id,
-                failure = %reason,
-                key_ids = ?ids,
-                "binding ready keys failed; they are destroyed at both sites"
-            );
-            let error = ApiError::Unavailable(reason);
-            return Err(Bound::Failed(if refused {
-                BatchError::Refused(error)
-            } else {
-                BatchError::Other(error)
-            }));
-        }
+    // Same-site: no peer holds anything, so no record to answer.
+    if records.is_empty() {
+        return Ok(());
     }
-    let now = unix_now();
-    let mut local = Vec::with_capacity(jobs.len());
-    let mut offset = 0;
-    for job in jobs {
-        local.push(PoolGrant {
-            slots: slots[offset..offset + job.order.count].to_vec(),
-            master: job.order.master.clone(),
-            slaves: job.order.local.clone(),
-            expires_at: local_expiry(shared, &job.order, now),
-        });
-        offset += job.order.count;
-    }
-    match shared
-        .store
-        .pool_bind_answering(&name, local, now, Some(request_id))
-        .await
-    {
-        Ok(keys) => Ok(keys.into_iter().map(|k| (k.id, k.material)).collect()),
-        Err(e) => {
-            // Bound at the peer but not here (shredded as expired, say): undo the peer's
-            // side and make the keys on demand instead.
-            tracing::warn!(site, error = %e, "ready keys could not be bound here; withdrawing them");
-            withdraw(shared, request_id, &[site.to_owned()], &ids, &seqs, true);
-            shred("the local bind failed");
-            Err(Bound::Missed)
-        }
-    }
+    shared.store.insert(records).await
+}
+
+/// Each job with its share of `items` (the batch's keys, IDs or pool slots, in job order):
+/// job `i` gets the next `count` of them. The one place keys are matched to requests.
+fn per_job<'a, T>(jobs: &'a [Job], items: &'a [T]) -> impl Iterator<Item = (&'a Job, &'a [T])> {
+    let mut rest = items;
+    jobs.iter().map(move |job| {
+        let (mine, others) = rest.split_at(job.order.count.min(rest.len()));
+        rest = others;
+        (job, mine)
+    })
 }
 
 /// When this site's copy of a job's keys expires: the master's own copy only for the
@@ -661,504 +519,9 @@ fn local_expiry(shared: &Shared, order: &Order, now: u64) -> u64 {
     }
 }
 
-/// Ready keys shredded per store call, so discarding a large pool never holds the store's
-/// writer for long.
-const REMOVE_CHUNK: usize = 16_384;
-
-/// Shreds ready keys of pool `link` at this site in the background (they are unusable
-/// either way).
-fn remove_ready_here(shared: &Shared, link: &str, seqs: Vec<u64>) {
-    let store = shared.store.clone();
-    let link = link.to_owned();
-    tokio::spawn(async move {
-        for chunk in seqs.chunks(REMOVE_CHUNK) {
-            if let Err(e) = store.pool_remove(&link, chunk).await {
-                tracing::warn!(error = %e, "could not shred unusable ready keys; they expire by TTL");
-                return;
-            }
-        }
-    });
-}
-
-/// How often a process asks again for a pool another process of its site holds.
-const CLAIM_RETRY: Duration = Duration::from_secs(2);
-
-/// Keeps one link's pool between its low-water mark and its target: once the level is at
-/// or below the low-water mark, fills batch after batch until the target is reached. Only
-/// while this process holds the pool's claim: until then (`claimed` false) it asks for the
-/// claim every [`CLAIM_RETRY`] and, once it has it, reads the pool from the store; while it
-/// holds it, it asks again as often and before every fill, and empties its view of the pool
-/// (handing out nothing more) the moment it cannot show the claim is still its own.
-async fn refill_loop(
-    shared: Arc<Shared>,
-    pool: Arc<LinkPool>,
-    mut stopped: watch::Receiver<bool>,
-    mut claimed: bool,
-) {
-    let settings = shared.pools.settings();
-    let mut filling = false;
-    let mut backoff = Duration::from_millis(200);
-    let mut checked = Instant::now();
-    let gauge = metrics::gauge!(
-        "dqkd_pool_claimed",
-        "kme" => shared.config.kme_id.clone(),
-        "peer" => pool.peer().to_owned()
-    );
-    gauge.set(if claimed { 1.0 } else { 0.0 });
-    loop {
-        if *stopped.borrow() {
-            return;
-        }
-        if !claimed {
-            match claim_and_load(&shared, &pool).await {
-                Ok(Some(loaded)) => {
-                    tracing::info!(
-                        peer = pool.peer(),
-                        ready_keys = loaded,
-                        "claimed the ready-key pool"
-                    );
-                    (claimed, checked) = (true, Instant::now());
-                    gauge.set(1.0);
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(peer = pool.peer(), error = %e, "claiming the ready-key pool failed")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(CLAIM_RETRY) => {}
-                _ = stopped.changed() => return,
-            }
-            continue;
-        }
-        let level = pool.level();
-        filling = (filling || level <= settings.low_water) && level < settings.target;
-        // Still ours? Asked before every fill and every CLAIM_RETRY: a claim lapses with the
-        // database connection that held it, and another process may have taken the pool over.
-        if filling || checked.elapsed() >= CLAIM_RETRY {
-            checked = Instant::now();
-            let lost = match shared.store.claim_pool(pool.name()).await {
-                Ok(true) => None,
-                Ok(false) => {
-                    Some("another process of this site took this ready-key pool over".into())
-                }
-                Err(e) => Some(format!(
-                    "this process cannot show it still holds this ready-key pool: {e}"
-                )),
-            };
-            if let Some(why) = lost {
-                tracing::warn!(
-                    peer = pool.peer(),
-                    why,
-                    "serving on demand until the pool is claimed again"
-                );
-                gauge.set(0.0);
-                // Not shredded: the process that holds the claim now hands them out.
-                let _ = shared.pools.discard(pool.peer());
-                (claimed, filling) = (false, false);
-                continue;
-            }
-        }
-        if !filling {
-            tokio::select! {
-                _ = pool.woken() => {}
-                // Keys dropped near expiry lower the level without a take's wake-up.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stopped.changed() => return,
-            }
-            continue;
-        }
-        let count = (settings.target - level).min(u64::from(settings.batch)) as usize;
-        let started = Instant::now();
-        let filled = fill_once(&shared, &pool, count).await;
-        match filled {
-            Ok(()) => {
-                backoff = Duration::from_millis(200);
-                metrics::histogram!("dqkd_pool_refill_seconds", "kme" => shared.config.kme_id.clone())
-                    .record(started.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                tracing::warn!(peer = pool.peer(), error = %e, retry_in = ?backoff, "refilling the ready-key pool failed");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped.changed() => return,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
-}
-
-/// Claims the pool and, when this process now holds it, reads its ready keys from the store;
-/// `None` while another process holds it.
-async fn claim_and_load(shared: &Shared, pool: &LinkPool) -> Result<Option<u64>, StoreError> {
-    if !shared.store.claim_pool(pool.name()).await? {
-        return Ok(None);
-    }
-    Ok(Some(shared.pools.load(pool, shared.store.as_ref()).await?))
-}
-
-/// One refill batch: generate, have the peer regenerate and store it, then store it here.
-/// The peer stores first, so this site never holds a ready key its peer lacks.
-async fn fill_once(shared: &Shared, pool: &LinkPool, count: usize) -> Result<(), ApiError> {
-    let peer = pool.peer().to_owned();
-    let client = shared
-        .peers
-        .get(&peer)
-        .ok_or_else(|| ApiError::Unavailable(format!("site {peer:?} has no peer address")))?;
-    let batch = shared
-        .source
-        .generate(count, shared.pools.key_len(), std::slice::from_ref(&peer))
-        .await
-        .map_err(source_error)?;
-    let metadata = batch
-        .metadata
-        .as_deref()
-        .ok_or_else(|| ApiError::Internal("the key source gave no regeneration metadata".into()))?;
-    let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
-    let first_seq = pool.reserve(ids.len());
-    let slots: Vec<Slot> = ids
-        .iter()
-        .zip(first_seq..)
-        .map(|(&id, seq)| Slot { seq, id })
-        .collect();
-    let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
-    let request_id = Uuid::new_v4();
-    let expires_at = unix_now().saturating_add(shared.pools.settings().ttl_secs);
-    let request = FillRequest {
-        request_id,
-        metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
-        expires_at,
-        first_seq,
-        replica: shared.config.replica.clone(),
-    };
-    let labels = [
-        ("kme", shared.config.kme_id.clone()),
-        ("peer", peer.clone()),
-    ];
-    match client.fill(&request).await {
-        Ok(ack) if ack.request_id == request_id && ack.stored == ids.len() => {}
-        other => {
-            metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-            withdraw(
-                shared,
-                request_id,
-                std::slice::from_ref(&peer),
-                &[],
-                &seqs,
-                false,
-            );
-            return Err(ApiError::Unavailable(match other {
-                Err(e) => e.to_string(),
-                Ok(ack) => format!(
-                    "site {peer:?} acknowledged fill {} of {} keys, expected {request_id} of {}",
-                    ack.request_id,
-                    ack.stored,
-                    ids.len()
-                ),
-            }));
-        }
-    }
-    let keys = batch
-        .keys
-        .into_iter()
-        .zip(&slots)
-        .map(|((_, material), &slot)| PoolKey {
-            slot,
-            material,
-            expires_at,
-        })
-        .collect();
-    if let Err(e) = shared.store.pool_insert(pool.name(), keys).await {
-        withdraw(
-            shared,
-            request_id,
-            std::slice::from_ref(&peer),
-            &[],
-            &seqs,
-            false,
-        );
-        return Err(e.into());
-    }
-    pool.push(slots, expires_at);
-    shared.pools.gauge(pool);
-    metrics::counter!("dqkd_pool_filled_keys_total", &labels).increment(ids.len() as u64);
-    tracing::debug!(peer, keys = ids.len(), "ready-key pool refilled");
-    Ok(())
-}
-
-/// Sends one deliver message per peer site, all at once; every site must acknowledge.
-async fn deliver(
-    shared: &Shared,
-    link: &Link,
-    jobs: &[Job],
-    request_id: Uuid,
-    metadata: &[u8],
-    ids: &[Uuid],
-    deadline: Deadline,
-) -> Result<(), BatchError> {
-    let encoded = base64::engine::general_purpose::STANDARD.encode(metadata);
-    let mut calls = Vec::with_capacity(link.remote.len());
-    for site in &link.remote {
-        let Some(client) = shared.peers.get(site).cloned() else {
-            return Err(BatchError::Other(ApiError::Unavailable(format!(
-                "site {site:?} has no peer address"
-            ))));
-        };
-        let grants = grants_for(site, jobs, ids);
-        let message = DeliverRequest {
-            request_id,
-            metadata: encoded.clone(),
-            grants,
-        };
-        let labels = [
-            ("kme", shared.config.kme_id.clone()),
-            ("peer", site.clone()),
-        ];
-        calls.push((
-            site.clone(),
-            tokio::spawn(async move {
-                let started = Instant::now();
-                let result = client.deliver(&message, deadline).await;
-                let outcome = if result.is_ok() { "ok" } else { "failed" };
-                metrics::histogram!("dqkd_peer_round_trip_seconds", &labels)
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!("dqkd_peer_deliveries_total", &labels).increment(1);
-                if outcome == "failed" {
-                    metrics::counter!("dqkd_peer_failures_total", &labels).increment(1);
-                }
-                result
-            }),
-        ));
-    }
-    let mut failures: Vec<PeerError> = Vec::new();
-    for (site, call) in calls {
-        match call.await {
-            // The acknowledgement must be for this request and cover every key.
-            Ok(Ok(ack)) if ack.request_id == request_id && ack.stored == ids.len() => {}
-            Ok(Ok(ack)) => failures.push(PeerError::Refused {
-                site,
-                status: http::StatusCode::OK,
-                message: format!(
-                    "acknowledged request {} with {} keys, expected {request_id} with {}",
-                    ack.request_id,
-                    ack.stored,
-                    ids.len()
-                ),
-            }),
-            Ok(Err(e)) => failures.push(e),
-            Err(e) => failures.push(PeerError::Unreachable {
-                site,
-                reason: format!("the delivery task failed: {e}"),
-            }),
-        }
-    }
-    if failures.is_empty() {
-        return Ok(());
-    }
-    // A site that timed out may have stored the keys: withdraw them everywhere.
-    withdraw(shared, request_id, &link.remote, ids, &[], true);
-    let refused = failures
-        .iter()
-        .all(|f| matches!(f, PeerError::Refused { .. }));
-    let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
-    tracing::warn!(
-        target: "dqkd::audit",
-        event = "keys_withdrawn",
-        %request_id,
-        failures = ?reasons,
-        key_ids = ?ids,
-        "cross-site key request failed; its keys are destroyed everywhere"
-    );
-    let error = ApiError::Unavailable(reasons.join("; "));
-    Err(if refused {
-        BatchError::Refused(error)
-    } else {
-        BatchError::Other(error)
-    })
-}
-
-/// Destroys a failed batch's keys at every peer site (ordinary keys by ID, ready keys of this
-/// site's pool toward it by position), retrying in the background until each site confirms
-/// or the keys would have expired anyway; then, if the request was `recorded` as in flight,
-/// forgets that record (a crash before then withdraws it again at the next start).
-fn withdraw(
-    shared: &Shared,
-    request_id: Uuid,
-    sites: &[String],
-    ids: &[Uuid],
-    ready: &[u64],
-    recorded: bool,
-) {
-    let deadline = shared.config.key_ttl;
-    let mut calls = Vec::with_capacity(sites.len());
-    for site in sites {
-        let Some(client) = shared.peers.get(site).cloned() else {
-            continue;
-        };
-        let message = DestroyRequest {
-            request_id,
-            key_ids: ids.to_vec(),
-            ready: ready.to_vec(),
-            // Named only where ready keys are withdrawn, so that a withdrawal of ordinary keys
-            // reads the same to a peer that predates replica names.
-            replica: shared.config.replica.clone().filter(|_| !ready.is_empty()),
-        };
-        calls.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let mut wait = Duration::from_millis(200);
-            loop {
-                match client.destroy(&message).await {
-                    Ok(ack) => {
-                        tracing::info!(site = client.site(), %request_id, destroyed = ack.destroyed, "withdrew keys of a failed request");
-                        return;
-                    }
-                    Err(e) if started.elapsed() < deadline => {
-                        tracing::debug!(site = client.site(), error = %e, "withdraw failed; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(10));
-                    }
-                    Err(e) => {
-                        tracing::warn!(site = client.site(), error = %e, "gave up withdrawing keys; they expire by TTL");
-                        return;
-                    }
-                }
-            }
-        }));
-    }
-    if recorded {
-        let store = shared.store.clone();
-        tokio::spawn(async move {
-            for call in calls {
-                let _ = call.await;
-            }
-            if let Err(e) = store.forget_in_flight(&[request_id]).await {
-                tracing::warn!(%request_id, error = %e, "could not forget a withdrawn request; it is withdrawn again at the next start");
-            }
-        });
-    }
-}
-
-/// The owner of this process's in-flight records: its replica name, or none.
-fn owner(shared: &Shared) -> String {
-    shared.config.replica.clone().unwrap_or_default()
-}
-
-/// Records durably that request `request_id` is about to reach `sites` (see
-/// [`KeyStore::record_in_flight`]), before its first peer message.
-async fn record_in_flight(
-    shared: &Shared,
-    request_id: Uuid,
-    sites: &[String],
-    ids: &[Uuid],
-    ready: &[u64],
-) -> Result<(), ApiError> {
-    shared
-        .store
-        .record_in_flight(InFlight {
-            request_id,
-            owner: owner(shared),
-            sites: sites.to_vec(),
-            key_ids: ids.to_vec(),
-            ready: ready.to_vec(),
-        })
-        .await
-        .map_err(ApiError::from)
-}
-
-/// Forgets the in-flight record of a request no peer acted on, in the background (a record
-/// left behind only costs an idempotent withdrawal at the next start).
-fn forget_in_flight(shared: &Shared, request_id: Uuid) {
-    let store = shared.store.clone();
-    tokio::spawn(async move {
-        if let Err(e) = store.forget_in_flight(&[request_id]).await {
-            tracing::warn!(%request_id, error = %e, "could not forget an in-flight request");
-        }
-    });
-}
-
-/// How often a process asks again for the claim on its in-flight records while another live
-/// process of its site (started with the same replica name) holds it.
-const IN_FLIGHT_CLAIM_RETRY: Duration = Duration::from_secs(2);
-
-/// Withdraws every request this process (by its replica name) left unanswered when it last
-/// stopped: shreds this site's copies (ready keys of an unanswered bind, keys of a caller
-/// that left) now, and the peers' in the background, retrying until each confirms; each
-/// record is forgotten once its peers have. Only the process that holds the claim on these
-/// records does it, so a live process started with the same replica name is never undone.
-async fn recover_in_flight(shared: &Arc<Shared>) -> Result<(), StoreError> {
-    let claim = format!("in-flight:{}", owner(shared));
-    if !shared.store.claim_pool(&claim).await.unwrap_or(false) {
-        tracing::warn!(
-            claim,
-            "another running process of this site holds these in-flight records (two \
-             replicas started with one --replica name?); recovering them once it is released"
-        );
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(IN_FLIGHT_CLAIM_RETRY).await;
-                if shared.store.claim_pool(&claim).await.unwrap_or(false) {
-                    if let Err(e) = withdraw_unanswered(&shared).await {
-                        tracing::warn!(error = %e, "could not read unanswered requests");
-                    }
-                    return;
-                }
-            }
-        });
-        return Ok(());
-    }
-    withdraw_unanswered(shared).await
-}
-
-async fn withdraw_unanswered(shared: &Shared) -> Result<(), StoreError> {
-    let records = shared.store.in_flight(&owner(shared)).await?;
-    if records.is_empty() {
-        return Ok(());
-    }
-    let keys: usize = records.iter().map(|r| r.key_ids.len()).sum();
-    tracing::warn!(
-        target: "dqkd::audit",
-        event = "unanswered_withdrawn",
-        requests = records.len(),
-        keys,
-        "withdrawing the keys of requests left unanswered when this process stopped"
-    );
-    for record in records {
-        shared.store.destroy(&record.key_ids).await?;
-        if let [site] = record.sites.as_slice() {
-            if !record.ready.is_empty() {
-                let name = crate::pools::link_name(
-                    &shared.config.kme_id,
-                    site,
-                    shared.config.replica.as_deref(),
-                );
-                shared.store.pool_remove(&name, &record.ready).await?;
-            }
-        }
-        tracing::info!(
-            target: "dqkd::audit",
-            event = "keys_withdrawn",
-            request_id = %record.request_id,
-            key_ids = ?record.key_ids,
-            "withdrawing the keys of a request left unanswered"
-        );
-        withdraw(
-            shared,
-            record.request_id,
-            &record.sites,
-            &record.key_ids,
-            &record.ready,
-            true,
-        );
-    }
-    Ok(())
-}
-
 /// The answer to a request whose deadline passed before every site had stored its keys
 /// (`cause`: what it was waiting for, when known).
-fn deadline_passed(shared: &Shared, remote: &[String], cause: Option<&str>) -> ApiError {
+fn deadline_passed(shared: &Shared, remote: &[String], cause: Option<&str>) -> IssueError {
     let sites: Vec<String> = remote.iter().map(|s| format!("{s:?}")).collect();
     let whom = match sites.as_slice() {
         [] => format!("site {:?}", shared.config.kme_id),
@@ -1166,7 +529,7 @@ fn deadline_passed(shared: &Shared, remote: &[String], cause: Option<&str>) -> A
         many => format!("sites {}", many.join(", ")),
     };
     let cause = cause.map(|c| format!(" ({c})")).unwrap_or_default();
-    ApiError::Unavailable(format!(
+    IssueError::Unavailable(format!(
         "the request's deadline passed ({} ms after it arrived) before {whom} stored its keys{cause}",
         shared.config.peer_timeout.as_millis()
     ))
@@ -1174,10 +537,7 @@ fn deadline_passed(shared: &Shared, remote: &[String], cause: Option<&str>) -> A
 
 /// Maps a key-source failure to the answer the caller (SAE or peer) gets.
 pub(crate) fn source_error(e: KeySourceError) -> ApiError {
-    match e {
-        KeySourceError::BadMetadata(_) => ApiError::BadRequest(e.to_string()),
-        other => ApiError::Unavailable(other.to_string()),
-    }
+    IssueError::from(e).into()
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -1186,6 +546,3 @@ pub(crate) fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
-
-#[cfg(test)]
-mod tests;

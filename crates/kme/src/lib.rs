@@ -3,7 +3,8 @@
 //! A KME serves the ETSI GS QKD 014 API to the SAEs of its site over mutual TLS. The
 //! caller's SAE ID comes from its client certificate, never from the URL. Requests flow
 //! one way: [`api`] (HTTP, status codes) → [`service`] (validation against the cluster,
-//! authorisation, key life) → the key store and the key source.
+//! authorisation, key life) → the key store and the key source. Other sites' KMEs reach
+//! [`inbox`] through the peer API; this site reaches theirs through [`peer::Peer`].
 //!
 //! [`config`] turns the cluster manifest and the site file into a validated [`Config`];
 //! [`server::run`] serves it until the shutdown future completes.
@@ -14,6 +15,7 @@ pub mod api;
 pub mod blast;
 pub mod config;
 mod error;
+pub mod inbox;
 pub mod issuer;
 pub mod keyid;
 pub mod keysource;

@@ -8,15 +8,20 @@
 //! are already gone succeeds. A site acts on a message only for keys its caller originated
 //! (their master is an SAE of the calling site) and for the caller's own pool; anything else
 //! is refused with 403 and changes nothing.
+//!
+//! This file says what the sites tell each other: the messages and the [`Peer`] trait the
+//! origin calls them through ([`PeerClient`] over mutual TLS). [`crate::inbox::PeerInbox`] is
+//! what a receiving site does with them.
 
-use std::time::Duration;
-
-use bytes::Bytes;
-use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 use uuid::Uuid;
+
+use tokio::time::Instant;
+
+mod https;
+
+pub use https::PeerClient;
 
 /// `POST /peer/v1/deliver`: regenerate a batch of keys and hold each for its SAEs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,123 +162,42 @@ pub enum PeerError {
     },
 }
 
-/// Largest peer answer accepted.
-const MAX_ANSWER_BYTES: usize = 1024 * 1024;
-
-/// A kept-alive connection pool to one peer site's peer API.
-#[derive(Clone)]
-pub struct PeerClient {
-    site: String,
-    base: String,
-    http: dqkd_net::PinnedClient,
-    timeout: Duration,
+/// Answer to a health check: the peer's KME is up and reachable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerHealth {
+    /// `"ok"`.
+    pub status: String,
+    /// The answering KME's ID.
+    pub kme_id: String,
 }
 
-impl PeerClient {
-    /// A client for site `site` at `addr` (`host:port`) over `http`, which presents this
-    /// KME's certificate and accepts only site `site`'s (see `dqkd_net::OutgoingTls`).
-    pub fn new(site: &str, addr: &str, http: dqkd_net::PinnedClient, timeout: Duration) -> Self {
-        Self {
-            site: site.to_owned(),
-            base: format!("https://{addr}"),
-            http,
-            timeout,
-        }
-    }
-
+/// One peer site as the origin sees it. [`PeerClient`] speaks to it over mutual TLS; an
+/// implementation that hands each message to another site's
+/// [`PeerInbox`](crate::inbox::PeerInbox) in memory needs no network. Every call answers only
+/// once the peer has acted durably, or fails with [`PeerError`]; a call that failed as
+/// [`PeerError::Unreachable`] may still have acted.
+#[async_trait::async_trait]
+pub trait Peer: Send + Sync {
     /// The peer's KME ID.
-    pub fn site(&self) -> &str {
-        &self.site
-    }
+    fn site(&self) -> &str;
 
-    /// Sends a deliver message and waits for the durable acknowledgement, at most until
-    /// `deadline` (the deadline of the requests it serves).
-    pub async fn deliver(
+    /// Has the peer regenerate and store a batch of keys for its SAEs, waiting at most until
+    /// `deadline` (the latest deadline of the requests it serves).
+    async fn deliver(
         &self,
         request: &DeliverRequest,
         deadline: Instant,
-    ) -> Result<DeliverAck, PeerError> {
-        self.call("/peer/v1/deliver", request, Some(deadline)).await
-    }
+    ) -> Result<DeliverAck, PeerError>;
 
-    /// Sends a batch of ready keys to regenerate and waits for the durable acknowledgement.
-    pub async fn fill(&self, request: &FillRequest) -> Result<FillAck, PeerError> {
-        self.call("/peer/v1/fill", request, None).await
-    }
+    /// Has the peer regenerate and store a batch of ready keys of this site's pool toward it.
+    async fn fill(&self, request: &FillRequest) -> Result<FillAck, PeerError>;
 
-    /// Binds ready keys to SAEs and waits for the durable acknowledgement, at most until
-    /// `deadline` (the deadline of the requests it serves).
-    pub async fn bind(
-        &self,
-        request: &BindRequest,
-        deadline: Instant,
-    ) -> Result<BindAck, PeerError> {
-        self.call("/peer/v1/bind", request, Some(deadline)).await
-    }
+    /// Binds ready keys to SAEs at the peer, waiting at most until `deadline`.
+    async fn bind(&self, request: &BindRequest, deadline: Instant) -> Result<BindAck, PeerError>;
 
-    /// Sends a destroy message.
-    pub async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
-        self.call("/peer/v1/destroy", request, None).await
-    }
+    /// Has the peer shred keys of a failed request.
+    async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError>;
 
-    /// One exchange, given up after the client's timeout or at `deadline` if that is sooner.
-    async fn call<Q: Serialize, A: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &Q,
-        deadline: Option<Instant>,
-    ) -> Result<A, PeerError> {
-        let own_limit = Instant::now() + self.timeout;
-        let (until, too_late) = match deadline {
-            Some(deadline) if deadline < own_limit => (
-                deadline,
-                "no answer before the request's deadline".to_owned(),
-            ),
-            _ => (own_limit, format!("no answer within {:?}", self.timeout)),
-        };
-        let unreachable = |reason: String| PeerError::Unreachable {
-            site: self.site.clone(),
-            reason,
-        };
-        let body = serde_json::to_vec(body).map_err(|e| unreachable(e.to_string()))?;
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(format!("{}{path}", self.base))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| unreachable(e.to_string()))?;
-        let exchange = async {
-            let response = self
-                .http
-                .request(request)
-                .await
-                .map_err(|e| unreachable(dqkd_net::error_chain(&e)))?;
-            let status = response.status();
-            // Answers are small JSON; a peer cannot make this site buffer more.
-            let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?
-                .to_bytes();
-            Ok::<_, PeerError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout_at(until, exchange)
-            .await
-            .map_err(|_| unreachable(too_late))??;
-        if status != StatusCode::OK {
-            let message = serde_json::from_slice::<dqkd_etsi014::ErrorBody>(&body)
-                .map(|e| e.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(PeerError::Refused {
-                site: self.site.clone(),
-                status,
-                message,
-            });
-        }
-        serde_json::from_slice(&body).map_err(|e| PeerError::Refused {
-            site: self.site.clone(),
-            status,
-            message: format!("unreadable answer: {e}"),
-        })
-    }
+    /// Whether the peer answers at all.
+    async fn health(&self) -> Result<PeerHealth, PeerError>;
 }

@@ -13,8 +13,46 @@ use dqkd_store::TakeError;
 
 use crate::config::Config;
 use crate::peer::Grant;
-use crate::service::VerifiedKme;
 use crate::ApiError;
+
+/// Another site's KME, as proven by its client certificate.
+///
+/// Only [`PeerInbox::verify_kme`](crate::inbox::PeerInbox::verify_kme) makes one, so no peer
+/// method can run without it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedKme {
+    id: String,
+}
+
+impl VerifiedKme {
+    /// The caller, if its certificate names another site of the cluster.
+    pub(crate) fn check(
+        identity: Option<&dqkd_pki::Identity>,
+        config: &Config,
+    ) -> Result<Self, ApiError> {
+        let identity = identity.ok_or_else(|| {
+            ApiError::Unauthorized("the client certificate carries no dqkd identity".into())
+        })?;
+        if identity.role() != dqkd_pki::Role::Kme
+            || identity.id() == config.kme_id
+            || !config.sites.contains_key(identity.id())
+        {
+            return Err(ApiError::Unauthorized(format!(
+                "{} is not a peer site of KME {:?}",
+                identity.uri(),
+                config.kme_id
+            )));
+        }
+        Ok(Self {
+            id: identity.id().to_owned(),
+        })
+    }
+
+    /// The peer's KME ID.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
 
 /// The keys and pools of one calling site.
 pub(crate) struct PeerScope<'a> {
@@ -82,8 +120,7 @@ impl<'a> PeerScope<'a> {
                 request_id,
                 &format!("names keys (of {named}) made by another site's SAEs"),
             )),
-            Err(TakeError::Store(e)) => Err(e.into()),
-            Err(other) => Err(ApiError::Internal(format!("key store: {other}"))),
+            Err(other) => Err(other.into()),
         }
     }
 

@@ -1,6 +1,6 @@
-//! The TLS listener: accepts connections, runs each handshake on its own task (a slow
-//! client never stalls the accept loop), learns the caller's identity from its
-//! certificate and serves HTTP/1.1 or HTTP/2 on the connection.
+//! Starting a KME: opens the key store, makes the pinned clients for peer sites, binds the
+//! ETSI, peer and metrics listeners (`dqkd_net` accepts the connections and checks the
+//! certificates), reads the ready-key pools back, and runs it all until shutdown.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use crate::api::{peer_router, router};
 use crate::blast::Blast;
 use crate::config::{Config, PostgresTls, StoreLocation};
 use crate::keysource::{KeySource, OsRandom};
-use crate::peer::PeerClient;
+use crate::peer::{Peer, PeerClient};
 use crate::service::KeyService;
 
 /// Why the KME could not start.
@@ -219,7 +219,7 @@ fn pinned_client(
 fn peer_clients(
     config: &Config,
     outgoing: &Arc<dqkd_net::OutgoingTls>,
-) -> Result<BTreeMap<String, PeerClient>, ServeError> {
+) -> Result<BTreeMap<String, Arc<dyn Peer>>, ServeError> {
     let mut peers = BTreeMap::new();
     for site in config.sites.values() {
         if site.kme_id == config.kme_id {
@@ -237,7 +237,7 @@ fn peer_clients(
                 dqkd_net::Versions::Http1,
             )?;
             let client = PeerClient::new(&site.kme_id, addr, http, config.peer_timeout);
-            peers.insert(site.kme_id.clone(), client);
+            peers.insert(site.kme_id.clone(), Arc::new(client) as Arc<dyn Peer>);
         }
     }
     Ok(peers)
@@ -317,7 +317,7 @@ async fn serve(
         tokio::spawn(dqkd_net::serve_mtls(
             listener,
             peer_tls,
-            peer_router(service.clone()),
+            peer_router(service.inbox()),
             cluster.clone(),
             config.connections,
             stopped.clone(),

@@ -129,7 +129,7 @@ async fn keys_finished_after_the_deadline_are_destroyed() {
     let (issuer, source, store) = issuer(TIMEOUT + Duration::from_millis(500));
     let result = issuer.issue(order(), Deadline::now() + TIMEOUT).await;
     assert!(
-        matches!(result, Err(ApiError::Unavailable(_))),
+        matches!(result, Err(IssueError::Unavailable(_))),
         "{result:?}"
     );
     sleep(Duration::from_secs(1)).await;
