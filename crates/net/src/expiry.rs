@@ -5,7 +5,7 @@
 //! cluster, so servers also warn at start when less than
 //! [`EXPIRY_WARNING`](dqkd_pki::EXPIRY_WARNING) is left.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -44,9 +44,9 @@ impl CertificateExpiry {
     /// loaded) and warns about any that end within the warning period; `labels` (`kme` or
     /// `entropy` = the server's ID) go on the gauges.
     pub fn load(files: &TlsFiles, labels: Vec<(&'static str, String)>) -> Self {
-        let read = |certificate: &'static str, path: &PathBuf| Held {
+        let read = |certificate: &'static str, path: &Path| Held {
             certificate,
-            path: path.clone(),
+            path: path.to_owned(),
             expires_at: dqkd_pki::certificate_not_after(path).ok(),
         };
         let mut held = vec![read("own", &files.cert), read("ca", &files.ca)];
@@ -134,10 +134,10 @@ impl CertificateExpiry {
     }
 }
 
-fn read_crl(path: &PathBuf) -> Held {
+fn read_crl(path: &Path) -> Held {
     Held {
         certificate: "crl_next_update",
-        path: path.clone(),
+        path: path.to_owned(),
         expires_at: dqkd_pki::crl_next_update(path).ok().flatten(),
     }
 }
