@@ -29,12 +29,13 @@ pub(crate) fn render(s: &Snapshot) -> String {
          <meta http-equiv=\"refresh\" content=\"{RELOAD_SECS}\">\
          <title>dqkd {site} status</title><style>{STYLE}</style></head><body>\
          <h1>dqkd site {site}</h1><div class=\"sub\">cluster <b>{cluster}</b> · up {uptime} · \
-         <span id=\"generated\" data-at=\"{at}\">figures of {at} (Unix time)</span> · \
+         <span id=\"generated\" data-at=\"{at}\">figures of {when}</span> · \
          <a href=\"status.json\">JSON</a> · <a href=\"metrics\">metrics</a></div><div class=\"grid\">",
         site = esc(&s.kme_id),
         cluster = esc(&s.cluster),
         uptime = duration(s.uptime_secs),
         at = s.generated_at,
+        when = date(s.generated_at),
     );
 
     section(
@@ -145,7 +146,10 @@ pub(crate) fn render(s: &Snapshot) -> String {
         row(
             out,
             "data-keys=\"waiting\"",
-            &["waiting for this site's SAEs".into(), num(s.keys.waiting)],
+            &[
+                "waiting for this site's SAEs (per SAE)".into(),
+                num(s.keys.waiting),
+            ],
         );
         row(
             out,
@@ -295,7 +299,7 @@ fn duration(secs: u64) -> String {
     }
 }
 
-/// `YYYY-MM-DD hh:mm UTC` of a Unix time.
+/// `YYYY-MM-DD hh:mm:ss UTC` of a Unix time.
 fn date(unix: u64) -> String {
     let days = unix / 86_400;
     let secs = unix % 86_400;
@@ -310,9 +314,10 @@ fn date(unix: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
         secs / 3600,
-        secs % 3600 / 60
+        secs % 3600 / 60,
+        secs % 60
     )
 }
 
@@ -338,8 +343,9 @@ mod tests {
 
     #[test]
     fn dates_and_escapes() {
-        assert_eq!(date(0), "1970-01-01 00:00 UTC");
-        assert_eq!(date(1_764_561_600), "2025-12-01 04:00 UTC");
+        assert_eq!(date(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(date(1_764_561_645), "2025-12-01 04:00:45 UTC");
+        assert_eq!(date(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(
             esc("<a href=\"x\">&'"),
             "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
