@@ -455,7 +455,7 @@ async fn probe_entropy(id: &str, client: &dqkd_entropy::client::EntropyClient) -
     EntropyRow {
         id: id.to_owned(),
         healthy,
-        round_trip_ms: Some(elapsed).filter(|_| error.is_none() || healthy),
+        round_trip_ms: healthy.then_some(elapsed),
         error: error.map(|e| recent::scrub(&e)),
     }
 }
