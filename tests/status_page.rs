@@ -32,11 +32,11 @@ fn chromium() -> Option<&'static str> {
     found
 }
 
-/// The page's DOM after the browser loaded it (its own fresh profile, no network beyond
-/// the page).
-fn dump_dom(browser: &str, url: &str) -> String {
-    let profile = tempfile::tempdir().expect("profile dir");
-    let out = Command::new(browser)
+/// The browser, headless, with a fresh profile in `profile` and nothing that reaches beyond
+/// the page.
+fn headless(browser: &str, profile: &Path) -> Command {
+    let mut command = Command::new(browser);
+    command
         .args([
             "--headless",
             "--no-sandbox",
@@ -47,7 +47,14 @@ fn dump_dom(browser: &str, url: &str) -> String {
             "--disable-component-update",
             "--disable-sync",
         ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--user-data-dir={}", profile.display()));
+    command
+}
+
+/// The page's DOM after the browser loaded it.
+fn dump_dom(browser: &str, url: &str) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = headless(browser, profile.path())
         .args(["--dump-dom", url])
         .output()
         .expect("run chromium");
@@ -201,20 +208,8 @@ fn save_screenshot(browser: &str, url: &str) {
         return;
     };
     let profile = tempfile::tempdir().expect("profile dir");
-    let status = Command::new(browser)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1200,1000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
+    let status = headless(browser, profile.path())
+        .args(["--hide-scrollbars", "--window-size=1000,940"])
         .arg(format!("--screenshot={path}"))
         .arg(url)
         .status()
