@@ -58,6 +58,9 @@ pub enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Show sites at a glance (peers, pools, entropy servers, certificates, errors) from
+    /// their status endpoints on the metrics listeners.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +119,21 @@ pub enum PkiCommand {
         /// Folder holding `ca.pem` and `ca.key`.
         #[arg(long)]
         ca: PathBuf,
+    },
+    /// Issue a certificate again with the same identity and names (a new key, a new
+    /// validity), replacing its files; restart the server that uses it.
+    Renew {
+        /// The certificate file (`.pem`) to renew; this CA must have issued it.
+        cert: PathBuf,
+        /// Folder holding `ca.pem` and `ca.key`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Password of the new `.p12` bundle.
+        #[arg(long, default_value = "")]
+        password: String,
+        /// Validity of the new certificate in days (capped at the CA's own expiry).
+        #[arg(long, default_value_t = dqkd_pki::DEFAULT_VALIDITY_DAYS)]
+        days: u32,
     },
     /// Create a site key-encryption key file (seals keys at rest).
     Kek {
@@ -256,6 +274,23 @@ pub struct UpArgs {
     /// every key on demand.
     #[arg(long, default_value_t = 100_000)]
     pub pool_target: u64,
+    /// Also stream the logs to stderr (they always go to `<dir>/logs/dqkd.log`).
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A site's metrics listener, e.g. http://127.0.0.1:8744 (repeatable). Without it,
+    /// every site file (`site-*.toml`) in --dir is asked.
+    #[arg(long = "url")]
+    pub urls: Vec<String>,
+    /// Folder of the site files, as `dqkd up` writes them.
+    #[arg(long, default_value = "dqkd-local")]
+    pub dir: PathBuf,
+    /// Print the sites' JSON (one array) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

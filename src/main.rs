@@ -10,7 +10,9 @@ mod bench;
 mod check;
 mod keys;
 mod manual;
+mod logging;
 mod pki;
+mod status;
 mod up;
 
 use std::path::Path;
@@ -19,14 +21,24 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use args::{Cli, Command, LogFormat};
+use args::{Cli, Command};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let destination = match &cli.command {
+        Command::Up(args) => logging::Destination::File {
+            path: logging::up_log(&args.dir),
+            verbose: args.verbose,
+        },
+        _ => logging::Destination::Stderr,
+    };
+    if let Err(error) = logging::init(cli.log_format, &destination) {
+        eprintln!("dqkd: {error:#}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(error) => {
@@ -58,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(args),
         Command::Completions { shell } => manual::completions(shell).map(|()| ExitCode::SUCCESS),
         Command::Man { out } => manual::man(out.as_deref()).map(|()| ExitCode::SUCCESS),
+        Command::Status(args) => runtime()?.block_on(status::run(args)),
     }
 }
 
@@ -205,19 +218,5 @@ pub(crate) async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal: log files and collectors get plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

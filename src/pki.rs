@@ -76,6 +76,33 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        PkiCommand::Renew {
+            cert,
+            ca,
+            password,
+            days,
+        } => {
+            let authority = dqkd_pki::load_ca(&ca)
+                .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;
+            let renewed = authority.renew(&cert, &password, days)?;
+            let not_after = dqkd_pki::certificate_not_after(renewed.cert_chain())?;
+            let days_left =
+                dqkd_pki::seconds_left(not_after, std::time::SystemTime::now()) / 86_400;
+            match &renewed {
+                dqkd_pki::Renewed::Identity(paths) => {
+                    println!("identity:    {}", paths.identity.uri());
+                    println!("certificate: {}", paths.cert_chain.display());
+                    println!("key:         {}", paths.key.display());
+                    println!("combined:    {}", paths.combined.display());
+                    println!("pkcs12:      {}", paths.p12.display());
+                }
+                dqkd_pki::Renewed::Server(paths) => {
+                    println!("certificate: {}", paths.cert_chain.display());
+                    println!("key:         {}", paths.key.display());
+                }
+            }
+            println!("valid for:   {days_left} days; restart the process that uses it");
+        }
         PkiCommand::Crl { ca } => {
             let authority = dqkd_pki::load_ca(&ca)
                 .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;

@@ -266,11 +266,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     );
     for (i, (kme, sae)) in plan.sites.iter().enumerate() {
         println!(
-            "  site {kme}: ETSI 014 API https://127.0.0.1:{}  peer API :{}  metrics http://127.0.0.1:{}/metrics  SAEs {sae}, {}",
+            "  site {kme}: ETSI 014 API https://127.0.0.1:{}  peer API :{}  SAEs {sae}, {}",
             plan.api_port(i),
             plan.peer_port(i),
-            plan.metrics_port(i),
             second_sae(sae)
+        );
+        println!(
+            "          status page http://127.0.0.1:{port}/status  metrics http://127.0.0.1:{port}/metrics",
+            port = plan.metrics_port(i),
         );
     }
     println!(
@@ -282,6 +285,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!(
+        "  logs: {}{}",
+        crate::logging::up_log(&layout.dir).display(),
+        if args.verbose {
+            " (and here)"
+        } else {
+            " (--verbose streams them here too)"
+        }
+    );
     println!();
     if !args.no_demo && plan.sites.len() >= 2 {
         if let Err(e) = demo(layout, plan).await {
@@ -289,6 +301,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     print_curl(layout, plan);
+    println!(
+        "See every site at a glance: dqkd status --dir {}",
+        args.dir.display()
+    );
+    println!();
     println!("Press Ctrl-C to stop.");
     crate::shutdown_signal().await;
     println!("stopping…");
@@ -563,7 +580,8 @@ async fn demo(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
     let mut groups = BTreeMap::<String, BTreeSet<String>>::new();
     for i in 0..plan.sites.len() {
         // A site's metrics are a convenience here; the flow above is what must work.
-        if let Ok(text) = scrape_metrics(plan.metrics_port(i)).await {
+        let metrics = format!("127.0.0.1:{}", plan.metrics_port(i));
+        if let Ok(text) = crate::status::http_get(&metrics, "/metrics").await {
             for (listener, group) in handshake_groups(&text) {
                 groups.entry(listener).or_default().insert(group);
             }
@@ -583,23 +601,6 @@ async fn demo(layout: &Layout, plan: &Plan) -> anyhow::Result<()> {
     );
     println!();
     Ok(())
-}
-
-/// The Prometheus text of the metrics listener on `port`.
-async fn scrape_metrics(port: u16) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        Ok(text)
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(2), exchange)
-        .await
-        .map_err(|_| std::io::Error::other("the metrics listener did not answer"))?
 }
 
 /// `(listener, group)` of every `dqkd_tls_handshakes_total` series in Prometheus text.

@@ -73,6 +73,7 @@ pub struct EntropyService {
     source: Arc<EntropySource>,
     rng: SystemRandom,
     metrics: Metrics,
+    expiry: dqkd_net::CertificateExpiry,
 }
 
 impl EntropyService {
@@ -85,12 +86,18 @@ impl EntropyService {
             max_live_bytes: config.max_live_bytes,
             max_live_bytes_per_kme: config.max_live_bytes_per_kme,
         };
+        // Read (and warned about) once, at start: the certificates this server now holds.
+        let expiry = dqkd_net::CertificateExpiry::load(
+            &config.tls,
+            vec![("entropy", config.server_id.clone())],
+        );
         Self {
             config,
             pools: Mutex::new(Pools::new(limits)),
             source,
             rng: SystemRandom::new(),
             metrics: Metrics::default(),
+            expiry,
         }
     }
 
@@ -171,7 +178,7 @@ impl EntropyService {
             bytes.clone(),
         )?;
         self.metrics.allocated(granted.len);
-        tracing::info!(
+        tracing::debug!(
             kme = caller.id(),
             pool = %granted.pool_id,
             offset = granted.offset,
@@ -195,7 +202,7 @@ impl EntropyService {
             .read(Instant::now(), pool_id, offset, len, caller.id())?;
         self.metrics.served(len);
         self.metrics.shredded(outcome.shredded);
-        tracing::info!(
+        tracing::debug!(
             kme = caller.id(),
             pool = %pool_id,
             offset,
@@ -214,7 +221,7 @@ impl EntropyService {
         let sweep = self.lock().expire(Instant::now());
         self.metrics.shredded(sweep.bytes);
         if sweep.pools > 0 {
-            tracing::info!(
+            tracing::debug!(
                 pools = sweep.pools,
                 unread_bytes = sweep.bytes,
                 "expired pools shredded"
@@ -239,7 +246,9 @@ impl EntropyService {
     /// Prometheus text for `GET /metrics`.
     pub fn metrics_text(&self, _caller: &VerifiedMember) -> String {
         let live = self.lock().live_bytes();
-        self.metrics.render(live, self.source.status())
+        let mut text = self.metrics.render(live, self.source.status());
+        text.push_str(&self.expiry.prometheus_text());
+        text
     }
 
     /// Fills a fresh buffer on a blocking thread: megabytes of CSPRNG output (and reads

@@ -24,6 +24,7 @@ pub mod pools;
 mod scope;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod telemetry;
 
 pub use config::{Config, ConfigError, Manifest, SiteFile};

@@ -292,7 +292,12 @@ async fn serve(
     };
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let peers = peer_clients(&config, &outgoing)?;
+    let expiry =
+        dqkd_net::CertificateExpiry::load(&config.tls, vec![("kme", config.kme_id.clone())]);
     let config = Arc::new(config);
+    let board = crate::status::Board::new(config.clone(), store.clone(), &outgoing, expiry.clone())
+        .map(Arc::new)
+        .map_err(ServeError::Tls)?;
     let service = Arc::new(KeyService::new(config.clone(), store, source, peers));
     let (stop, stopped) = watch::channel(false);
     let loaded = service
@@ -323,10 +328,15 @@ async fn serve(
             stopped.clone(),
         ))
     });
+    tokio::spawn(expiry.run(stopped.clone()));
+    if metrics_listener.is_some() {
+        tokio::spawn(board.clone().sample(stopped.clone()));
+    }
     let metrics_task = metrics_listener.map(|listener| {
         tokio::spawn(crate::telemetry::serve(
             listener,
             config.kme_id.clone(),
+            crate::status::router(board),
             stopped.clone(),
         ))
     });

@@ -45,10 +45,16 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 /// Serves, in plain HTTP until `stopped` changes: `GET /metrics` (Prometheus text
-/// format), and `GET /health` and `GET /ready` for orchestrators' probes. The listener
-/// only starts once the store is open and the APIs are bound, so both answer 200 from then
-/// on; a process that cannot serve does not answer at all.
-pub async fn serve(listener: TcpListener, kme_id: String, mut stopped: watch::Receiver<bool>) {
+/// format), `GET /health` and `GET /ready` for orchestrators' probes, and the routes of
+/// `status` (the status page). The listener only starts once the store is open and the
+/// APIs are bound, so both probes answer 200 from then on; a process that cannot serve
+/// does not answer at all.
+pub async fn serve(
+    listener: TcpListener,
+    kme_id: String,
+    status: Router,
+    mut stopped: watch::Receiver<bool>,
+) {
     let handle = handle();
     let probe = move || {
         let body = format!(r#"{{"status":"ok","kme_id":{kme_id:?}}}"#);
@@ -74,7 +80,8 @@ pub async fn serve(listener: TcpListener, kme_id: String, mut stopped: watch::Re
             }),
         )
         .route("/health", get(probe.clone()))
-        .route("/ready", get(probe));
+        .route("/ready", get(probe))
+        .merge(status);
     let shutdown = async move {
         let _ = stopped.changed().await;
     };

@@ -39,12 +39,14 @@ use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 mod crl;
+pub mod expiry;
 mod malformed;
 mod outgoing;
 mod server_tls;
 
 pub use crl::CRL_POLL;
 pub use dqkd_pki::KeyExchange;
+pub use expiry::CertificateExpiry;
 pub use outgoing::{OutgoingTls, PinnedClient};
 use server_tls::revoked;
 pub use server_tls::ServerTls;

@@ -34,22 +34,26 @@
 
 mod ca;
 mod error;
+mod expiry;
 mod files;
 mod identity;
 mod inspect;
 mod issue;
 mod pem;
 mod pinned;
+mod renew;
 mod revoke;
 mod tls;
 
 pub use ca::{init_ca, load_ca, Ca, CaPaths, CA_CERT_FILE, CA_KEY_FILE};
 pub use error::{PkiError, Result};
+pub use expiry::{certificate_not_after, crl_next_update, seconds_left, EXPIRY_WARNING};
 pub use identity::{validate_name, Identity, Role, MAX_NAME_LEN};
 pub use inspect::{inspect_certificates, CertificateFiles, Finding, Severity, EXPIRY_WARNING};
 pub use issue::{IssueOptions, IssuedPaths, ServerCertPaths, DEFAULT_VALIDITY_DAYS};
 pub use pem::{load_certs, load_private_key};
 pub use pinned::{IdentityMismatch, PinnedServerVerifier};
+pub use renew::Renewed;
 pub use revoke::{crl_number, load_crls, parse_crls, Revocation, CRL_FILE, LEDGER_FILE};
 pub use tls::{
     client_config, client_config_from_combined, client_config_from_der, client_config_with_crl,

@@ -121,7 +121,11 @@ impl Ca {
 
     /// The serial number (hex) and identity of `leaf`, after checking that this CA signed
     /// it and that it is not a CA itself.
-    fn issued_here(&self, leaf: &CertificateDer<'_>, path: &Path) -> Result<(String, String)> {
+    pub(crate) fn issued_here(
+        &self,
+        leaf: &CertificateDer<'_>,
+        path: &Path,
+    ) -> Result<(String, String)> {
         fn parse(der: &[u8], context: String) -> Result<X509Certificate<'_>> {
             X509Certificate::from_der(der)
                 .map(|(_, cert)| cert)
