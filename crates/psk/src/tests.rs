@@ -280,6 +280,13 @@ async fn a_lost_acknowledgement_leaves_one_end_alone_for_at_most_an_interval() {
 async fn clocks_within_the_tolerated_skew_still_rotate_together() {
     let mut pair = Pair::new(start());
     *pair.wire.skew.lock().unwrap() = Duration::from_secs(8);
+    // The responder's clock is ahead: it applies at its own epoch start, before it hears
+    // from the initiator again; the initiator follows at its own.
+    pair.run_until(pair.at(E + 1, 0) - Duration::from_secs(3)).await;
+    assert_eq!(pair.right.slot().map(|s| s.epoch), Some(Epoch(E + 1)));
+    assert_eq!(pair.left.slot().map(|s| s.epoch), Some(Epoch(E)));
+    pair.run_until(pair.at(E + 1, 1)).await;
+    pair.assert_same(E + 1);
     pair.run_until(pair.at(E + 2, 1)).await;
     pair.assert_same(E + 2);
 }
