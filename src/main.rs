@@ -59,7 +59,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn run_psk(args: args::PskArgs) -> anyhow::Result<()> {
+async fn run_psk(args: Box<args::PskArgs>) -> anyhow::Result<()> {
+    let args = *args;
     let seconds = |what: &str, value: f64| {
         std::time::Duration::try_from_secs_f64(value)
             .with_context(|| format!("{what} must be a number of seconds, not {value}"))

@@ -282,7 +282,8 @@ async fn clocks_within_the_tolerated_skew_still_rotate_together() {
     *pair.wire.skew.lock().unwrap() = Duration::from_secs(8);
     // The responder's clock is ahead: it applies at its own epoch start, before it hears
     // from the initiator again; the initiator follows at its own.
-    pair.run_until(pair.at(E + 1, 0) - Duration::from_secs(3)).await;
+    pair.run_until(pair.at(E + 1, 0) - Duration::from_secs(3))
+        .await;
     assert_eq!(pair.right.slot().map(|s| s.epoch), Some(Epoch(E + 1)));
     assert_eq!(pair.left.slot().map(|s| s.epoch), Some(Epoch(E)));
     pair.run_until(pair.at(E + 1, 1)).await;
