@@ -44,7 +44,7 @@ pub enum Command {
     /// Start a local cluster and measure it under load over real mutual TLS.
     Bench(BenchArgs),
     /// Rotate a WireGuard (or any) preshared key from the cluster: run one agent per end.
-    /// Boxed: the largest arguments by far, kept out of every other variant's size.
+    // Boxed: the largest arguments by far, kept out of every other variant's size.
     Psk(Box<PskArgs>),
 }
 
