@@ -43,7 +43,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Start a local cluster and measure it under load over real mutual TLS.
     Bench(BenchArgs),
-    /// Rotate a WireGuard (or any) preshared key from the cluster: run one agent per end.
+    /// Rotate a WireGuard (or any) preshared key from the cluster: run one of these at each end.
     // Boxed: the largest arguments by far, kept out of every other variant's size.
     Psk(Box<PskArgs>),
 }
@@ -340,10 +340,10 @@ pub struct PskArgs {
     /// This SAE's private key (PEM).
     #[arg(long, env = "DQKD_KEY")]
     pub key: PathBuf,
-    /// The cluster's revocation list, followed on the link between the agents.
+    /// The cluster's revocation list, followed on the link between the two ends.
     #[arg(long)]
     pub crl: Option<PathBuf>,
-    /// Initiator: the responder agent, e.g. https://198.51.100.7:9443
+    /// Initiator: the responding end, e.g. https://198.51.100.7:9443
     #[arg(long, required_if_eq("role", "initiator"))]
     pub peer: Option<String>,
     /// Responder: the address to take offers on.

@@ -86,7 +86,7 @@ async fn run_psk(args: Box<args::PskArgs>) -> anyhow::Result<()> {
     };
     let mut tls = dqkd_psk::TlsFiles::new(args.ca, args.cert, args.key);
     tls.crl = args.crl;
-    let agent = dqkd_psk::start(dqkd_psk::Config {
+    let rotator = dqkd_psk::start(dqkd_psk::Config {
         cluster: args.cluster,
         sae: args.sae,
         peer_sae: args.peer_sae,
@@ -98,11 +98,11 @@ async fn run_psk(args: Box<args::PskArgs>) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
     })
     .await?;
-    if let Some(addr) = agent.listen_addr() {
+    if let Some(addr) = rotator.listen_addr() {
         tracing::info!(%addr, "taking offers");
     }
     shutdown_signal().await;
-    agent.stop().await;
+    rotator.stop().await;
     Ok(())
 }
 

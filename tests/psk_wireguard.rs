@@ -1,6 +1,6 @@
 //! `dqkd psk` end to end: two network namespaces joined by a veth pair, a userspace
 //! WireGuard tunnel (`wireguard-go` + `wg`) between them, a two-site cluster on loopback
-//! and one agent per end. Pings flow through the tunnel while the preshared key rotates;
+//! and one `dqkd psk` process per end. Pings flow through the tunnel while the preshared key rotates;
 //! both ends show the same, new key after each rotation; a wrong key at one end stops the
 //! pings, so the key is proven to be in use.
 //!
@@ -52,7 +52,7 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Agents and wireguard-go first (their interfaces and sockets go with them), then
+        // The `dqkd psk` processes and wireguard-go first (their interfaces and sockets go with them), then
         // the namespaces (the veth pair goes with them).
         for child in self.children.iter_mut().rev() {
             let _ = child.kill();
@@ -168,7 +168,7 @@ impl End {
         false
     }
 
-    /// Drops the session with the peer and sets it up again with `psk` (a file), so that
+    /// Forgets the peer's handshake state and sets the peer up again with `psk` (a file), so that
     /// the next packet needs a fresh handshake, which only succeeds with matching keys.
     fn rehandshake(&self, other: &End, psk: &Path) {
         let peer = other.public.as_str();
@@ -317,8 +317,8 @@ fn tunnel(lab: &mut Lab, dir: &Path) -> (End, End) {
     (a, b)
 }
 
-/// Starts one agent; its log goes to `<dir>/<name>.log`.
-fn agent(lab: &mut Lab, cluster: &Cluster, name: &str, args: &[String]) {
+/// Starts one `dqkd psk` process; its log goes to `<dir>/<name>.log`.
+fn rotator(lab: &mut Lab, cluster: &Cluster, name: &str, args: &[String]) {
     let d = cluster.dir.path();
     let log = std::fs::File::create(d.join(format!("{name}.log"))).expect("log");
     let child = Command::new(BIN)
@@ -388,7 +388,7 @@ fn preshared_keys_rotate_in_step_and_a_wrong_one_stops_the_tunnel() {
     let d = cluster.dir.path();
     let pki = d.join("pki");
     let pki_s = pki.to_str().expect("utf-8");
-    // The responder serves its agent link on loopback with bob's certificate.
+    // The responder serves its end of the link on loopback with bob's certificate.
     dqkd(&[
         "pki",
         "issue",
@@ -439,7 +439,7 @@ fn preshared_keys_rotate_in_step_and_a_wrong_one_stops_the_tunnel() {
         "--listen".into(),
         format!("127.0.0.1:{listen}"),
     ]);
-    agent(&mut lab, &cluster, "responder", &responder);
+    rotator(&mut lab, &cluster, "responder", &responder);
     let mut initiator = common("alice", "bob", "KME_A", &a, &b);
     initiator.extend([
         "--role".into(),
@@ -449,7 +449,7 @@ fn preshared_keys_rotate_in_step_and_a_wrong_one_stops_the_tunnel() {
         "--metrics-listen".into(),
         format!("127.0.0.1:{metrics_port}"),
     ]);
-    agent(&mut lab, &cluster, "initiator", &initiator);
+    rotator(&mut lab, &cluster, "initiator", &initiator);
 
     let mut seen = vec![next_key(&a, &b, "(none)", &cluster)];
     for rotation in 1..=3 {
@@ -483,7 +483,7 @@ fn preshared_keys_rotate_in_step_and_a_wrong_one_stops_the_tunnel() {
         );
     }
 
-    // The agents stop (the keys stay in use); a wrong key at one end stops the pings.
+    // Both ends stop (the keys stay in use); a wrong key at one end stops the pings.
     for child in lab.children.iter_mut().skip(2) {
         let _ = child.kill();
         let _ = child.wait();

@@ -7,11 +7,11 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::schedule::Epoch;
 use crate::PskError;
 
-/// Bytes of a WireGuard preshared key (and of every key the agents ask for).
+/// Bytes of a WireGuard preshared key (and of every key the two ends ask for).
 pub const PSK_LEN: usize = 32;
 
 /// A key agreed for one epoch: its epoch and its KME key ID, never its bytes. This is all
-/// that crosses the link between the agents and all that is logged.
+/// that crosses the link between the two ends and all that is logged.
 #[allow(non_snake_case)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {

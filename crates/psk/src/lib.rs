@@ -1,6 +1,6 @@
 //! `dqkd psk`: preshared keys that follow the cluster.
 //!
-//! Two agents, one per end of a tunnel, each an SAE of its own site. The initiator asks
+//! Two processes, one per end of a tunnel, each an SAE of its own site. The initiator asks
 //! its KME for a key shared with the responder's SAE (`enc_keys`) and sends the responder
 //! only the key ID, over mutual TLS with cluster certificates; the responder fetches the
 //! same key from its own KME (`dec_keys`). Both put it in use (`wg set … preshared-key`,
@@ -41,7 +41,7 @@ pub use ports::{Apply, KeySource, Link, Reply, Request};
 pub use responder::Responder;
 pub use schedule::{Epoch, Schedule};
 
-/// What can go wrong in an agent.
+/// What can go wrong at one end.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PskError {
@@ -57,11 +57,11 @@ pub enum PskError {
     /// The KME's answer is not a usable preshared key.
     #[error("{0}")]
     BadKey(String),
-    /// The other agent could not be reached or answered nonsense.
-    #[error("link to the other agent: {0}")]
+    /// The other end could not be reached or answered nonsense.
+    #[error("link to the other end: {0}")]
     Link(String),
-    /// The other agent refused the request.
-    #[error("the other agent answered {status}: {message}")]
+    /// The other end refused the request.
+    #[error("the other end answered {status}: {message}")]
     Refused {
         /// HTTP status.
         status: u16,
@@ -81,13 +81,13 @@ pub enum PskError {
     Apply(String),
 }
 
-/// Which end this agent is.
+/// Which end this is.
 #[derive(Debug, Clone)]
 pub enum End {
-    /// Makes the keys and offers their IDs to the responder agent at this URL
+    /// Makes the keys and offers their IDs to the responding end at this URL
     /// (`https://host:port`).
     Initiator {
-        /// The responder agent's address.
+        /// The responding end's address.
         peer_url: String,
     },
     /// Takes offers on this address.
@@ -97,7 +97,7 @@ pub enum End {
     },
 }
 
-/// An agent's settings.
+/// The settings of one end.
 pub struct Config {
     /// The cluster name (part of every identity).
     pub cluster: String,
@@ -119,20 +119,20 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// A running agent.
-pub struct Agent {
+/// One end, running.
+pub struct Rotator {
     listen_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-impl Agent {
+impl Rotator {
     /// Where the responder listens (the real port when 0 was asked for).
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen_addr
     }
 
-    /// Stops the agent; the key in use stays in use.
+    /// Stops this end; the key in use stays in use.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
@@ -141,9 +141,9 @@ impl Agent {
     }
 }
 
-/// Starts an agent: checks its certificate, then runs its end of the protocol until
-/// [`Agent::stop`].
-pub async fn start(config: Config) -> Result<Agent, PskError> {
+/// Starts one end: checks its certificate, then runs its end of the protocol until
+/// [`Rotator::stop`].
+pub async fn start(config: Config) -> Result<Rotator, PskError> {
     dqkd_net::check_own_certificate(
         &config.tls.cert,
         &config.cluster,
@@ -208,7 +208,7 @@ pub async fn start(config: Config) -> Result<Agent, PskError> {
             tasks.push(tokio::spawn(drive_responder(responder, stopped)));
         }
     }
-    Ok(Agent {
+    Ok(Rotator {
         listen_addr,
         stop,
         tasks,

@@ -1,4 +1,4 @@
-//! The link between the agents: one JSON request over mutual TLS with cluster
+//! The link between the two ends: one JSON request over mutual TLS with cluster
 //! certificates, post-quantum hybrid key exchange only, each end pinned to the other's SAE
 //! identity. Only key IDs and epochs cross it.
 

@@ -1,4 +1,4 @@
-//! Prometheus metrics of an agent: rotations, failures by stage, and the epoch in use.
+//! Prometheus metrics of one end: rotations, failures by stage, and the epoch in use.
 
 use std::net::SocketAddr;
 
@@ -7,7 +7,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
-/// Which end an agent is; a label on every metric.
+/// Which end a process is; a label on every metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Asks its KME for new keys and offers their IDs.
@@ -31,7 +31,7 @@ impl Role {
 pub enum Stage {
     /// This end's KME (`enc_keys`, `dec_keys`).
     Kme,
-    /// The link to the other agent.
+    /// The link to the other end.
     Link,
     /// Putting the key in use (`wg set`, `--exec`).
     Apply,

@@ -1,5 +1,5 @@
 //! What the protocol needs from the world: keys from this end's KME, the link to the
-//! other agent, and a way to put a key in use. Tests supply in-process versions.
+//! other end, and a way to put a key in use. Tests supply in-process versions.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -48,7 +48,7 @@ impl KeySource for Side {
     }
 }
 
-/// What one end's tunnel has in use (it survives an agent restart, as WireGuard's does).
+/// What one end's tunnel has in use (it survives a restart of the process, as WireGuard's does).
 #[derive(Default)]
 struct Tunnel(StdMutex<Option<(Slot, [u8; 32])>>);
 
