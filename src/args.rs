@@ -1,7 +1,7 @@
 //! Command-line arguments. Only parsing and shape checks live here; the commands turn
 //! them into library calls.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -61,6 +61,9 @@ pub enum Command {
     /// Show sites at a glance (peers, pools, entropy servers, certificates, errors) from
     /// their status endpoints on the metrics listeners.
     Status(StatusArgs),
+    /// Rotate a WireGuard (or any) preshared key from the cluster: run one of these at each end.
+    // Boxed: the largest arguments by far, kept out of every other variant's size.
+    Psk(Box<PskArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +97,8 @@ pub enum PkiCommand {
         /// servers; `server` needs at least one --dns or --ip).
         #[arg(long = "dns")]
         dns_names: Vec<String>,
-        /// IP address the server answers on (repeatable; default 127.0.0.1 and ::1).
+        /// IP address the server answers on (repeatable; default 127.0.0.1 and ::1). An SAE
+        /// issued with --dns or --ip may also serve on them (the `dqkd psk` responder).
         #[arg(long = "ip")]
         ip_addresses: Vec<IpAddr>,
         /// Password of the `.p12` bundle (default empty, as `curl --cert x.p12` expects).
@@ -366,4 +370,73 @@ impl BenchMode {
             Self::Status => "status",
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct PskArgs {
+    /// This end's part: the initiator makes the keys, the responder takes their IDs.
+    #[arg(long, value_enum)]
+    pub role: PskRole,
+    /// The cluster name, as given to `dqkd pki init --cluster`.
+    #[arg(long, env = "DQKD_CLUSTER")]
+    pub cluster: String,
+    /// This end's SAE ID (its certificate is --cert).
+    #[arg(long)]
+    pub sae: String,
+    /// The other end's SAE ID.
+    #[arg(long)]
+    pub peer_sae: String,
+    /// This end's KME, its ETSI 014 API, e.g. https://127.0.0.1:8443
+    #[arg(long, env = "DQKD_KME_URL")]
+    pub kme: String,
+    /// The cluster CA certificate.
+    #[arg(long, env = "DQKD_CA")]
+    pub ca: PathBuf,
+    /// This SAE's certificate chain (PEM); the responder's needs --ip/--dns at issue.
+    #[arg(long, env = "DQKD_CERT")]
+    pub cert: PathBuf,
+    /// This SAE's private key (PEM).
+    #[arg(long, env = "DQKD_KEY")]
+    pub key: PathBuf,
+    /// The cluster's revocation list, followed on the link between the two ends.
+    #[arg(long)]
+    pub crl: Option<PathBuf>,
+    /// Initiator: the responding end, e.g. https://198.51.100.7:9443
+    #[arg(long, required_if_eq("role", "initiator"))]
+    pub peer: Option<String>,
+    /// Responder: the address to take offers on.
+    #[arg(long, required_if_eq("role", "responder"))]
+    pub listen: Option<SocketAddr>,
+    /// Seconds between rotations, the same at both ends (default: WireGuard's rekey time).
+    #[arg(long, default_value_t = 120.0)]
+    pub interval: f64,
+    /// The largest difference between the two ends' clocks tolerated, in seconds (under a
+    /// quarter of the interval).
+    #[arg(long, default_value_t = 5.0)]
+    pub max_skew: f64,
+    /// The WireGuard interface whose peer gets the key (with --wg-peer).
+    #[arg(long, requires = "wg_peer", conflicts_with = "exec")]
+    pub wg_iface: Option<String>,
+    /// The peer's public key, as `wg show IFACE peers` prints it.
+    #[arg(long, requires = "wg_iface")]
+    pub wg_peer: Option<String>,
+    /// The `wg` program.
+    #[arg(long, default_value = "wg")]
+    pub wg: PathBuf,
+    /// Instead of WireGuard: a shell command that gets the key (Base64, one line) on stdin,
+    /// and DQKD_PSK_KEY_ID and DQKD_PSK_EPOCH in its environment.
+    #[arg(long, required_unless_present = "wg_iface")]
+    pub exec: Option<String>,
+    /// Serve Prometheus metrics in plain HTTP here (`/metrics`).
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The two ends of `dqkd psk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PskRole {
+    /// Calls enc_keys and offers the key IDs.
+    Initiator,
+    /// Takes the key IDs and calls dec_keys.
+    Responder,
 }

@@ -71,7 +71,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Completions { shell } => manual::completions(shell).map(|()| ExitCode::SUCCESS),
         Command::Man { out } => manual::man(out.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Status(args) => runtime()?.block_on(status::run(args)),
+        Command::Psk(args) => runtime()?
+            .block_on(run_psk(args))
+            .map(|()| ExitCode::SUCCESS),
     }
+}
+
+async fn run_psk(args: Box<args::PskArgs>) -> anyhow::Result<()> {
+    let args = *args;
+    let seconds = |what: &str, value: f64| {
+        std::time::Duration::try_from_secs_f64(value)
+            .with_context(|| format!("{what} must be a number of seconds, not {value}"))
+    };
+    let schedule = dqkd_psk::Schedule::new(
+        seconds("--interval", args.interval)?,
+        seconds("--max-skew", args.max_skew)?,
+    )?;
+    let apply: std::sync::Arc<dyn dqkd_psk::Apply> = match (args.wg_iface, args.wg_peer, args.exec)
+    {
+        (Some(interface), Some(peer), _) => std::sync::Arc::new(dqkd_psk::apply::WireGuard {
+            wg: args.wg,
+            interface,
+            peer,
+        }),
+        (_, _, Some(command)) => std::sync::Arc::new(dqkd_psk::apply::Exec { command }),
+        _ => anyhow::bail!("give --wg-iface and --wg-peer, or --exec"),
+    };
+    let end = match (args.role, args.peer, args.listen) {
+        (args::PskRole::Initiator, Some(peer_url), _) => dqkd_psk::End::Initiator { peer_url },
+        (args::PskRole::Responder, _, Some(listen)) => dqkd_psk::End::Responder { listen },
+        _ => anyhow::bail!("the initiator needs --peer, the responder --listen"),
+    };
+    let mut tls = dqkd_psk::TlsFiles::new(args.ca, args.cert, args.key);
+    tls.crl = args.crl;
+    let rotator = dqkd_psk::start(dqkd_psk::Config {
+        cluster: args.cluster,
+        sae: args.sae,
+        peer_sae: args.peer_sae,
+        tls,
+        kme_url: args.kme,
+        schedule,
+        end,
+        apply,
+        metrics_listen: args.metrics_listen,
+    })
+    .await?;
+    if let Some(addr) = rotator.listen_addr() {
+        tracing::info!(%addr, "taking offers");
+    }
+    shutdown_signal().await;
+    rotator.stop().await;
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -210,6 +210,12 @@ impl Ca {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match identity.role() {
+            // An SAE issued with names also serves on them: the responding end of
+            // `dqkd psk` takes the key IDs its peer SAE sends over mutual TLS.
+            Role::Sae if !opts.dns_names.is_empty() || !opts.ip_addresses.is_empty() => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
             Role::Sae => vec![ExtendedKeyUsagePurpose::ClientAuth],
             // KMEs serve SAEs and are clients of peer KMEs and entropy servers;
             // entropy servers serve KMEs and may in turn be clients.

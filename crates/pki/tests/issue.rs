@@ -231,6 +231,21 @@ fn leaf_extensions_match_roles() {
 }
 
 #[test]
+fn an_sae_with_names_may_also_serve() {
+    let c = common::cluster("lab");
+    let opts = IssueOptions {
+        out_dir: c.dir.path().join("serving"),
+        ip_addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        ..IssueOptions::default()
+    };
+    let issued = c.ca.issue(Role::Sae, "bob", &opts).unwrap();
+    let der = leaf_der(&issued.cert_chain);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.client_auth && eku.server_auth);
+}
+
+#[test]
 fn explicit_names_replace_defaults() {
     let c = common::cluster("lab");
     let opts = IssueOptions {
