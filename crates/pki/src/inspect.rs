@@ -3,7 +3,7 @@
 //! this accepts is one a server accepts, and the findings name the file at fault.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rustls::pki_types::{CertificateRevocationListDer, UnixTime};
 use rustls::sign::CertifiedKey;
@@ -11,11 +11,8 @@ use rustls::{CertificateError, Error as TlsError, InconsistentKeys};
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
+use crate::expiry::EXPIRY_WARNING;
 use crate::{client_verifier, load_certs, load_crls, load_private_key, provider, KeyExchange};
-
-/// A certificate (or revocation list) closer to its end than this draws a warning: enough
-/// time to issue and roll out a new one.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The files one process uses for mutual TLS.
 #[derive(Debug, Clone, Copy)]

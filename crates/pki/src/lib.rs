@@ -49,7 +49,7 @@ pub use ca::{init_ca, load_ca, Ca, CaPaths, CA_CERT_FILE, CA_KEY_FILE};
 pub use error::{PkiError, Result};
 pub use expiry::{certificate_not_after, crl_next_update, seconds_left, EXPIRY_WARNING};
 pub use identity::{validate_name, Identity, Role, MAX_NAME_LEN};
-pub use inspect::{inspect_certificates, CertificateFiles, Finding, Severity, EXPIRY_WARNING};
+pub use inspect::{inspect_certificates, CertificateFiles, Finding, Severity};
 pub use issue::{IssueOptions, IssuedPaths, ServerCertPaths, DEFAULT_VALIDITY_DAYS};
 pub use pem::{load_certs, load_private_key};
 pub use pinned::{IdentityMismatch, PinnedServerVerifier};
