@@ -8,9 +8,8 @@ use std::time::Instant;
 
 use redb::{Database, Durability};
 
-use crate::embedded::{IN_FLIGHT, KEYS, READY};
 use crate::overlay::Overlay;
-use crate::writer::write_checkpoint_seq;
+use crate::schema::{self, write_checkpoint_seq};
 use crate::StoreError;
 
 /// A frozen overlay and the sequence number of the last log record it holds.
@@ -99,49 +98,12 @@ fn thread_gone() -> StoreError {
 /// durable commit.
 pub(crate) fn apply(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), StoreError> {
     let started = Instant::now();
-    let write = |e| StoreError::redb("writing a checkpoint", e);
     let mut txn = db
         .begin_write()
         .map_err(|e| StoreError::redb("starting a checkpoint", e))?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| StoreError::redb("setting durability", e))?;
-    {
-        let mut keys = txn
-            .open_table(KEYS)
-            .map_err(|e| StoreError::redb("opening the keys table", e))?;
-        for (id, value) in overlay.keys.iter() {
-            match value {
-                Some(v) => keys.insert(id, v).map(drop).map_err(write)?,
-                None => keys.remove(id).map(drop).map_err(write)?,
-            }
-        }
-        let mut ready = txn
-            .open_table(READY)
-            .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
-        for (link, pool) in &overlay.ready {
-            for (pos, value) in pool.iter() {
-                match value {
-                    Some(v) => ready
-                        .insert((link.as_str(), pos), v)
-                        .map(drop)
-                        .map_err(write)?,
-                    None => ready
-                        .remove((link.as_str(), pos))
-                        .map(drop)
-                        .map_err(write)?,
-                }
-            }
-        }
-        let mut in_flight = txn
-            .open_table(IN_FLIGHT)
-            .map_err(|e| StoreError::redb("opening the in-flight table", e))?;
-        for (id, value) in overlay.in_flight.iter() {
-            match value {
-                Some(v) => in_flight.insert(id, v).map(drop).map_err(write)?,
-                None => in_flight.remove(id).map(drop).map_err(write)?,
-            }
-        }
-    }
+    schema::apply(&txn, schema::edits_of(overlay), "writing a checkpoint")?;
     write_checkpoint_seq(&txn, seq)?;
     txn.commit()
         .map_err(|e| StoreError::redb("committing a checkpoint", e))?;

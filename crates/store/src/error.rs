@@ -8,6 +8,10 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+/// Why a key cannot be stored as given (the reason of [`StoreError::InvalidKey`]) when a
+/// field is too long for the length prefix of the record format.
+pub const TOO_LONG: &str = "a name, the slave list or the key is too long to store";
+
 /// Everything that can go wrong inside a key store.
 ///
 /// Each variant carries enough context (a path, an operation, a key ID) to act on the log line
