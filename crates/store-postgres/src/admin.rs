@@ -51,7 +51,7 @@ async fn admin_client(admin_url: &str, name: &str) -> Result<tokio_postgres::Cli
     if !plain {
         return Err(StoreError::Database {
             context: format!("database name {name:?} must be 1-63 of a-z 0-9 _"),
-            source: Box::new(std::io::Error::other("invalid database name")),
+            cause: Box::new(std::io::Error::other("invalid database name")),
         });
     }
     let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)

@@ -81,7 +81,7 @@ impl Claims {
 fn claim_timed_out(context: &str) -> StoreError {
     StoreError::Database {
         context: context.into(),
-        source: Box::new(std::io::Error::new(
+        cause: Box::new(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no answer within {CLAIM_TIMEOUT:?}"),
         )),

@@ -21,7 +21,7 @@ pub(crate) fn to_db_seq(seq: u64) -> Option<i64> {
 pub(crate) fn from_db_seq(id: Uuid, seq: i64) -> Result<u64, StoreError> {
     u64::try_from(seq).map_err(|e| StoreError::Database {
         context: format!("reading ready key {id}: negative pool position {seq}"),
-        source: Box::new(e),
+        cause: Box::new(e),
     })
 }
 

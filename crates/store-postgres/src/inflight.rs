@@ -26,7 +26,7 @@ pub(crate) async fn record(t: &Tables, request: InFlight) -> Result<(), StoreErr
                 "recording request {}: a ready-key position has no stored form",
                 request.request_id
             ),
-            source: "position above i64::MAX".into(),
+            cause: "position above i64::MAX".into(),
         })?;
     let client = t.client().await?;
     let stmt = client

@@ -208,7 +208,7 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Database {
                 context: "building the connection pool".into(),
-                source: Box::new(e),
+                cause: Box::new(e),
             })?;
         schema::prepare(&pool, &cipher, &database).await?;
         warn_if_not_durable(&pool, &database).await?;

@@ -229,9 +229,9 @@ impl Outcome {
 /// told, with the cause.
 fn clone_batch_error(err: &StoreError) -> StoreError {
     match err {
-        StoreError::Redb { context, source } => StoreError::Redb {
+        StoreError::Redb { context, cause } => StoreError::Redb {
             context,
-            source: Arc::clone(source),
+            cause: Arc::clone(cause),
         },
         StoreError::Halted { reason } => StoreError::Halted {
             reason: reason.clone(),
