@@ -6,6 +6,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use metrics::Label;
 use redb::{Database, Durability};
 
 use crate::overlay::Overlay;
@@ -23,18 +24,22 @@ pub(crate) struct Checkpointer {
     jobs: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Result<u64, StoreError>>,
     handle: Option<JoinHandle<()>>,
+    /// Of the store's metrics (its KME, see `EmbeddedStore::open_for_kme`).
+    labels: Arc<[Label]>,
 }
 
 impl Checkpointer {
-    /// Starts the checkpoint thread for `db`.
-    pub(crate) fn start(db: Arc<Database>) -> Result<Self, StoreError> {
+    /// Starts the checkpoint thread for `db`, its metrics labelled with `labels`.
+    pub(crate) fn start(db: Arc<Database>, labels: Arc<[Label]>) -> Result<Self, StoreError> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (report, done) = mpsc::channel();
+        let thread_labels = Arc::clone(&labels);
         let handle = std::thread::Builder::new()
             .name("dqkd-store-checkpoint".into())
             .spawn(move || {
                 for job in queue {
-                    let result = apply(&db, &job.overlay, job.seq).map(|()| job.seq);
+                    let result =
+                        apply(&db, &job.overlay, job.seq, &thread_labels).map(|()| job.seq);
                     if report.send(result).is_err() {
                         break;
                     }
@@ -45,7 +50,13 @@ impl Checkpointer {
             jobs: Some(jobs),
             done,
             handle: Some(handle),
+            labels,
         })
+    }
+
+    /// The labels of the store's metrics.
+    pub(crate) fn labels(&self) -> &[Label] {
+        &self.labels
     }
 
     /// Hands a frozen overlay to the thread.
@@ -96,7 +107,12 @@ fn thread_gone() -> StoreError {
 
 /// Writes every change of `overlay` to redb, with the log position `seq` it covers, in one
 /// durable commit.
-pub(crate) fn apply(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), StoreError> {
+pub(crate) fn apply(
+    db: &Database,
+    overlay: &Overlay,
+    seq: u64,
+    labels: &[Label],
+) -> Result<(), StoreError> {
     let started = Instant::now();
     let mut txn = db
         .begin_write()
@@ -107,7 +123,9 @@ pub(crate) fn apply(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), St
     write_checkpoint_seq(&txn, seq)?;
     txn.commit()
         .map_err(|e| StoreError::redb("committing a checkpoint", e))?;
-    metrics::histogram!("dqkd_store_checkpoint_seconds").record(started.elapsed().as_secs_f64());
-    metrics::histogram!("dqkd_store_checkpoint_entries").record(overlay.len() as f64);
+    metrics::histogram!("dqkd_store_checkpoint_seconds", labels.iter())
+        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("dqkd_store_checkpoint_entries", labels.iter())
+        .record(overlay.len() as f64);
     Ok(())
 }

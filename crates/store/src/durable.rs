@@ -139,7 +139,7 @@ impl Durable {
         }
         let last = self.wal.next_seq() - 1;
         if last > self.checkpointed {
-            checkpoint::apply(db, &self.active, last)?;
+            checkpoint::apply(db, &self.active, last, self.checkpointer.labels())?;
             self.checkpointed = last;
         }
         self.wal

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
+use metrics::Label;
 use redb::Database;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -79,7 +80,25 @@ impl EmbeddedStore {
     /// The store holds key IDs and SAE names in clear (only the keys are sealed), so its
     /// folder is made private to this user (0700, created so if missing) and the database and
     /// its logs 0600, including files an earlier version left readable.
+    ///
+    /// Its metrics carry no `kme` label; a KME opens its store with
+    /// [`EmbeddedStore::open_for_kme`].
     pub fn open(path: &Path, kek: Kek) -> Result<EmbeddedStore, StoreError> {
+        Self::open_labelled(path, kek, Arc::new([]))
+    }
+
+    /// [`EmbeddedStore::open`] for the KME `kme_id`: every metric of the store carries the
+    /// label `kme="<kme_id>"`, like the KME's own, so a process that runs several sites (as
+    /// `dqkd up` does) keeps their store figures apart.
+    pub fn open_for_kme(path: &Path, kek: Kek, kme_id: &str) -> Result<EmbeddedStore, StoreError> {
+        Self::open_labelled(path, kek, Arc::new([Label::new("kme", kme_id.to_owned())]))
+    }
+
+    fn open_labelled(
+        path: &Path,
+        kek: Kek,
+        labels: Arc<[Label]>,
+    ) -> Result<EmbeddedStore, StoreError> {
         let cipher = kek.cipher()?;
         drop(kek);
         restrict_files(path)?;
@@ -106,10 +125,10 @@ impl EmbeddedStore {
         let durable = Durable::new(
             wal,
             prepared.checkpointed,
-            Checkpointer::start(Arc::clone(&db))?,
+            Checkpointer::start(Arc::clone(&db), Arc::clone(&labels))?,
         );
         let pending = Arc::new(Mutex::new(prepared.pending));
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(labels));
         stats.lifetimes.publish(prepared.lifetimes);
         let (sender, receiver) = mpsc::channel();
         let handle = {

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Instant;
 
+use metrics::Label;
 use redb::Database;
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -111,7 +112,8 @@ pub(crate) enum Request {
     },
 }
 
-/// Shared group-commit counters, and what the expiry sweeps go by.
+/// Shared group-commit counters, what the expiry sweeps go by, and the labels of the
+/// store's metrics.
 #[derive(Debug)]
 pub(crate) struct Stats {
     pub(crate) batches: AtomicU64,
@@ -121,16 +123,19 @@ pub(crate) struct Stats {
     pub(crate) lifetimes: Lifetimes,
     /// Of ready keys: known once a whole sweep has read them.
     pub(crate) ready_lifetimes: Lifetimes,
+    /// Of every metric the store records (its KME, see `EmbeddedStore::open_for_kme`).
+    pub(crate) labels: Arc<[Label]>,
 }
 
-impl Default for Stats {
-    fn default() -> Self {
+impl Stats {
+    pub(crate) fn new(labels: Arc<[Label]>) -> Self {
         Self {
             batches: AtomicU64::new(0),
             ops: AtomicU64::new(0),
             max_batch: AtomicU64::new(0),
             lifetimes: Lifetimes::new(true),
             ready_lifetimes: Lifetimes::new(false),
+            labels,
         }
     }
 }
@@ -279,8 +284,9 @@ pub(crate) fn run(
         durable.collect(false);
         process(&db, &cipher, batch, &pending, &stats, &mut durable);
         durable.maybe_checkpoint();
-        metrics::histogram!("dqkd_store_commit_ops").record(n as f64);
-        metrics::histogram!("dqkd_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("dqkd_store_commit_ops", stats.labels.iter()).record(n as f64);
+        metrics::histogram!("dqkd_store_commit_seconds", stats.labels.iter())
+            .record(started.elapsed().as_secs_f64());
     }
     durable.close(&db);
     tracing::debug!("key store writer stopped");
