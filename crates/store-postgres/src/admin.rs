@@ -1,4 +1,4 @@
-//! Administrative helpers for local tools that give each site its own database (`dqkd up
+//! Administrative calls for local tools that give each site its own database (`dqkd up
 //! --postgres`, `dqkd bench --postgres`). Plaintext: production databases are made by their
 //! operators.
 

@@ -1,6 +1,6 @@
-//! Pool claims: which replica refills a ready-key pool and hands its keys out. A claim is a
-//! session-level advisory lock, held on a connection of its own outside the pool, so it lasts
-//! exactly as long as that connection.
+//! Pool claims: which replica refills a ready-key pool and hands its keys out. A claim is an
+//! advisory lock held by a connection of its own outside the pool, so it lasts exactly as
+//! long as that connection.
 
 use std::time::Duration;
 
