@@ -66,8 +66,24 @@ async fn alice_and_bob_share_keys_across_sites_in_every_form() {
     let (status, message) = status_of(bob.dec_keys("alice", &rest).await);
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(message, "one or more keys specified are not found on KME");
-    let mine = alice.dec_keys("alice", &rest).await.expect("refetch at A");
+    let mine = alice
+        .dec_keys("alice", &rest[..2])
+        .await
+        .expect("refetch at A");
     assert_eq!(mine.keys[0].key, post.keys[1].key);
+    // Naming the key's other party, as some clients do: the slave, then the slave's site.
+    let mine = alice
+        .dec_keys("bob", &rest[2..3])
+        .await
+        .expect("refetch naming bob");
+    assert_eq!(mine.keys[0].key, post.keys[3].key);
+    let mine = alice
+        .dec_keys("KME_B", &rest[3..])
+        .await
+        .expect("refetch naming KME_B");
+    assert_eq!(mine.keys[0].key, post.keys[4].key);
+    let (status, _) = status_of(alice.dec_keys("bob", &rest[..1]).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a second refetch");
 }
 
 #[tokio::test(flavor = "multi_thread")]

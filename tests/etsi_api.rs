@@ -261,6 +261,67 @@ async fn the_master_may_fetch_its_own_keys_again_once() {
         .expect("bob's copy");
 }
 
+/// Some clients name the key's other party in the `dec_keys` path: a master fetching its
+/// key again names the slave (SAE or KME ID). That reads as the master's own key; every
+/// refusal of the standard's reading stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_refetching_may_name_the_slave() {
+    let site = Site::start();
+    let alice = site.client("alice");
+    let request = KeyRequestBody {
+        number: Some(2),
+        ..Default::default()
+    };
+    let keys = alice.enc_keys("bob", &request).await.expect("enc");
+    let (first, second) = (keys.keys[0].key_ID.as_str(), keys.keys[1].key_ID.as_str());
+    // Another SAE naming the slave gets nothing: the keys are not its own.
+    let (status, _) = api_status(site.client("carol").dec_keys("bob", &[first]).await);
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "another SAE naming the slave"
+    );
+    // The master names the slave's SAE ID, then its KME ID.
+    let again = alice
+        .dec_keys("bob", &[first])
+        .await
+        .expect("refetch naming bob");
+    assert_eq!(again.keys[0].key, keys.keys[0].key);
+    let again = alice
+        .dec_keys("KME_A", &[second])
+        .await
+        .expect("refetch naming the slave's KME");
+    assert_eq!(again.keys[0].key, keys.keys[1].key);
+    // Once only, whichever party the path names.
+    let (status, _) = api_status(alice.dec_keys("bob", &[first]).await);
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a second refetch naming the slave"
+    );
+    let (status, _) = api_status(alice.dec_keys("alice", &[second]).await);
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a second refetch naming itself"
+    );
+    // A name that is no party of the cluster reads as before: not this master's keys.
+    let fresh = alice
+        .enc_keys("bob", &KeyRequestBody::default())
+        .await
+        .expect("enc");
+    let id = fresh.keys[0].key_ID.as_str();
+    let (status, _) = api_status(alice.dec_keys("mallory", &[id]).await);
+    assert_ne!(status, StatusCode::OK, "an unknown name in the path");
+    // The slave's own copy is untouched by all of it.
+    let bob = site.client("bob");
+    let mine = bob
+        .dec_keys("alice", &[first, second])
+        .await
+        .expect("bob's copies");
+    assert_eq!(mine.keys.len(), 2);
+}
+
 const DELIVER_ONCE: &str = r#"
 [limits]
 max_key_per_request = 16
@@ -280,6 +341,12 @@ async fn deliver_once_policy_refuses_the_master() {
     let id = keys.keys[0].key_ID.as_str();
     let (status, _) = api_status(alice.dec_keys("alice", &[id]).await);
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = api_status(alice.dec_keys("bob", &[id]).await);
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "naming the slave changes nothing"
+    );
     site.client("bob")
         .dec_keys("alice", &[id])
         .await

@@ -230,11 +230,7 @@ impl KeyService {
                 "master SAE ID must not be blank".into(),
             ));
         }
-        // A KME ID in the path means "made by any SAE of that site".
-        let masters: Vec<String> = match self.config.sites.get(master) {
-            Some(site) => site.saes.iter().cloned().collect(),
-            None => vec![master.to_owned()],
-        };
+        let masters = self.masters_named(caller, master);
         let delivered = self
             .store
             .take(caller.id(), &masters, ids, unix_now())
@@ -260,6 +256,31 @@ impl KeyService {
                 .collect(),
             key_container_extension: None,
         })
+    }
+
+    /// Whose keys a `dec_keys` path segment lets `caller` take: the segment names the key's
+    /// other party. For a slave that is the master (the standard's reading); a KME ID means
+    /// any SAE of that site. For a master fetching its own key again it may also be a slave of
+    /// the key (an SAE ID or its KME ID), as some clients send it; then the caller's own keys
+    /// are added. That adds no access: a master reaches the same keys by naming itself, the
+    /// store still checks that the caller is entitled to each key, and each copy is delivered
+    /// once. A segment naming no SAE or KME of the cluster reads as before.
+    fn masters_named(&self, caller: &VerifiedSae, named: &str) -> Vec<String> {
+        let mut masters: Vec<String> = match self.config.sites.get(named) {
+            Some(site) => site.saes.iter().cloned().collect(),
+            None => vec![named.to_owned()],
+        };
+        let names_a_party = self.config.sites.contains_key(named)
+            || self
+                .config
+                .sites
+                .values()
+                .any(|site| site.saes.contains(named));
+        let refetch_naming_other_party = self.config.master_refetch && names_a_party;
+        if refetch_naming_other_party && !masters.iter().any(|m| m == caller.id()) {
+            masters.push(caller.id().to_owned());
+        }
+        masters
     }
 
     /// Reads the ready-key pools back from the store and starts their refill tasks.
