@@ -496,12 +496,11 @@ impl Config {
     }
 }
 
-/// Names that appear in certificates, URLs and file names: a conservative alphabet.
+/// Names that appear in certificates, URLs and file names: the PKI's rule
+/// ([`dqkd_pki::validate_name`]), so that every name the config accepts can also be issued a
+/// certificate and used as a file name ("." and ".." cannot).
 pub fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    dqkd_pki::validate_name("name", name).is_ok()
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(

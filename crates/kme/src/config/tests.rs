@@ -88,6 +88,23 @@ fn inconsistencies_are_named() {
     assert!(check(&bad_name, "A").is_err());
 }
 
+/// The config takes exactly the names the PKI can issue certificates for: "." and ".."
+/// would pass an alphabet check but cannot be file names.
+#[test]
+fn names_follow_the_pki_rule() {
+    for bad in [".", "..", ""] {
+        let sae = TWO_SITES.replace("\"bob\"", &format!("\"{bad}\""));
+        assert!(check(&sae, "A").is_err(), "SAE {bad:?} accepted");
+        let kme = TWO_SITES.replace("kme_id = \"B\"", &format!("kme_id = \"{bad}\""));
+        assert!(check(&kme, "A").is_err(), "KME {bad:?} accepted");
+    }
+    for name in ["x", "a.b", "a..b", "_-.", &"n".repeat(64)] {
+        assert!(valid_name(name), "{name:?} refused");
+        assert!(dqkd_pki::validate_name("name", name).is_ok());
+    }
+    assert!(!valid_name(&"n".repeat(65)));
+}
+
 #[test]
 fn limits_must_make_sense() {
     let mut m = manifest(TWO_SITES);
