@@ -7,6 +7,7 @@
 
 mod args;
 mod bench;
+mod delay_proxy;
 mod keys;
 mod pki;
 mod up;
