@@ -32,8 +32,6 @@ const QUEUED_CHUNKS: usize = 1024;
 /// A running relay; it stops, closing every connection it carries, when dropped.
 pub struct DelayProxy {
     addr: SocketAddr,
-    target: SocketAddr,
-    delay: Duration,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -48,27 +46,12 @@ impl DelayProxy {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let accept = tokio::spawn(accept_loop(listener, target, delay));
-        Ok(Self {
-            addr,
-            target,
-            delay,
-            accept,
-        })
+        Ok(Self { addr, accept })
     }
 
     /// Where callers connect.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Where the relay forwards to.
-    pub fn target(&self) -> SocketAddr {
-        self.target
-    }
-
-    /// The one-way delay of each direction.
-    pub fn delay(&self) -> Duration {
-        self.delay
     }
 }
 
@@ -209,8 +192,6 @@ mod tests {
         let proxy = DelayProxy::start("127.0.0.1:0".parse().expect("addr"), addr, DELAY)
             .await
             .expect("start relay");
-        assert_eq!(proxy.target(), addr);
-        assert_eq!(proxy.delay(), DELAY);
         let mut client = TcpStream::connect(proxy.local_addr())
             .await
             .expect("connect");
