@@ -52,14 +52,14 @@ pub use identity::{validate_name, Identity, Role, MAX_NAME_LEN};
 pub use inspect::{inspect_certificates, CertificateFiles, Finding, Severity};
 pub use issue::{IssueOptions, IssuedPaths, ServerCertPaths, DEFAULT_VALIDITY_DAYS};
 pub use pem::{load_certs, load_private_key};
-pub use pinned::{IdentityMismatch, PinnedServerVerifier};
+pub use pinned::{pinned_client_config, IdentityMismatch, PinnedServerVerifier};
 pub use renew::Renewed;
 pub use revoke::{crl_number, load_crls, parse_crls, Revocation, CRL_FILE, LEDGER_FILE};
 pub use tls::{
     client_config, client_config_from_combined, client_config_from_der, client_config_with_crl,
     client_config_with_crls, client_verifier, database_client_config, negotiated_group,
-    peer_identity, pinned_client_config, provider, root_store, server_config,
-    server_config_from_der, server_config_with_crl, server_config_with_verifier, KeyExchange,
+    peer_identity, provider, root_store, server_config, server_config_from_der,
+    server_config_with_crl, server_config_with_verifier, KeyExchange,
 };
 
 /// Re-exported so callers can name the configuration types without adding rustls themselves.

@@ -14,13 +14,18 @@ use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
+    SignatureScheme,
+};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::{PkiError, Result};
 use crate::identity::{dqkd_uri, Identity};
-use crate::tls::{provider, root_store, KeyExchange};
+use crate::tls::{alpn, provider, root_store, KeyExchange};
 
 /// Checks a server's certificate against the cluster CA, the current revocation list and
 /// one expected identity.
@@ -161,4 +166,25 @@ impl ServerCertVerifier for PinnedServerVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.chain().supported_verify_schemes()
     }
+}
+
+/// A client configuration for a call between dqkd processes: it presents `cert_chain`,
+/// offers the groups of `key_exchange`, and accepts only the server `verifier` pins.
+pub fn pinned_client_config(
+    verifier: Arc<PinnedServerVerifier>,
+    key_exchange: KeyExchange,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ClientConfig> {
+    let mut config = ClientConfig::builder_with_provider(provider(key_exchange))
+        .with_protocol_versions(key_exchange.versions())
+        .map_err(|e| PkiError::tls("selecting TLS versions", e))?
+        .dangerous()
+        // Not dangerous: the pinned verifier runs the full WebPKI chain, name and
+        // revocation checks first and only then narrows them to one identity.
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(cert_chain, key)
+        .map_err(|e| PkiError::tls("loading client certificate and key", e))?;
+    config.alpn_protocols = alpn();
+    Ok(config)
 }

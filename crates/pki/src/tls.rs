@@ -22,7 +22,6 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use crate::error::{PkiError, Result};
 use crate::identity::Identity;
 use crate::pem::{load_certs, load_private_key};
-use crate::pinned::PinnedServerVerifier;
 use crate::revoke::load_crls;
 
 /// TLS versions dqkd speaks: 1.3 preferred, 1.2 for older SAE stacks.
@@ -63,7 +62,7 @@ impl KeyExchange {
         }
     }
 
-    fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
+    pub(crate) fn versions(self) -> &'static [&'static SupportedProtocolVersion] {
         match self {
             KeyExchange::HybridOnly => VERSIONS_HYBRID_ONLY,
             KeyExchange::PreferHybrid => VERSIONS,
@@ -85,7 +84,7 @@ pub fn negotiated_group(conn: &CommonState) -> Option<String> {
 }
 
 /// ALPN protocols offered by both sides: HTTP/2 first, then HTTP/1.1.
-fn alpn() -> Vec<Vec<u8>> {
+pub(crate) fn alpn() -> Vec<Vec<u8>> {
     vec![b"h2".to_vec(), b"http/1.1".to_vec()]
 }
 
@@ -283,27 +282,6 @@ pub fn database_client_config(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(config)
-}
-
-/// A client configuration for a call between dqkd processes: it presents `cert_chain`,
-/// offers the groups of `key_exchange`, and accepts only the server `verifier` pins.
-pub fn pinned_client_config(
-    verifier: Arc<PinnedServerVerifier>,
-    key_exchange: KeyExchange,
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> Result<ClientConfig> {
-    let mut config = ClientConfig::builder_with_provider(provider(key_exchange))
-        .with_protocol_versions(key_exchange.versions())
-        .map_err(|e| PkiError::tls("selecting TLS versions", e))?
-        .dangerous()
-        // Not dangerous: the pinned verifier runs the full WebPKI chain, name and
-        // revocation checks first and only then narrows them to one identity.
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(cert_chain, key)
-        .map_err(|e| PkiError::tls("loading client certificate and key", e))?;
-    config.alpn_protocols = alpn();
     Ok(config)
 }
 
