@@ -15,6 +15,7 @@ pub mod blast;
 pub mod config;
 mod error;
 pub mod issuer;
+pub mod kekwatch;
 pub mod keyid;
 pub mod keysource;
 pub mod peer;

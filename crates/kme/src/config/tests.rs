@@ -29,6 +29,8 @@ fn site(kme_id: &str) -> SiteFile {
             key: None,
             insecure_allow_plaintext: false,
             kek: "kek".into(),
+            pkcs11_module: None,
+            pkcs11_pin: None,
         },
         connections: ServerLimits::default(),
     }
@@ -265,6 +267,8 @@ fn the_store_is_a_file_or_a_postgres_url() {
         key: None,
         insecure_allow_plaintext: false,
         kek: "kek".into(),
+        pkcs11_module: None,
+        pkcs11_pin: None,
     };
     let base = Path::new("/srv");
     let site = Path::new("/srv/site.toml");
