@@ -139,14 +139,22 @@ pub enum PkiCommand {
         #[arg(long, default_value_t = dqkd_pki::DEFAULT_VALIDITY_DAYS)]
         days: u32,
     },
-    /// Create a site key-encryption key file (seals keys at rest).
+    /// Create a site key-encryption key (seals keys at rest): a file, or a key generated in
+    /// a PKCS#11 token that never leaves it.
     Kek {
         /// The file to write (mode 0600).
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required_unless_present = "pkcs11")]
+        out: Option<PathBuf>,
         /// Replace an existing file (keys sealed under the old one become unreadable).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pkcs11")]
         force: bool,
+        /// Generate the key in a token instead: `pkcs11:token=<label>;object=<label>`. The
+        /// user PIN comes from DQKD_PKCS11_PIN.
+        #[arg(long, value_name = "URI", conflicts_with = "out", requires = "module")]
+        pkcs11: Option<String>,
+        /// The token's PKCS#11 module (shared library).
+        #[arg(long, env = "DQKD_PKCS11_MODULE")]
+        module: Option<PathBuf>,
     },
 }
 
@@ -281,6 +289,14 @@ pub struct UpArgs {
     /// Also stream the logs to stderr (they always go to `<dir>/logs/dqkd.log`).
     #[arg(long, short)]
     pub verbose: bool,
+    /// Keep each site's key-encryption key in this PKCS#11 token (by label; the key
+    /// `dqkd-<KME ID>` is generated there if missing) instead of a file. The user PIN comes
+    /// from DQKD_PKCS11_PIN.
+    #[arg(long, value_name = "TOKEN_LABEL", requires = "pkcs11_module")]
+    pub kek_pkcs11: Option<String>,
+    /// The token's PKCS#11 module (shared library), for --kek-pkcs11.
+    #[arg(long, env = "DQKD_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -356,6 +372,14 @@ pub struct BenchArgs {
     /// direction, through a relay in front of each entropy server (0: direct).
     #[arg(long, default_value_t = 0, value_name = "MS")]
     pub entropy_delay_ms: u64,
+    /// Keep each site's key-encryption key in this PKCS#11 token (by label; the key
+    /// `dqkd-<KME ID>` is generated there if missing) instead of a file. The user PIN comes
+    /// from DQKD_PKCS11_PIN.
+    #[arg(long, value_name = "TOKEN_LABEL", requires = "pkcs11_module")]
+    pub kek_pkcs11: Option<String>,
+    /// The token's PKCS#11 module (shared library), for --kek-pkcs11.
+    #[arg(long, env = "DQKD_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
 }
 
 /// Bench workloads.

@@ -67,13 +67,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         },
         None => LocalStore::Embedded,
     };
-    let cluster = LocalCluster::start(
+    let kek =
+        crate::up::LocalKek::from_args(args.kek_pkcs11.as_deref(), args.pkcs11_module.as_deref());
+    let cluster = LocalCluster::start_with_kek(
         &state,
         2,
         args.port,
         &store,
         crate::up::local_pools(args.pool_target),
         delays(&args),
+        &kek,
     )
     .await?;
     let result = bench(&cluster, &args, &store).await;
@@ -112,6 +115,11 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> 
         LocalStore::Embedded => "embedded",
         LocalStore::Postgres { .. } => "postgres",
     };
+    let kek_name = if args.kek_pkcs11.is_some() {
+        "pkcs11"
+    } else {
+        "file"
+    };
     let fill = if args.pool_target > 0 {
         Some(wait_for_pools(cluster, args.pool_target).await?)
     } else {
@@ -134,6 +142,7 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> 
         let out = serde_json::json!({
             "machine": machine(),
             "store": store_name,
+            "kek": kek_name,
             "pool_target": args.pool_target,
             "pool_fill_seconds": fill.map(|d| d.as_secs_f64()),
             "peer_delay_ms": args.peer_delay_ms,
@@ -143,7 +152,10 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> 
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("machine: {}   store: {store_name}", machine());
+        println!(
+            "machine: {}   store: {store_name}   kek: {kek_name}",
+            machine()
+        );
         println!(
             "link delays: sites A↔B {}; KMEs↔entropy servers {}",
             delay_text(args.peer_delay_ms),

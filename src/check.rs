@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
-use dqkd_kme::config::{StoreLocation, TlsFiles};
+use dqkd_kme::config::{KekLocation, StoreLocation, TlsFiles};
 use dqkd_pki::{CertificateFiles, Finding, Role, Severity};
 
 use crate::args::CheckArgs;
@@ -157,8 +157,10 @@ fn tls_line(tls: &TlsFiles, f: Finding) -> Line {
 }
 
 /// The store's own loader: present, private (mode 0600 or stricter), 64 hex characters.
-fn kek(path: &Path) -> Option<Line> {
-    dqkd_store::Kek::load(path).err().map(|e| Line {
+/// The KEK opens as the KME would open it: the file (present, mode 0600, 64 hex
+/// characters), or the key in its PKCS#11 token (module, token, PIN and object).
+fn kek(location: &KekLocation) -> Option<Line> {
+    dqkd_kme::server::open_kek(location).err().map(|e| Line {
         entry: "[store] kek".into(),
         severity: Severity::Problem,
         message: e.to_string(),

@@ -108,10 +108,32 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("loading the cluster CA from {}", ca.display()))?;
             println!("CRL: {}", authority.write_crl()?.display());
         }
-        PkiCommand::Kek { out, force } => {
-            dqkd_store::Kek::generate_file(&out, force)?;
-            println!("key-encryption key: {}", out.display());
-        }
+        PkiCommand::Kek {
+            out,
+            force,
+            pkcs11,
+            module,
+        } => match (out, pkcs11, module) {
+            (_, Some(uri), Some(module)) => {
+                let uri = dqkd_kek_pkcs11::KekUri::parse(&uri)
+                    .map_err(|e| anyhow::anyhow!("--pkcs11 {uri}: {e}"))?;
+                let pin = std::env::var("DQKD_PKCS11_PIN")
+                    .ok()
+                    .filter(|p| !p.is_empty())
+                    .context("set DQKD_PKCS11_PIN to the token's user PIN")?;
+                dqkd_kek_pkcs11::generate(&dqkd_kek_pkcs11::TokenKekConfig {
+                    module,
+                    uri: uri.clone(),
+                    pin: dqkd_kek_pkcs11::Pin::new(pin),
+                })?;
+                println!("key-encryption key: {uri} (generated in the token, not extractable)");
+            }
+            (Some(out), None, _) => {
+                dqkd_store::Kek::generate_file(&out, force)?;
+                println!("key-encryption key: {}", out.display());
+            }
+            _ => anyhow::bail!("give --out FILE, or --pkcs11 URI with --module"),
+        },
     }
     Ok(())
 }

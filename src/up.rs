@@ -204,6 +204,71 @@ async fn front(
     Ok(addr)
 }
 
+/// Where the sites of a local cluster keep their key-encryption keys.
+#[derive(Debug, Clone, Default)]
+pub enum LocalKek {
+    /// A file per site in the state folder.
+    #[default]
+    File,
+    /// A key per site (`object=dqkd-<KME ID>`) in one PKCS#11 token, generated when missing;
+    /// the user PIN comes from `DQKD_PKCS11_PIN`.
+    Pkcs11 {
+        /// The token's label.
+        token: String,
+        /// The token's module.
+        module: PathBuf,
+    },
+}
+
+impl LocalKek {
+    /// From `--kek-pkcs11 TOKEN` and its module; a file without them.
+    pub fn from_args(token: Option<&str>, module: Option<&Path>) -> Self {
+        match (token, module) {
+            (Some(token), Some(module)) => LocalKek::Pkcs11 {
+                token: token.to_owned(),
+                module: module.to_owned(),
+            },
+            _ => LocalKek::File,
+        }
+    }
+
+    /// The `[store] kek` value of site `kme`, and its module.
+    fn for_site(&self, layout: &Layout, kme: &str) -> (PathBuf, Option<PathBuf>) {
+        match self {
+            LocalKek::File => (layout.rel(&layout.data().join(format!("{kme}.kek"))), None),
+            LocalKek::Pkcs11 { token, module } => {
+                (self.uri(token, kme).into(), Some(module.clone()))
+            }
+        }
+    }
+
+    fn uri(&self, token: &str, kme: &str) -> String {
+        format!("pkcs11:token={token};object=dqkd-{kme}")
+    }
+
+    /// Generates each site's key in the token unless it is there already.
+    fn ensure(&self, plan: &Plan) -> anyhow::Result<()> {
+        let LocalKek::Pkcs11 { token, module } = self else {
+            return Ok(());
+        };
+        let pin = std::env::var("DQKD_PKCS11_PIN")
+            .context("a KEK in a PKCS#11 token needs DQKD_PKCS11_PIN")?;
+        for (kme, _) in &plan.sites {
+            let uri = dqkd_kek_pkcs11::KekUri::parse(&self.uri(token, kme))
+                .map_err(|e| anyhow::anyhow!("token {token:?}: {e}"))?;
+            match dqkd_kek_pkcs11::generate(&dqkd_kek_pkcs11::TokenKekConfig {
+                module: module.clone(),
+                uri,
+                pin: dqkd_kek_pkcs11::Pin::new(pin.clone()),
+            }) {
+                Ok(()) | Err(dqkd_kek_pkcs11::Pkcs11Error::ObjectExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A local cluster running in this process.
 pub struct LocalCluster {
     layout: Layout,
@@ -225,10 +290,24 @@ impl LocalCluster {
         pools: PoolSettings,
         delays: LinkDelays,
     ) -> anyhow::Result<Self> {
+        Self::start_with_kek(dir, sites, port, store, pools, delays, &LocalKek::File).await
+    }
+
+    /// [`LocalCluster::start`] with the sites' KEKs where `kek` says.
+    pub async fn start_with_kek(
+        dir: &Path,
+        sites: u8,
+        port: u16,
+        store: &LocalStore,
+        pools: PoolSettings,
+        delays: LinkDelays,
+        kek: &LocalKek,
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let layout = Layout::new(dir)?;
         let plan = Plan::new(sites, port)?;
         ensure_pki(&layout, &plan)?;
+        kek.ensure(&plan)?;
         if let LocalStore::Postgres { admin_url, .. } = store {
             for (kme, _) in &plan.sites {
                 dqkd_store_postgres::create_database_if_missing(admin_url, &store.database(kme))
@@ -237,7 +316,7 @@ impl LocalCluster {
             }
         }
         let advertised = Advertised::start(&plan, delays).await?;
-        write_configs(&layout, &plan, store, pools, &advertised)?;
+        write_configs(&layout, &plan, store, pools, &advertised, kek)?;
 
         let mut entropy = Vec::new();
         for (j, id) in plan.entropy.iter().enumerate() {
@@ -316,13 +395,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         },
         None => LocalStore::Embedded,
     };
-    let cluster = LocalCluster::start(
+    let cluster = LocalCluster::start_with_kek(
         &args.dir,
         args.sites,
         args.port,
         &store,
         local_pools(args.pool_target),
         LinkDelays::default(),
+        &LocalKek::from_args(args.kek_pkcs11.as_deref(), args.pkcs11_module.as_deref()),
     )
     .await?;
     let (layout, plan) = (&cluster.layout, &cluster.plan);
@@ -500,6 +580,7 @@ fn write_configs(
     store: &LocalStore,
     pools: PoolSettings,
     advertised: &Advertised,
+    kek: &LocalKek,
 ) -> anyhow::Result<()> {
     use dqkd_pki::Role;
     let manifest = Manifest {
@@ -560,7 +641,9 @@ fn write_configs(
                 cert: None,
                 key: None,
                 insecure_allow_plaintext: false,
-                kek: layout.rel(&layout.data().join(format!("{kme}.kek"))),
+                kek: kek.for_site(layout, kme).0,
+                pkcs11_module: kek.for_site(layout, kme).1,
+                pkcs11_pin: None,
             },
             connections: Default::default(),
         };

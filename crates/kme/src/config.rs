@@ -291,9 +291,60 @@ pub struct StoreFiles {
     /// private network). Loopback hosts and Unix sockets never need it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_allow_plaintext: bool,
-    /// The site key-encryption key (64 hex characters), which seals keys at rest. Every
+    /// The site key-encryption key, which seals keys at rest: a file of 64 hex characters,
+    /// or `pkcs11:token=<label>;object=<label>` for a key held in a PKCS#11 token. Every
     /// replica of a site uses the same one.
     pub kek: PathBuf,
+    /// The PKCS#11 module (shared library) of the token when `kek` is a `pkcs11:` URI;
+    /// `DQKD_PKCS11_MODULE` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// The token's user PIN when `kek` is a `pkcs11:` URI; `DQKD_PKCS11_PIN` overrides it
+    /// (prefer the environment, which keeps the PIN out of files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11_pin: Option<Secret>,
+}
+
+/// Text that must not be shown: `Debug` hides it (a token PIN).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// Where the site key-encryption key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KekLocation {
+    /// A file of 64 hex characters, mode 0600.
+    File(PathBuf),
+    /// A key generated in, and never leaving, a PKCS#11 token.
+    Pkcs11 {
+        /// `pkcs11:token=…;object=…`.
+        uri: String,
+        /// The token's module (shared library).
+        module: PathBuf,
+        /// The token's user PIN.
+        pin: Secret,
+    },
+}
+
+impl std::fmt::Display for KekLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KekLocation::File(path) => write!(f, "{}", path.display()),
+            KekLocation::Pkcs11 { uri, .. } => f.write_str(uri),
+        }
+    }
 }
 
 /// Where a site keeps its keys.
@@ -335,8 +386,8 @@ pub struct ClientCertFiles {
 pub struct StoreConfig {
     /// Embedded file or PostgreSQL.
     pub location: StoreLocation,
-    /// The site key-encryption key file.
-    pub kek: PathBuf,
+    /// The site key-encryption key.
+    pub kek: KekLocation,
 }
 
 /// A problem with the configuration; each names the file or entry at fault.

@@ -17,6 +17,7 @@ pub mod config;
 mod error;
 pub mod inbox;
 pub mod issuer;
+pub mod kekwatch;
 pub mod keyid;
 pub mod keysource;
 pub mod peer;

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{peer_router, router};
 use crate::blast::Blast;
-use crate::config::{Config, PostgresTls, StoreLocation};
+use crate::config::{Config, KekLocation, PostgresTls, StoreLocation};
 use crate::keysource::{KeySource, OsRandom};
 use crate::peer::{Peer, PeerClient};
 use crate::service::KeyService;
@@ -33,6 +33,14 @@ pub enum ServeError {
         path: String,
         /// Why.
         source: dqkd_store::StoreError,
+    },
+    /// The key-encryption key in a PKCS#11 token could not be opened.
+    #[error("key-encryption key {uri}: {source}")]
+    Token {
+        /// The `pkcs11:` URI.
+        uri: String,
+        /// Why.
+        source: dqkd_kek_pkcs11::Pkcs11Error,
     },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -91,10 +99,8 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
     for warning in config.warnings() {
         tracing::warn!(kme_id = %config.kme_id, "insecure configuration: {warning}");
     }
-    let kek = Kek::load(&config.store.kek).map_err(|source| ServeError::Store {
-        path: config.store.kek.display().to_string(),
-        source,
-    })?;
+    let kek = open_kek(&config.store.kek)?;
+    let watched = kek.clone();
     let store: Arc<dyn KeyStore> = match &config.store.location {
         StoreLocation::Embedded(path) => Arc::new(
             EmbeddedStore::open_for_kme(path, kek, &config.kme_id).map_err(|source| {
@@ -126,7 +132,37 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
     // One client setup (and one revocation-list follower) for peers and entropy servers.
     let outgoing = outgoing_tls(&config)?;
     let source = key_source(&config, &outgoing)?;
-    serve(config, store, source, outgoing).await
+    serve(config, store, source, outgoing, Some(watched)).await
+}
+
+/// The site KEK from its file, or opened in its token (refusing to start without it).
+/// `dqkd check` opens it the same way.
+pub fn open_kek(location: &KekLocation) -> Result<Kek, ServeError> {
+    match location {
+        KekLocation::File(path) => Kek::load(path).map_err(|source| ServeError::Store {
+            path: path.display().to_string(),
+            source,
+        }),
+        KekLocation::Pkcs11 { uri, module, pin } => {
+            let token = |source| ServeError::Token {
+                uri: uri.clone(),
+                source,
+            };
+            let config = dqkd_kek_pkcs11::TokenKekConfig {
+                module: module.clone(),
+                uri: dqkd_kek_pkcs11::KekUri::parse(uri).map_err(|reason| {
+                    token(dqkd_kek_pkcs11::Pkcs11Error::Device {
+                        context: "reading the URI".into(),
+                        reason,
+                    })
+                })?,
+                pin: dqkd_kek_pkcs11::Pin::new(pin.0.clone()),
+            };
+            let kek = dqkd_kek_pkcs11::TokenKek::open_kek(&config).map_err(token)?;
+            tracing::info!(kek = %uri, "site key-encryption key held in a PKCS#11 token");
+            Ok(kek)
+        }
+    }
 }
 
 /// The TLS client configuration for PostgreSQL from `[store] ca` (and `cert`/`key`).
@@ -252,7 +288,7 @@ pub async fn run_with(
     source: Arc<dyn KeySource>,
 ) -> Result<Serving, ServeError> {
     let outgoing = outgoing_tls(&config)?;
-    serve(config, store, source, outgoing).await
+    serve(config, store, source, outgoing, None).await
 }
 
 /// [`run_with`], with this KME's client setup for its calls to peers already made.
@@ -261,6 +297,7 @@ async fn serve(
     store: Arc<dyn KeyStore>,
     source: Arc<dyn KeySource>,
     outgoing: Arc<dqkd_net::OutgoingTls>,
+    kek: Option<Kek>,
 ) -> Result<Serving, ServeError> {
     let MtlsListener {
         tls,
@@ -302,6 +339,10 @@ async fn serve(
         .map_err(ServeError::Tls)?;
     let service = Arc::new(KeyService::new(config.clone(), store, source, peers));
     let (stop, stopped) = watch::channel(false);
+    let kek_state = match kek {
+        Some(kek) => crate::kekwatch::watch(kek, &config.kme_id, stopped.clone()),
+        None => crate::kekwatch::KekState::always(),
+    };
     let loaded = service
         .start_pools(stopped.clone())
         .await
@@ -324,7 +365,10 @@ async fn serve(
         tokio::spawn(dqkd_net::serve_mtls(
             listener,
             peer_tls,
-            peer_router(service.inbox()),
+            peer_router(service.inbox()).layer(axum::middleware::from_fn_with_state(
+                kek_state.clone(),
+                crate::kekwatch::gate,
+            )),
             cluster.clone(),
             config.connections,
             stopped.clone(),
@@ -339,10 +383,14 @@ async fn serve(
             listener,
             config.kme_id.clone(),
             crate::status::router(board),
+            kek_state.clone(),
             stopped.clone(),
         ))
     });
-    let app = router(service);
+    let app = router(service).layer(axum::middleware::from_fn_with_state(
+        kek_state,
+        crate::kekwatch::gate,
+    ));
     let api_limits = config.connections;
     let task = tokio::spawn(async move {
         dqkd_net::serve_mtls(listener, tls, app, cluster, api_limits, stopped).await;

@@ -6,13 +6,15 @@
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+use crate::kekwatch::KekState;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -48,24 +50,43 @@ pub fn handle() -> &'static PrometheusHandle {
 /// format), `GET /health` and `GET /ready` for orchestrators' probes, and the routes of
 /// `status` (the status page). The listener only starts once the store is open and the
 /// APIs are bound, so both probes answer 200 from then on; a process that cannot serve
-/// does not answer at all.
+/// does not answer at all. The one exception: while the site KEK is unavailable (its token
+/// gone), `/ready` answers 503 and says why.
 pub async fn serve(
     listener: TcpListener,
     kme_id: String,
     status: Router,
+    kek: KekState,
     mut stopped: watch::Receiver<bool>,
 ) {
     let handle = handle();
-    let probe = move || {
-        let body = format!(r#"{{"status":"ok","kme_id":{kme_id:?}}}"#);
-        async move {
-            let mut response = body.into_response();
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            response
-        }
+    let json = |status: StatusCode, body: String| {
+        let mut response = (status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    };
+    let ok = format!(r#"{{"status":"ok","kme_id":{kme_id:?}}}"#);
+    let health = {
+        let ok = ok.clone();
+        move || std::future::ready(json(StatusCode::OK, ok.clone()))
+    };
+    let ready = move || {
+        let response = match kek.unavailable() {
+            None => json(StatusCode::OK, ok.clone()),
+            Some(reason) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({
+                    "status": "unavailable",
+                    "kme_id": kme_id,
+                    "reason": format!("site key-encryption key unavailable: {reason}"),
+                })
+                .to_string(),
+            ),
+        };
+        std::future::ready(response)
     };
     let app = Router::new()
         .route(
@@ -79,8 +100,8 @@ pub async fn serve(
                 response
             }),
         )
-        .route("/health", get(probe.clone()))
-        .route("/ready", get(probe))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
         .merge(status);
     let shutdown = async move {
         let _ = stopped.changed().await;

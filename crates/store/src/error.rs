@@ -123,6 +123,14 @@ pub enum StoreError {
         /// The database (host, port and name; never a password).
         database: String,
     },
+    /// The device holding the key-encryption key (a PKCS#11 token) refused or is gone.
+    #[error("key-encryption key in {device}: {reason}")]
+    KekDevice {
+        /// Which device and key (names only).
+        device: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The store has been closed (or its writer thread stopped); no more operations are accepted.
     #[error("key store is closed")]
     Closed,

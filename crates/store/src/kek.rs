@@ -1,6 +1,7 @@
 //! The site key-encryption key (KEK) and AES-256-GCM sealing of key material at rest.
 //!
-//! The KEK lives in a file of 64 hex characters readable only by the KME's user. Every record is
+//! The KEK lives in a file of 64 hex characters readable only by the KME's user, or in a
+//! device that never hands it out (a PKCS#11 token, [`HeldKek`]). Every record is
 //! sealed with a fresh random nonce, and the key ID and master are bound in as associated data,
 //! so a record copied to another ID or master no longer opens.
 //!
@@ -11,6 +12,10 @@
 //! site seals that many keys in hours. Under epoch keys the bound holds per epoch, so one KEK
 //! serves any number of keys. Records of the first format, sealed under the KEK itself, still
 //! open.
+//!
+//! A held KEK computes epoch keys inside its device, as HMAC-SHA256 of the epoch ID: once per
+//! epoch (and once per older epoch met when opening), so sealing and opening stay in memory at
+//! full speed while the KEK itself never leaves the device.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,20 +33,64 @@ use crate::StoreError;
 /// Length of a KEK in bytes.
 pub const KEK_LEN: usize = 32;
 
-/// A 32-byte site key-encryption key. Zeroized on drop; `Debug` hides the bytes.
+/// A site key-encryption key: 32 bytes in memory (zeroized on drop) or a handle to one held
+/// in a device. `Debug` hides the bytes.
+#[derive(Clone)]
+pub struct Kek(Root);
+
+#[derive(Clone)]
+enum Root {
+    Bytes(KekBytes),
+    Held(Arc<dyn HeldKek>),
+}
+
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct Kek([u8; KEK_LEN]);
+struct KekBytes([u8; KEK_LEN]);
 
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Kek(<redacted>)")
+        match &self.0 {
+            Root::Bytes(_) => f.write_str("Kek(<redacted>)"),
+            Root::Held(held) => write!(f, "Kek({})", held.describe()),
+        }
     }
+}
+
+/// A KEK kept in a device that computes with it but never reveals it (a PKCS#11 token).
+/// The store asks it only for HMAC-SHA256 values, once per epoch, and expands those into
+/// AES-256-GCM keys in memory.
+pub trait HeldKek: Send + Sync {
+    /// HMAC-SHA256 of `input` under the KEK, computed inside the device.
+    fn hmac_sha256(&self, input: &[u8]) -> Result<Zeroizing<[u8; 32]>, StoreError>;
+    /// Where the KEK is held (token and object names; nothing secret), for errors and logs.
+    fn describe(&self) -> String;
+    /// `Ok` while the device still holds and can use the KEK; otherwise why not.
+    fn check(&self) -> Result<(), StoreError>;
 }
 
 impl Kek {
     /// Wraps raw KEK bytes (for example from a KMS or an environment variable).
     pub fn from_bytes(bytes: [u8; KEK_LEN]) -> Self {
-        Kek(bytes)
+        Kek(Root::Bytes(KekBytes(bytes)))
+    }
+
+    /// A KEK held in a device; epoch keys are computed there (see [`HeldKek`]).
+    pub fn held(device: Arc<dyn HeldKek>) -> Self {
+        Kek(Root::Held(device))
+    }
+
+    /// Whether the KEK is held in a device (and so may go away while running).
+    pub fn is_held(&self) -> bool {
+        matches!(self.0, Root::Held(_))
+    }
+
+    /// `Ok` while the KEK can be used: always for bytes, and while the device answers for a
+    /// held KEK. A KME polls it to stop serving keys (and say why) once a token is gone.
+    pub fn check(&self) -> Result<(), StoreError> {
+        match &self.0 {
+            Root::Bytes(_) => Ok(()),
+            Root::Held(held) => held.check(),
+        }
     }
 
     /// Makes a fresh random KEK from the operating system's generator.
@@ -52,7 +101,7 @@ impl Kek {
             .map_err(|_| StoreError::Crypto {
                 context: "generating a key-encryption key".into(),
             })?;
-        let kek = Kek(bytes);
+        let kek = Kek::from_bytes(bytes);
         bytes.zeroize();
         Ok(kek)
     }
@@ -61,9 +110,12 @@ impl Kek {
     /// with mode 0600. Refuses to replace an existing file unless `force`, because losing the
     /// old KEK makes every stored key unreadable.
     pub fn generate_file(path: &Path, force: bool) -> Result<(), StoreError> {
-        let kek = Self::generate()?;
+        let mut bytes = Zeroizing::new([0u8; KEK_LEN]);
+        SystemRandom::new()
+            .fill(bytes.as_mut())
+            .map_err(|_| crypto("generating a key-encryption key"))?;
         let mut text = Zeroizing::new(String::with_capacity(KEK_LEN * 2 + 1));
-        for b in kek.0.iter() {
+        for b in bytes.iter() {
             text.push(hex_digit(b >> 4));
             text.push(hex_digit(b & 0x0f));
         }
@@ -171,7 +223,7 @@ impl Kek {
             let lo = hex_value(pair[1]).ok_or_else(|| invalid("contains a non-hex character"))?;
             *out = (hi << 4) | lo;
         }
-        Ok(Kek(*bytes))
+        Ok(Kek::from_bytes(*bytes))
     }
 
     /// Expands the KEK into a cipher. The expanded AES key schedules are owned by ring and
@@ -236,11 +288,20 @@ impl Sealing {
 /// check and records of the first format), with a fresh random nonce per seal. `Debug` shows
 /// nothing of the keys.
 pub struct Cipher {
+    /// Seals the KEK check value (and opened records of the first format): the KEK itself,
+    /// or for a held KEK a check key the device computed.
     kek: LessSafeKey,
-    /// HKDF-SHA256 extract of the KEK: epoch keys are expanded from it.
-    prk: hkdf::Prk,
+    /// Where epoch keys come from.
+    epoch_root: EpochRoot,
     seals_per_epoch: u64,
     epochs: Mutex<Epochs>,
+}
+
+enum EpochRoot {
+    /// HKDF-SHA256 extract of the KEK bytes: epoch keys are expanded from it.
+    Hkdf(hkdf::Prk),
+    /// A device that computes each epoch key as an HMAC of the epoch ID.
+    Held(Arc<dyn HeldKek>),
 }
 
 /// The epoch being sealed under, the nonce supply, and the epoch keys known.
@@ -315,6 +376,9 @@ const KEK_CHECK_AAD: &[u8] = b"dqkd-store/kek-check/v1";
 /// HKDF salt and info label of epoch keys.
 const EPOCH_SALT: &[u8] = b"dqkd-store/epoch-keys";
 const EPOCH_INFO: &[u8] = b"dqkd-store/epoch-key/v2";
+/// HMAC inputs (before the epoch ID) of a held KEK's epoch keys and of its check key.
+const HELD_EPOCH_LABEL: &[u8] = b"dqkd-store/held-kek/epoch-key/v1";
+const HELD_CHECK_LABEL: &[u8] = b"dqkd-store/held-kek/check-key/v1";
 
 /// Length of the GCM nonce stored with each record.
 pub const NONCE_BYTES: usize = NONCE_LEN;
@@ -327,11 +391,20 @@ fn crypto(context: &str) -> StoreError {
 
 impl Cipher {
     fn new(kek: &Kek, seals_per_epoch: u64) -> Result<Self, StoreError> {
-        let key = UnboundKey::new(&AES_256_GCM, &kek.0)
-            .map_err(|_| crypto("loading the key-encryption key"))?;
+        let (check, epoch_root) = match &kek.0 {
+            Root::Bytes(bytes) => (
+                UnboundKey::new(&AES_256_GCM, &bytes.0),
+                EpochRoot::Hkdf(hkdf::Salt::new(hkdf::HKDF_SHA256, EPOCH_SALT).extract(&bytes.0)),
+            ),
+            Root::Held(held) => (
+                UnboundKey::new(&AES_256_GCM, held.hmac_sha256(HELD_CHECK_LABEL)?.as_slice()),
+                EpochRoot::Held(Arc::clone(held)),
+            ),
+        };
+        let check = check.map_err(|_| crypto("loading the key-encryption key"))?;
         Ok(Cipher {
-            kek: LessSafeKey::new(key),
-            prk: hkdf::Salt::new(hkdf::HKDF_SHA256, EPOCH_SALT).extract(&kek.0),
+            kek: LessSafeKey::new(check),
+            epoch_root,
             seals_per_epoch: seals_per_epoch.max(1),
             epochs: Mutex::new(Epochs {
                 current: None,
@@ -353,12 +426,24 @@ impl Cipher {
 
     /// The epoch key of `epoch`.
     fn derive(&self, epoch: &[u8; EPOCH_BYTES]) -> Result<LessSafeKey, StoreError> {
-        let info = [EPOCH_INFO, epoch.as_slice()];
-        let okm = self
-            .prk
-            .expand(&info, &AES_256_GCM)
-            .map_err(|_| crypto("deriving an epoch key"))?;
-        Ok(LessSafeKey::new(UnboundKey::from(okm)))
+        match &self.epoch_root {
+            EpochRoot::Hkdf(prk) => {
+                let info = [EPOCH_INFO, epoch.as_slice()];
+                let okm = prk
+                    .expand(&info, &AES_256_GCM)
+                    .map_err(|_| crypto("deriving an epoch key"))?;
+                Ok(LessSafeKey::new(UnboundKey::from(okm)))
+            }
+            EpochRoot::Held(held) => {
+                let mut input = [0u8; HELD_EPOCH_LABEL.len() + EPOCH_BYTES];
+                input[..HELD_EPOCH_LABEL.len()].copy_from_slice(HELD_EPOCH_LABEL);
+                input[HELD_EPOCH_LABEL.len()..].copy_from_slice(epoch);
+                let key = held.hmac_sha256(&input)?;
+                UnboundKey::new(&AES_256_GCM, key.as_slice())
+                    .map(LessSafeKey::new)
+                    .map_err(|_| crypto("loading an epoch key"))
+            }
+        }
     }
 
     /// The epoch key of `epoch`, from the cache or derived (and cached).
@@ -512,6 +597,90 @@ fn open_with(
 mod tests {
     use super::*;
 
+    impl Kek {
+        fn bytes(&self) -> [u8; KEK_LEN] {
+            match &self.0 {
+                Root::Bytes(b) => b.0,
+                Root::Held(_) => panic!("a held KEK has no bytes"),
+            }
+        }
+    }
+
+    /// A stand-in device: HMAC in memory under a fixed key, counting its calls.
+    struct Device {
+        key: ring::hmac::Key,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl HeldKek for Device {
+        fn hmac_sha256(&self, input: &[u8]) -> Result<Zeroizing<[u8; 32]>, StoreError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut out = Zeroizing::new([0u8; 32]);
+            out.copy_from_slice(ring::hmac::sign(&self.key, input).as_ref());
+            Ok(out)
+        }
+        fn describe(&self) -> String {
+            "test device".into()
+        }
+        fn check(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn device(byte: u8) -> Arc<Device> {
+        Arc::new(Device {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[byte; 32]),
+            calls: Default::default(),
+        })
+    }
+
+    /// A held KEK is asked once for the check key and once per epoch, not per seal or open;
+    /// another start with the same device opens everything, another device nothing.
+    #[test]
+    fn a_held_kek_derives_once_per_epoch() {
+        let dev = device(1);
+        let kek = Kek::held(dev.clone());
+        assert_eq!(format!("{kek:?}"), "Kek(test device)");
+        let calls = || dev.calls.load(std::sync::atomic::Ordering::SeqCst);
+        let c = Cipher::with_seals_per_epoch(&kek, 50).unwrap();
+        assert_eq!(calls(), 1, "the check key");
+        let check = c.kek_check_value().unwrap();
+        let sealed: Vec<_> = (0..100u8)
+            .map(|i| c.seal(&[i; 32], b"aad").unwrap())
+            .collect();
+        assert_eq!(calls(), 3, "two epochs of 50 seals");
+        for (i, (s, ct)) in sealed.iter().enumerate() {
+            assert_eq!(c.open(s, ct, b"aad").unwrap().as_slice(), &[i as u8; 32]);
+        }
+        assert_eq!(calls(), 3, "opening uses the cached epoch keys");
+        // Each epoch has a key of its own: a record moved to another epoch does not open.
+        let (Sealing::Epoch { nonce, .. }, Sealing::Epoch { epoch, .. }) =
+            (sealed[0].0, sealed[99].0)
+        else {
+            panic!("new seals use epoch keys")
+        };
+        let moved = Sealing::Epoch { epoch, nonce };
+        assert!(c.open(&moved, &sealed[0].1, b"aad").is_none());
+
+        let again = kek.cipher().unwrap();
+        assert!(again.verify_kek_check(&check));
+        for (s, ct) in &sealed {
+            assert!(again.open(s, ct, b"aad").is_some());
+        }
+        assert_eq!(
+            calls(),
+            6,
+            "a restart derives each old epoch once (and its check key)"
+        );
+
+        let other = Kek::held(device(2)).cipher().unwrap();
+        assert!(!other.verify_kek_check(&check));
+        assert!(other.open(&sealed[0].0, &sealed[0].1, b"aad").is_none());
+        let file = Kek::from_bytes([1; 32]).cipher().unwrap();
+        assert!(!file.verify_kek_check(&check));
+        assert!(file.open(&sealed[0].0, &sealed[0].1, b"aad").is_none());
+    }
+
     #[test]
     fn file_round_trip_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
@@ -535,7 +704,7 @@ mod tests {
         assert!(err.to_string().contains("kek.hex"));
         Kek::generate_file(&path, true).unwrap();
         let b = Kek::load(&path).unwrap();
-        assert_ne!(a.0, b.0);
+        assert_ne!(a.bytes(), b.bytes());
         assert_eq!(format!("{a:?}"), "Kek(<redacted>)");
     }
 
@@ -561,7 +730,7 @@ mod tests {
 
         let upper = dir.path().join("upper");
         write_private(&upper, &"AB".repeat(32));
-        assert_eq!(Kek::load(&upper).unwrap().0, [0xab; 32]);
+        assert_eq!(Kek::load(&upper).unwrap().bytes(), [0xab; 32]);
     }
 
     fn write_private(path: &Path, text: &str) {

@@ -59,7 +59,7 @@ mod writer;
 
 pub use embedded::{CommitStats, EmbeddedStore};
 pub use error::{RecordError, StoreError, TakeError};
-pub use kek::{Kek, KEK_LEN};
+pub use kek::{HeldKek, Kek, KEK_LEN};
 pub use key::{DeliveredKey, InFlight, KeyMaterial, NewKey, PoolGrant, PoolKey, ReadyKey, Slot};
 pub use memory::MemoryStore;
 pub use uuid::Uuid;

@@ -3,7 +3,53 @@
 
 use std::path::Path;
 
-use super::{ClientCertFiles, ConfigError, PostgresTls, StoreFiles, StoreLocation};
+use super::{
+    ClientCertFiles, ConfigError, KekLocation, PostgresTls, Secret, StoreFiles, StoreLocation,
+};
+
+/// The KEK file, or a `pkcs11:` URI with its module and PIN (`DQKD_PKCS11_MODULE` and
+/// `DQKD_PKCS11_PIN` override the file's).
+pub(super) fn kek_location(
+    store: &StoreFiles,
+    base: &Path,
+    site_path: &Path,
+) -> Result<KekLocation, ConfigError> {
+    let invalid = |problem: String| ConfigError::Invalid {
+        path: site_path.to_owned(),
+        problem,
+    };
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let Some(uri) = store.kek.to_str().filter(|k| k.starts_with("pkcs11:")) else {
+        if store.pkcs11_module.is_some() || store.pkcs11_pin.is_some() {
+            return Err(invalid(
+                "[store] pkcs11_module and pkcs11_pin apply only when kek is a pkcs11: URI".into(),
+            ));
+        }
+        return Ok(KekLocation::File(base.join(&store.kek)));
+    };
+    dqkd_kek_pkcs11::KekUri::parse(uri)
+        .map_err(|e| invalid(format!("[store] kek {uri:?}: {e}")))?;
+    let module = env("DQKD_PKCS11_MODULE")
+        .map(Into::into)
+        .or_else(|| store.pkcs11_module.as_ref().map(|m| base.join(m)))
+        .ok_or_else(|| {
+            invalid(
+                "[store] kek is in a PKCS#11 token: set pkcs11_module (or DQKD_PKCS11_MODULE)"
+                    .into(),
+            )
+        })?;
+    let pin = env("DQKD_PKCS11_PIN")
+        .map(Secret)
+        .or_else(|| store.pkcs11_pin.clone())
+        .ok_or_else(|| {
+            invalid("[store] kek is in a PKCS#11 token: set DQKD_PKCS11_PIN (or pkcs11_pin)".into())
+        })?;
+    Ok(KekLocation::Pkcs11 {
+        uri: uri.to_owned(),
+        module,
+        pin,
+    })
+}
 
 /// Exactly one of `path` and `url`; `DQKD_STORE_URL` overrides the URL.
 pub(super) fn store_location(

@@ -1,4 +1,4 @@
-use super::store::store_location;
+use super::store::{kek_location, store_location};
 use super::*;
 
 fn manifest(sites: &str) -> Manifest {
@@ -29,6 +29,8 @@ fn site(kme_id: &str) -> SiteFile {
             key: None,
             insecure_allow_plaintext: false,
             kek: "kek".into(),
+            pkcs11_module: None,
+            pkcs11_pin: None,
         },
         connections: ServerLimits::default(),
     }
@@ -282,6 +284,8 @@ fn the_store_is_a_file_or_a_postgres_url() {
         key: None,
         insecure_allow_plaintext: false,
         kek: "kek".into(),
+        pkcs11_module: None,
+        pkcs11_pin: None,
     };
     let base = Path::new("/srv");
     let site = Path::new("/srv/site.toml");
@@ -471,4 +475,46 @@ fn unknown_fields_are_refused() {
     let err = toml::from_str::<Manifest>("cluster = \"c\"\nsites = []\ncolour = 1")
         .expect_err("unknown field");
     assert!(err.to_string().contains("colour"), "{err}");
+}
+
+/// `[store] kek` is a file, or a `pkcs11:` URI that needs its module and PIN; the PIN never
+/// shows in `Debug`.
+#[test]
+fn a_kek_in_a_token_needs_its_module_and_pin() {
+    if std::env::var_os("DQKD_PKCS11_MODULE").is_some()
+        || std::env::var_os("DQKD_PKCS11_PIN").is_some()
+    {
+        return; // The environment would override what this test writes.
+    }
+    let store = |lines: &str| -> StoreFiles {
+        toml::from_str(&format!("path = \"k.redb\"\n{lines}")).expect("[store]")
+    };
+    let (base, site) = (Path::new("/srv"), Path::new("/srv/site.toml"));
+    let kek = |lines: &str| kek_location(&store(lines), base, site);
+    let err = |lines: &str| kek(lines).expect_err(lines).to_string();
+    assert_eq!(
+        kek("kek = \"site.kek\"").expect("file"),
+        KekLocation::File("/srv/site.kek".into())
+    );
+    assert!(err("kek = \"site.kek\"\npkcs11_module = \"p.so\"")
+        .contains("only when kek is a pkcs11: URI"));
+    let token = "kek = \"pkcs11:token=t;object=k\"";
+    assert!(err(token).contains("pkcs11_module"));
+    let with_module = format!("{token}\npkcs11_module = \"/usr/lib/p.so\"");
+    assert!(err(&with_module).contains("DQKD_PKCS11_PIN"));
+    assert!(
+        err("kek = \"pkcs11:object=k\"\npkcs11_module = \"p.so\"\npkcs11_pin = \"1\"")
+            .contains("token=<label>")
+    );
+    let location = kek(&format!("{with_module}\npkcs11_pin = \"8642\"")).expect("token");
+    assert_eq!(
+        location,
+        KekLocation::Pkcs11 {
+            uri: "pkcs11:token=t;object=k".into(),
+            module: "/usr/lib/p.so".into(),
+            pin: Secret("8642".into()),
+        }
+    );
+    assert!(!format!("{location:?}").contains("8642"));
+    assert_eq!(location.to_string(), "pkcs11:token=t;object=k");
 }

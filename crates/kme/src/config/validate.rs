@@ -139,7 +139,6 @@ impl Config {
                 path: site_path.to_owned(),
                 problem,
             })?;
-        let abs = |p: &Path| base.join(p);
         Ok(Self {
             cluster: manifest.cluster,
             kme_id: site.kme_id,
@@ -165,7 +164,7 @@ impl Config {
             tls: site.tls.relative_to(base),
             store: StoreConfig {
                 location: store::store_location(&site.store, base, site_path)?,
-                kek: abs(&site.store.kek),
+                kek: store::kek_location(&site.store, base, site_path)?,
             },
             connections: site.connections,
             replica: None,
