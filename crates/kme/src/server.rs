@@ -96,12 +96,14 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
         source,
     })?;
     let store: Arc<dyn KeyStore> = match &config.store.location {
-        StoreLocation::Embedded(path) => Arc::new(EmbeddedStore::open(path, kek).map_err(
-            |source| ServeError::Store {
-                path: path.display().to_string(),
-                source,
-            },
-        )?),
+        StoreLocation::Embedded(path) => Arc::new(
+            EmbeddedStore::open_for_kme(path, kek, &config.kme_id).map_err(|source| {
+                ServeError::Store {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?,
+        ),
         StoreLocation::Postgres {
             url,
             pool_size,

@@ -184,7 +184,7 @@ pub fn load_ca(dir: &Path) -> Result<Ca> {
     let (_, parsed) =
         X509Certificate::from_der(&cert_der).map_err(|e| PkiError::CertificateParse {
             context: paths.cert.display().to_string(),
-            source: identity::nom_to_x509(e),
+            cause: identity::nom_to_x509(e),
         })?;
     if !parsed.is_ca() {
         return Err(invalid(&paths.cert, "certificate is not a CA".to_owned()));

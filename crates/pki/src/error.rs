@@ -2,6 +2,10 @@
 //!
 //! Every variant that concerns a file carries its path, because the operator
 //! who reads the message has to know *which* of the many PEM files is wrong.
+//!
+//! A message names its cause itself (logs print errors with `Display` alone), so no variant
+//! also returns that cause from `source()`: a report of the chain (anyhow's `{:#}`) would
+//! print it twice.
 
 use std::path::PathBuf;
 
@@ -46,13 +50,12 @@ pub enum PkiError {
     },
 
     /// A certificate could not be parsed as X.509.
-    #[error("cannot parse certificate ({context}): {source}")]
+    #[error("cannot parse certificate ({context}): {cause}")]
     CertificateParse {
         /// Where the certificate came from.
         context: String,
         /// Parser error.
-        #[source]
-        source: x509_parser::error::X509Error,
+        cause: x509_parser::error::X509Error,
     },
 
     /// Refusing to overwrite an existing file.
@@ -63,25 +66,23 @@ pub enum PkiError {
     },
 
     /// Reading or writing a file failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {cause}")]
     Io {
         /// "reading", "writing", ...
         action: &'static str,
         /// The file concerned.
         path: PathBuf,
         /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// A PEM file could not be read or decoded.
-    #[error("reading PEM file {path}: {source}")]
+    #[error("reading PEM file {path}: {cause}")]
     Pem {
         /// The file concerned.
         path: PathBuf,
         /// The decoder's error.
-        #[source]
-        source: rustls_pki_types::pem::Error,
+        cause: rustls_pki_types::pem::Error,
     },
 
     /// A PEM file lacks the object we need from it.
@@ -121,13 +122,12 @@ pub enum PkiError {
     },
 
     /// Certificate or key generation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Generate {
         /// What was being generated.
         context: String,
         /// rcgen's error.
-        #[source]
-        source: rcgen::Error,
+        cause: rcgen::Error,
     },
 
     /// The requested validity cannot be honoured.
@@ -135,28 +135,32 @@ pub enum PkiError {
     InvalidValidity(&'static str),
 
     /// Building the PKCS#12 bundle failed.
-    #[error("building PKCS#12 file {path}: {source}")]
+    #[error("building PKCS#12 file {path}: {cause}")]
     Pkcs12 {
         /// The bundle being built.
         path: PathBuf,
         /// p12-keystore's error.
-        #[source]
-        source: p12_keystore::error::Error,
+        cause: p12_keystore::error::Error,
     },
 
     /// rustls rejected the configuration (bad key, unsupported versions, ...).
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Tls {
         /// What was being configured.
         context: String,
         /// rustls's error.
-        #[source]
-        source: rustls::Error,
+        cause: rustls::Error,
     },
 
     /// The client-certificate verifier could not be built.
     #[error("building the certificate verifier: {0}")]
-    Verifier(#[from] rustls::server::VerifierBuilderError),
+    Verifier(rustls::server::VerifierBuilderError),
+}
+
+impl From<rustls::server::VerifierBuilderError> for PkiError {
+    fn from(e: rustls::server::VerifierBuilderError) -> Self {
+        PkiError::Verifier(e)
+    }
 }
 
 /// Shorthand used throughout the crate.
@@ -164,25 +168,74 @@ pub type Result<T, E = PkiError> = std::result::Result<T, E>;
 
 impl PkiError {
     /// A failed file operation (`action` is "reading", "writing", …) on `path`.
-    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         PkiError::Io {
             action,
             path: path.into(),
-            source,
+            cause,
         }
     }
 
-    pub(crate) fn generate(context: impl Into<String>, source: rcgen::Error) -> Self {
+    pub(crate) fn generate(context: impl Into<String>, cause: rcgen::Error) -> Self {
         PkiError::Generate {
             context: context.into(),
-            source,
+            cause,
         }
     }
 
-    pub(crate) fn tls(context: impl Into<String>, source: rustls::Error) -> Self {
+    pub(crate) fn tls(context: impl Into<String>, cause: rustls::Error) -> Self {
         PkiError::Tls {
             context: context.into(),
-            source,
+            cause,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// The error and its sources, as anyhow's `{:#}` prints them.
+    fn report(error: &dyn Error) -> String {
+        let mut text = error.to_string();
+        let mut next = error.source();
+        while let Some(cause) = next {
+            text = format!("{text}: {cause}");
+            next = cause.source();
+        }
+        text
+    }
+
+    #[test]
+    fn a_missing_file_is_named_once_with_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("ca.pem");
+        let error = crate::load_certs(&missing).unwrap_err();
+        let text = report(&error);
+        assert_eq!(text.matches("(os error 2)").count(), 1, "{text}");
+        assert_eq!(
+            text.matches(&*missing.to_string_lossy()).count(),
+            1,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_wrapped_cause_is_printed_once() {
+        let io = || std::io::Error::other("disk on fire");
+        let errors = [
+            PkiError::io("writing", "/x/ca.pem", io()),
+            PkiError::tls("loading", rustls::Error::General("disk on fire".into())),
+            PkiError::Pem {
+                path: "/x/ca.pem".into(),
+                cause: rustls_pki_types::pem::Error::Io(io()),
+            },
+        ];
+        for error in errors {
+            let text = report(&error);
+            assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
         }
     }
 }

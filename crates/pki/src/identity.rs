@@ -138,7 +138,7 @@ impl Identity {
     pub fn from_certificate(der: &[u8], expected_cluster: &str) -> Result<Self> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::CertificateParse {
             context: "peer certificate".to_owned(),
-            source: nom_to_x509(e),
+            cause: nom_to_x509(e),
         })?;
         if let Some(uri) = dqkd_uri(&cert)? {
             let identity = Identity::from_uri(uri)?;
@@ -178,7 +178,7 @@ pub(crate) fn dqkd_uri<'a>(cert: &'a X509Certificate<'_>) -> Result<Option<&'a s
         .subject_alternative_name()
         .map_err(|e| PkiError::CertificateParse {
             context: "subject alternative name".to_owned(),
-            source: e,
+            cause: e,
         })?;
     let mut found = None;
     for name in san.iter().flat_map(|s| s.value.general_names.iter()) {

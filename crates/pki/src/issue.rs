@@ -349,7 +349,7 @@ fn build_p12(
 ) -> Result<Zeroizing<Vec<u8>>> {
     let p12_err = |source| PkiError::Pkcs12 {
         path: paths.p12.clone(),
-        source,
+        cause: source,
     };
     let private_key = P12PrivateKey::from_der(key.serialized_der()).map_err(p12_err)?;
     let certs = [

@@ -14,7 +14,7 @@ use crate::error::{PkiError, Result};
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem_err = |source| PkiError::Pem {
         path: path.to_owned(),
-        source,
+        cause: source,
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(pem_err)?
@@ -36,9 +36,9 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
             path: path.to_owned(),
             what: "private key",
         },
-        source => PkiError::Pem {
+        cause => PkiError::Pem {
             path: path.to_owned(),
-            source,
+            cause,
         },
     })
 }

@@ -131,7 +131,7 @@ impl Ca {
                 .map(|(_, cert)| cert)
                 .map_err(|e| PkiError::CertificateParse {
                     context,
-                    source: crate::identity::nom_to_x509(e),
+                    cause: crate::identity::nom_to_x509(e),
                 })
         }
         let cert = parse(leaf, path.display().to_string())?;
@@ -274,7 +274,7 @@ pub fn parse_crls(pem: &[u8], path: &Path) -> Result<Vec<CertificateRevocationLi
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|source| PkiError::Pem {
             path: path.to_owned(),
-            source,
+            cause: source,
         })?;
     if crls.is_empty() {
         return Err(PkiError::MissingPemObject {

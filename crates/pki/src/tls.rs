@@ -330,9 +330,9 @@ pub fn peer_identity(conn: &CommonState, cluster: &str) -> Result<Identity> {
 /// rustls errors about a key or chain do not say which file was at fault; add it.
 fn add_file_context(err: PkiError, chain: &Path, key: &Path) -> PkiError {
     match err {
-        PkiError::Tls { context, source } => PkiError::Tls {
+        PkiError::Tls { context, cause } => PkiError::Tls {
             context: format!("{context} ({}, {})", chain.display(), key.display()),
-            source,
+            cause,
         },
         other => other,
     }

@@ -4,13 +4,14 @@ use dqkd_store::StoreError;
 
 /// A tokio-postgres error whose message includes the server's SQLSTATE and message (the
 /// client's own `Display` says only "db error"). The server's `DETAIL` is left out: it can
-/// quote row values.
+/// quote row values. The message already names the client error and its cause, so they are
+/// not returned again from `source()` (a report of the chain would repeat them).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub(crate) struct PgFailure {
     message: String,
-    #[source]
-    source: tokio_postgres::Error,
+    /// Kept for `Debug`.
+    error: tokio_postgres::Error,
 }
 
 impl PgFailure {
@@ -25,7 +26,10 @@ impl PgFailure {
                 None => source.to_string(),
             },
         };
-        PgFailure { message, source }
+        PgFailure {
+            message,
+            error: source,
+        }
     }
 }
 
@@ -64,7 +68,7 @@ fn tls_hint(cause: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
 pub(crate) fn db(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     move |e| StoreError::Database {
         context: context.into(),
-        source: Box::new(PgFailure::new(e)),
+        cause: Box::new(PgFailure::new(e)),
     }
 }
 
@@ -76,7 +80,48 @@ pub(crate) fn pool(
         deadpool_postgres::PoolError::Backend(e) => db(context)(e),
         other => StoreError::Database {
             context: context.into(),
-            source: Box::new(other),
+            cause: Box::new(other),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// The error and its sources, as anyhow's `{:#}` prints them.
+    fn report(error: &dyn Error) -> String {
+        let mut text = error.to_string();
+        let mut next = error.source();
+        while let Some(cause) = next {
+            text = format!("{text}: {cause}");
+            next = cause.source();
+        }
+        text
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_names_its_cause_once() {
+        // Nothing listens on port 1 of the loopback address.
+        let refused = tokio_postgres::connect(
+            "host=127.0.0.1 port=1 user=dqkd connect_timeout=5",
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .unwrap();
+        let cause = refused.source().unwrap().to_string();
+        let failure = PgFailure::new(refused);
+        let text = report(&failure);
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+        assert_eq!(text.matches("error connecting").count(), 1, "{text}");
+        let error = StoreError::Database {
+            context: "connecting to the PostgreSQL server".into(),
+            cause: Box::new(failure),
+        };
+        let text = report(&error);
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
     }
 }

@@ -114,7 +114,7 @@ pub(crate) fn parse(url: &str) -> Result<tokio_postgres::Config, StoreError> {
                           not understood; write sslmode=require or leave it out (with a TLS \
                           configuration the server's certificate and name are always verified)"
                     .into(),
-                source: Box::new(crate::error::PgFailure::new(e)),
+                cause: Box::new(crate::error::PgFailure::new(e)),
             }
         } else {
             db("parsing the key database URL")(e)
@@ -154,7 +154,7 @@ impl Connector {
         let written = url_transport(url)?.ssl_mode;
         let refuse = |problem: &str| StoreError::Database {
             context: format!("key database URL: {problem}"),
-            source: Box::new(std::io::Error::other("sslmode contradicts the TLS setting")),
+            cause: Box::new(std::io::Error::other("sslmode contradicts the TLS setting")),
         };
         match tls {
             Some(tls) => {

@@ -6,11 +6,11 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use metrics::Label;
 use redb::{Database, Durability};
 
-use crate::embedded::{IN_FLIGHT, KEYS, READY};
 use crate::overlay::Overlay;
-use crate::writer::write_checkpoint_seq;
+use crate::schema::{self, write_checkpoint_seq};
 use crate::StoreError;
 
 /// A frozen overlay and the sequence number of the last log record it holds.
@@ -24,18 +24,22 @@ pub(crate) struct Checkpointer {
     jobs: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Result<u64, StoreError>>,
     handle: Option<JoinHandle<()>>,
+    /// Of the store's metrics (its KME, see `EmbeddedStore::open_for_kme`).
+    labels: Arc<[Label]>,
 }
 
 impl Checkpointer {
-    /// Starts the checkpoint thread for `db`.
-    pub(crate) fn start(db: Arc<Database>) -> Result<Self, StoreError> {
+    /// Starts the checkpoint thread for `db`, its metrics labelled with `labels`.
+    pub(crate) fn start(db: Arc<Database>, labels: Arc<[Label]>) -> Result<Self, StoreError> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let (report, done) = mpsc::channel();
+        let thread_labels = Arc::clone(&labels);
         let handle = std::thread::Builder::new()
             .name("dqkd-store-checkpoint".into())
             .spawn(move || {
                 for job in queue {
-                    let result = apply(&db, &job.overlay, job.seq).map(|()| job.seq);
+                    let result =
+                        apply(&db, &job.overlay, job.seq, &thread_labels).map(|()| job.seq);
                     if report.send(result).is_err() {
                         break;
                     }
@@ -46,7 +50,13 @@ impl Checkpointer {
             jobs: Some(jobs),
             done,
             handle: Some(handle),
+            labels,
         })
+    }
+
+    /// The labels of the store's metrics.
+    pub(crate) fn labels(&self) -> &[Label] {
+        &self.labels
     }
 
     /// Hands a frozen overlay to the thread.
@@ -97,55 +107,25 @@ fn thread_gone() -> StoreError {
 
 /// Writes every change of `overlay` to redb, with the log position `seq` it covers, in one
 /// durable commit.
-pub(crate) fn apply(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), StoreError> {
+pub(crate) fn apply(
+    db: &Database,
+    overlay: &Overlay,
+    seq: u64,
+    labels: &[Label],
+) -> Result<(), StoreError> {
     let started = Instant::now();
-    let write = |e| StoreError::redb("writing a checkpoint", e);
     let mut txn = db
         .begin_write()
         .map_err(|e| StoreError::redb("starting a checkpoint", e))?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| StoreError::redb("setting durability", e))?;
-    {
-        let mut keys = txn
-            .open_table(KEYS)
-            .map_err(|e| StoreError::redb("opening the keys table", e))?;
-        for (id, value) in overlay.keys.iter() {
-            match value {
-                Some(v) => keys.insert(id, v).map(drop).map_err(write)?,
-                None => keys.remove(id).map(drop).map_err(write)?,
-            }
-        }
-        let mut ready = txn
-            .open_table(READY)
-            .map_err(|e| StoreError::redb("opening the ready-key table", e))?;
-        for (link, pool) in &overlay.ready {
-            for (pos, value) in pool.iter() {
-                match value {
-                    Some(v) => ready
-                        .insert((link.as_str(), pos), v)
-                        .map(drop)
-                        .map_err(write)?,
-                    None => ready
-                        .remove((link.as_str(), pos))
-                        .map(drop)
-                        .map_err(write)?,
-                }
-            }
-        }
-        let mut in_flight = txn
-            .open_table(IN_FLIGHT)
-            .map_err(|e| StoreError::redb("opening the in-flight table", e))?;
-        for (id, value) in overlay.in_flight.iter() {
-            match value {
-                Some(v) => in_flight.insert(id, v).map(drop).map_err(write)?,
-                None => in_flight.remove(id).map(drop).map_err(write)?,
-            }
-        }
-    }
+    schema::apply(&txn, schema::edits_of(overlay), "writing a checkpoint")?;
     write_checkpoint_seq(&txn, seq)?;
     txn.commit()
         .map_err(|e| StoreError::redb("committing a checkpoint", e))?;
-    metrics::histogram!("dqkd_store_checkpoint_seconds").record(started.elapsed().as_secs_f64());
-    metrics::histogram!("dqkd_store_checkpoint_entries").record(overlay.len() as f64);
+    metrics::histogram!("dqkd_store_checkpoint_seconds", labels.iter())
+        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!("dqkd_store_checkpoint_entries", labels.iter())
+        .record(overlay.len() as f64);
     Ok(())
 }

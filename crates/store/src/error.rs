@@ -3,10 +3,18 @@
 //! One `#[non_exhaustive]` enum per audience: [`StoreError`] for operators (what failed and
 //! where, never key bytes), and [`TakeError`] for the ETSI layer, which must map "not found" and
 //! "unauthorised" to different answers without parsing messages.
+//!
+//! A message names its cause itself, because the KME logs errors with their `Display` alone;
+//! so no variant also returns that cause from `source()`, or a report of the whole chain
+//! (anyhow's `{:#}`) would print it twice.
 
 use std::path::PathBuf;
 
 use uuid::Uuid;
+
+/// Why a key cannot be stored as given (the reason of [`StoreError::InvalidKey`]) when a
+/// field is too long for the length prefix of the record format.
+pub const TOO_LONG: &str = "a name, the slave list or the key is too long to store";
 
 /// Everything that can go wrong inside a key store.
 ///
@@ -16,23 +24,21 @@ use uuid::Uuid;
 #[non_exhaustive]
 pub enum StoreError {
     /// A file system operation failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done, including the path.
         context: String,
         /// The underlying I/O error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The embedded database reported an error.
-    #[error("key database: {context}: {source}")]
+    #[error("key database: {context}: {cause}")]
     Redb {
         /// What was being done.
         context: &'static str,
         /// The underlying redb error (shared: one failed commit answers every operation in
         /// its batch with the same cause).
-        #[source]
-        source: std::sync::Arc<redb::Error>,
+        cause: std::sync::Arc<redb::Error>,
     },
     /// Sealing or opening with the key-encryption key failed.
     #[error("encryption at rest: {context}")]
@@ -47,7 +53,6 @@ pub enum StoreError {
         /// The key ID of the record.
         id: Uuid,
         /// What was wrong with the bytes.
-        #[source]
         reason: RecordError,
     },
     /// A key with this ID is already stored; the insert that carried it was not applied.
@@ -98,13 +103,12 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// A database server (for example PostgreSQL) reported an error, or could not be reached.
-    #[error("key database: {context}: {source}")]
+    #[error("key database: {context}: {cause}")]
     Database {
         /// What was being done.
         context: String,
         /// The underlying client or server error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The database schema cannot be used by this build (for example it was migrated by a
     /// newer version).
@@ -135,18 +139,18 @@ pub enum StoreError {
 
 impl StoreError {
     /// Wraps any redb error with what was being done when it happened.
-    pub(crate) fn redb(context: &'static str, source: impl Into<redb::Error>) -> Self {
+    pub(crate) fn redb(context: &'static str, cause: impl Into<redb::Error>) -> Self {
         StoreError::Redb {
             context,
-            source: std::sync::Arc::new(source.into()),
+            cause: std::sync::Arc::new(cause.into()),
         }
     }
 
     /// Wraps an I/O error with its context.
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
         StoreError::Io {
             context: context.into(),
-            source,
+            cause,
         }
     }
 }
@@ -188,4 +192,62 @@ pub enum TakeError {
     /// The store failed; the request may be retried.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    /// The error and its sources, as anyhow's `{:#}` prints them.
+    fn report(error: &dyn Error) -> String {
+        let mut text = error.to_string();
+        let mut next = error.source();
+        while let Some(cause) = next {
+            text = format!("{text}: {cause}");
+            next = cause.source();
+        }
+        text
+    }
+
+    #[test]
+    fn an_io_error_names_its_path_and_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("site.kek");
+        let error = crate::Kek::load(&missing).unwrap_err();
+        let text = report(&error);
+        assert!(matches!(error, StoreError::Io { .. }), "{error:?}");
+        assert_eq!(text.matches("(os error 2)").count(), 1, "{text}");
+        assert_eq!(
+            text.matches(&*missing.to_string_lossy()).count(),
+            1,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_wrapped_cause_is_printed_once() {
+        let errors = [
+            StoreError::io("writing x", std::io::Error::other("disk on fire")),
+            StoreError::Database {
+                context: "committing".into(),
+                cause: Box::new(std::io::Error::other("disk on fire")),
+            },
+            StoreError::redb(
+                "committing",
+                redb::StorageError::Io(std::io::Error::other("disk on fire")),
+            ),
+        ];
+        for error in errors {
+            let text = report(&error);
+            assert_eq!(text.matches("disk on fire").count(), 1, "{text}");
+        }
+        let corrupt = StoreError::CorruptRecord {
+            id: Uuid::nil(),
+            reason: RecordError::Truncated,
+        };
+        let text = report(&TakeError::Store(corrupt));
+        assert_eq!(text.matches("truncated record").count(), 1, "{text}");
+    }
 }

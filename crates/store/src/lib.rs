@@ -38,16 +38,22 @@
 #![warn(missing_docs)]
 
 mod checkpoint;
+mod durable;
 mod embedded;
 mod error;
 mod expiry;
 mod inflight;
 mod kek;
 mod key;
+mod layers;
 mod memory;
 mod meta;
+mod ops;
 mod overlay;
 mod record;
+mod recovery;
+mod schema;
+mod sweep;
 mod wal;
 mod writer;
 
@@ -79,8 +85,9 @@ pub mod rules {
 /// versioned record (metadata in clear, key bytes sealed with associated data binding the key
 /// ID and master) that every durable store keeps per key.
 pub mod seal {
+    pub use crate::error::TOO_LONG;
     pub use crate::kek::{Cipher, Sealing, EPOCH_BYTES, NONCE_BYTES, SEALS_PER_EPOCH};
-    pub use crate::record::{aad, Record, TOO_LONG, VERSION};
+    pub use crate::record::{aad, Record, VERSION};
 }
 
 /// Where a KME keeps keys between `enc_keys` and `dec_keys`.

@@ -221,7 +221,7 @@ pub fn check_insert<E>(
         }
         let max = usize::from(u16::MAX);
         if k.master.len() > max || k.slaves.len() > max || k.slaves.iter().any(|s| s.len() > max) {
-            return invalid(crate::record::TOO_LONG);
+            return invalid(crate::error::TOO_LONG);
         }
         if !seen.insert(k.id) || exists(k.id)? {
             return Ok(Err(StoreError::DuplicateId { id: k.id }));
@@ -249,7 +249,7 @@ pub fn check_pool_insert<E>(
             return invalid("empty pool link name");
         }
         if link.len() > usize::from(u16::MAX) {
-            return invalid(crate::record::TOO_LONG);
+            return invalid(crate::error::TOO_LONG);
         }
         if k.material.is_empty() {
             return invalid("empty key material");

@@ -20,6 +20,7 @@
 
 use uuid::Uuid;
 
+use crate::error::TOO_LONG;
 use crate::kek::{Cipher, Sealing};
 use crate::meta::{KeyMeta, SlaveEntry};
 use crate::{KeyMaterial, NewKey, RecordError, StoreError};
@@ -47,9 +48,6 @@ pub fn aad(id: Uuid, master: &str, format: u8) -> Vec<u8> {
     v.push(format);
     v
 }
-
-/// Why a record cannot be encoded (a field too long for its length prefix).
-pub const TOO_LONG: &str = "a name, the slave list or the key is too long to store";
 
 impl Record {
     /// Seals a new key under `cipher` (AAD = [`aad`] of its ID and master) with every distinct

@@ -85,16 +85,20 @@ impl Wal {
     /// `<path>.prev` (left by a checkpoint that a crash interrupted), then of `path`.
     /// An incomplete tail (never acknowledged) is cut off.
     pub(crate) fn open(path: &Path) -> Result<(Wal, Recovered), StoreError> {
-        let io = |context: &'static str| move |e| StoreError::io(context, e);
-        let mut records = match std::fs::read(previous_path(path)) {
+        let io = |what: &str, at: &Path| {
+            let context = format!("{what} {}", at.display());
+            move |e| StoreError::io(context, e)
+        };
+        let previous = previous_path(path);
+        let mut records = match std::fs::read(&previous) {
             Ok(data) => parse(&data).0,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io("reading the previous write-ahead log")(e)),
+            Err(e) => return Err(io("reading the previous write-ahead log", &previous)(e)),
         };
-        let mut file = open_for_writing(path).map_err(io("opening the write-ahead log"))?;
+        let mut file = open_for_writing(path).map_err(io("opening the write-ahead log", path))?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)
-            .map_err(io("reading the write-ahead log"))?;
+            .map_err(io("reading the write-ahead log", path))?;
         let (current, valid) = parse(&data);
         if valid < data.len() {
             if parse_one(&data[valid..]).is_some() {
@@ -113,8 +117,9 @@ impl Wal {
                 );
             }
             file.set_len(valid as u64)
-                .map_err(io("truncating the write-ahead log"))?;
-            file.sync_all().map_err(io("syncing the write-ahead log"))?;
+                .map_err(io("truncating the write-ahead log", path))?;
+            file.sync_all()
+                .map_err(io("syncing the write-ahead log", path))?;
         }
         records.extend(current);
         let next_seq = records.last().map_or(1, |(seq, _)| seq + 1);
