@@ -21,7 +21,7 @@ pub fn certificate_not_after(path: &Path) -> Result<SystemTime> {
     })?;
     let (_, cert) = X509Certificate::from_der(first).map_err(|e| PkiError::CertificateParse {
         context: path.display().to_string(),
-        source: nom_to_x509(e),
+        cause: nom_to_x509(e),
     })?;
     Ok(unix_time(cert.validity().not_after.timestamp()))
 }

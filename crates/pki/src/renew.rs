@@ -48,7 +48,7 @@ impl Ca {
         let (_, parsed) =
             X509Certificate::from_der(&leaf).map_err(|e| PkiError::CertificateParse {
                 context: cert.display().to_string(),
-                source: nom_to_x509(e),
+                cause: nom_to_x509(e),
             })?;
         let (dns_names, ip_addresses) = names(&parsed, cert)?;
         let options = IssueOptions {
@@ -88,7 +88,7 @@ fn names(cert: &X509Certificate<'_>, path: &Path) -> Result<(Vec<String>, Vec<Ip
         .subject_alternative_name()
         .map_err(|e| PkiError::CertificateParse {
             context: path.display().to_string(),
-            source: e,
+            cause: e,
         })?;
     let (mut dns, mut ips) = (Vec::new(), Vec::new());
     for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
