@@ -110,12 +110,12 @@ async fn kill_the_holder_under_load(cluster: &mut Cluster, holder: &str, next: &
 
     // The next holder's binds meet no key the peer already bound.
     cluster.share_through(next, 3).await;
-    wait_level(&alice, "KME_B", last - 3).await;
     let log = cluster.sites[next].log_text();
     assert!(
         !log.contains("does not hold keys this site thought ready"),
         "the next holder discarded its pool: {log}"
     );
+    wait_level(&alice, "KME_B", last - 3).await;
 
     // Every key Alice received is Bob's, once.
     let bob = cluster.client("bob");
