@@ -12,7 +12,7 @@
 //! this module keeps only the IDs in the order they are handed out, plus the first position
 //! and the expiry of each fill, so a million ready keys cost about 16 MiB here.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -53,6 +53,8 @@ pub struct Pools {
     settings: PoolSettings,
     key_len: usize,
     kme: String,
+    /// Owner of this process's in-flight records (its replica name, or empty).
+    owner: String,
     links: BTreeMap<String, Arc<LinkPool>>,
 }
 
@@ -143,13 +145,6 @@ impl Queue {
         taken
     }
 
-    /// The last position held, if any.
-    fn last_seq(&self) -> Option<u64> {
-        self.runs
-            .back()
-            .map(|run| run.first_seq + run.count as u64 - 1)
-    }
-
     fn clear(&mut self) -> Vec<Slot> {
         let count = self.len();
         self.take_front(count)
@@ -234,6 +229,7 @@ impl Pools {
             settings,
             key_len,
             kme: kme.to_owned(),
+            owner: replica.unwrap_or_default().to_owned(),
             links,
         }
     }
@@ -263,18 +259,45 @@ impl Pools {
     /// Reads one pool's ready keys back from the store (after a restart, or once this
     /// process claims the pool), a page at a time: a full listing of a million keys would
     /// briefly cost more than the pool. Returns how many.
+    ///
+    /// Positions named by an in-flight bind of this process's name are in doubt: a holder
+    /// killed mid-bind may have had them bound at the peer, which commits first. They are
+    /// left out (the claim holder of those records withdraws them at both sites), so the
+    /// next bind never names them, meets a 409 and discards the whole pool.
     pub async fn load(&self, pool: &LinkPool, store: &dyn KeyStore) -> Result<u64, StoreError> {
         const PAGE: usize = 65_536;
+        let doubt: HashSet<u64> = store
+            .in_flight(&self.owner)
+            .await?
+            .into_iter()
+            .filter(|r| r.sites.len() == 1 && r.sites[0] == pool.peer)
+            .flat_map(|r| r.ready)
+            .collect();
         let mut queue = Queue::default();
+        let mut after = None;
+        let mut skipped = 0u64;
         loop {
-            let after = queue.last_seq();
             let page = store.pool_page(&pool.name, after, PAGE).await?;
             for key in &page {
-                queue.push([key.slot], key.expires_at);
+                after = Some(key.slot.seq);
+                if doubt.contains(&key.slot.seq) {
+                    // Never reused by a refill either.
+                    queue.next_seq = queue.next_seq.max(key.slot.seq.saturating_add(1));
+                    skipped += 1;
+                } else {
+                    queue.push([key.slot], key.expires_at);
+                }
             }
             if page.len() < PAGE {
                 break;
             }
+        }
+        if skipped > 0 {
+            tracing::warn!(
+                peer = pool.peer,
+                skipped,
+                "ready keys of a bind left unanswered are in doubt; not handing them out"
+            );
         }
         let total = queue.len() as u64;
         *pool.lock() = queue;
@@ -476,5 +499,55 @@ mod tests {
         assert_eq!(p.level("B"), None);
         assert_eq!(p.take("B", 1, 32, 0), None);
         assert_eq!(p.links().count(), 0);
+    }
+
+    /// A holder killed mid-bind left an in-flight record: the next holder must not hand
+    /// those positions out (the peer may have bound them), and only those.
+    #[tokio::test]
+    async fn positions_of_an_unanswered_bind_are_not_reloaded() {
+        use dqkd_store::{InFlight, KeyMaterial, MemoryStore, PoolKey};
+        let store = MemoryStore::new();
+        let p = Pools::new(
+            "A",
+            Some("a1"),
+            pools(10, 2).settings(),
+            32,
+            &["B".to_owned()],
+        );
+        let pool = &p.links["B"];
+        let slots: Vec<Slot> = (100..110)
+            .map(|seq| Slot {
+                seq,
+                id: Uuid::new_v4(),
+            })
+            .collect();
+        let keys = slots.iter().map(|&slot| PoolKey {
+            slot,
+            material: KeyMaterial::new(vec![7; 32]),
+            expires_at: u64::MAX / 2,
+        });
+        store
+            .pool_insert(pool.name(), keys.collect())
+            .await
+            .unwrap();
+        let record = |owner: &str, sites: &[&str], ready: &[u64]| InFlight {
+            request_id: Uuid::new_v4(),
+            owner: owner.into(),
+            sites: sites.iter().map(|s| s.to_string()).collect(),
+            key_ids: vec![Uuid::new_v4()],
+            ready: ready.to_vec(),
+        };
+        // This replica's bind toward B of 100..=101; another replica's and another site's
+        // records do not make positions of this pool doubtful.
+        for r in [
+            record("a1", &["B"], &[100, 101]),
+            record("a2", &["B"], &[102]),
+            record("a1", &["C"], &[103]),
+        ] {
+            store.record_in_flight(r).await.unwrap();
+        }
+        assert_eq!(p.load(pool, &store).await.unwrap(), 8);
+        assert_eq!(p.take("B", 8, 32, 0), Some(slots[2..].to_vec()));
+        assert!(pool.reserve(1) > 109, "positions are never reused");
     }
 }
