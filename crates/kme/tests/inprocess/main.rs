@@ -191,12 +191,18 @@ async fn callers_not_entitled_are_refused() {
     // An SAE of another site, at the slave's site.
     let dave = cluster.dec("B", "dave", "alice", &ids).await;
     assert_eq!(dave.status, StatusCode::UNAUTHORIZED);
-    // A KME certificate, and no identity at all, on the SAE API.
-    let path = format!("/api/v1/keys/alice/dec_keys?key_ID={}", ids[0]);
-    let kme = Identity::new(CLUSTER, Role::Kme, "A").expect("identity");
-    for who in [Some(kme), None] {
+    // A KME certificate, an SAE of another site, and no identity at all, on the SAE API.
+    let kme = Identity::new(CLUSTER, Role::Kme, "B").expect("identity");
+    let stranger = Identity::new(CLUSTER, Role::Sae, "alice").expect("identity");
+    for who in [Some(kme), Some(stranger), None] {
         let answer = cluster
-            .call_as("B", who.clone(), Method::GET, &path, None)
+            .call_as(
+                "B",
+                who.clone(),
+                Method::GET,
+                "/api/v1/keys/bob/status",
+                None,
+            )
             .await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{who:?}");
     }
