@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use axum::http::StatusCode;
+use dqkd_kme::peer::{DestroyRequest, Peer as _, PeerError};
 use dqkd_store::KeyStore as _;
 use tokio::time::Instant;
 
@@ -180,4 +181,40 @@ async fn a_pool_conflict_falls_back_to_keys_made_on_demand() {
     let ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(cluster.dec("B", "bob", "alice", &ids).await.keys(), sent);
     assert_eq!(a.store.pending("alice", "bob"), 0);
+}
+
+/// A site may withdraw only keys its own SAEs asked for: C naming A's keys at B is refused
+/// with 403 and bob still gets them; A's own withdrawal of them succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_site_cannot_withdraw_another_sites_keys() {
+    let cluster = Cluster::new().await;
+    let ids = cluster
+        .enc("A", "alice", "bob", r#"{"number":2}"#)
+        .await
+        .ids();
+    let key_ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.parse().expect("uuid")).collect();
+    let destroy = DestroyRequest {
+        request_id: uuid::Uuid::new_v4(),
+        key_ids: key_ids.clone(),
+        ready: vec![],
+        replica: None,
+    };
+    match cluster.link("C", "B").destroy(&destroy).await {
+        Err(PeerError::Refused { status, .. }) => assert_eq!(status, StatusCode::FORBIDDEN),
+        other => panic!("C withdrew A's keys: {other:?}"),
+    }
+    let b = cluster.site("B");
+    assert_eq!(b.store.pending("alice", "bob"), 2, "nothing was shredded");
+    let mine = DestroyRequest {
+        request_id: uuid::Uuid::new_v4(),
+        ..destroy
+    };
+    let ack = cluster
+        .link("A", "B")
+        .destroy(&mine)
+        .await
+        .expect("A's own");
+    assert_eq!(ack.destroyed, 2);
+    let gone = cluster.dec("B", "bob", "alice", &ids).await;
+    assert_eq!(gone.status, StatusCode::BAD_REQUEST);
 }
