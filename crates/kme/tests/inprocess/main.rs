@@ -4,6 +4,8 @@
 
 mod faults;
 mod harness;
+mod memory;
+mod source;
 
 use axum::http::{Method, StatusCode};
 use dqkd_pki::{Identity, Role};
