@@ -8,10 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dqkd_etsi014::Limits;
 use serde::{Deserialize, Serialize};
+
+use crate::clock::Clock;
 
 /// The cluster manifest, as written in TOML.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,9 +490,18 @@ pub struct Config {
     /// This process's name among the replicas of its site (`dqkd kme --replica`), which
     /// then keeps ready-key pools of its own; `None` for a site's only process.
     pub replica: Option<String>,
+    /// Where key and pool expiry read the time: the system clock, unless a test moves it
+    /// ([`Config::with_clock`]).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Config {
+    /// The same configuration reading the time from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Reads the site file and the manifest it names, and checks them together.
     pub fn load(site_path: &Path) -> Result<Self, ConfigError> {
         let site: SiteFile = read_toml(site_path, "site file")?;

@@ -13,7 +13,7 @@ use dqkd_store::{KeyStore, NewKey, PoolGrant, PoolKey, Slot, TakeError};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::issuer::{source_error, unix_now};
+use crate::issuer::source_error;
 use crate::keysource::KeySource;
 use crate::peer::{
     BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
@@ -82,7 +82,7 @@ impl PeerInbox {
         peer: &VerifiedKme,
         request: DeliverRequest,
     ) -> Result<DeliverAck, ApiError> {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         match self.remembered(peer, request.request_id) {
             Some(Outcome::Delivered(stored)) => {
                 return Ok(DeliverAck {
@@ -123,7 +123,11 @@ impl PeerInbox {
             ));
         }
         self.check_quota(&request.grants)?;
-        let expires_at = unix_now().saturating_add(self.config.key_ttl.as_secs());
+        let expires_at = self
+            .config
+            .clock
+            .unix_now()
+            .saturating_add(self.config.key_ttl.as_secs());
         let mut records = Vec::with_capacity(granted);
         for grant in &request.grants {
             for id in &grant.key_ids {
@@ -195,7 +199,7 @@ impl PeerInbox {
             None => {}
         }
         let link = PeerScope::new(peer, &self.config).pool(request.replica.as_deref())?;
-        let now = unix_now();
+        let now = self.config.clock.unix_now();
         if request.expires_at <= now {
             return Err(ApiError::BadRequest(
                 "the ready keys of this fill have already expired".into(),
@@ -256,7 +260,7 @@ impl PeerInbox {
         peer: &VerifiedKme,
         request: BindRequest,
     ) -> Result<BindAck, ApiError> {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         match self.remembered(peer, request.request_id) {
             Some(Outcome::Delivered(bound)) => {
                 return Ok(BindAck {
@@ -284,7 +288,7 @@ impl PeerInbox {
                 ids.len()
             )));
         }
-        let now = unix_now();
+        let now = self.config.clock.unix_now();
         let expires_at = now.saturating_add(self.config.key_ttl.as_secs());
         let mut positions = request.positions.iter();
         let grants: Vec<PoolGrant> = request

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use dqkd_store::{InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
@@ -129,6 +129,13 @@ struct Shared {
     source: Arc<dyn KeySource>,
     peers: BTreeMap<String, Arc<dyn Peer>>,
     pools: Pools,
+}
+
+impl Shared {
+    /// The Unix time on the configured clock.
+    fn unix_now(&self) -> u64 {
+        self.config.clock.unix_now()
+    }
 }
 
 /// Coalesces enc_keys requests per link.
@@ -418,7 +425,7 @@ async fn issue_batch(
     deadline: Deadline,
 ) -> Result<Issued, IssueError> {
     if let ([site], true) = (link.remote.as_slice(), total <= POOL_MAX_BATCH_KEYS) {
-        if let Some(slots) = shared.pools.take(site, total, link.len, unix_now()) {
+        if let Some(slots) = shared.pools.take(site, total, link.len, shared.unix_now()) {
             match bind_ready(shared, site, jobs, &slots, deadline).await {
                 Ok(keys) => return Ok(keys),
                 Err(Bound::Missed) => {}
@@ -450,7 +457,7 @@ async fn issue_batch(
         }
     };
 
-    let now = unix_now();
+    let now = shared.unix_now();
     let mut records = Vec::new();
     for (job, keys) in per_job(jobs, &batch.keys) {
         if job.order.local.is_empty() {
@@ -538,11 +545,4 @@ fn deadline_passed(shared: &Shared, remote: &[String], cause: Option<&str>) -> I
 /// Maps a key-source failure to the answer the caller (SAE or peer) gets.
 pub(crate) fn source_error(e: KeySourceError) -> ApiError {
     IssueError::from(e).into()
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod blast;
+pub mod clock;
 pub mod config;
 mod error;
 pub mod inbox;

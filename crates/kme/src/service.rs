@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::config::Config;
 use crate::inbox::PeerInbox;
-use crate::issuer::{unix_now, Deadline, Issuer, Order};
+use crate::issuer::{Deadline, Issuer, Order};
 use crate::keysource::KeySource;
 use crate::peer::Peer;
 use crate::ApiError;
@@ -233,7 +233,7 @@ impl KeyService {
         let masters = self.masters_named(caller, master);
         let delivered = self
             .store
-            .take(caller.id(), &masters, ids, unix_now())
+            .take(caller.id(), &masters, ids, self.config.clock.unix_now())
             .await
             .map_err(|e| match e {
                 TakeError::Unauthorized => ApiError::Unauthorized(format!(
@@ -293,7 +293,10 @@ impl KeyService {
 
     /// Shreds expired keys; returns how many.
     pub async fn purge_expired(&self) -> Result<u64, ApiError> {
-        Ok(self.store.purge_expired(unix_now()).await?)
+        Ok(self
+            .store
+            .purge_expired(self.config.clock.unix_now())
+            .await?)
     }
 
     fn resolve(&self, id: &str, role: &str) -> Result<Target, ApiError> {

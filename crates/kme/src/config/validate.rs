@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use super::*;
+use crate::clock::SystemClock;
 
 impl Config {
     /// Checks a manifest and a site file together; paths in the site file are relative to
@@ -168,6 +169,7 @@ impl Config {
             },
             connections: site.connections,
             replica: None,
+            clock: Arc::new(SystemClock),
         })
     }
 }

@@ -130,7 +130,7 @@ pub(super) async fn bind_ready(
             }));
         }
     };
-    let now = unix_now();
+    let now = shared.unix_now();
     let local = per_job(jobs, slots)
         .map(|(job, slots)| PoolGrant {
             slots: slots.to_vec(),

@@ -153,7 +153,9 @@ pub(super) async fn fill_once(
         .collect();
     let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
     let request_id = Uuid::new_v4();
-    let expires_at = unix_now().saturating_add(shared.pools.settings().ttl_secs);
+    let expires_at = shared
+        .unix_now()
+        .saturating_add(shared.pools.settings().ttl_secs);
     let request = FillRequest {
         request_id,
         metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
