@@ -87,3 +87,28 @@ fn keys_prints_what_the_kme_sent_and_fails_on_errors() {
         serde_json::from_slice(&bad.stdout).expect("the error body on stdout");
     assert_eq!(body["message"], "size shall be a multiple of 8");
 }
+
+/// A start that fails names its cause once: the I/O error is in the message, not repeated
+/// as a source that the top-level report prints again.
+#[test]
+fn a_taken_port_is_reported_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = 10_000 + (uuid::Uuid::new_v4().as_u128() % 4_500) as u16;
+    // Site A's ETSI API port, held by someone else.
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port first");
+    let out = Command::new(BIN)
+        .args(["up", "--no-demo", "--dir"])
+        .arg(dir.path().join("local"))
+        .args(["--port", &port.to_string()])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run dqkd up");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started on a taken port: {err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert_eq!(
+        err.matches("os error").count(),
+        1,
+        "the cause named more than once: {err}"
+    );
+}

@@ -31,19 +31,19 @@ pub enum ServeError {
     #[error("entropy source: {0}")]
     Source(#[from] SourceError),
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 impl From<BindError> for ServeError {
     fn from(e: BindError) -> Self {
         match e {
-            BindError::Bind { addr, source } => Self::Bind { addr, source },
+            BindError::Bind { addr, cause } => Self::Bind { addr, cause },
             other => Self::Tls(other.to_string()),
         }
     }

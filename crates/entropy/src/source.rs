@@ -41,12 +41,12 @@ pub enum SourceError {
     #[error("the operating system RNG failed")]
     SystemRng,
     /// The mix source could not be opened or read.
-    #[error("mix source {path}: {source}")]
+    #[error("mix source {path}: {cause}")]
     Mix {
         /// The device or file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The mix source is a regular file smaller than the configured minimum.
     #[error(
@@ -159,9 +159,9 @@ impl EntropySource {
     /// once here (through the health tests), so that an unreadable, too small or stuck
     /// source is a start-up error rather than a failure on the first request.
     pub fn with_mix_file(path: &Path, min_file_len: u64) -> Result<Self, SourceError> {
-        let mix_err = |source| SourceError::Mix {
+        let mix_err = |cause| SourceError::Mix {
             path: path.to_owned(),
-            source,
+            cause,
         };
         let file = File::open(path).map_err(mix_err)?;
         let meta = file.metadata().map_err(mix_err)?;
@@ -268,9 +268,9 @@ impl MixFile {
     }
 
     fn xor_into(&self, out: &mut [u8]) -> Result<(), SourceError> {
-        let err = |source| SourceError::Mix {
+        let err = |cause| SourceError::Mix {
             path: self.path.clone(),
-            source,
+            cause,
         };
         let mut chunk = Zeroizing::new(vec![0u8; MIX_CHUNK.min(out.len()).max(1)]);
         let mut state = lock(&self.state);

@@ -27,35 +27,35 @@ pub enum ServeError {
     #[error("TLS setup: {0}")]
     Tls(String),
     /// The key store could not be opened.
-    #[error("key store {path}: {source}")]
+    #[error("key store {path}: {cause}")]
     Store {
         /// The store file or database (without password).
         path: String,
         /// Why.
-        source: dqkd_store::StoreError,
+        cause: dqkd_store::StoreError,
     },
     /// The key-encryption key in a PKCS#11 token could not be opened.
-    #[error("key-encryption key {uri}: {source}")]
+    #[error("key-encryption key {uri}: {cause}")]
     Token {
         /// The `pkcs11:` URI.
         uri: String,
         /// Why.
-        source: dqkd_kek_pkcs11::Pkcs11Error,
+        cause: dqkd_kek_pkcs11::Pkcs11Error,
     },
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 impl From<BindError> for ServeError {
     fn from(e: BindError) -> Self {
         match e {
-            BindError::Bind { addr, source } => Self::Bind { addr, source },
+            BindError::Bind { addr, cause } => Self::Bind { addr, cause },
             other => Self::Tls(other.to_string()),
         }
     }
@@ -103,10 +103,10 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
     let watched = kek.clone();
     let store: Arc<dyn KeyStore> = match &config.store.location {
         StoreLocation::Embedded(path) => Arc::new(
-            EmbeddedStore::open_for_kme(path, kek, &config.kme_id).map_err(|source| {
+            EmbeddedStore::open_for_kme(path, kek, &config.kme_id).map_err(|cause| {
                 ServeError::Store {
                     path: path.display().to_string(),
-                    source,
+                    cause,
                 }
             })?,
         ),
@@ -122,9 +122,9 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
             Arc::new(
                 dqkd_store_postgres::PostgresStore::connect_with(url, kek, options)
                     .await
-                    .map_err(|source| ServeError::Store {
+                    .map_err(|cause| ServeError::Store {
                         path: redact_url(url),
-                        source,
+                        cause,
                     })?,
             )
         }
@@ -139,14 +139,14 @@ pub async fn run(config: Config) -> Result<Serving, ServeError> {
 /// `dqkd check` opens it the same way.
 pub fn open_kek(location: &KekLocation) -> Result<Kek, ServeError> {
     match location {
-        KekLocation::File(path) => Kek::load(path).map_err(|source| ServeError::Store {
+        KekLocation::File(path) => Kek::load(path).map_err(|cause| ServeError::Store {
             path: path.display().to_string(),
-            source,
+            cause,
         }),
         KekLocation::Pkcs11 { uri, module, pin } => {
-            let token = |source| ServeError::Token {
+            let token = |cause| ServeError::Token {
                 uri: uri.clone(),
-                source,
+                cause,
             };
             let config = dqkd_kek_pkcs11::TokenKekConfig {
                 module: module.clone(),
@@ -346,9 +346,9 @@ async fn serve(
     let loaded = service
         .start_pools(stopped.clone())
         .await
-        .map_err(|source| ServeError::Store {
+        .map_err(|cause| ServeError::Store {
             path: "reading the ready-key pools".into(),
-            source,
+            cause,
         })?;
     if config.pools.target > 0 {
         tracing::info!(

@@ -113,12 +113,12 @@ pub enum BindError {
     #[error("TLS setup: {0}")]
     Tls(String),
     /// The address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -150,7 +150,7 @@ pub async fn bind_mtls(
     let listener = bind(addr).await?;
     let addr = listener
         .local_addr()
-        .map_err(|source| BindError::Bind { addr, source })?;
+        .map_err(|cause| BindError::Bind { addr, cause })?;
     Ok(MtlsListener {
         tls: server_tls,
         listener,
@@ -175,7 +175,7 @@ pub fn listener_labels(
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| BindError::Bind { addr, source })
+        .map_err(|cause| BindError::Bind { addr, cause })
 }
 
 /// The identity a connection's client certificate proved, inserted into every request's
