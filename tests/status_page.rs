@@ -146,6 +146,14 @@ fn a_browser_shows_the_site_at_a_glance() {
     let key_id = leave_a_key_waiting(&cluster);
     // One entropy server down: the page must say so, and keep showing the others.
     cluster.entropy[2].kill9();
+    // The page shows what the site last sampled: wait until it has seen E3 go.
+    wait_for_json(&format!("{a}/"), |site| {
+        site["entropy"].as_array().is_some_and(|servers| {
+            servers
+                .iter()
+                .any(|s| s["id"] == "E3" && s["healthy"] == false)
+        })
+    });
 
     let dom = dump_dom(browser, &format!("{a}/status"));
     assert!(dom.contains("<h1>dqkd site KME_A</h1>"), "{dom}");
