@@ -348,6 +348,14 @@ pub struct BenchArgs {
     /// before it measures. 0 makes every key on demand.
     #[arg(long, default_value_t = 100_000)]
     pub pool_target: u64,
+    /// One-way delay in milliseconds between the two sites, each direction, through a
+    /// relay on loopback in front of each site's peer API (0: the sites connect directly).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub peer_delay_ms: u64,
+    /// One-way delay in milliseconds between each KME and the entropy servers, each
+    /// direction, through a relay in front of each entropy server (0: direct).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub entropy_delay_ms: u64,
 }
 
 /// Bench workloads.

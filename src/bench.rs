@@ -3,7 +3,10 @@
 //! Each worker owns its own clients (so `--concurrency` is also the number of
 //! connections per site) and runs Alice→Bob pairs: `enc_keys` at Alice's site, then
 //! `dec_keys` at Bob's, checking that Bob's keys equal Alice's. `--mode status` measures
-//! the HTTP+TLS ceiling of the machine with `status` calls only.
+//! the HTTP+TLS ceiling of the machine with `status` calls only. `--peer-delay-ms` and
+//! `--entropy-delay-ms` put a fixed one-way delay on the links between the sites and to the
+//! entropy servers (see [`crate::delay_proxy`]), so that WAN figures can be reproduced on
+//! one machine.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +17,7 @@ use anyhow::Context as _;
 use dqkd_client::{Client, KeyRequestBody};
 
 use crate::args::{BenchArgs, BenchMode};
-use crate::up::{LocalCluster, LocalStore};
+use crate::up::{LinkDelays, LocalCluster, LocalStore};
 
 /// What one phase measured.
 struct Report {
@@ -70,6 +73,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         args.port,
         &store,
         crate::up::local_pools(args.pool_target),
+        delays(&args),
     )
     .await?;
     let result = bench(&cluster, &args, &store).await;
@@ -84,6 +88,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     result
+}
+
+/// The link delays `args` ask for.
+fn delays(args: &BenchArgs) -> LinkDelays {
+    LinkDelays {
+        peer: Duration::from_millis(args.peer_delay_ms),
+        entropy: Duration::from_millis(args.entropy_delay_ms),
+    }
+}
+
+/// How a one-way delay reads in the report.
+fn delay_text(ms: u64) -> String {
+    if ms == 0 {
+        "none (direct)".to_owned()
+    } else {
+        format!("{ms} ms one way (RTT {} ms)", 2 * ms)
+    }
 }
 
 async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> anyhow::Result<()> {
@@ -115,12 +136,19 @@ async fn bench(cluster: &LocalCluster, args: &BenchArgs, store: &LocalStore) -> 
             "store": store_name,
             "pool_target": args.pool_target,
             "pool_fill_seconds": fill.map(|d| d.as_secs_f64()),
+            "peer_delay_ms": args.peer_delay_ms,
+            "entropy_delay_ms": args.entropy_delay_ms,
             "phases": phases,
             "pairs_per_s_over_status_rps_div_3": ratio,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("machine: {}   store: {store_name}", machine());
+        println!(
+            "link delays: sites A↔B {}; KMEs↔entropy servers {}",
+            delay_text(args.peer_delay_ms),
+            delay_text(args.entropy_delay_ms)
+        );
         if let Some(fill) = fill {
             let secs = fill.as_secs_f64();
             println!(

@@ -8,6 +8,7 @@
 mod args;
 mod bench;
 mod check;
+mod delay_proxy;
 mod keys;
 mod logging;
 mod manual;

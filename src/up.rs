@@ -6,8 +6,9 @@
 //! nothing secret).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use dqkd_client::{Client, KeyRequestBody};
@@ -18,6 +19,7 @@ use dqkd_kme::config::{
 use dqkd_kme::{Config, Manifest, SiteFile};
 
 use crate::args::{DemoArgs, UpArgs};
+use crate::delay_proxy::DelayProxy;
 
 const CLUSTER: &str = "local";
 const ENTROPY_SERVERS: usize = 3;
@@ -144,23 +146,84 @@ impl LocalStore {
     }
 }
 
+/// One-way delays a local cluster puts on its internal links, each direction, through
+/// [`DelayProxy`] relays on loopback; zero connects directly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkDelays {
+    /// Between the sites' KMEs (the peer API).
+    pub peer: Duration,
+    /// Between each KME and the entropy servers.
+    pub entropy: Duration,
+}
+
+/// The addresses the manifest names: each server's own listener, or the relay in front of
+/// it. Relays sit in front of the listener, so every caller of a server crosses the same
+/// delay, and identities are still checked end to end (a peer is pinned by the name the
+/// manifest gives it, not by its address).
+struct Advertised {
+    peer: Vec<SocketAddr>,
+    entropy: Vec<SocketAddr>,
+    relays: Vec<DelayProxy>,
+}
+
+impl Advertised {
+    async fn start(plan: &Plan, delays: LinkDelays) -> anyhow::Result<Self> {
+        let mut relays = Vec::new();
+        let mut peer = Vec::new();
+        for i in 0..plan.sites.len() {
+            peer.push(front(plan.peer_port(i), delays.peer, &mut relays).await?);
+        }
+        let mut entropy = Vec::new();
+        for j in 0..plan.entropy.len() {
+            entropy.push(front(plan.entropy_port(j), delays.entropy, &mut relays).await?);
+        }
+        Ok(Self {
+            peer,
+            entropy,
+            relays,
+        })
+    }
+}
+
+/// The address callers should use for the listener on `port`: a relay adding `delay` in
+/// front of it (kept in `relays`), or the listener itself when `delay` is zero.
+async fn front(
+    port: u16,
+    delay: Duration,
+    relays: &mut Vec<DelayProxy>,
+) -> anyhow::Result<SocketAddr> {
+    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    if delay.is_zero() {
+        return Ok(target);
+    }
+    let relay = DelayProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), target, delay)
+        .await
+        .with_context(|| format!("starting a delay relay to {target}"))?;
+    let addr = relay.local_addr();
+    relays.push(relay);
+    Ok(addr)
+}
+
 /// A local cluster running in this process.
 pub struct LocalCluster {
     layout: Layout,
     plan: Plan,
     entropy: Vec<dqkd_entropy::Serving>,
     kmes: Vec<dqkd_kme::Serving>,
+    relays: Vec<DelayProxy>,
     started: Instant,
 }
 
 impl LocalCluster {
-    /// Makes what is missing under `dir` and starts every server on loopback.
+    /// Makes what is missing under `dir` and starts every server on loopback, with
+    /// `delays` on the links between them.
     pub async fn start(
         dir: &Path,
         sites: u8,
         port: u16,
         store: &LocalStore,
         pools: PoolSettings,
+        delays: LinkDelays,
     ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let layout = Layout::new(dir)?;
@@ -173,7 +236,8 @@ impl LocalCluster {
                     .with_context(|| format!("creating the database of site {kme}"))?;
             }
         }
-        write_configs(&layout, &plan, store, pools)?;
+        let advertised = Advertised::start(&plan, delays).await?;
+        write_configs(&layout, &plan, store, pools, &advertised)?;
 
         let mut entropy = Vec::new();
         for (j, id) in plan.entropy.iter().enumerate() {
@@ -200,6 +264,7 @@ impl LocalCluster {
             plan,
             entropy,
             kmes,
+            relays: advertised.relays,
             started,
         })
     }
@@ -239,6 +304,7 @@ impl LocalCluster {
         for server in self.entropy {
             server.shutdown().await;
         }
+        drop(self.relays);
     }
 }
 
@@ -256,6 +322,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args.port,
         &store,
         local_pools(args.pool_target),
+        LinkDelays::default(),
     )
     .await?;
     let (layout, plan) = (&cluster.layout, &cluster.plan);
@@ -335,6 +402,7 @@ pub async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         args.port,
         &LocalStore::Embedded,
         local_pools(DEMO_POOL_TARGET),
+        LinkDelays::default(),
     )
     .await?;
     let result = demo(&cluster.layout, &cluster.plan).await;
@@ -431,6 +499,7 @@ fn write_configs(
     plan: &Plan,
     store: &LocalStore,
     pools: PoolSettings,
+    advertised: &Advertised,
 ) -> anyhow::Result<()> {
     use dqkd_pki::Role;
     let manifest = Manifest {
@@ -446,7 +515,7 @@ fn write_configs(
             .enumerate()
             .map(|(j, id)| EntropyEntry {
                 id: id.clone(),
-                addr: format!("127.0.0.1:{}", plan.entropy_port(j)),
+                addr: advertised.entropy[j].to_string(),
             })
             .collect(),
         sites: plan
@@ -456,7 +525,7 @@ fn write_configs(
             .map(|(i, (kme, sae))| SiteEntry {
                 kme_id: kme.clone(),
                 api_addr: format!("127.0.0.1:{}", plan.api_port(i)),
-                peer_addr: Some(format!("127.0.0.1:{}", plan.peer_port(i))),
+                peer_addr: Some(advertised.peer[i].to_string()),
                 saes: vec![sae.clone(), second_sae(sae)],
             })
             .collect(),
