@@ -82,19 +82,26 @@ pub const MIN_CROSS_SITE_KEY_BITS: u32 = 128;
 pub struct PeerSettings {
     /// How long a site waits for a peer (and for entropy servers) before answering 503.
     pub timeout_ms: u64,
+    /// Most keys under way toward a set of peer sites at once (generated or taken from a
+    /// pool, not yet answered): bounds the memory a long round trip ties up.
+    pub max_in_flight_keys: u32,
 }
 
 impl Default for PeerSettings {
     fn default() -> Self {
-        Self { timeout_ms: 5000 }
+        Self {
+            timeout_ms: 5000,
+            max_in_flight_keys: 65536,
+        }
     }
 }
 
 /// Ready-key pools: keys generated ahead of demand for each pair of sites and already
 /// regenerated at the peer, so `enc_keys` needs one peer round trip to name their SAEs and
 /// none to the entropy servers. Pools hold keys of `limits.default_key_size`; requests for
-/// other sizes, multicast requests, same-site pairs and batches of more than 64 keys are
-/// served on demand, as is any request a pool cannot cover.
+/// other sizes, multicast requests, same-site pairs and batches of more than 64 keys (64 KiB
+/// of keys on a link with a long round trip) are served on demand, as is any request a pool
+/// cannot cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolSettings {
@@ -411,6 +418,8 @@ pub struct Config {
     pub entropy: Vec<EntropyEntry>,
     /// How long to wait for peers and entropy servers.
     pub peer_timeout: Duration,
+    /// Most keys under way per link (`[peers] max_in_flight_keys`).
+    pub peer_window_keys: usize,
     /// Ready-key pools (`target == 0`: off).
     pub pools: PoolSettings,
     /// Whether masters may fetch their keys again (see [`KeyLife::master_refetch`]).
