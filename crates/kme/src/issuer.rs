@@ -70,12 +70,7 @@ const MAX_BATCH_KEYS: usize = 4096;
 /// one costs two. Measured on 2 cores at 64 connections: 100-key requests ran at 172,474
 /// keys/s through the pool and 193,892 on demand; single-key requests (batches of up to
 /// 64) ran at 12,967 pairs/s through the pool and 10,846 on demand; 10-key requests tied.
-/// On a link whose round trip is long, the entropy round trips a pool saves dominate, and
-/// a batch takes from the pool up to [`POOL_MAX_BIND_BYTES`] of key material instead.
 const POOL_MAX_BATCH_KEYS: usize = 64;
-/// Most key material one bind serves on a link with a long round trip (2,048 keys of 256
-/// bits): the message names each key, so its size, not a key count, is what is bounded.
-const POOL_MAX_BIND_BYTES: usize = 64 * 1024;
 
 /// What one enc_keys request needs issued.
 #[derive(Debug, Clone)]
@@ -440,12 +435,7 @@ async fn issue_batch(
     window: &Window,
     slot: &mut Admission,
 ) -> Result<Issued, IssueError> {
-    let pool_max = if window.network_bound() {
-        (POOL_MAX_BIND_BYTES / link.len.max(1)).max(POOL_MAX_BATCH_KEYS)
-    } else {
-        POOL_MAX_BATCH_KEYS
-    };
-    if let ([site], true) = (link.remote.as_slice(), total <= pool_max) {
+    if let ([site], true) = (link.remote.as_slice(), total <= POOL_MAX_BATCH_KEYS) {
         if let Some(slots) = shared.pools.take(site, total, link.len, unix_now()) {
             window.awaiting_peer(slot);
             let sent = tokio::time::Instant::now();

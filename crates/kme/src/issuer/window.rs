@@ -28,6 +28,10 @@ pub(super) const MAX_IN_FLIGHT: usize = 4;
 /// at most; 10 ms one way takes 20).
 const NETWORK_BOUND_ACK: Duration = Duration::from_millis(8);
 
+/// Acknowledgements a link must have had before it may count as far: the first ones also
+/// pay for new connections (TCP and TLS handshakes), which says nothing about the route.
+const MIN_SAMPLES: u32 = 16;
+
 /// How long a shortest acknowledgement is remembered, so that a route that got longer is
 /// noticed.
 const MIN_WINDOW: Duration = Duration::from_secs(10);
@@ -42,6 +46,7 @@ pub(super) struct Window {
 
 /// The shortest acknowledgement of the current and the previous [`MIN_WINDOW`].
 struct ShortestAck {
+    samples: u32,
     since: Instant,
     current: Option<Duration>,
     previous: Option<Duration>,
@@ -62,6 +67,7 @@ impl Window {
             keys: Arc::new(Semaphore::new(ceiling)),
             ceiling,
             ack: Mutex::new(ShortestAck {
+                samples: 0,
                 since: Instant::now(),
                 current: None,
                 previous: None,
@@ -109,13 +115,18 @@ impl Window {
             ack.previous = ack.current.take();
             ack.since = Instant::now();
         }
+        ack.samples = ack.samples.saturating_add(1);
         ack.current = Some(ack.current.map_or(took, |shortest| shortest.min(took)));
     }
 
     /// Whether the link's shortest recent acknowledgement shows a long round trip. Unknown
-    /// (no acknowledgement yet) counts as short: the batch keeps its slot, as on loopback.
+    /// (fewer than [`MIN_SAMPLES`] acknowledgements yet) counts as short: the batch keeps
+    /// its slot, as on loopback.
     pub(super) fn network_bound(&self) -> bool {
         let ack = self.ack.lock().unwrap_or_else(PoisonError::into_inner);
+        if ack.samples < MIN_SAMPLES {
+            return false;
+        }
         let shortest = match (ack.current, ack.previous) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => match a.or(b) {
