@@ -85,11 +85,17 @@ pub const MIN_CROSS_SITE_KEY_BITS: u32 = 128;
 pub struct PeerSettings {
     /// How long a site waits for a peer (and for entropy servers) before answering 503.
     pub timeout_ms: u64,
+    /// Most keys under way toward a set of peer sites at once (generated or taken from a
+    /// pool, not yet answered): bounds the memory a long round trip ties up.
+    pub max_in_flight_keys: u32,
 }
 
 impl Default for PeerSettings {
     fn default() -> Self {
-        Self { timeout_ms: 5000 }
+        Self {
+            timeout_ms: 5000,
+            max_in_flight_keys: 65536,
+        }
     }
 }
 
@@ -465,6 +471,8 @@ pub struct Config {
     pub entropy: Vec<EntropyEntry>,
     /// How long to wait for peers and entropy servers.
     pub peer_timeout: Duration,
+    /// Most keys under way per link (`[peers] max_in_flight_keys`).
+    pub peer_window_keys: usize,
     /// Ready-key pools (`target == 0`: off).
     pub pools: PoolSettings,
     /// Whether masters may fetch their keys again (see [`KeyLife::master_refetch`]).

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use dqkd_store::{InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::config::Config;
@@ -48,18 +48,21 @@ mod outbound;
 mod refill;
 #[cfg(test)]
 mod tests;
+mod window;
+#[cfg(test)]
+mod window_tests;
 
 use bind::{bind_ready, Bound};
 use outbound::{deliver, record_in_flight, recover_in_flight, withdraw, PeersStored};
 use refill::refill_loop;
+#[cfg(test)]
+use window::MAX_IN_FLIGHT;
+use window::{Admission, Window};
 
 pub use error::IssueError;
 
 /// Most keys one batch carries (a single request may exceed it alone).
 const MAX_BATCH_KEYS: usize = 4096;
-/// Batches of one link in flight at once: enough to overlap generation, the peer round
-/// trip and the commit of consecutive batches.
-const MAX_IN_FLIGHT: usize = 4;
 
 /// Largest batch served from a ready pool. A pool saves a batch its generation round trips,
 /// which matters for small batches; a large batch amortises generation by itself, while a
@@ -288,9 +291,9 @@ impl Issuer {
 }
 
 async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, link: Link) {
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let window = Arc::new(Window::new(shared.config.peer_window_keys));
     loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let Some(stage) = window.stage().await else {
             return;
         };
         let Some(first) = rx.recv().await else {
@@ -299,7 +302,7 @@ async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, l
         // Requests whose deadline passed while they queued are not sent.
         let mut jobs: Vec<Job> = first.live(&shared, &link).into_iter().collect();
         let mut keys: usize = jobs.iter().map(|j| j.order.count).sum();
-        while keys < MAX_BATCH_KEYS {
+        while keys < MAX_BATCH_KEYS.min(window.max_keys()) {
             match rx.try_recv() {
                 Ok(job) => {
                     if let Some(job) = job.live(&shared, &link) {
@@ -313,11 +316,15 @@ async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, l
         if jobs.is_empty() {
             continue;
         }
+        // Meanwhile new requests queue, and join the next batch.
+        let Some(slot) = window.admit(stage, keys).await else {
+            return;
+        };
         let shared = shared.clone();
         let link = link.clone();
+        let window = window.clone();
         tokio::spawn(async move {
-            run_batch(&shared, &link, jobs).await;
-            drop(permit);
+            run_batch(&shared, &link, jobs, &window, slot).await;
         });
     }
 }
@@ -325,7 +332,13 @@ async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, l
 /// Issues one batch. It works until the latest deadline among its requests, so that no
 /// request fails for an older one batched with it; a request whose own deadline comes first
 /// has its answer by then (see [`Issuer::wait`]).
-async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
+async fn run_batch(
+    shared: &Shared,
+    link: &Link,
+    jobs: Vec<Job>,
+    window: &Window,
+    mut slot: Admission,
+) {
     let total: usize = jobs.iter().map(|j| j.order.count).sum();
     let started = Instant::now();
     let deadline = jobs
@@ -333,7 +346,7 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
         .map(|j| j.deadline)
         .max()
         .unwrap_or_else(Deadline::now);
-    let result = issue_batch(shared, link, &jobs, total, deadline).await;
+    let result = issue_batch(shared, link, &jobs, total, deadline, window, &mut slot).await;
     let kme = shared.config.kme_id.clone();
     metrics::histogram!("dqkd_issue_batch_keys", "kme" => kme.clone()).record(total as f64);
     metrics::histogram!("dqkd_issue_batch_requests_ops", "kme" => kme.clone())
@@ -359,7 +372,10 @@ async fn run_batch(shared: &Shared, link: &Link, jobs: Vec<Job>) {
                     continue;
                 };
                 let single = std::slice::from_ref(&job);
-                match issue_batch(shared, link, single, job.order.count, job.deadline).await {
+                let count = job.order.count;
+                match issue_batch(shared, link, single, count, job.deadline, window, &mut slot)
+                    .await
+                {
                     Ok(keys) => answer(shared, link, vec![job], keys).await,
                     Err(e) => {
                         let _ = job.reply.send(Err(e));
@@ -423,10 +439,18 @@ async fn issue_batch(
     jobs: &[Job],
     total: usize,
     deadline: Deadline,
+    window: &Window,
+    slot: &mut Admission,
 ) -> Result<Issued, IssueError> {
     if let ([site], true) = (link.remote.as_slice(), total <= POOL_MAX_BATCH_KEYS) {
         if let Some(slots) = shared.pools.take(site, total, link.len, shared.unix_now()) {
-            match bind_ready(shared, site, jobs, &slots, deadline).await {
+            window.awaiting_peer(slot);
+            let sent = tokio::time::Instant::now();
+            let bound = bind_ready(shared, site, jobs, &slots, deadline).await;
+            if bound.is_ok() {
+                window.acknowledged(sent.elapsed());
+            }
+            match bound {
                 Ok(keys) => return Ok(keys),
                 Err(Bound::Missed) => {}
                 Err(Bound::Failed(e)) => return Err(e),
@@ -453,7 +477,11 @@ async fn issue_batch(
                 IssueError::Internal("the key source gave no regeneration metadata".into())
             })?;
             record_in_flight(shared, request_id, &link.remote, &ids, &[]).await?;
-            deliver(shared, link, jobs, request_id, metadata, &ids, deadline).await?
+            window.awaiting_peer(slot);
+            let sent = tokio::time::Instant::now();
+            let stored = deliver(shared, link, jobs, request_id, metadata, &ids, deadline).await?;
+            window.acknowledged(sent.elapsed());
+            stored
         }
     };
 

@@ -133,6 +133,11 @@ impl Config {
         if manifest.peers.timeout_ms == 0 {
             return Err(invalid("peers.timeout_ms must be at least 1".into()));
         }
+        if manifest.peers.max_in_flight_keys == 0 {
+            return Err(invalid(
+                "peers.max_in_flight_keys must be at least 1".into(),
+            ));
+        }
         check_pools(&manifest.pools, manifest.entropy.is_empty()).map_err(invalid)?;
         site.connections
             .check()
@@ -149,6 +154,7 @@ impl Config {
             keygen: manifest.keygen,
             entropy: manifest.entropy,
             peer_timeout: Duration::from_millis(manifest.peers.timeout_ms),
+            peer_window_keys: manifest.peers.max_in_flight_keys as usize,
             pools: manifest.pools,
             master_refetch: manifest.keys.master_refetch,
             master_refetch_window: Duration::from_secs(

@@ -1,0 +1,139 @@
+//! The window of one link: how many batches may be under way toward its peer sites.
+//!
+//! Two bounds, for two different costs. *Stage* slots bound the batches in their local,
+//! CPU-bound stages (generation, the bind or deliver, the local commit): few, so that
+//! requests arriving meanwhile queue and share the next batch, which is what makes a busy
+//! loopback link fast. A *key* budget bounds the keys of all batches under way, which is
+//! memory (and the keys a caller waits on), set by `[peers] max_in_flight_keys`.
+//!
+//! On a link whose round trip is longer than the local stages take (another site tens of
+//! milliseconds away), a batch waiting for the peer's acknowledgement gives its stage slot
+//! back: the next batch forms and leaves at once, so the batches in flight grow with the
+//! bandwidth-delay product, up to the key budget, instead of four per round trip. Whether a
+//! link is such a link is learnt from its acknowledgements: the shortest of the last
+//! [`MIN_WINDOW`] (a queue at the peer lengthens acknowledgements, never shortens them).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// Batches of one link in their local stages at once: enough to overlap generation, the
+/// peer's part and the commit of consecutive batches.
+pub(super) const MAX_IN_FLIGHT: usize = 4;
+
+/// An acknowledgement at least this long means the round trip, not the local stages,
+/// bounds the link (on loopback, under full load, acknowledgements take a few milliseconds
+/// at most; 10 ms one way takes 20).
+const NETWORK_BOUND_ACK: Duration = Duration::from_millis(8);
+
+/// Acknowledgements a link must have had before it may count as far: the first ones also
+/// pay for new connections (TCP and TLS handshakes), which says nothing about the route.
+const MIN_SAMPLES: u32 = 16;
+
+/// How long a shortest acknowledgement is remembered, so that a route that got longer is
+/// noticed.
+const MIN_WINDOW: Duration = Duration::from_secs(10);
+
+/// The window of one link, shared by its batches.
+pub(super) struct Window {
+    stages: Arc<Semaphore>,
+    keys: Arc<Semaphore>,
+    ceiling: usize,
+    ack: Mutex<ShortestAck>,
+}
+
+/// The shortest acknowledgement of the current and the previous [`MIN_WINDOW`].
+struct ShortestAck {
+    samples: u32,
+    since: Instant,
+    current: Option<Duration>,
+    previous: Option<Duration>,
+}
+
+/// What a batch holds while it is under way.
+pub(super) struct Admission {
+    stage: Option<OwnedSemaphorePermit>,
+    _keys: OwnedSemaphorePermit,
+}
+
+impl Window {
+    /// A window of [`MAX_IN_FLIGHT`] stage slots and `max_keys` keys in flight.
+    pub(super) fn new(max_keys: usize) -> Self {
+        let ceiling = max_keys.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            stages: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            keys: Arc::new(Semaphore::new(ceiling)),
+            ceiling,
+            ack: Mutex::new(ShortestAck {
+                samples: 0,
+                since: Instant::now(),
+                current: None,
+                previous: None,
+            }),
+        }
+    }
+
+    /// The key budget: also the most keys one batch gathers, so that a batch fits in it.
+    pub(super) fn max_keys(&self) -> usize {
+        self.ceiling
+    }
+
+    /// Waits for a stage slot (before a batch forms, so that requests queue meanwhile).
+    pub(super) async fn stage(&self) -> Option<OwnedSemaphorePermit> {
+        self.stages.clone().acquire_owned().await.ok()
+    }
+
+    /// Waits until `keys` more keys fit in the budget (a batch larger than the whole budget
+    /// waits for all of it), and returns the batch's slot.
+    pub(super) async fn admit(
+        &self,
+        stage: OwnedSemaphorePermit,
+        keys: usize,
+    ) -> Option<Admission> {
+        let wanted = u32::try_from(keys.clamp(1, self.ceiling)).unwrap_or(u32::MAX);
+        let keys = self.keys.clone().acquire_many_owned(wanted).await.ok()?;
+        Some(Admission {
+            stage: Some(stage),
+            _keys: keys,
+        })
+    }
+
+    /// Called as a batch starts waiting for its peers: gives its stage slot back when the
+    /// link's round trip is long, so the next batch need not wait for this acknowledgement.
+    pub(super) fn awaiting_peer(&self, slot: &mut Admission) {
+        if self.network_bound() {
+            slot.stage = None;
+        }
+    }
+
+    /// Records how long a peer took to acknowledge a batch.
+    pub(super) fn acknowledged(&self, took: Duration) {
+        let mut ack = self.ack.lock().unwrap_or_else(PoisonError::into_inner);
+        if ack.since.elapsed() >= MIN_WINDOW {
+            ack.previous = ack.current.take();
+            ack.since = Instant::now();
+        }
+        ack.samples = ack.samples.saturating_add(1);
+        ack.current = Some(ack.current.map_or(took, |shortest| shortest.min(took)));
+    }
+
+    /// Whether the link's shortest recent acknowledgement shows a long round trip. Unknown
+    /// (fewer than [`MIN_SAMPLES`] acknowledgements yet) counts as short: the batch keeps
+    /// its slot, as on loopback.
+    pub(super) fn network_bound(&self) -> bool {
+        let ack = self.ack.lock().unwrap_or_else(PoisonError::into_inner);
+        if ack.samples < MIN_SAMPLES {
+            return false;
+        }
+        let shortest = match (ack.current, ack.previous) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(one) => one,
+                None => return false,
+            },
+        };
+        shortest >= NETWORK_BOUND_ACK
+    }
+}

@@ -1,0 +1,222 @@
+//! The window on a paused clock: two sites 40 ms apart (a peer that acknowledges after a
+//! round trip), a key source that answers at once.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use dqkd_store::MemoryStore;
+use tokio::time::{sleep, Duration};
+
+use super::*;
+use crate::keysource::{Batch, OsRandom};
+use crate::peer::{BindAck, DeliverAck, DestroyAck, FillAck, PeerHealth};
+
+const RTT: Duration = Duration::from_millis(80);
+const TIMEOUT: Duration = Duration::from_millis(5000);
+
+fn config(max_in_flight_keys: u32) -> Arc<Config> {
+    let manifest = toml::from_str(&format!(
+        r#"cluster = "c1"
+[peers]
+timeout_ms = 5000
+max_in_flight_keys = {max_in_flight_keys}
+[[sites]]
+kme_id = "A"
+api_addr = "127.0.0.1:1"
+peer_addr = "127.0.0.1:2"
+saes = ["alice"]
+[[sites]]
+kme_id = "B"
+api_addr = "127.0.0.1:3"
+peer_addr = "127.0.0.1:4"
+saes = ["bob"]
+"#
+    ))
+    .expect("manifest");
+    let site = toml::from_str(
+        r#"manifest = "cluster.toml"
+kme_id = "A"
+api_listen = "127.0.0.1:0"
+peer_listen = "127.0.0.1:0"
+[tls]
+ca = "ca.pem"
+cert = "kme.pem"
+key = "kme.key"
+[store]
+path = "store.redb"
+kek = "kek"
+"#,
+    )
+    .expect("site file");
+    let config = Config::from_parts(
+        manifest,
+        Path::new("cluster.toml"),
+        site,
+        Path::new("/etc/dqkd/site.toml"),
+    )
+    .expect("config");
+    Arc::new(config)
+}
+
+/// Keys from the OS RNG, with stand-in regeneration metadata so that they may cross sites
+/// (the peer here regenerates nothing).
+struct Instant0;
+
+#[async_trait::async_trait]
+impl KeySource for Instant0 {
+    async fn generate(
+        &self,
+        count: usize,
+        len: usize,
+        _: &[String],
+    ) -> Result<Batch, KeySourceError> {
+        let mut batch = OsRandom::default().generate(count, len, &[]).await?;
+        batch.metadata = Some(vec![0]);
+        Ok(batch)
+    }
+
+    async fn regenerate(&self, _: &[u8]) -> Result<Issued, KeySourceError> {
+        Err(KeySourceError::Unavailable("not in this test".into()))
+    }
+}
+
+/// Site B, one round trip away: stores every delivery, counting what is in flight at once.
+#[derive(Default)]
+struct Far {
+    messages: AtomicUsize,
+    keys: AtomicUsize,
+    most_messages: AtomicUsize,
+    most_keys: AtomicUsize,
+}
+
+impl Far {
+    fn refuse<T>(&self) -> Result<T, PeerError> {
+        Err(PeerError::Unreachable {
+            site: "B".into(),
+            reason: "not in this test".into(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Peer for Far {
+    fn site(&self) -> &str {
+        "B"
+    }
+
+    async fn deliver(
+        &self,
+        request: &DeliverRequest,
+        _: tokio::time::Instant,
+    ) -> Result<DeliverAck, PeerError> {
+        let keys: usize = request.grants.iter().map(|g| g.key_ids.len()).sum();
+        let messages = self.messages.fetch_add(1, Ordering::SeqCst) + 1;
+        let in_flight = self.keys.fetch_add(keys, Ordering::SeqCst) + keys;
+        self.most_messages.fetch_max(messages, Ordering::SeqCst);
+        self.most_keys.fetch_max(in_flight, Ordering::SeqCst);
+        sleep(RTT).await;
+        self.messages.fetch_sub(1, Ordering::SeqCst);
+        self.keys.fetch_sub(keys, Ordering::SeqCst);
+        Ok(DeliverAck {
+            request_id: request.request_id,
+            stored: keys,
+        })
+    }
+
+    async fn fill(&self, _: &FillRequest) -> Result<FillAck, PeerError> {
+        self.refuse()
+    }
+
+    async fn bind(&self, _: &BindRequest, _: tokio::time::Instant) -> Result<BindAck, PeerError> {
+        self.refuse()
+    }
+
+    async fn destroy(&self, _: &DestroyRequest) -> Result<DestroyAck, PeerError> {
+        self.refuse()
+    }
+
+    async fn health(&self) -> Result<PeerHealth, PeerError> {
+        self.refuse()
+    }
+}
+
+fn order() -> Order {
+    Order {
+        master: "alice".into(),
+        local: Vec::new(),
+        remote: BTreeMap::from([("B".to_owned(), vec!["bob".to_owned()])]),
+        count: 1,
+        len: 32,
+    }
+}
+
+/// `n` single-key requests, one every millisecond; how long each waited for its keys.
+async fn requests(issuer: &Arc<Issuer>, n: usize) -> Vec<Duration> {
+    let mut calls = Vec::new();
+    for _ in 0..n {
+        let issuer = issuer.clone();
+        calls.push(tokio::spawn(async move {
+            let arrived = Deadline::now();
+            let keys = issuer
+                .issue(order(), arrived + TIMEOUT)
+                .await
+                .expect("keys");
+            assert_eq!(keys.len(), 1);
+            arrived.elapsed()
+        }));
+        sleep(Duration::from_millis(1)).await;
+    }
+    let mut waited = Vec::new();
+    for call in calls {
+        waited.push(call.await.expect("request task"));
+    }
+    waited
+}
+
+/// Requests one after the other, until the issuer has seen enough acknowledgements to know
+/// the round trip.
+async fn learn(issuer: &Arc<Issuer>) {
+    for _ in 0..16 {
+        requests(issuer, 1).await;
+    }
+}
+
+fn issuer(max_in_flight_keys: u32) -> (Arc<Issuer>, Arc<Far>) {
+    let far = Arc::new(Far::default());
+    let peers: BTreeMap<String, Arc<dyn Peer>> =
+        BTreeMap::from([("B".to_owned(), far.clone() as _)]);
+    let issuer = Issuer::new(
+        config(max_in_flight_keys),
+        Arc::new(MemoryStore::new()),
+        Arc::new(Instant0),
+        peers,
+    );
+    (Arc::new(issuer), far)
+}
+
+/// Once the link is known to be far, a request does not wait for an earlier batch's
+/// acknowledgement: each is answered one round trip after it arrived, with more messages
+/// in flight than there are stage slots.
+#[tokio::test(start_paused = true)]
+async fn a_far_link_keeps_a_round_trip_of_messages_in_flight() {
+    let (issuer, far) = issuer(65536);
+    learn(&issuer).await;
+    let waited = requests(&issuer, 64).await;
+    let slowest = waited.iter().max().copied().unwrap_or_default();
+    assert!(slowest < RTT + RTT / 4, "a request waited {slowest:?}");
+    assert!(
+        far.most_messages.load(Ordering::SeqCst) > 4 * MAX_IN_FLIGHT,
+        "at most {} messages in flight",
+        far.most_messages.load(Ordering::SeqCst)
+    );
+}
+
+/// `[peers] max_in_flight_keys` bounds the keys under way toward the peer, round trip or not.
+#[tokio::test(start_paused = true)]
+async fn the_keys_in_flight_stay_under_the_ceiling() {
+    let (issuer, far) = issuer(8);
+    learn(&issuer).await;
+    requests(&issuer, 64).await;
+    let most = far.most_keys.load(Ordering::SeqCst);
+    assert!(most <= 8 && most > 4, "{most} keys in flight at once");
+}
