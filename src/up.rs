@@ -6,9 +6,8 @@
 //! nothing secret).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use dqkd_client::{Client, KeyRequestBody};
@@ -20,6 +19,13 @@ use dqkd_kme::{Config, Manifest, SiteFile};
 
 use crate::args::{DemoArgs, UpArgs};
 use crate::delay_proxy::DelayProxy;
+
+mod kek;
+mod links;
+
+pub use kek::LocalKek;
+use links::Advertised;
+pub use links::LinkDelays;
 
 const CLUSTER: &str = "local";
 const ENTROPY_SERVERS: usize = 3;
@@ -143,129 +149,6 @@ impl LocalStore {
                 Some(format!("{base}/{}", self.database(kme)))
             }
         }
-    }
-}
-
-/// One-way delays a local cluster puts on its internal links, each direction, through
-/// [`DelayProxy`] relays on loopback; zero connects directly.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LinkDelays {
-    /// Between the sites' KMEs (the peer API).
-    pub peer: Duration,
-    /// Between each KME and the entropy servers.
-    pub entropy: Duration,
-}
-
-/// The addresses the manifest names: each server's own listener, or the relay in front of
-/// it. Relays sit in front of the listener, so every caller of a server crosses the same
-/// delay, and identities are still checked end to end (a peer is pinned by the name the
-/// manifest gives it, not by its address).
-struct Advertised {
-    peer: Vec<SocketAddr>,
-    entropy: Vec<SocketAddr>,
-    relays: Vec<DelayProxy>,
-}
-
-impl Advertised {
-    async fn start(plan: &Plan, delays: LinkDelays) -> anyhow::Result<Self> {
-        let mut relays = Vec::new();
-        let mut peer = Vec::new();
-        for i in 0..plan.sites.len() {
-            peer.push(front(plan.peer_port(i), delays.peer, &mut relays).await?);
-        }
-        let mut entropy = Vec::new();
-        for j in 0..plan.entropy.len() {
-            entropy.push(front(plan.entropy_port(j), delays.entropy, &mut relays).await?);
-        }
-        Ok(Self {
-            peer,
-            entropy,
-            relays,
-        })
-    }
-}
-
-/// The address callers should use for the listener on `port`: a relay adding `delay` in
-/// front of it (kept in `relays`), or the listener itself when `delay` is zero.
-async fn front(
-    port: u16,
-    delay: Duration,
-    relays: &mut Vec<DelayProxy>,
-) -> anyhow::Result<SocketAddr> {
-    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    if delay.is_zero() {
-        return Ok(target);
-    }
-    let relay = DelayProxy::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), target, delay)
-        .await
-        .with_context(|| format!("starting a delay relay to {target}"))?;
-    let addr = relay.local_addr();
-    relays.push(relay);
-    Ok(addr)
-}
-
-/// Where the sites of a local cluster keep their key-encryption keys.
-#[derive(Debug, Clone, Default)]
-pub enum LocalKek {
-    /// A file per site in the state folder.
-    #[default]
-    File,
-    /// A key per site (`object=dqkd-<KME ID>`) in one PKCS#11 token, generated when missing;
-    /// the user PIN comes from `DQKD_PKCS11_PIN`.
-    Pkcs11 {
-        /// The token's label.
-        token: String,
-        /// The token's module.
-        module: PathBuf,
-    },
-}
-
-impl LocalKek {
-    /// From `--kek-pkcs11 TOKEN` and its module; a file without them.
-    pub fn from_args(token: Option<&str>, module: Option<&Path>) -> Self {
-        match (token, module) {
-            (Some(token), Some(module)) => LocalKek::Pkcs11 {
-                token: token.to_owned(),
-                module: module.to_owned(),
-            },
-            _ => LocalKek::File,
-        }
-    }
-
-    /// The `[store] kek` value of site `kme`, and its module.
-    fn for_site(&self, layout: &Layout, kme: &str) -> (PathBuf, Option<PathBuf>) {
-        match self {
-            LocalKek::File => (layout.rel(&layout.data().join(format!("{kme}.kek"))), None),
-            LocalKek::Pkcs11 { token, module } => {
-                (self.uri(token, kme).into(), Some(module.clone()))
-            }
-        }
-    }
-
-    fn uri(&self, token: &str, kme: &str) -> String {
-        format!("pkcs11:token={token};object=dqkd-{kme}")
-    }
-
-    /// Generates each site's key in the token unless it is there already.
-    fn ensure(&self, plan: &Plan) -> anyhow::Result<()> {
-        let LocalKek::Pkcs11 { token, module } = self else {
-            return Ok(());
-        };
-        let pin = std::env::var("DQKD_PKCS11_PIN")
-            .context("a KEK in a PKCS#11 token needs DQKD_PKCS11_PIN")?;
-        for (kme, _) in &plan.sites {
-            let uri = dqkd_kek_pkcs11::KekUri::parse(&self.uri(token, kme))
-                .map_err(|e| anyhow::anyhow!("token {token:?}: {e}"))?;
-            match dqkd_kek_pkcs11::generate(&dqkd_kek_pkcs11::TokenKekConfig {
-                module: module.clone(),
-                uri,
-                pin: dqkd_kek_pkcs11::Pin::new(pin.clone()),
-            }) {
-                Ok(()) | Err(dqkd_kek_pkcs11::Pkcs11Error::ObjectExists { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
     }
 }
 
