@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::cluster::{status_of, wait_level, wait_until, Cluster};
 use dqkd_client::{Client, KeyRequestBody};
-use dqkd_store::{Kek, KeyStore};
 use http::StatusCode;
 
 const TARGET: u64 = 2000;
@@ -20,24 +19,6 @@ const TARGET: u64 = 2000;
 const POOLS: &str = "[pools]\ntarget = 2000\nlow_water = 100\nbatch = 500\n";
 const LOAD_TASKS: usize = 6;
 const MAX_PER_REQUEST: u32 = 4;
-
-/// Undelivered keys of `master` for `slave` in site `kme`'s store.
-async fn pending_in_store(cluster: &Cluster, kme: &str, master: &str, slave: &str) -> u64 {
-    let dir = cluster.dir.path();
-    let kek = Kek::load(&dir.join(format!("{kme}.kek"))).expect("site KEK");
-    let store: Box<dyn KeyStore> = match common::postgres_backend() {
-        Some(_) => Box::new(
-            dqkd_store_postgres::PostgresStore::connect(&cluster.store_url(kme), kek, 2)
-                .await
-                .expect("site database"),
-        ),
-        None => Box::new(
-            dqkd_store::EmbeddedStore::open(&dir.join(format!("{kme}.redb")), kek)
-                .expect("site store"),
-        ),
-    };
-    store.pending(master, slave)
-}
 
 /// Small requests (all served from the pool) until `stop`, recording what Alice received.
 async fn load(alice: Client, received: Arc<Mutex<BTreeSet<String>>>, stop: Arc<AtomicBool>) {
@@ -142,8 +123,8 @@ async fn kill_the_holder_under_load(cluster: &mut Cluster, holder: &str, next: &
     // The embedded stores open only once their processes are gone.
     cluster.site("KME_B").kill9();
     cluster.site(next).kill9();
-    let at_b = pending_in_store(cluster, "KME_B", "alice", "bob").await;
-    let at_a = pending_in_store(cluster, "KME_A", "alice", "alice").await;
+    let at_b = cluster.pending_in_store("KME_B", "alice", "bob").await;
+    let at_a = cluster.pending_in_store("KME_A", "alice", "alice").await;
     let answer_lost = at_a
         .checked_sub(received.len() as u64 + 3)
         .expect("A holds a copy of every key Alice received");

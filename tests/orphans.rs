@@ -14,31 +14,11 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use dqkd_client::{Client, KeyRequestBody};
-use dqkd_store::{Kek, KeyStore};
 
 /// Ready-key pools on, so that small requests take the bind path and large ones deliver.
 const POOLS: &str = "[pools]\ntarget = 2000\nlow_water = 1000\nbatch = 500\n";
 const KILLS: usize = 6;
 const LOAD_TASKS: usize = 8;
-
-/// Keys of `master` that `slave` may still fetch at site `kme`, read from its store (the
-/// site must be stopped).
-async fn pending_in_store(cluster: &Cluster, kme: &str, master: &str, slave: &str) -> u64 {
-    let dir = cluster.dir.path();
-    let kek = Kek::load(&dir.join(format!("{kme}.kek"))).expect("site KEK");
-    let store: Box<dyn KeyStore> = match common::postgres_backend() {
-        Some(_) => Box::new(
-            dqkd_store_postgres::PostgresStore::connect(&cluster.store_url(kme), kek, 2)
-                .await
-                .expect("site database"),
-        ),
-        None => Box::new(
-            dqkd_store::EmbeddedStore::open(&dir.join(format!("{kme}.redb")), kek)
-                .expect("site store"),
-        ),
-    };
-    store.pending(master, slave)
-}
 
 /// One load task: Alice asks A for keys for Bob, again and again, and notes every key ID
 /// she receives. Errors (A is down, a request cut by the kill) are expected.
@@ -113,10 +93,10 @@ async fn no_orphan_keys_at_the_peer_after_kill_9_under_load() {
 
     cluster.site("KME_B").kill9();
     cluster.site("KME_A").kill9();
-    let at_b = pending_in_store(&cluster, "KME_B", "alice", "bob").await;
+    let at_b = cluster.pending_in_store("KME_B", "alice", "bob").await;
     // A's copies for Alice's refetch: every key she received, plus those A committed as
     // answered when a kill cut the answer itself.
-    let at_a = pending_in_store(&cluster, "KME_A", "alice", "alice").await;
+    let at_a = cluster.pending_in_store("KME_A", "alice", "alice").await;
     let answer_lost = at_a
         .checked_sub(received.len() as u64)
         .expect("A holds a copy of every key Alice received");

@@ -552,3 +552,25 @@ pub fn withdrawn_key_ids(log: &str) -> Vec<String> {
     }
     ids
 }
+
+impl Cluster {
+    /// Keys of `master` that `slave` may still fetch at site `kme`, read from its store
+    /// directly (the site must be stopped): what a crash test counts as left behind.
+    pub async fn pending_in_store(&self, kme: &str, master: &str, slave: &str) -> u64 {
+        use dqkd_store::{Kek, KeyStore};
+        let dir = self.dir.path();
+        let kek = Kek::load(&dir.join(format!("{kme}.kek"))).expect("site KEK");
+        let store: Box<dyn KeyStore> = match super::postgres_backend() {
+            Some(_) => Box::new(
+                dqkd_store_postgres::PostgresStore::connect(&self.store_url(kme), kek, 2)
+                    .await
+                    .expect("site database"),
+            ),
+            None => Box::new(
+                dqkd_store::EmbeddedStore::open(&dir.join(format!("{kme}.redb")), kek)
+                    .expect("site store"),
+            ),
+        };
+        store.pending(master, slave)
+    }
+}
