@@ -17,6 +17,7 @@ use anyhow::Context as _;
 use dqkd_client::{Client, KeyRequestBody};
 
 use crate::args::{BenchArgs, BenchMode};
+use crate::delay_proxy::RelayProbe;
 use crate::up::{LinkDelays, LocalCluster, LocalStore};
 
 /// What one phase measured.
@@ -31,6 +32,8 @@ struct Report {
     enc: Vec<u32>,
     dec: Vec<u32>,
     status: Vec<u32>,
+    /// Round trips of the probe relay during the phase (empty without a peer delay).
+    link_rtt: Vec<u32>,
 }
 
 /// What one worker saw (latencies in microseconds).
@@ -260,6 +263,12 @@ async fn phase(
         };
         workers.push(tokio::spawn(ctx.run()));
     }
+    let probe = (args.peer_delay_ms > 0 && mode != BenchMode::Status).then(|| {
+        tokio::spawn(probe_link(
+            Duration::from_millis(args.peer_delay_ms),
+            stop.clone(),
+        ))
+    });
     let started = Instant::now();
     let duration = Duration::from_secs_f64(args.duration);
     let progress = std::io::stderr().is_terminal();
@@ -294,6 +303,10 @@ async fn phase(
     if progress {
         eprintln!();
     }
+    let link_rtt = match probe {
+        Some(task) => task.await.context("the link probe failed")??,
+        None => Vec::new(),
+    };
     Ok(Report {
         mode,
         seconds,
@@ -305,7 +318,26 @@ async fn phase(
         enc: log.enc,
         dec: log.dec,
         status: log.status,
+        link_rtt,
     })
+}
+
+/// Pings a relay of the peer link's delay every 50 ms until `stop`, returning each round
+/// trip in microseconds: what the link itself cost during the run.
+async fn probe_link(delay: Duration, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<u32>> {
+    let mut probe = RelayProbe::start(delay)
+        .await
+        .context("starting the link probe")?;
+    let mut samples = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let took = probe
+            .ping()
+            .await
+            .context("pinging through the probe relay")?;
+        samples.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(samples)
 }
 
 struct Worker {
@@ -425,6 +457,7 @@ impl Report {
             "enc_keys": Self::latency(&self.enc),
             "dec_keys": Self::latency(&self.dec),
             "status": Self::latency(&self.status),
+            "peer_link_rtt": Self::latency(&self.link_rtt),
         })
     }
 
@@ -459,6 +492,7 @@ impl Report {
             ("enc_keys", &self.enc),
             ("dec_keys", &self.dec),
             ("status", &self.status),
+            ("link RTT", &self.link_rtt),
         ] {
             if samples.is_empty() {
                 continue;

@@ -9,17 +9,26 @@
 //! certificate. A close (or a read error) on one side is passed on after the same delay as
 //! a write shutdown, so half-closed connections stay half-closed.
 //!
+//! Release times are kept by one timer thread per relay, not by the async runtime's timer:
+//! that timer fires on whole milliseconds, after the due time, so a relay built on it added
+//! up to a millisecond each way (about 3 ms per round trip was measured at 40 ms one way).
+//! The thread sleeps to the due instant itself (the OS timer's slack is tens of
+//! microseconds), so a round trip through the relay costs 2·D plus the wake-ups.
+//!
 //! What it does not model: the TCP handshake itself (the client's `connect` returns at
 //! once; connections are kept alive, so a real link pays that round trip once per
 //! connection), loss, jitter and limited bandwidth.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
+use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -45,7 +54,8 @@ impl DelayProxy {
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
-        let accept = tokio::spawn(accept_loop(listener, target, delay));
+        let timer = PreciseTimer::start()?;
+        let accept = tokio::spawn(accept_loop(listener, target, delay, timer));
         Ok(Self { addr, accept })
     }
 
@@ -62,13 +72,18 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, target: SocketAddr, delay: Duration) {
+async fn accept_loop(
+    listener: TcpListener,
+    target: SocketAddr,
+    delay: Duration,
+    timer: PreciseTimer,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((inbound, _)) => {
-                    connections.spawn(relay(inbound, target, delay));
+                    connections.spawn(relay(inbound, target, delay, timer.clone()));
                 }
                 Err(e) => {
                     // Out of descriptors, say: the callers see refused connections and retry.
@@ -84,7 +99,7 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, delay: Duration)
 
 /// Carries one connection: the two directions run independently until each has passed on
 /// its close.
-async fn relay(inbound: TcpStream, target: SocketAddr, delay: Duration) {
+async fn relay(inbound: TcpStream, target: SocketAddr, delay: Duration, timer: PreciseTimer) {
     let outbound = match TcpStream::connect(target).await {
         Ok(s) => s,
         // The caller sees its connection closed, as it would a refused one.
@@ -95,14 +110,14 @@ async fn relay(inbound: TcpStream, target: SocketAddr, delay: Duration) {
     let (in_read, in_write) = inbound.into_split();
     let (out_read, out_write) = outbound.into_split();
     tokio::join!(
-        pipe(in_read, out_write, delay),
-        pipe(out_read, in_write, delay)
+        pipe(in_read, out_write, delay, timer.clone()),
+        pipe(out_read, in_write, delay, timer)
     );
 }
 
 /// One direction: a reader stamps each chunk with its release time, a writer releases it
 /// then. `None` stands for the close.
-async fn pipe(mut from: OwnedReadHalf, to: OwnedWriteHalf, delay: Duration) {
+async fn pipe(mut from: OwnedReadHalf, to: OwnedWriteHalf, delay: Duration, timer: PreciseTimer) {
     let (tx, rx) = mpsc::channel::<(Instant, Option<Vec<u8>>)>(QUEUED_CHUNKS);
     let read = async move {
         let mut buf = vec![0u8; CHUNK];
@@ -117,7 +132,7 @@ async fn pipe(mut from: OwnedReadHalf, to: OwnedWriteHalf, delay: Duration) {
             }
         }
     };
-    let write = release(rx, to);
+    let write = release(rx, to, timer);
     tokio::pin!(write);
     tokio::select! {
         () = read => (&mut write).await,
@@ -126,9 +141,13 @@ async fn pipe(mut from: OwnedReadHalf, to: OwnedWriteHalf, delay: Duration) {
     }
 }
 
-async fn release(mut rx: mpsc::Receiver<(Instant, Option<Vec<u8>>)>, mut to: OwnedWriteHalf) {
+async fn release(
+    mut rx: mpsc::Receiver<(Instant, Option<Vec<u8>>)>,
+    mut to: OwnedWriteHalf,
+    timer: PreciseTimer,
+) {
     while let Some((due, chunk)) = rx.recv().await {
-        tokio::time::sleep_until(due).await;
+        timer.until(due).await;
         match chunk {
             Some(bytes) => {
                 if to.write_all(&bytes).await.is_err() {
@@ -139,6 +158,142 @@ async fn release(mut rx: mpsc::Receiver<(Instant, Option<Vec<u8>>)>, mut to: Own
                 let _ = to.shutdown().await;
                 return;
             }
+        }
+    }
+}
+
+/// A round trip through a relay, measured: a small message to an echo server behind its own
+/// relay with the same delay and back. The bench pings it during a run, so the figures it
+/// reports can be set against the round trip the link really had on this machine at that
+/// time (two delays, plus the wake-ups of a loaded host), not only the nominal 2·D.
+pub struct RelayProbe {
+    stream: TcpStream,
+    _relay: DelayProxy,
+    _echo: tokio::task::JoinHandle<()>,
+}
+
+impl RelayProbe {
+    /// An echo server on loopback behind a relay of `delay`, and a connection to it.
+    pub async fn start(delay: Duration) -> std::io::Result<Self> {
+        let loopback = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        let listener = TcpListener::bind(loopback).await?;
+        let target = listener.local_addr()?;
+        let echo = tokio::spawn(async move {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                if stream.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let relay = DelayProxy::start(loopback, target, delay).await?;
+        let stream = TcpStream::connect(relay.local_addr()).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            _relay: relay,
+            _echo: echo,
+        })
+    }
+
+    /// One round trip of a 64-byte message.
+    pub async fn ping(&mut self) -> std::io::Result<Duration> {
+        let message = [0x5a_u8; 64];
+        let sent = Instant::now();
+        self.stream.write_all(&message).await?;
+        let mut back = [0u8; 64];
+        self.stream.read_exact(&mut back).await?;
+        Ok(sent.elapsed())
+    }
+}
+
+/// Wakes tasks at an instant, to the microsecond rather than the runtime timer's
+/// millisecond: one OS thread sleeps until the earliest due wake-up. The thread ends when the
+/// last handle is dropped.
+#[derive(Clone)]
+struct PreciseTimer {
+    requests: std_mpsc::Sender<(std::time::Instant, oneshot::Sender<()>)>,
+}
+
+impl PreciseTimer {
+    fn start() -> std::io::Result<Self> {
+        let (requests, incoming) = std_mpsc::channel();
+        std::thread::Builder::new()
+            .name("delay-relay-timer".into())
+            .spawn(move || timer_thread(incoming))?;
+        Ok(Self { requests })
+    }
+
+    /// Returns at `due` (at once if it has passed).
+    async fn until(&self, due: Instant) {
+        let due = due.into_std();
+        if due <= std::time::Instant::now() {
+            return;
+        }
+        let (wake, woken) = oneshot::channel();
+        if self.requests.send((due, wake)).is_err() {
+            // The thread is gone (it never ends while a handle lives): fall back.
+            tokio::time::sleep_until(due.into()).await;
+            return;
+        }
+        let _ = woken.await;
+    }
+}
+
+/// Wake-ups waiting for their instant, earliest first (ties in arrival order).
+type Due = BinaryHeap<Reverse<(std::time::Instant, u64, WakeUp)>>;
+
+/// A waiting task's wake-up; ordered by nothing (the heap orders by instant and number).
+struct WakeUp(oneshot::Sender<()>);
+
+impl PartialEq for WakeUp {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for WakeUp {}
+impl PartialOrd for WakeUp {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for WakeUp {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+fn timer_thread(incoming: std_mpsc::Receiver<(std::time::Instant, oneshot::Sender<()>)>) {
+    let mut due: Due = BinaryHeap::new();
+    let mut number = 0u64;
+    loop {
+        let now = std::time::Instant::now();
+        while let Some(Reverse((at, _, _))) = due.peek() {
+            if *at > now {
+                break;
+            }
+            if let Some(Reverse((_, _, WakeUp(wake)))) = due.pop() {
+                let _ = wake.send(());
+            }
+        }
+        let next = match due.peek() {
+            Some(Reverse((at, _, _))) => incoming.recv_timeout(at.saturating_duration_since(now)),
+            None => incoming
+                .recv()
+                .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+        };
+        match next {
+            Ok((at, wake)) => {
+                number += 1;
+                due.push(Reverse((at, number, WakeUp(wake))));
+            }
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            // Every relay task is gone: nothing can be waiting any more.
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
         }
     }
 }
@@ -276,6 +431,47 @@ mod tests {
         for (i, (_, server)) in pairs.iter_mut().enumerate() {
             let (got, _) = within("a connection", read_exact_timed(server, 10_000)).await;
             assert!(got == pattern(10_000, i as u8), "connection {i} mixed up");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_timer_wakes_each_waiter_at_its_instant_in_order() {
+        let timer = PreciseTimer::start().expect("timer thread");
+        let base = Instant::now() + Duration::from_millis(20);
+        // Asked for out of order: each must wake no earlier than its instant, earliest first.
+        let offsets_ms = [30_u64, 5, 20, 0, 10];
+        let (done, mut order) = mpsc::unbounded_channel();
+        let mut waiters = JoinSet::new();
+        for ms in offsets_ms {
+            let (timer, done) = (timer.clone(), done.clone());
+            let due = base + Duration::from_millis(ms);
+            waiters.spawn(async move {
+                timer.until(due).await;
+                let woke = Instant::now();
+                assert!(woke >= due, "woke {:?} before its instant", due - woke);
+                let _ = done.send(ms);
+            });
+        }
+        drop(done);
+        while let Some(joined) = within("the waiters", waiters.join_next()).await {
+            joined.expect("a waiter failed");
+        }
+        let mut woken = Vec::new();
+        while let Some(ms) = order.recv().await {
+            woken.push(ms);
+        }
+        assert_eq!(woken, [0, 5, 10, 20, 30], "woken out of order");
+    }
+
+    #[tokio::test]
+    async fn the_probe_measures_at_least_two_delays() {
+        let mut probe = RelayProbe::start(DELAY).await.expect("start probe");
+        for _ in 0..3 {
+            let rtt = within("a ping", probe.ping()).await.expect("ping");
+            assert!(
+                rtt >= 2 * DELAY,
+                "a round trip of {rtt:?} through two {DELAY:?} delays"
+            );
         }
     }
 
