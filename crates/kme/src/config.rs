@@ -102,8 +102,8 @@ impl Default for PeerSettings {
 /// Ready-key pools: keys generated ahead of demand for each pair of sites and already
 /// regenerated at the peer, so `enc_keys` needs one peer round trip to name their SAEs and
 /// none to the entropy servers. Pools hold keys of `limits.default_key_size`; requests for
-/// other sizes, multicast requests, same-site pairs and batches of more than 64 keys are
-/// served on demand, as is any request a pool cannot cover.
+/// other sizes, multicast requests, same-site pairs and, toward a near site, batches of more
+/// than 64 keys are served on demand, as is any request a pool cannot cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolSettings {

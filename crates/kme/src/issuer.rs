@@ -37,7 +37,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::keysource::{KeySource, KeySourceError};
 use crate::peer::{
-    BindRequest, DeliverRequest, DestroyRequest, FillRequest, Grant, Peer, PeerError,
+    self, BindRequest, DeliverRequest, DestroyRequest, FillRequest, Grant, Peer, PeerError,
 };
 use crate::pools::{LinkPool, Pools};
 use crate::ApiError;
@@ -61,16 +61,34 @@ use window::{Admission, Window};
 
 pub use error::IssueError;
 
-/// Most keys one batch carries (a single request may exceed it alone).
-const MAX_BATCH_KEYS: usize = 4096;
-
-/// Largest batch served from a ready pool. A pool saves a batch its generation round trips,
-/// which matters for small batches; a large batch amortises generation by itself, while a
-/// key from the pool costs each site's store three writes (fill, bind, take) where a fresh
-/// one costs two. Measured on 2 cores at 64 connections: 100-key requests ran at 172,474
-/// keys/s through the pool and 193,892 on demand; single-key requests (batches of up to
-/// 64) ran at 12,967 pairs/s through the pool and 10,846 on demand; 10-key requests tied.
+/// Largest batch served from a ready pool on a near link. A pool saves a batch its
+/// generation round trips, which matters for small batches; a large batch amortises
+/// generation by itself, while a key from the pool costs each site's store three writes
+/// (fill, bind, take) where a fresh one costs two. Measured on 2 cores at 64 connections:
+/// 100-key requests ran at 172,474 keys/s through the pool and 193,892 on demand;
+/// single-key requests (batches of up to 64) ran at 12,967 pairs/s through the pool and
+/// 10,846 on demand; 10-key requests tied.
 const POOL_MAX_BATCH_KEYS: usize = 64;
+
+/// On a far link, a batch of any size that fits one `bind` message is served from the
+/// ready pool: made on demand, it would add the entropy servers' round trip and the
+/// regeneration at the peer to the peer's round trip.
+fn pool_serves(far: bool, jobs: &[Job], total: usize) -> bool {
+    if far {
+        message_bytes(jobs, peer::BIND_BYTES_PER_KEY) <= peer::MAX_MESSAGE_BYTES
+    } else {
+        total <= POOL_MAX_BATCH_KEYS
+    }
+}
+
+/// Most bytes the peer message of `jobs` takes at `per_key` bytes a key.
+fn message_bytes(jobs: &[Job], per_key: usize) -> usize {
+    peer::MESSAGE_FIXED_BYTES
+        + jobs
+            .iter()
+            .map(|j| j.order.wire_bytes(per_key))
+            .sum::<usize>()
+}
 
 /// What one enc_keys request needs issued.
 #[derive(Debug, Clone)]
@@ -86,6 +104,20 @@ pub struct Order {
     pub count: usize,
     /// Key length in bytes.
     pub len: usize,
+}
+
+impl Order {
+    /// Most bytes this order adds to a peer message at `per_key` bytes a key: its keys and
+    /// its grant to the peer site with the longest list of slaves.
+    fn wire_bytes(&self, per_key: usize) -> usize {
+        let grant = self
+            .remote
+            .values()
+            .map(|slaves| peer::grant_bytes(&self.master, slaves))
+            .max()
+            .unwrap_or(0);
+        grant + self.count * per_key
+    }
 }
 
 /// Keys issued for one order.
@@ -302,11 +334,13 @@ async fn batch_loop(mut rx: mpsc::UnboundedReceiver<Job>, shared: Arc<Shared>, l
         // Requests whose deadline passed while they queued are not sent.
         let mut jobs: Vec<Job> = first.live(&shared, &link).into_iter().collect();
         let mut keys: usize = jobs.iter().map(|j| j.order.count).sum();
-        while keys < MAX_BATCH_KEYS.min(window.max_keys()) {
+        let mut bytes = message_bytes(&jobs, peer::DELIVER_BYTES_PER_KEY);
+        while keys < window.max_keys() && bytes < peer::MAX_MESSAGE_BYTES {
             match rx.try_recv() {
                 Ok(job) => {
                     if let Some(job) = job.live(&shared, &link) {
                         keys += job.order.count;
+                        bytes += job.order.wire_bytes(peer::DELIVER_BYTES_PER_KEY);
                         jobs.push(job);
                     }
                 }
@@ -442,7 +476,8 @@ async fn issue_batch(
     window: &Window,
     slot: &mut Admission,
 ) -> Result<Issued, IssueError> {
-    if let ([site], true) = (link.remote.as_slice(), total <= POOL_MAX_BATCH_KEYS) {
+    let pooled = pool_serves(window.network_bound(), jobs, total);
+    if let ([site], true) = (link.remote.as_slice(), pooled) {
         if let Some(slots) = shared.pools.take(site, total, link.len, shared.unix_now()) {
             window.awaiting_peer(slot);
             let sent = tokio::time::Instant::now();

@@ -23,6 +23,31 @@ mod https;
 
 pub use https::PeerClient;
 
+/// Largest peer message an origin builds: far under what a peer accepts
+/// ([`crate::api::MAX_PEER_BODY_BYTES`]), so no message is refused for its size, and small
+/// enough that one message does not hold a link's bandwidth for long. Batches are bounded by
+/// the bytes their message takes, not by a count of keys (a batch may pass it by the one
+/// request that closes it).
+pub const MAX_MESSAGE_BYTES: usize = 640 * 1024;
+
+/// Most bytes of a message besides its grants and keys: the request ID, the field names,
+/// the metadata's header with one range per entropy server, the replica name.
+pub const MESSAGE_FIXED_BYTES: usize = 8 * 1024;
+
+/// Most bytes one key adds to a [`DeliverRequest`]: its metadata entry in Base64 (16-byte ID,
+/// size, offset and 16-byte tag: 60 characters) and its quoted ID in a grant (39).
+pub const DELIVER_BYTES_PER_KEY: usize = 128;
+
+/// Most bytes one key adds to a [`BindRequest`]: its quoted ID in a grant (39) and its pool
+/// position (up to 20 digits and a comma).
+pub const BIND_BYTES_PER_KEY: usize = 64;
+
+/// Most bytes a [`Grant`] adds to a message besides its keys: the field names and the
+/// quoted SAE names.
+pub fn grant_bytes(master: &str, slaves: &[String]) -> usize {
+    48 + master.len() + slaves.iter().map(|s| s.len() + 3).sum::<usize>()
+}
+
 /// `POST /peer/v1/deliver`: regenerate a batch of keys and hold each for its SAEs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,4 +225,92 @@ pub trait Peer: Send + Sync {
 
     /// Whether the peer answers at all.
     async fn health(&self) -> Result<PeerHealth, PeerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The byte bounds batches are cut by must hold for the largest messages a site can
+    //! build: every key its own single-key request, SAE names of the longest allowed, the
+    //! most entropy servers, the largest positions.
+
+    use base64::Engine as _;
+    use dqkd_keygen::metadata::{BatchMetadata, KeyEntry, RangeRef, VERSION};
+
+    use super::*;
+
+    const KEYS: usize = 1000;
+
+    fn longest_name(tag: char) -> String {
+        std::iter::repeat_n(tag, dqkd_pki::MAX_NAME_LEN).collect()
+    }
+
+    /// One grant per key, each to the longest names, with two slaves.
+    fn grants() -> Vec<Grant> {
+        (0..KEYS)
+            .map(|_| Grant {
+                master: longest_name('m'),
+                slaves: vec![longest_name('s'), longest_name('t')],
+                key_ids: vec![Uuid::new_v4()],
+            })
+            .collect()
+    }
+
+    /// What the bounds allow for `grants` at `per_key` bytes a key.
+    fn allowed(grants: &[Grant], per_key: usize) -> usize {
+        MESSAGE_FIXED_BYTES
+            + grants
+                .iter()
+                .map(|g| grant_bytes(&g.master, &g.slaves) + g.key_ids.len() * per_key)
+                .sum::<usize>()
+    }
+
+    #[test]
+    fn a_deliver_message_fits_its_bound() {
+        let metadata = BatchMetadata {
+            version: VERSION,
+            n: 16,
+            c: 5,
+            ranges: (0..16_u8)
+                .map(|i| RangeRef {
+                    server_id: format!("{}{i:02}", &longest_name('e')[2..]),
+                    pool_id: [0xff; 16],
+                    offset: u64::MAX / 4,
+                    len: u64::MAX / 4,
+                })
+                .collect(),
+            expires_at_unix: u64::MAX,
+            keys: (0..KEYS)
+                .map(|i| KeyEntry {
+                    key_id: *Uuid::new_v4().as_bytes(),
+                    size_bits: 8192,
+                    block_offset: i as u64 * 1024,
+                    confirm: [0xff; 16],
+                })
+                .collect(),
+        };
+        let metadata = metadata
+            .encode()
+            .unwrap_or_else(|e| panic!("metadata: {e}"));
+        let request = DeliverRequest {
+            request_id: Uuid::new_v4(),
+            metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
+            grants: grants(),
+        };
+        let size = serde_json::to_vec(&request).expect("serialises").len();
+        let bound = allowed(&request.grants, DELIVER_BYTES_PER_KEY);
+        assert!(size <= bound, "a deliver of {size} bytes, bound {bound}");
+    }
+
+    #[test]
+    fn a_bind_message_fits_its_bound() {
+        let request = BindRequest {
+            request_id: Uuid::new_v4(),
+            grants: grants(),
+            positions: vec![u64::MAX; KEYS],
+            replica: Some(longest_name('r')),
+        };
+        let size = serde_json::to_vec(&request).expect("serialises").len();
+        let bound = allowed(&request.grants, BIND_BYTES_PER_KEY);
+        assert!(size <= bound, "a bind of {size} bytes, bound {bound}");
+    }
 }

@@ -73,11 +73,22 @@ peer_addr = "127.0.0.1:6"
 saes = ["dave"]
 "#;
 
-fn config(kme_id: &str, pools: Option<&str>) -> Config {
-    let manifest = match pools {
+fn config(kme_id: &str, pools: Option<&str>, max_keys: Option<u32>) -> Config {
+    let mut manifest = match pools {
         Some(section) => format!("{MANIFEST}[pools]\n{section}\n"),
         None => MANIFEST.to_owned(),
     };
+    if let Some(max) = max_keys {
+        manifest = manifest
+            .replace(
+                "max_key_per_request = 16",
+                &format!("max_key_per_request = {max}"),
+            )
+            .replace(
+                "max_key_count = 40",
+                &format!("max_key_count = {}", 10 * max),
+            );
+    }
     let manifest = toml::from_str(&manifest).expect("manifest");
     let site = toml::from_str(&format!(
         r#"manifest = "cluster.toml"
@@ -120,15 +131,21 @@ pub struct Cluster {
 impl Cluster {
     /// Three sites making keys on demand.
     pub async fn new() -> Self {
-        Self::build(None).await
+        Self::build(None, None).await
     }
 
     /// Three sites keeping ready-key pools as `section` (the manifest's `[pools]`) says.
     pub async fn with_pools(section: &str) -> Self {
-        Self::build(Some(section)).await
+        Self::build(Some(section), None).await
     }
 
-    async fn build(pools: Option<&str>) -> Self {
+    /// Pools as `section` says, requests of up to `max_keys` keys and ten times that many
+    /// waiting per pair of SAEs.
+    pub async fn with_pools_and_max_keys(section: &str, max_keys: u32) -> Self {
+        Self::build(Some(section), Some(max_keys)).await
+    }
+
+    async fn build(pools: Option<&str>, max_keys: Option<u32>) -> Self {
         let ids = ["A", "B", "C"];
         let clock = Arc::new(TokioClock::starting_at(EPOCH));
         // Inboxes exist before the services that use them: each site's peers call into the
@@ -137,7 +154,7 @@ impl Cluster {
             ids.iter().map(|id| (*id, Arc::default())).collect();
         let mut sites = BTreeMap::new();
         for (n, id) in ids.iter().enumerate() {
-            let config = Arc::new(config(id, pools).with_clock(clock.clone()));
+            let config = Arc::new(config(id, pools, max_keys).with_clock(clock.clone()));
             let store = Arc::new(MemoryStore::new());
             let mut peers = BTreeMap::new();
             for other in ids.iter().filter(|o| *o != id) {

@@ -2,6 +2,7 @@
 //! through `api::router` with `oneshot`, on tokio's paused clock. No ports, no sleeps: time
 //! moves only when every task waits, so deadlines, retries and TTLs pass in milliseconds.
 
+mod far;
 mod faults;
 mod harness;
 mod memory;
