@@ -12,6 +12,11 @@
 //! bandwidth-delay product, up to the key budget, instead of four per round trip. Whether a
 //! link is such a link is learnt from its acknowledgements: the shortest of the last
 //! [`MIN_WINDOW`] (a queue at the peer lengthens acknowledgements, never shortens them).
+//!
+//! Generation is the same kind of wait when the entropy servers are far: a batch spends
+//! their round trip waiting for its allocations. It is learnt the same way, from how long
+//! generations take, and a batch on a link whose entropy is far gives its slot back while
+//! it waits for entropy, so the allocations of consecutive batches overlap.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -23,8 +28,8 @@ use tokio::time::Instant;
 /// peer's part and the commit of consecutive batches.
 pub(super) const MAX_IN_FLIGHT: usize = 4;
 
-/// An acknowledgement at least this long means the round trip, not the local stages,
-/// bounds the link. Measured on 2 cores: at 8 ms a loopback link at 256 connections, whose
+/// An acknowledgement (or a generation) at least this long means the round trip, not the
+/// local stages, bounds the link. Measured on 2 cores: at 8 ms a loopback link at 256 connections, whose
 /// acknowledgements queue behind the CPU, counted as far and lost 40% of its pairs/s; at 20
 /// ms it did not, while links 10 ms or more away one way (RTT 20 ms) still count as far.
 const NETWORK_BOUND_ACK: Duration = Duration::from_millis(20);
@@ -42,11 +47,13 @@ pub(super) struct Window {
     stages: Arc<Semaphore>,
     keys: Arc<Semaphore>,
     ceiling: usize,
-    ack: Mutex<ShortestAck>,
+    ack: Mutex<Shortest>,
+    entropy: Mutex<Shortest>,
 }
 
-/// The shortest acknowledgement of the current and the previous [`MIN_WINDOW`].
-struct ShortestAck {
+/// The shortest wait (for an acknowledgement, or for a generation) of the current and the
+/// previous [`MIN_WINDOW`].
+struct Shortest {
     samples: u32,
     since: Instant,
     current: Option<Duration>,
@@ -67,12 +74,8 @@ impl Window {
             stages: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             keys: Arc::new(Semaphore::new(ceiling)),
             ceiling,
-            ack: Mutex::new(ShortestAck {
-                samples: 0,
-                since: Instant::now(),
-                current: None,
-                previous: None,
-            }),
+            ack: Mutex::new(Shortest::new()),
+            entropy: Mutex::new(Shortest::new()),
         }
     }
 
@@ -109,26 +112,67 @@ impl Window {
         }
     }
 
+    /// Called as a batch starts generating: gives its stage slot back when the link's
+    /// entropy servers are far, so the next batch's allocations need not wait for these.
+    pub(super) fn awaiting_entropy(&self, slot: &mut Admission) {
+        if self.entropy_bound() {
+            slot.stage = None;
+        }
+    }
+
     /// Records how long a peer took to acknowledge a batch.
     pub(super) fn acknowledged(&self, took: Duration) {
-        let mut ack = self.ack.lock().unwrap_or_else(PoisonError::into_inner);
-        if ack.since.elapsed() >= MIN_WINDOW {
-            ack.previous = ack.current.take();
-            ack.since = Instant::now();
-        }
-        ack.samples = ack.samples.saturating_add(1);
-        ack.current = Some(ack.current.map_or(took, |shortest| shortest.min(took)));
+        lock(&self.ack).record(took);
+    }
+
+    /// Records how long a batch's generation took (entropy allocations and extraction).
+    pub(super) fn generated(&self, took: Duration) {
+        lock(&self.entropy).record(took);
     }
 
     /// Whether the link's shortest recent acknowledgement shows a long round trip. Unknown
     /// (fewer than [`MIN_SAMPLES`] acknowledgements yet) counts as short: the batch keeps
     /// its slot, as on loopback.
     pub(super) fn network_bound(&self) -> bool {
-        let ack = self.ack.lock().unwrap_or_else(PoisonError::into_inner);
-        if ack.samples < MIN_SAMPLES {
+        lock(&self.ack).long()
+    }
+
+    /// Whether the link's shortest recent generation shows far entropy servers; unknown
+    /// counts as near, as for acknowledgements.
+    pub(super) fn entropy_bound(&self) -> bool {
+        lock(&self.entropy).long()
+    }
+}
+
+fn lock(shortest: &Mutex<Shortest>) -> std::sync::MutexGuard<'_, Shortest> {
+    shortest.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shortest {
+    fn new() -> Self {
+        Self {
+            samples: 0,
+            since: Instant::now(),
+            current: None,
+            previous: None,
+        }
+    }
+
+    fn record(&mut self, took: Duration) {
+        if self.since.elapsed() >= MIN_WINDOW {
+            self.previous = self.current.take();
+            self.since = Instant::now();
+        }
+        self.samples = self.samples.saturating_add(1);
+        self.current = Some(self.current.map_or(took, |shortest| shortest.min(took)));
+    }
+
+    /// At least [`MIN_SAMPLES`] waits, and the shortest recent one is long.
+    fn long(&self) -> bool {
+        if self.samples < MIN_SAMPLES {
             return false;
         }
-        let shortest = match (ack.current, ack.previous) {
+        let shortest = match (self.current, self.previous) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => match a.or(b) {
                 Some(one) => one,
