@@ -107,6 +107,7 @@ kek = "kek"
 pub struct Site {
     pub service: Arc<KeyService>,
     pub store: Arc<MemoryStore>,
+    pub source: Arc<DetSource>,
     /// This site's view of each peer, by KME ID.
     pub peers: BTreeMap<String, Arc<Faulty>>,
 }
@@ -120,15 +121,20 @@ pub struct Cluster {
 impl Cluster {
     /// Three sites making keys on demand.
     pub async fn new() -> Self {
-        Self::build(None).await
+        Self::build(None, Duration::ZERO).await
     }
 
     /// Three sites keeping ready-key pools as `section` (the manifest's `[pools]`) says.
     pub async fn with_pools(section: &str) -> Self {
-        Self::build(Some(section)).await
+        Self::build(Some(section), Duration::ZERO).await
     }
 
-    async fn build(pools: Option<&str>) -> Self {
+    /// Three sites whose every regeneration of a peer's keys takes `regeneration`.
+    pub async fn with_slow_regeneration(regeneration: Duration) -> Self {
+        Self::build(None, regeneration).await
+    }
+
+    async fn build(pools: Option<&str>, regeneration: Duration) -> Self {
         let ids = ["A", "B", "C"];
         let clock = Arc::new(TokioClock::starting_at(EPOCH));
         // Inboxes exist before the services that use them: each site's peers call into the
@@ -152,8 +158,13 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone() as Arc<dyn Peer>))
                 .collect();
-            let source = Arc::new(DetSource::new(n as u64 + 1));
-            let service = Arc::new(KeyService::new(config, store.clone(), source, as_peers));
+            let source = Arc::new(DetSource::new(n as u64 + 1, regeneration));
+            let service = Arc::new(KeyService::new(
+                config,
+                store.clone(),
+                source.clone(),
+                as_peers,
+            ));
             let inbox = service.inbox();
             *slots[id].0.lock().unwrap_or_else(PoisonError::into_inner) = Some(inbox.clone());
             sites.insert(
@@ -161,6 +172,7 @@ impl Cluster {
                 Site {
                     service,
                     store,
+                    source,
                     peers,
                 },
             );
