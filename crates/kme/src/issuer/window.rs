@@ -10,8 +10,8 @@
 //! milliseconds away), a batch waiting for the peer's acknowledgement gives its stage slot
 //! back: the next batch forms and leaves at once, so the batches in flight grow with the
 //! bandwidth-delay product, up to the key budget, instead of four per round trip. Whether a
-//! link is such a link is learnt from its acknowledgements: the shortest of the last
-//! [`MIN_WINDOW`] (a queue at the peer lengthens acknowledgements, never shortens them).
+//! link is such a link is learnt from its acknowledgements: the shortest of the last 10 to
+//! 20 s (a queue at the peer lengthens acknowledgements, never shortens them).
 //!
 //! Generation is the same kind of wait when the entropy servers are far: a batch spends
 //! their round trip waiting for its allocations. It is learnt the same way, from how long
@@ -22,25 +22,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+
+use crate::shortest::Shortest;
 
 /// Batches of one link in their local stages at once: enough to overlap generation, the
 /// peer's part and the commit of consecutive batches.
 pub(super) const MAX_IN_FLIGHT: usize = 4;
-
-/// An acknowledgement (or a generation) at least this long means the round trip, not the
-/// local stages, bounds the link. Measured on 2 cores: at 8 ms a loopback link at 256 connections, whose
-/// acknowledgements queue behind the CPU, counted as far and lost 40% of its pairs/s; at 20
-/// ms it did not, while links 10 ms or more away one way (RTT 20 ms) still count as far.
-const NETWORK_BOUND_ACK: Duration = Duration::from_millis(20);
-
-/// Acknowledgements a link must have had before it may count as far: the first ones also
-/// pay for new connections (TCP and TLS handshakes), which says nothing about the route.
-const MIN_SAMPLES: u32 = 16;
-
-/// How long a shortest acknowledgement is remembered, so that a route that got longer is
-/// noticed.
-const MIN_WINDOW: Duration = Duration::from_secs(10);
 
 /// The window of one link, shared by its batches.
 pub(super) struct Window {
@@ -49,15 +36,6 @@ pub(super) struct Window {
     ceiling: usize,
     ack: Mutex<Shortest>,
     entropy: Mutex<Shortest>,
-}
-
-/// The shortest wait (for an acknowledgement, or for a generation) of the current and the
-/// previous [`MIN_WINDOW`].
-struct Shortest {
-    samples: u32,
-    since: Instant,
-    current: Option<Duration>,
-    previous: Option<Duration>,
 }
 
 /// What a batch holds while it is under way.
@@ -74,8 +52,8 @@ impl Window {
             stages: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             keys: Arc::new(Semaphore::new(ceiling)),
             ceiling,
-            ack: Mutex::new(Shortest::new()),
-            entropy: Mutex::new(Shortest::new()),
+            ack: Mutex::new(Shortest::default()),
+            entropy: Mutex::new(Shortest::default()),
         }
     }
 
@@ -131,54 +109,19 @@ impl Window {
     }
 
     /// Whether the link's shortest recent acknowledgement shows a long round trip. Unknown
-    /// (fewer than [`MIN_SAMPLES`] acknowledgements yet) counts as short: the batch keeps
+    /// (fewer than 16 acknowledgements yet) counts as short: the batch keeps
     /// its slot, as on loopback.
     pub(super) fn network_bound(&self) -> bool {
-        lock(&self.ack).long()
+        lock(&self.ack).far()
     }
 
     /// Whether the link's shortest recent generation shows far entropy servers; unknown
     /// counts as near, as for acknowledgements.
     pub(super) fn entropy_bound(&self) -> bool {
-        lock(&self.entropy).long()
+        lock(&self.entropy).far()
     }
 }
 
 fn lock(shortest: &Mutex<Shortest>) -> std::sync::MutexGuard<'_, Shortest> {
     shortest.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-impl Shortest {
-    fn new() -> Self {
-        Self {
-            samples: 0,
-            since: Instant::now(),
-            current: None,
-            previous: None,
-        }
-    }
-
-    fn record(&mut self, took: Duration) {
-        if self.since.elapsed() >= MIN_WINDOW {
-            self.previous = self.current.take();
-            self.since = Instant::now();
-        }
-        self.samples = self.samples.saturating_add(1);
-        self.current = Some(self.current.map_or(took, |shortest| shortest.min(took)));
-    }
-
-    /// At least [`MIN_SAMPLES`] waits, and the shortest recent one is long.
-    fn long(&self) -> bool {
-        if self.samples < MIN_SAMPLES {
-            return false;
-        }
-        let shortest = match (self.current, self.previous) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => match a.or(b) {
-                Some(one) => one,
-                None => return false,
-            },
-        };
-        shortest >= NETWORK_BOUND_ACK
-    }
 }
