@@ -20,10 +20,15 @@ use tokio::time::Instant;
 
 use crate::shortest::Shortest;
 
-/// Sets kept ahead per reader set.
-pub(super) const DEPTH: usize = 2;
-/// Largest range a stocked set holds: larger batches allocate for themselves.
+/// Sets kept (or being made) ahead per reader set: about the batches that start in one
+/// entropy round trip on a busy link, so that most of them find a set.
+pub(super) const DEPTH: usize = 16;
+/// Largest range a stocked set holds: larger batches allocate for themselves. With
+/// [`DEPTH`], at most 1 MiB per server and reader set.
 pub(super) const MAX_RANGE: u64 = 64 * 1024;
+/// Smallest range a stocked set holds, so that batches of a few keys, whose sizes vary
+/// with the load, can use each other's sets; any batch up to this size may take one.
+pub(super) const MIN_RANGE: u64 = 2 * 1024;
 /// How long a set may wait in the stock before it is dropped unused.
 pub(super) const MAX_HOLD: Duration = Duration::from_secs(10);
 /// A set is used only while its ranges live at least this long at their servers, so that
@@ -93,7 +98,8 @@ impl Stock {
         self.always || lock(&self.allocations).far()
     }
 
-    /// Takes a set for `readers` whose ranges hold `need` to `2 × need` bytes, dropping
+    /// Takes a set for `readers` whose ranges hold `need` to `2 × need` bytes (or up to
+    /// [`MIN_RANGE`] for a smaller need), dropping
     /// stale sets, and sets from a server `usable` refuses (one failing now), on the way.
     /// The set leaves the stock: no other batch can have it.
     pub(super) fn take(
@@ -105,11 +111,14 @@ impl Stock {
     ) -> Option<Set> {
         let mut shelves = lock(&self.shelves);
         let shelf = shelves.entry(readers.to_vec()).or_default();
-        shelf.want = need.checked_next_power_of_two().unwrap_or(u64::MAX);
+        shelf.want = need
+            .checked_next_power_of_two()
+            .unwrap_or(u64::MAX)
+            .max(MIN_RANGE);
         shelf
             .sets
             .retain(|set| set.fresh(now_unix) && set.allocations.iter().all(&usable));
-        let fits = need..=need.saturating_mul(2);
+        let fits = need..=need.saturating_mul(2).max(MIN_RANGE);
         let index = shelf
             .sets
             .iter()
