@@ -22,9 +22,9 @@ use crate::shortest::Shortest;
 
 /// Sets kept (or being made) ahead per reader set: about the batches that start in one
 /// entropy round trip on a busy link, so that most of them find a set.
-pub(super) const DEPTH: usize = 16;
+pub(super) const DEPTH: usize = 32;
 /// Largest range a stocked set holds: larger batches allocate for themselves. With
-/// [`DEPTH`], at most 1 MiB per server and reader set.
+/// [`DEPTH`], at most 2 MiB per server and reader set.
 pub(super) const MAX_RANGE: u64 = 64 * 1024;
 /// Smallest range a stocked set holds, so that batches of a few keys, whose sizes vary
 /// with the load, can use each other's sets; any batch up to this size may take one.
@@ -98,7 +98,7 @@ impl Stock {
         self.always || lock(&self.allocations).far()
     }
 
-    /// Takes a set for `readers` whose ranges hold `need` to `2 × need` bytes (or up to
+    /// Takes a set for `readers` whose ranges hold `need` to `4 × need` bytes (or up to
     /// [`MIN_RANGE`] for a smaller need), dropping
     /// stale sets, and sets from a server `usable` refuses (one failing now), on the way.
     /// The set leaves the stock: no other batch can have it.
@@ -118,7 +118,7 @@ impl Stock {
         shelf
             .sets
             .retain(|set| set.fresh(now_unix) && set.allocations.iter().all(&usable));
-        let fits = need..=need.saturating_mul(2).max(MIN_RANGE);
+        let fits = need..=need.saturating_mul(4).max(MIN_RANGE);
         let index = shelf
             .sets
             .iter()

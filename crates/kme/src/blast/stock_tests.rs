@@ -79,10 +79,10 @@ async fn a_set_from_a_failing_server_is_dropped_not_used() {
 async fn only_a_set_of_the_right_size_is_used() {
     let big = 4 * MIN_RANGE;
     let stock = stocked(set(big, NOW + 300));
-    // Too short for the batch; more than twice what it needs.
+    // Too short for the batch; more than four times what it needs.
     assert!(stock.take(&readers(), big + 1, NOW, |_| true).is_none());
-    assert!(stock.take(&readers(), big / 2 - 1, NOW, |_| true).is_none());
-    assert!(stock.take(&readers(), big / 2, NOW, |_| true).is_some());
+    assert!(stock.take(&readers(), big / 4 - 1, NOW, |_| true).is_none());
+    assert!(stock.take(&readers(), big / 4, NOW, |_| true).is_some());
     // Below MIN_RANGE any smaller batch may take a set.
     let stock = stocked(set(MIN_RANGE, NOW + 300));
     assert!(stock.take(&readers(), 1, NOW, |_| true).is_some());
