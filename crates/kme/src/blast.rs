@@ -322,7 +322,9 @@ impl Blast {
             .checked_mul(count)
             .ok_or_else(|| KeySourceError::Unavailable("batch too large".into()))?;
         let allocations = self.ranges(range_len as u64, readers, deadline).await?;
-        // A stocked range may be longer than this batch needs: its keys use the front.
+        // A stocked range may be longer than this batch needs: its keys use the front. Each
+        // holds at least `range_len` bytes (the stock checks a set's length, and the client
+        // checks that a body is as long as its range).
         let ranges: Vec<&[u8]> = allocations.iter().map(|a| &a.bytes[..range_len]).collect();
         let mut out = Zeroizing::new(vec![0u8; material * count]);
         self.extractor
