@@ -12,6 +12,7 @@
 //! expiry at the server. Its bytes are zeroised when a set is dropped, used or not.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -77,6 +78,8 @@ pub(super) struct Stock {
     allocations: Mutex<Shortest>,
     /// Makes sets ahead whatever the round trip (tests of the stocked path).
     always: bool,
+    /// What [`Stock::far`] last said, to log when it changes.
+    was_far: AtomicBool,
 }
 
 impl Stock {
@@ -95,7 +98,15 @@ impl Stock {
 
     /// Whether allocations take a long round trip, so that making them ahead pays.
     pub(super) fn far(&self) -> bool {
-        self.always || lock(&self.allocations).far()
+        let far = self.always || lock(&self.allocations).far();
+        if self.was_far.swap(far, Ordering::Relaxed) != far {
+            if far {
+                tracing::info!("entropy allocations take 20 ms or more: allocating ranges ahead");
+            } else {
+                tracing::info!("entropy allocations are quick again: no ranges allocated ahead");
+            }
+        }
+        far
     }
 
     /// Takes a set for `readers` whose ranges hold `need` to `4 × need` bytes (or up to
