@@ -4,6 +4,9 @@
 //! One batch costs one allocation per server, however many keys it holds. A server that
 //! does not answer is skipped for another (any `n` healthy servers of those configured),
 //! and is tried last for a while so that one dead server does not slow every request.
+//! When allocations take a long round trip (servers tens of milliseconds away), a few
+//! are made ahead per reader set ([`stock`]), so that a small batch usually finds its
+//! ranges here.
 //!
 //! Every block received from a server runs the SP 800-90B repetition count test
 //! ([`dqkd_entropy::health`], cutoff 11 equal bytes in a row) before it is used. A server
@@ -14,7 +17,7 @@
 //! the cutoff cannot fail the test.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dqkd_entropy::client::{Allocation, EntropyClient};
@@ -29,6 +32,10 @@ use zeroize::Zeroizing;
 
 use crate::keysource::{Batch, KeySource, KeySourceError};
 
+mod stock;
+
+use stock::{Set, Stock};
+
 /// How long a server that failed is tried only after the others.
 const PENALTY: Duration = Duration::from_secs(10);
 
@@ -41,10 +48,18 @@ struct Server {
 
 /// The BLAST-style generator of one KME.
 pub struct Blast {
-    servers: Vec<Server>,
+    servers: Arc<Servers>,
+    stock: Arc<Stock>,
     extractor: Extractor,
     n: u8,
     c: u8,
+}
+
+/// The configured servers and how to choose `n` of them; shared with the tasks that
+/// allocate ahead.
+struct Servers {
+    servers: Vec<Server>,
+    n: u8,
     /// Rotates the first choice so that load spreads over all servers.
     next: AtomicUsize,
 }
@@ -65,22 +80,37 @@ impl Blast {
                 servers.len()
             )));
         }
+        let servers = servers
+            .into_iter()
+            .map(|(id, client)| Server {
+                id,
+                client,
+                failed_at: Mutex::new(None),
+            })
+            .collect();
         Ok(Self {
-            servers: servers
-                .into_iter()
-                .map(|(id, client)| Server {
-                    id,
-                    client,
-                    failed_at: Mutex::new(None),
-                })
-                .collect(),
+            servers: Arc::new(Servers {
+                servers,
+                n,
+                next: AtomicUsize::new(0),
+            }),
+            stock: Arc::new(Stock::default()),
             extractor,
             n,
             c,
-            next: AtomicUsize::new(0),
         })
     }
 
+    /// Makes allocations ahead whatever their round trip, not only when they are slow:
+    /// lets tests exercise stocked ranges with servers on loopback.
+    #[doc(hidden)]
+    pub fn allocating_ahead_always(mut self) -> Self {
+        self.stock = Arc::new(Stock::always());
+        self
+    }
+}
+
+impl Servers {
     /// Server indices in the order to try them: a rotating start, recently failed ones last.
     fn candidates(&self) -> Vec<usize> {
         let count = self.servers.len();
@@ -210,6 +240,68 @@ impl Blast {
         got.sort_by_key(|(index, _)| *index);
         Ok(got.into_iter().map(|(_, a)| a).collect())
     }
+}
+
+impl Blast {
+    /// `n` ranges of at least `len` bytes for `readers`: a stocked set when one fits, else
+    /// allocated now (giving up at `deadline`). Either way a set is made ahead to replace it
+    /// while allocations are slow.
+    async fn ranges(
+        &self,
+        len: u64,
+        readers: &[String],
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Vec<Allocation>, KeySourceError> {
+        let servers = &self.servers;
+        let stocked = self.stock.take(readers, len, unix_now(), |a| {
+            !servers
+                .servers
+                .iter()
+                .position(|s| s.id == a.server_id)
+                .is_some_and(|index| servers.penalised(index))
+        });
+        let allocations = match stocked {
+            Some(set) => Ok(set.allocations),
+            None => {
+                let asked = tokio::time::Instant::now();
+                let allocated = self.servers.allocate(len, readers, deadline).await;
+                if allocated.is_ok() {
+                    self.stock.allocated(asked.elapsed());
+                }
+                allocated
+            }
+        };
+        self.restock(readers);
+        allocations
+    }
+
+    /// Starts making a set ahead for `readers` when allocations are slow and the stock has
+    /// room. It goes through the same allocation as a batch's own: health test on every
+    /// block, failed servers replaced by spares.
+    fn restock(&self, readers: &[String]) {
+        if !self.stock.far() {
+            return;
+        }
+        let Some(len) = self.stock.reserve(readers) else {
+            return;
+        };
+        let (servers, stock, readers) =
+            (self.servers.clone(), self.stock.clone(), readers.to_vec());
+        tokio::spawn(async move {
+            let asked = tokio::time::Instant::now();
+            let set = match servers.allocate(len, &readers, None).await {
+                Ok(allocations) => {
+                    stock.allocated(asked.elapsed());
+                    Some(Set::new(allocations))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "allocating ahead failed");
+                    None
+                }
+            };
+            stock.put(&readers, set);
+        });
+    }
 
     /// `count` keys of `len` bytes for `readers`; allocation gives up at `deadline`.
     async fn generate_until(
@@ -229,8 +321,11 @@ impl Blast {
         let range_len = block
             .checked_mul(count)
             .ok_or_else(|| KeySourceError::Unavailable("batch too large".into()))?;
-        let allocations = self.allocate(range_len as u64, readers, deadline).await?;
-        let ranges: Vec<&[u8]> = allocations.iter().map(|a| a.bytes.as_slice()).collect();
+        let allocations = self.ranges(range_len as u64, readers, deadline).await?;
+        // A stocked range may be longer than this batch needs: its keys use the front. Each
+        // holds at least `range_len` bytes (the stock checks a set's length, and the client
+        // checks that a body is as long as its range).
+        let ranges: Vec<&[u8]> = allocations.iter().map(|a| &a.bytes[..range_len]).collect();
         let mut out = Zeroizing::new(vec![0u8; material * count]);
         self.extractor
             .extract_batch(&ranges, material, count, &mut out)
@@ -313,6 +408,7 @@ impl KeySource for Blast {
         let mut reads = JoinSet::new();
         for (j, range) in meta.ranges.iter().enumerate() {
             let server = self
+                .servers
                 .servers
                 .iter()
                 .find(|s| s.id == range.server_id)
@@ -398,6 +494,13 @@ impl KeySource for Blast {
 /// The SP 800-90B repetition count test over one block, fresh for each block.
 fn repetition_count(block: &[u8]) -> Result<(), HealthFailure> {
     RepetitionCount::new().feed(block)
+}
+
+/// The Unix time on this machine, to compare with the servers' expiry times.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn unhealthy(server: &str, failure: HealthFailure) -> String {

@@ -492,6 +492,8 @@ async fn issue_batch(
             }
         }
     }
+    window.awaiting_entropy(slot);
+    let asked = tokio::time::Instant::now();
     let batch = shared
         .source
         .generate_by(total, link.len, &link.remote, deadline)
@@ -503,6 +505,7 @@ async fn issue_batch(
                 e.into()
             }
         })?;
+    window.generated(asked.elapsed());
     let ids: Vec<Uuid> = batch.keys.iter().map(|(id, _)| *id).collect();
     let request_id = Uuid::new_v4();
     let stored = match PeersStored::no_peers(&link.remote) {

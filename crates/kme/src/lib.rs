@@ -26,6 +26,7 @@ pub mod pools;
 mod scope;
 pub mod server;
 pub mod service;
+mod shortest;
 pub mod status;
 pub mod telemetry;
 

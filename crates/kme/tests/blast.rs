@@ -418,3 +418,36 @@ fn pinned(ca: &Path, cert: &Path, key: &Path, server: &str) -> dqkd_net::PinnedC
     dqkd_net::OutgoingTls::single(&files, KeyExchange::HybridOnly, server, Versions::Any)
         .expect("client")
 }
+
+/// With allocations made ahead, a small batch soon finds its ranges already here: each a
+/// range longer than the batch needs, which the peer reads whole and derives the same keys
+/// from. No range serves two batches.
+#[tokio::test]
+async fn a_batch_uses_ranges_made_ahead_and_the_peer_derives_the_same_keys() {
+    let cluster = Cluster::start(3, "", &[]).await;
+    let a = cluster.blast("KME_A").allocating_ahead_always();
+    let b = cluster.blast("KME_B");
+    let len = 32;
+    let need = dqkd_keygen::metadata::key_block_len(len, N, C).expect("block") as u64;
+    let mut seen = std::collections::HashSet::new();
+    let mut from_stock = 0;
+    for _ in 0..50 {
+        let batch = a.generate(1, len, &to_b()).await.unwrap();
+        let meta = dqkd_keygen::metadata::decode(metadata(&batch)).expect("metadata");
+        for range in &meta.ranges {
+            let fresh = seen.insert((range.server_id.clone(), range.pool_id, range.offset));
+            assert!(fresh, "range {range:?} served two batches");
+        }
+        // A range allocated for the batch is exactly its size; a stocked one is longer.
+        if meta.ranges.iter().all(|r| r.len > need) {
+            from_stock += 1;
+        }
+        let regenerated = b.regenerate(metadata(&batch)).await.unwrap();
+        assert_same_keys(&batch, &regenerated);
+        if from_stock == 3 {
+            break;
+        }
+    }
+    assert_eq!(from_stock, 3, "batches that found their ranges made ahead");
+    cluster.stop().await;
+}

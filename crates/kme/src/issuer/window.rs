@@ -10,47 +10,32 @@
 //! milliseconds away), a batch waiting for the peer's acknowledgement gives its stage slot
 //! back: the next batch forms and leaves at once, so the batches in flight grow with the
 //! bandwidth-delay product, up to the key budget, instead of four per round trip. Whether a
-//! link is such a link is learnt from its acknowledgements: the shortest of the last
-//! [`MIN_WINDOW`] (a queue at the peer lengthens acknowledgements, never shortens them).
+//! link is such a link is learnt from its acknowledgements: the shortest of the last 10 to
+//! 20 s (a queue at the peer lengthens acknowledgements, never shortens them).
+//!
+//! Generation is the same kind of wait when the entropy servers are far: a batch spends
+//! their round trip waiting for its allocations. It is learnt the same way, from how long
+//! generations take, and a batch on a link whose entropy is far gives its slot back while
+//! it waits for entropy, so the allocations of consecutive batches overlap.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+
+use crate::shortest::Shortest;
 
 /// Batches of one link in their local stages at once: enough to overlap generation, the
 /// peer's part and the commit of consecutive batches.
 pub(super) const MAX_IN_FLIGHT: usize = 4;
-
-/// An acknowledgement at least this long means the round trip, not the local stages,
-/// bounds the link. Measured on 2 cores: at 8 ms a loopback link at 256 connections, whose
-/// acknowledgements queue behind the CPU, counted as far and lost 40% of its pairs/s; at 20
-/// ms it did not, while links 10 ms or more away one way (RTT 20 ms) still count as far.
-const NETWORK_BOUND_ACK: Duration = Duration::from_millis(20);
-
-/// Acknowledgements a link must have had before it may count as far: the first ones also
-/// pay for new connections (TCP and TLS handshakes), which says nothing about the route.
-const MIN_SAMPLES: u32 = 16;
-
-/// How long a shortest acknowledgement is remembered, so that a route that got longer is
-/// noticed.
-const MIN_WINDOW: Duration = Duration::from_secs(10);
 
 /// The window of one link, shared by its batches.
 pub(super) struct Window {
     stages: Arc<Semaphore>,
     keys: Arc<Semaphore>,
     ceiling: usize,
-    ack: Mutex<ShortestAck>,
-}
-
-/// The shortest acknowledgement of the current and the previous [`MIN_WINDOW`].
-struct ShortestAck {
-    samples: u32,
-    since: Instant,
-    current: Option<Duration>,
-    previous: Option<Duration>,
+    ack: Mutex<Shortest>,
+    entropy: Mutex<Shortest>,
 }
 
 /// What a batch holds while it is under way.
@@ -67,12 +52,8 @@ impl Window {
             stages: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             keys: Arc::new(Semaphore::new(ceiling)),
             ceiling,
-            ack: Mutex::new(ShortestAck {
-                samples: 0,
-                since: Instant::now(),
-                current: None,
-                previous: None,
-            }),
+            ack: Mutex::new(Shortest::default()),
+            entropy: Mutex::new(Shortest::default()),
         }
     }
 
@@ -109,32 +90,38 @@ impl Window {
         }
     }
 
+    /// Called as a batch starts generating: gives its stage slot back when the link's
+    /// entropy servers are far, so the next batch's allocations need not wait for these.
+    pub(super) fn awaiting_entropy(&self, slot: &mut Admission) {
+        if self.entropy_bound() {
+            slot.stage = None;
+        }
+    }
+
     /// Records how long a peer took to acknowledge a batch.
     pub(super) fn acknowledged(&self, took: Duration) {
-        let mut ack = self.ack.lock().unwrap_or_else(PoisonError::into_inner);
-        if ack.since.elapsed() >= MIN_WINDOW {
-            ack.previous = ack.current.take();
-            ack.since = Instant::now();
-        }
-        ack.samples = ack.samples.saturating_add(1);
-        ack.current = Some(ack.current.map_or(took, |shortest| shortest.min(took)));
+        lock(&self.ack).record(took);
+    }
+
+    /// Records how long a batch's generation took (entropy allocations and extraction).
+    pub(super) fn generated(&self, took: Duration) {
+        lock(&self.entropy).record(took);
     }
 
     /// Whether the link's shortest recent acknowledgement shows a long round trip. Unknown
-    /// (fewer than [`MIN_SAMPLES`] acknowledgements yet) counts as short: the batch keeps
+    /// (fewer than 16 acknowledgements yet) counts as short: the batch keeps
     /// its slot, as on loopback.
     pub(super) fn network_bound(&self) -> bool {
-        let ack = self.ack.lock().unwrap_or_else(PoisonError::into_inner);
-        if ack.samples < MIN_SAMPLES {
-            return false;
-        }
-        let shortest = match (ack.current, ack.previous) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => match a.or(b) {
-                Some(one) => one,
-                None => return false,
-            },
-        };
-        shortest >= NETWORK_BOUND_ACK
+        lock(&self.ack).far()
     }
+
+    /// Whether the link's shortest recent generation shows far entropy servers; unknown
+    /// counts as near, as for acknowledgements.
+    pub(super) fn entropy_bound(&self) -> bool {
+        lock(&self.entropy).far()
+    }
+}
+
+fn lock(shortest: &Mutex<Shortest>) -> std::sync::MutexGuard<'_, Shortest> {
+    shortest.lock().unwrap_or_else(PoisonError::into_inner)
 }

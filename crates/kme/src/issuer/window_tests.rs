@@ -1,5 +1,5 @@
 //! The window on a paused clock: two sites 40 ms apart (a peer that acknowledges after a
-//! round trip), a key source that answers at once.
+//! round trip), a key source that answers at once or after an entropy round trip.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,6 +73,34 @@ impl KeySource for Instant0 {
         let mut batch = OsRandom::default().generate(count, len, &[]).await?;
         batch.metadata = Some(vec![0]);
         Ok(batch)
+    }
+
+    async fn regenerate(&self, _: &[u8]) -> Result<Issued, KeySourceError> {
+        Err(KeySourceError::Unavailable("not in this test".into()))
+    }
+}
+
+/// A key source whose entropy servers are a round trip away: counts the generations under
+/// way at once.
+#[derive(Default)]
+struct FarEntropy {
+    generating: AtomicUsize,
+    most_generating: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl KeySource for FarEntropy {
+    async fn generate(
+        &self,
+        count: usize,
+        len: usize,
+        readers: &[String],
+    ) -> Result<Batch, KeySourceError> {
+        let now = self.generating.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_generating.fetch_max(now, Ordering::SeqCst);
+        sleep(RTT).await;
+        self.generating.fetch_sub(1, Ordering::SeqCst);
+        Instant0.generate(count, len, readers).await
     }
 
     async fn regenerate(&self, _: &[u8]) -> Result<Issued, KeySourceError> {
@@ -182,13 +210,17 @@ async fn learn(issuer: &Arc<Issuer>) {
 }
 
 fn issuer(max_in_flight_keys: u32) -> (Arc<Issuer>, Arc<Far>) {
+    issuer_over(max_in_flight_keys, Arc::new(Instant0))
+}
+
+fn issuer_over(max_in_flight_keys: u32, source: Arc<dyn KeySource>) -> (Arc<Issuer>, Arc<Far>) {
     let far = Arc::new(Far::default());
     let peers: BTreeMap<String, Arc<dyn Peer>> =
         BTreeMap::from([("B".to_owned(), far.clone() as _)]);
     let issuer = Issuer::new(
         config(max_in_flight_keys),
         Arc::new(MemoryStore::new()),
-        Arc::new(Instant0),
+        source,
         peers,
     );
     (Arc::new(issuer), far)
@@ -219,4 +251,42 @@ async fn the_keys_in_flight_stay_under_the_ceiling() {
     requests(&issuer, 64).await;
     let most = far.most_keys.load(Ordering::SeqCst);
     assert!(most <= 8 && most > 4, "{most} keys in flight at once");
+}
+
+/// With entropy servers a round trip away too, a batch waiting for its allocations does not
+/// hold a stage slot: many batches' allocations are under way at once, and each request
+/// waits one entropy round trip and one peer round trip, not a round trip per four batches.
+#[tokio::test(start_paused = true)]
+async fn far_entropy_keeps_allocations_of_many_batches_in_flight() {
+    let source = Arc::new(FarEntropy::default());
+    let (issuer, far) = issuer_over(65536, source.clone());
+    learn(&issuer).await;
+    let waited = requests(&issuer, 64).await;
+    let most = source.most_generating.load(Ordering::SeqCst);
+    assert!(
+        most > 4 * MAX_IN_FLIGHT,
+        "at most {most} generations under way at once"
+    );
+    let slowest = waited.iter().max().copied().unwrap_or_default();
+    assert!(slowest < 2 * RTT + RTT / 4, "a request waited {slowest:?}");
+    assert!(far.most_messages.load(Ordering::SeqCst) > 4 * MAX_IN_FLIGHT);
+}
+
+/// Generation is learnt like acknowledgements: near until enough generations were timed,
+/// far once the shortest recent one is long, near again as soon as a short one is seen.
+#[tokio::test(start_paused = true)]
+async fn entropy_counts_as_far_only_after_enough_long_generations() {
+    let window = Window::new(64);
+    for _ in 1..16 {
+        window.generated(Duration::from_millis(80));
+    }
+    assert!(!window.entropy_bound(), "far after 15 generations");
+    window.generated(Duration::from_millis(80));
+    assert!(window.entropy_bound(), "near after 16 long generations");
+    assert!(
+        !window.network_bound(),
+        "generation taught the peer's round trip"
+    );
+    window.generated(Duration::from_millis(1));
+    assert!(!window.entropy_bound(), "far after a short generation");
 }

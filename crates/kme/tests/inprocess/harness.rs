@@ -118,6 +118,7 @@ kek = "kek"
 pub struct Site {
     pub service: Arc<KeyService>,
     pub store: Arc<MemoryStore>,
+    pub source: Arc<DetSource>,
     /// This site's view of each peer, by KME ID.
     pub peers: BTreeMap<String, Arc<Faulty>>,
 }
@@ -131,21 +132,26 @@ pub struct Cluster {
 impl Cluster {
     /// Three sites making keys on demand.
     pub async fn new() -> Self {
-        Self::build(None, None).await
+        Self::build(None, None, Duration::ZERO).await
     }
 
     /// Three sites keeping ready-key pools as `section` (the manifest's `[pools]`) says.
     pub async fn with_pools(section: &str) -> Self {
-        Self::build(Some(section), None).await
+        Self::build(Some(section), None, Duration::ZERO).await
     }
 
     /// Pools as `section` says, requests of up to `max_keys` keys and ten times that many
     /// waiting per pair of SAEs.
     pub async fn with_pools_and_max_keys(section: &str, max_keys: u32) -> Self {
-        Self::build(Some(section), Some(max_keys)).await
+        Self::build(Some(section), Some(max_keys), Duration::ZERO).await
     }
 
-    async fn build(pools: Option<&str>, max_keys: Option<u32>) -> Self {
+    /// Three sites whose every regeneration of a peer's keys takes `regeneration`.
+    pub async fn with_slow_regeneration(regeneration: Duration) -> Self {
+        Self::build(None, None, regeneration).await
+    }
+
+    async fn build(pools: Option<&str>, max_keys: Option<u32>, regeneration: Duration) -> Self {
         let ids = ["A", "B", "C"];
         let clock = Arc::new(TokioClock::starting_at(EPOCH));
         // Inboxes exist before the services that use them: each site's peers call into the
@@ -169,8 +175,13 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone() as Arc<dyn Peer>))
                 .collect();
-            let source = Arc::new(DetSource::new(n as u64 + 1));
-            let service = Arc::new(KeyService::new(config, store.clone(), source, as_peers));
+            let source = Arc::new(DetSource::new(n as u64 + 1, regeneration));
+            let service = Arc::new(KeyService::new(
+                config,
+                store.clone(),
+                source.clone(),
+                as_peers,
+            ));
             let inbox = service.inbox();
             *slots[id].0.lock().unwrap_or_else(PoisonError::into_inner) = Some(inbox.clone());
             sites.insert(
@@ -178,6 +189,7 @@ impl Cluster {
                 Site {
                     service,
                     store,
+                    source,
                     peers,
                 },
             );

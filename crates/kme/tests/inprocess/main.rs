@@ -8,6 +8,9 @@ mod harness;
 mod memory;
 mod source;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::http::{Method, StatusCode};
 use dqkd_pki::{Identity, Role};
 use dqkd_store::KeyStore as _;
@@ -233,4 +236,27 @@ async fn undelivered_keys_expire_after_their_ttl() {
     let b = cluster.site("B");
     assert_eq!(b.service.purge_expired().await.expect("purge"), 1);
     assert_eq!(b.store.pending("alice", "bob"), 0);
+}
+
+/// The receiving site regenerates consecutive batches at the same time: a batch that
+/// arrives while an earlier one still waits for its entropy is not queued behind it.
+#[tokio::test(start_paused = true)]
+async fn deliveries_of_consecutive_batches_overlap_at_the_peer() {
+    let cluster = Arc::new(Cluster::with_slow_regeneration(Duration::from_millis(80)).await);
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let cluster = cluster.clone();
+        calls.push(tokio::spawn(async move {
+            cluster.enc("A", "alice", "bob", r#"{"number":1}"#).await
+        }));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for call in calls {
+        assert_eq!(call.await.expect("request").keys().len(), 1);
+    }
+    let most = cluster.site("B").source.most_regenerating();
+    assert!(
+        most >= 4,
+        "at most {most} deliveries regenerated at once at B"
+    );
 }

@@ -1,6 +1,7 @@
 //! A deterministic key source: what a site's keys are follows from their IDs alone.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use dqkd_kme::keysource::{Batch, KeySource, KeySourceError};
 use dqkd_store::KeyMaterial;
@@ -12,14 +13,27 @@ use uuid::Uuid;
 pub struct DetSource {
     base: u64,
     next: AtomicU64,
+    /// How long each regeneration waits, as if for far entropy servers.
+    regeneration: Duration,
+    regenerating: AtomicUsize,
+    most_regenerating: AtomicUsize,
 }
 
 impl DetSource {
-    pub fn new(site: u64) -> Self {
+    /// Site `site`'s source, whose every regeneration takes `regeneration` (zero: none).
+    pub fn new(site: u64, regeneration: Duration) -> Self {
         Self {
             base: site << 32,
             next: AtomicU64::new(0),
+            regeneration,
+            regenerating: AtomicUsize::new(0),
+            most_regenerating: AtomicUsize::new(0),
         }
+    }
+
+    /// The most regenerations that were under way at once.
+    pub fn most_regenerating(&self) -> usize {
+        self.most_regenerating.load(Ordering::SeqCst)
     }
 }
 
@@ -73,6 +87,12 @@ impl KeySource for DetSource {
     ) -> Result<Vec<(Uuid, KeyMaterial)>, KeySourceError> {
         let meta: Meta = serde_json::from_slice(metadata)
             .map_err(|e| KeySourceError::BadMetadata(e.to_string()))?;
+        if !self.regeneration.is_zero() {
+            let now = self.regenerating.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_regenerating.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(self.regeneration).await;
+            self.regenerating.fetch_sub(1, Ordering::SeqCst);
+        }
         Ok(meta
             .ids
             .iter()
