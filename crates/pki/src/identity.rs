@@ -11,12 +11,10 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::{PkiError, Result};
+use crate::name::validate_name;
 
 /// URI scheme prefix of every dqkd identity.
 pub(crate) const SCHEME: &str = "dqkd://";
-
-/// Longest accepted cluster name or ID; keeps file names and URIs sane.
-pub const MAX_NAME_LEN: usize = 64;
 
 /// The kind of entity a certificate belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -204,36 +202,6 @@ pub(crate) fn nom_to_x509(
         x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
         x509_parser::nom::Err::Incomplete(_) => x509_parser::error::X509Error::InvalidCertificate,
     }
-}
-
-/// Checks a cluster name or ID: 1–64 characters of `[A-Za-z0-9._-]`.
-///
-/// IDs become file names (`<id>.pem`) and URI path segments, so anything that
-/// could escape a directory (`/`, `..`) or need escaping is refused.
-pub fn validate_name(what: &'static str, value: &str) -> Result<()> {
-    let bad = |reason| {
-        Err(PkiError::InvalidName {
-            what,
-            value: value.to_owned(),
-            reason,
-        })
-    };
-    if value.is_empty() {
-        return bad("must not be empty");
-    }
-    if value.len() > MAX_NAME_LEN {
-        return bad("longer than 64 characters");
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return bad("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed");
-    }
-    if value == "." || value == ".." {
-        return bad("must not be '.' or '..'");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
