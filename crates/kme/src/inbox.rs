@@ -391,7 +391,7 @@ impl PeerInbox {
             if grant.slaves.is_empty() {
                 return Err(ApiError::BadRequest("a grant names no slave SAE".into()));
             }
-            if let Some(stranger) = grant.slaves.iter().find(|s| !own.saes.contains(*s)) {
+            if let Some(stranger) = grant.slaves.iter().find(|s| !own.saes.contains(s.as_str())) {
                 return Err(ApiError::BadRequest(format!(
                     "{stranger:?} is not an SAE of site {:?}",
                     self.config.kme_id

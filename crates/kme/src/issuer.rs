@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use dqkd_pki::Name;
 use dqkd_store::{InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -347,7 +348,7 @@ async fn run_batch(
         .max()
         .unwrap_or_else(Deadline::now);
     let result = issue_batch(shared, link, &jobs, total, deadline, window, &mut slot).await;
-    let kme = shared.config.kme_id.clone();
+    let kme = shared.config.kme_id.to_string();
     metrics::histogram!("dqkd_issue_batch_keys", "kme" => kme.clone()).record(total as f64);
     metrics::histogram!("dqkd_issue_batch_requests_ops", "kme" => kme.clone())
         .record(jobs.len() as f64);

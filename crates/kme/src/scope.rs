@@ -9,6 +9,7 @@
 //! pools is held to this before anything changes; a refusal is 403, logged with the caller and
 //! what it named.
 
+use dqkd_pki::Name;
 use dqkd_store::TakeError;
 
 use crate::config::Config;
@@ -72,7 +73,7 @@ impl<'a> PeerScope<'a> {
         self.config.sites[self.peer.id()]
             .saes
             .iter()
-            .cloned()
+            .map(Name::to_string)
             .collect()
     }
 
@@ -92,7 +93,10 @@ impl<'a> PeerScope<'a> {
         grants: &[Grant],
     ) -> Result<(), ApiError> {
         let site = &self.config.sites[self.peer.id()];
-        match grants.iter().find(|g| !site.saes.contains(&g.master)) {
+        match grants
+            .iter()
+            .find(|g| !site.saes.contains(g.master.as_str()))
+        {
             Some(foreign) => Err(self.refuse(
                 call,
                 request_id,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use dqkd_etsi014::{Key, KeyContainer, KeyRequest, Status};
+use dqkd_pki::Name;
 use dqkd_store::{DeliveredKey, KeyStore, TakeError};
 use uuid::Uuid;
 
@@ -134,7 +135,7 @@ impl KeyService {
             }
         };
         Ok(Status {
-            source_KME_ID: self.config.kme_id.clone(),
+            source_KME_ID: self.config.kme_id.to_string(),
             target_KME_ID: site,
             master_SAE_ID: caller.id().to_owned(),
             slave_SAE_ID: slave.to_owned(),
@@ -267,7 +268,7 @@ impl KeyService {
     /// once. A segment naming no SAE or KME of the cluster reads as before.
     fn masters_named(&self, caller: &VerifiedSae, named: &str) -> Vec<String> {
         let mut masters: Vec<String> = match self.config.sites.get(named) {
-            Some(site) => site.saes.iter().cloned().collect(),
+            Some(site) => site.saes.iter().map(Name::to_string).collect(),
             None => vec![named.to_owned()],
         };
         let names_a_party = self.config.sites.contains_key(named)
@@ -308,7 +309,7 @@ impl KeyService {
         if let Some(site) = self.config.sae_site.get(id) {
             return Ok(Target::Sae {
                 sae: id.to_owned(),
-                site: site.clone(),
+                site: site.to_string(),
             });
         }
         if self.config.sites.contains_key(id) {
@@ -334,11 +335,11 @@ impl KeyService {
                 Ok(vec![sae.clone()])
             }
             Target::Site { site } => {
-                let others: Vec<String> = self.config.sites[site]
+                let others: Vec<String> = self.config.sites[site.as_str()]
                     .saes
                     .iter()
                     .filter(|s| *s != caller.id())
-                    .cloned()
+                    .map(Name::to_string)
                     .collect();
                 if others.is_empty() {
                     return Err(ApiError::BadRequest(format!(

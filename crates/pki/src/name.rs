@@ -22,7 +22,7 @@ pub const MAX_NAME_LEN: usize = 64;
 /// It serialises as the plain string and deserialising validates, so a config file or a
 /// peer message with a bad name is refused where it is read. Ordering, equality and
 /// hashing are those of the string, so `Name`-keyed maps can be searched with a `&str`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Name(String);
 
@@ -62,6 +62,13 @@ impl AsRef<str> for Name {
 impl Borrow<str> for Name {
     fn borrow(&self) -> &str {
         &self.0
+    }
+}
+
+/// Shown as the quoted string, so messages that print a name with `{:?}` read the same.
+impl fmt::Debug for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
     }
 }
 
@@ -179,6 +186,7 @@ mod tests {
             assert_eq!(name.as_str(), ok);
             assert_eq!(&*name, ok);
             assert_eq!(name.to_string(), ok);
+            assert_eq!(format!("{name:?}"), format!("{ok:?}"));
             assert_eq!(ok.parse::<Name>().unwrap(), name);
             assert_eq!(name, ok);
         }

@@ -31,7 +31,7 @@ pub fn peer_router(inbox: Arc<PeerInbox>) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_PEER_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
-            (inbox.config().kme_id.clone(), "peer"),
+            (inbox.config().kme_id.to_string(), "peer"),
             log_request,
         ))
         .with_state(inbox)
@@ -135,6 +135,6 @@ async fn peer_destroy(
 async fn peer_health(State(inbox): State<Arc<PeerInbox>>, PeerKme(_peer): PeerKme) -> Response {
     json(&PeerHealth {
         status: "ok".into(),
-        kme_id: inbox.config().kme_id.clone(),
+        kme_id: inbox.config().kme_id.to_string(),
     })
 }

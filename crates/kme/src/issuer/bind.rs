@@ -38,7 +38,7 @@ pub(super) async fn bind_ready(
     let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
     let grants = grants_for(site, jobs, &ids);
     let labels = [
-        ("kme", shared.config.kme_id.clone()),
+        ("kme", shared.config.kme_id.to_string()),
         ("peer", site.to_owned()),
     ];
     if let Err(e) = record_in_flight(shared, request_id, &[site.to_owned()], &ids, &seqs).await {
@@ -54,7 +54,7 @@ pub(super) async fn bind_ready(
                 request_id,
                 grants,
                 positions: seqs.clone(),
-                replica: shared.config.replica.clone(),
+                replica: shared.config.replica.as_ref().map(Name::to_string),
             },
             deadline,
         )

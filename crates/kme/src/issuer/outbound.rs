@@ -59,7 +59,7 @@ pub(super) async fn deliver(
             grants,
         };
         let labels = [
-            ("kme", shared.config.kme_id.clone()),
+            ("kme", shared.config.kme_id.to_string()),
             ("peer", site.clone()),
         ];
         calls.push((
@@ -149,7 +149,12 @@ pub(super) fn withdraw(
             ready: ready.to_vec(),
             // Named only where ready keys are withdrawn, so that a withdrawal of ordinary keys
             // reads the same to a peer that predates replica names.
-            replica: shared.config.replica.clone().filter(|_| !ready.is_empty()),
+            replica: shared
+                .config
+                .replica
+                .as_ref()
+                .filter(|_| !ready.is_empty())
+                .map(Name::to_string),
         };
         calls.push(tokio::spawn(async move {
             let started = Instant::now();
@@ -188,7 +193,12 @@ pub(super) fn withdraw(
 
 /// The owner of this process's in-flight records: its replica name, or none.
 pub(super) fn owner(shared: &Shared) -> String {
-    shared.config.replica.clone().unwrap_or_default()
+    shared
+        .config
+        .replica
+        .clone()
+        .map(Name::into_string)
+        .unwrap_or_default()
 }
 
 /// Records durably that request `request_id` is about to reach `sites` (see
