@@ -22,7 +22,7 @@ use crate::ApiError;
 /// method can run without it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedKme {
-    id: String,
+    id: Name,
 }
 
 impl VerifiedKme {
@@ -35,7 +35,7 @@ impl VerifiedKme {
             ApiError::Unauthorized("the client certificate carries no dqkd identity".into())
         })?;
         if identity.role() != dqkd_pki::Role::Kme
-            || identity.id() == config.kme_id
+            || *identity.id() == config.kme_id
             || !config.sites.contains_key(identity.id())
         {
             return Err(ApiError::Unauthorized(format!(
@@ -45,12 +45,17 @@ impl VerifiedKme {
             )));
         }
         Ok(Self {
-            id: identity.id().to_owned(),
+            id: identity.id().clone(),
         })
     }
 
     /// The peer's KME ID.
     pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The peer's KME ID, as the checked name.
+    pub fn name(&self) -> &Name {
         &self.id
     }
 }

@@ -27,12 +27,17 @@ use crate::ApiError;
 /// certificate was not checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedSae {
-    id: String,
+    id: Name,
 }
 
 impl VerifiedSae {
     /// The SAE ID from the certificate.
     pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The SAE ID, as the checked name.
+    pub fn name(&self) -> &Name {
         &self.id
     }
 }
@@ -102,7 +107,7 @@ impl KeyService {
             )));
         }
         Ok(VerifiedSae {
-            id: identity.id().to_owned(),
+            id: identity.id().clone(),
         })
     }
 

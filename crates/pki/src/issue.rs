@@ -172,7 +172,7 @@ impl Ca {
         dn.push(
             DnType::CommonName,
             match identity.role() {
-                Role::Sae => identity.id().to_owned(),
+                Role::Sae => identity.id().to_string(),
                 role => format!("dqkd {role} {}", identity.id()),
             },
         );
