@@ -569,13 +569,6 @@ impl Config {
     }
 }
 
-/// Names that appear in certificates, URLs and file names: the PKI's rule
-/// ([`dqkd_pki::validate_name`]), so that every name the config accepts can also be issued a
-/// certificate and used as a file name ("." and ".." cannot).
-pub fn valid_name(name: &str) -> bool {
-    dqkd_pki::validate_name("name", name).is_ok()
-}
-
 fn read_toml<T: serde::de::DeserializeOwned>(
     path: &Path,
     what: &'static str,

@@ -77,16 +77,22 @@ const POOL_MAX_BATCH_KEYS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Order {
     /// The master SAE.
-    pub master: String,
+    pub master: Name,
     /// SAEs of this site entitled to fetch the keys here (slaves, and the master itself
     /// when it may fetch again).
-    pub local: Vec<String>,
+    pub local: Vec<Name>,
     /// Slaves at other sites, by KME ID.
-    pub remote: BTreeMap<String, Vec<String>>,
+    pub remote: BTreeMap<Name, Vec<Name>>,
     /// Number of keys.
     pub count: usize,
     /// Key length in bytes.
     pub len: usize,
+}
+
+/// The store keeps SAE IDs as plain strings (its columns and indexes predate [`Name`]); this
+/// is where names leave for it.
+pub(crate) fn store_names(names: &[Name]) -> Vec<String> {
+    names.iter().map(Name::to_string).collect()
 }
 
 /// Keys issued for one order.
@@ -158,7 +164,7 @@ impl Issuer {
     ) -> Self {
         let pools = Pools::new(
             &config.kme_id,
-            config.replica.as_deref(),
+            config.replica.as_ref(),
             config.pools,
             (config.limits.default_key_size / 8) as usize,
             peers.keys(),
@@ -230,7 +236,7 @@ impl Issuer {
     /// or with 503 at `deadline` at the latest (and then no site ever delivers them).
     pub async fn issue(&self, order: Order, deadline: Deadline) -> Result<Issued, IssueError> {
         let link = Link {
-            remote: order.remote.keys().cloned().collect(),
+            remote: order.remote.keys().map(Name::to_string).collect(),
             len: order.len,
         };
         let (reply, answer) = oneshot::channel();
@@ -496,8 +502,8 @@ async fn issue_batch(
         for (id, material) in keys {
             records.push(NewKey {
                 id: *id,
-                master: job.order.master.clone(),
-                slaves: job.order.local.clone(),
+                master: job.order.master.to_string(),
+                slaves: store_names(&job.order.local),
                 material: material.clone(),
                 expires_at,
             });

@@ -13,6 +13,7 @@
 //! origin calls them through ([`PeerClient`] over mutual TLS). [`crate::inbox::PeerInbox`] is
 //! what a receiving site does with them.
 
+use dqkd_pki::Name;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -40,9 +41,9 @@ pub struct DeliverRequest {
 #[serde(deny_unknown_fields)]
 pub struct Grant {
     /// The master SAE (an SAE of the calling site).
-    pub master: String,
+    pub master: Name,
     /// The SAEs of the receiving site that may fetch the keys, once each.
-    pub slaves: Vec<String>,
+    pub slaves: Vec<Name>,
     /// The keys.
     pub key_ids: Vec<Uuid>,
 }
@@ -72,7 +73,7 @@ pub struct DestroyRequest {
     /// The replica of the calling site whose pool `ready` belongs to, when its replicas keep one
     /// pool each (`dqkd kme --replica`); absent for a site's only pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<String>,
+    pub replica: Option<Name>,
 }
 
 /// Answer to [`DestroyRequest`].
@@ -100,7 +101,7 @@ pub struct FillRequest {
     /// The replica of the calling site whose pool this is, when its replicas keep one
     /// pool each (`dqkd kme --replica`); absent for a site's only pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<String>,
+    pub replica: Option<Name>,
 }
 
 /// Answer to [`FillRequest`]: the ready keys are durably stored at the receiving site.
@@ -126,7 +127,7 @@ pub struct BindRequest {
     /// The replica of the calling site whose pool this is, when its replicas keep one
     /// pool each (`dqkd kme --replica`); absent for a site's only pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<String>,
+    pub replica: Option<Name>,
 }
 
 /// Answer to [`BindRequest`]: the keys are durably held for their SAEs.
@@ -168,7 +169,7 @@ pub struct PeerHealth {
     /// `"ok"`.
     pub status: String,
     /// The answering KME's ID.
-    pub kme_id: String,
+    pub kme_id: Name,
 }
 
 /// One peer site as the origin sees it. [`PeerClient`] speaks to it over mutual TLS; an
@@ -200,4 +201,27 @@ pub trait Peer: Send + Sync {
 
     /// Whether the peer answers at all.
     async fn health(&self) -> Result<PeerHealth, PeerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names travel as plain strings: a message from a site that predates [`Name`] parses,
+    /// and this site's messages are byte for byte what such a site sends and expects.
+    #[test]
+    fn the_wire_format_is_unchanged() {
+        let deliver = r#"{"request_id":"4b3c0f3e-8a51-4c36-9a53-0d2f8f1a2b3c","metadata":"AAEC","grants":[{"master":"alice","slaves":["bob","carol"],"key_ids":["9d7b6c1e-2f43-4a8e-8c1d-3e5f7a9b0c2d"]}]}"#;
+        let parsed: DeliverRequest = serde_json::from_str(deliver).expect("old deliver");
+        assert_eq!(parsed.grants[0].master, "alice");
+        assert_eq!(serde_json::to_string(&parsed).expect("json"), deliver);
+
+        let fill = r#"{"request_id":"4b3c0f3e-8a51-4c36-9a53-0d2f8f1a2b3c","metadata":"AAEC","expires_at":7,"first_seq":0,"replica":"kme-a.2"}"#;
+        let parsed: FillRequest = serde_json::from_str(fill).expect("old fill");
+        assert_eq!(serde_json::to_string(&parsed).expect("json"), fill);
+
+        let health = r#"{"status":"ok","kme_id":"A"}"#;
+        let parsed: PeerHealth = serde_json::from_str(health).expect("old health");
+        assert_eq!(serde_json::to_string(&parsed).expect("json"), health);
+    }
 }

@@ -84,9 +84,8 @@ impl<'a> PeerScope<'a> {
 
     /// The store's name for the caller's pool toward this site (that of one of its replicas
     /// when the message names one).
-    pub(crate) fn pool(&self, replica: Option<&str>) -> Result<String, ApiError> {
-        crate::pools::peer_link_name(self.peer.id(), &self.config.kme_id, replica)
-            .map_err(ApiError::BadRequest)
+    pub(crate) fn pool(&self, replica: Option<&Name>) -> String {
+        crate::pools::link_name(self.peer.id(), &self.config.kme_id, replica)
     }
 
     /// Every grant of a `deliver` or `bind` is for a master of the calling site: a site

@@ -46,9 +46,9 @@ impl VerifiedSae {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
     /// One SAE, at the given site.
-    Sae { sae: String, site: String },
+    Sae { sae: Name, site: Name },
     /// A KME ID: any SAE of that site.
-    Site { site: String },
+    Site { site: Name },
 }
 
 /// Serves the ETSI 014 methods for the SAEs of one site.
@@ -141,7 +141,7 @@ impl KeyService {
         };
         Ok(Status {
             source_KME_ID: self.config.kme_id.to_string(),
-            target_KME_ID: site,
+            target_KME_ID: site.to_string(),
             master_SAE_ID: caller.id().to_owned(),
             slave_SAE_ID: slave.to_owned(),
             key_size: limits.default_key_size,
@@ -169,8 +169,8 @@ impl KeyService {
         let deadline = Deadline::now() + self.config.peer_timeout;
         let by_site = self.slaves_by_site(caller, slave, &request.additional_slaves)?;
         let own = self.config.kme_id.as_str();
-        let mut local: Vec<String> = by_site.get(own).cloned().unwrap_or_default();
-        let remote: BTreeMap<String, Vec<String>> = by_site
+        let mut local: Vec<Name> = by_site.get(own).cloned().unwrap_or_default();
+        let remote: BTreeMap<Name, Vec<Name>> = by_site
             .iter()
             .filter(|(site, _)| site.as_str() != own)
             .map(|(site, saes)| (site.clone(), saes.clone()))
@@ -190,13 +190,13 @@ impl KeyService {
             }
         }
         if self.config.master_refetch {
-            local.push(caller.id().to_owned());
+            local.push(caller.name().clone());
         }
         let keys = self
             .issuer
             .issue(
                 Order {
-                    master: caller.id().to_owned(),
+                    master: caller.name().clone(),
                     local,
                     remote,
                     count: request.number as usize,
@@ -311,15 +311,15 @@ impl KeyService {
                 "{role} SAE ID must not be blank"
             )));
         }
-        if let Some(site) = self.config.sae_site.get(id) {
+        if let Some((sae, site)) = self.config.sae_site.get_key_value(id) {
             return Ok(Target::Sae {
-                sae: id.to_owned(),
-                site: site.to_string(),
+                sae: sae.clone(),
+                site: site.clone(),
             });
         }
-        if self.config.sites.contains_key(id) {
+        if let Some(site) = self.config.sites.get(id) {
             return Ok(Target::Site {
-                site: id.to_owned(),
+                site: site.kme_id.clone(),
             });
         }
         Err(ApiError::BadRequest(format!(
@@ -329,7 +329,7 @@ impl KeyService {
     }
 
     /// The SAEs entitled to keys addressed to `target` by `caller`.
-    fn slaves_of(&self, caller: &VerifiedSae, target: &Target) -> Result<Vec<String>, ApiError> {
+    fn slaves_of(&self, caller: &VerifiedSae, target: &Target) -> Result<Vec<Name>, ApiError> {
         match target {
             Target::Sae { sae, .. } => {
                 if sae == caller.id() {
@@ -340,11 +340,11 @@ impl KeyService {
                 Ok(vec![sae.clone()])
             }
             Target::Site { site } => {
-                let others: Vec<String> = self.config.sites[site.as_str()]
+                let others: Vec<Name> = self.config.sites[site]
                     .saes
                     .iter()
-                    .filter(|s| *s != caller.id())
-                    .map(Name::to_string)
+                    .filter(|s| *s != caller.name())
+                    .cloned()
                     .collect();
                 if others.is_empty() {
                     return Err(ApiError::BadRequest(format!(
@@ -362,9 +362,9 @@ impl KeyService {
         caller: &VerifiedSae,
         slave: &str,
         additional: &[String],
-    ) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+    ) -> Result<BTreeMap<Name, Vec<Name>>, ApiError> {
         let target = self.resolve(slave, "slave")?;
-        let mut by_site: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut by_site: BTreeMap<Name, Vec<Name>> = BTreeMap::new();
         let primary_site = match &target {
             Target::Sae { site, .. } | Target::Site { site } => site.clone(),
         };

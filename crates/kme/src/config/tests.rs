@@ -131,9 +131,7 @@ fn names_follow_the_pki_rule() {
     for name in ["x", "a.b", "a..b", "_-.", &"n".repeat(64)] {
         let sae = TWO_SITES.replace("\"bob\"", &format!("\"{name}\""));
         assert!(check(&sae, "A").is_ok(), "SAE {name:?} refused");
-        assert!(valid_name(name), "{name:?} refused");
     }
-    assert!(!valid_name(&long));
 }
 
 #[test]

@@ -28,11 +28,7 @@ pub(super) async fn bind_ready(
     let Some(client) = shared.peers.get(site) else {
         return Err(Bound::Missed);
     };
-    let name = crate::pools::link_name(
-        &shared.config.kme_id,
-        site,
-        shared.config.replica.as_deref(),
-    );
+    let name = crate::pools::link_name(&shared.config.kme_id, site, shared.config.replica.as_ref());
     let request_id = Uuid::new_v4();
     let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
     let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
@@ -54,7 +50,7 @@ pub(super) async fn bind_ready(
                 request_id,
                 grants,
                 positions: seqs.clone(),
-                replica: shared.config.replica.as_ref().map(Name::to_string),
+                replica: shared.config.replica.clone(),
             },
             deadline,
         )
@@ -134,8 +130,8 @@ pub(super) async fn bind_ready(
     let local = per_job(jobs, slots)
         .map(|(job, slots)| PoolGrant {
             slots: slots.to_vec(),
-            master: job.order.master.clone(),
-            slaves: job.order.local.clone(),
+            master: job.order.master.to_string(),
+            slaves: store_names(&job.order.local),
             expires_at: local_expiry(shared, &job.order, now),
         })
         .collect();

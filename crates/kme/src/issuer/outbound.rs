@@ -149,12 +149,7 @@ pub(super) fn withdraw(
             ready: ready.to_vec(),
             // Named only where ready keys are withdrawn, so that a withdrawal of ordinary keys
             // reads the same to a peer that predates replica names.
-            replica: shared
-                .config
-                .replica
-                .as_ref()
-                .filter(|_| !ready.is_empty())
-                .map(Name::to_string),
+            replica: shared.config.replica.clone().filter(|_| !ready.is_empty()),
         };
         calls.push(tokio::spawn(async move {
             let started = Instant::now();
@@ -288,7 +283,7 @@ pub(super) async fn withdraw_unanswered(shared: &Shared) -> Result<(), StoreErro
                 let name = crate::pools::link_name(
                     &shared.config.kme_id,
                     site,
-                    shared.config.replica.as_deref(),
+                    shared.config.replica.as_ref(),
                 );
                 shared.store.pool_remove(&name, &record.ready).await?;
             }

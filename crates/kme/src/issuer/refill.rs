@@ -161,7 +161,7 @@ pub(super) async fn fill_once(
         metadata: base64::engine::general_purpose::STANDARD.encode(metadata),
         expires_at,
         first_seq,
-        replica: shared.config.replica.as_ref().map(Name::to_string),
+        replica: shared.config.replica.clone(),
     };
     let labels = [
         ("kme", shared.config.kme_id.to_string()),

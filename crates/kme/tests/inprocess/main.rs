@@ -5,6 +5,7 @@
 mod faults;
 mod harness;
 mod memory;
+mod names;
 mod source;
 
 use axum::http::{Method, StatusCode};
