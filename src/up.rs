@@ -467,9 +467,9 @@ fn write_configs(
     advertised: &Advertised,
     kek: &LocalKek,
 ) -> anyhow::Result<()> {
-    use dqkd_pki::Role;
+    use dqkd_pki::{Name, PkiError, Role};
     let manifest = Manifest {
-        cluster: CLUSTER.into(),
+        cluster: Name::new("cluster name", CLUSTER)?,
         limits: ManifestLimits::default(),
         keys: KeyLife::default(),
         keygen: KeygenParams::default(),
@@ -479,22 +479,29 @@ fn write_configs(
             .entropy
             .iter()
             .enumerate()
-            .map(|(j, id)| EntropyEntry {
-                id: id.clone(),
-                addr: advertised.entropy[j].to_string(),
+            .map(|(j, id)| {
+                Ok(EntropyEntry {
+                    id: Name::new("entropy server ID", id.as_str())?,
+                    addr: advertised.entropy[j].to_string(),
+                })
             })
-            .collect(),
+            .collect::<Result<_, PkiError>>()?,
         sites: plan
             .sites
             .iter()
             .enumerate()
-            .map(|(i, (kme, sae))| SiteEntry {
-                kme_id: kme.clone(),
-                api_addr: format!("127.0.0.1:{}", plan.api_port(i)),
-                peer_addr: Some(advertised.peer[i].to_string()),
-                saes: vec![sae.clone(), second_sae(sae)],
+            .map(|(i, (kme, sae))| {
+                Ok(SiteEntry {
+                    kme_id: Name::new("KME ID", kme.as_str())?,
+                    api_addr: format!("127.0.0.1:{}", plan.api_port(i)),
+                    peer_addr: Some(advertised.peer[i].to_string()),
+                    saes: vec![
+                        Name::new("SAE ID", sae.as_str())?,
+                        Name::new("SAE ID", second_sae(sae))?,
+                    ],
+                })
             })
-            .collect(),
+            .collect::<Result<_, PkiError>>()?,
     };
     write_toml(&layout.manifest(), &manifest)?;
     let tls = |role: Role, id: &str| TlsFiles {
@@ -508,7 +515,7 @@ fn write_configs(
     for (i, (kme, _)) in plan.sites.iter().enumerate() {
         let site = SiteFile {
             manifest: "cluster.toml".into(),
-            kme_id: kme.clone(),
+            kme_id: Name::new("KME ID", kme.as_str())?,
             api_listen: ([127, 0, 0, 1], plan.api_port(i)).into(),
             peer_listen: Some(([127, 0, 0, 1], plan.peer_port(i)).into()),
             metrics_listen: Some(([127, 0, 0, 1], plan.metrics_port(i)).into()),

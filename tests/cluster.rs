@@ -211,8 +211,8 @@ async fn a_peer_cannot_destroy_keys_it_never_made() {
     );
     // KME_C makes (deliver) or binds keys for alice: refused before anything is read.
     let grant = Grant {
-        master: "alice".into(),
-        slaves: vec!["bob".into()],
+        master: "alice".parse().expect("name"),
+        slaves: vec!["bob".parse().expect("name")],
         key_ids: vec![Uuid::new_v4()],
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

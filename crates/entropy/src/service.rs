@@ -49,7 +49,7 @@ pub struct Health {
 /// without the check.
 #[derive(Debug, Clone)]
 pub struct VerifiedKme {
-    id: String,
+    id: dqkd_pki::Name,
 }
 
 impl VerifiedKme {
@@ -115,7 +115,7 @@ impl EntropyService {
     pub fn verify_kme(&self, identity: Option<&Identity>) -> Result<VerifiedKme, ApiError> {
         match identity {
             Some(id) if id.role() == Role::Kme => Ok(VerifiedKme {
-                id: id.id().to_owned(),
+                id: id.id().clone(),
             }),
             Some(id) => Err(ApiError::Forbidden(format!(
                 "{} may not use the entropy API: only KMEs may",

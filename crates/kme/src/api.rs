@@ -49,7 +49,7 @@ pub fn router(service: Arc<KeyService>) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(
-            (service.config().kme_id.clone(), "etsi"),
+            (service.config().kme_id.to_string(), "etsi"),
             log_request,
         ))
         .with_state(service)

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dqkd_etsi014::Limits;
+use dqkd_pki::Name;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
@@ -21,7 +22,7 @@ use crate::clock::Clock;
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Cluster name; it is part of every certificate identity (`dqkd://<cluster>/…`).
-    pub cluster: String,
+    pub cluster: Name,
     /// ETSI 014 limits every site advertises in `status` and enforces.
     #[serde(default)]
     pub limits: ManifestLimits,
@@ -136,7 +137,7 @@ pub const MAX_POOL_BATCH: u32 = 65_536;
 #[serde(deny_unknown_fields)]
 pub struct EntropyEntry {
     /// The server's ID (its certificate identity is `dqkd://<cluster>/entropy/<id>`).
-    pub id: String,
+    pub id: Name,
     /// Where KMEs reach it, e.g. `127.0.0.1:7001`.
     pub addr: String,
 }
@@ -226,7 +227,7 @@ impl Default for KeyLife {
 #[serde(deny_unknown_fields)]
 pub struct SiteEntry {
     /// The site's KME ID (unique in the cluster, distinct from every SAE ID).
-    pub kme_id: String,
+    pub kme_id: Name,
     /// Where SAEs reach the site's ETSI API, e.g. `127.0.0.1:8443`.
     pub api_addr: String,
     /// Where other sites reach this site's peer API, e.g. `127.0.0.1:9443` (required when
@@ -234,7 +235,7 @@ pub struct SiteEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_addr: Option<String>,
     /// The SAE IDs that belong to this site.
-    pub saes: Vec<String>,
+    pub saes: Vec<Name>,
 }
 
 /// The site file, as written in TOML. Relative paths are relative to the file's folder.
@@ -244,7 +245,7 @@ pub struct SiteFile {
     /// Path of the cluster manifest.
     pub manifest: PathBuf,
     /// Which site of the manifest this process is.
-    pub kme_id: String,
+    pub kme_id: Name,
     /// Address the ETSI API listens on (`127.0.0.1:0` picks a free port).
     pub api_listen: SocketAddr,
     /// Address the peer (KME-to-KME) API listens on; required when the cluster has more
@@ -443,22 +444,22 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Site {
     /// KME ID.
-    pub kme_id: String,
+    pub kme_id: Name,
     /// ETSI API address SAEs use.
     pub api_addr: String,
     /// Peer API address other sites use (`None` only in a one-site cluster).
     pub peer_addr: Option<String>,
     /// SAE IDs of the site.
-    pub saes: BTreeSet<String>,
+    pub saes: BTreeSet<Name>,
 }
 
 /// The validated configuration of one KME.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Cluster name (the identity namespace of certificates).
-    pub cluster: String,
+    pub cluster: Name,
     /// This site's KME ID.
-    pub kme_id: String,
+    pub kme_id: Name,
     /// ETSI API listen address.
     pub api_listen: SocketAddr,
     /// Peer API listen address (`None` in a one-site cluster).
@@ -486,9 +487,9 @@ pub struct Config {
     /// How often expired keys are shredded.
     pub purge_interval: Duration,
     /// All sites by KME ID.
-    pub sites: BTreeMap<String, Site>,
+    pub sites: BTreeMap<Name, Site>,
     /// Which site each SAE belongs to.
-    pub sae_site: BTreeMap<String, String>,
+    pub sae_site: BTreeMap<Name, Name>,
     /// Certificates, with absolute paths.
     pub tls: TlsFiles,
     /// Store, with absolute paths.
@@ -497,7 +498,7 @@ pub struct Config {
     pub connections: ServerLimits,
     /// This process's name among the replicas of its site (`dqkd kme --replica`), which
     /// then keeps ready-key pools of its own; `None` for a site's only process.
-    pub replica: Option<String>,
+    pub replica: Option<Name>,
     /// Where key and pool expiry read the time: the system clock, unless a test moves it
     /// ([`Config::with_clock`]).
     pub clock: Arc<dyn Clock>,
@@ -527,15 +528,16 @@ impl Config {
             name: name.to_owned(),
             problem: problem.to_owned(),
         };
-        if !valid_name(name) {
-            return Err(refuse("must be 1-64 characters of A-Z a-z 0-9 . _ -"));
-        }
+        let replica = Name::new("replica name", name).map_err(|e| match e {
+            dqkd_pki::PkiError::InvalidName { reason, .. } => refuse(reason),
+            other => refuse(&other.to_string()),
+        })?;
         if !matches!(self.store.location, StoreLocation::Postgres { .. }) {
             return Err(refuse(
                 "only a site on PostgreSQL ([store] url) runs replicas; an embedded store has one KME process",
             ));
         }
-        self.replica = Some(name.to_owned());
+        self.replica = Some(replica);
         Ok(self)
     }
 
@@ -565,13 +567,6 @@ impl Config {
         // Invariant checked in `from_parts`: kme_id names a site of the manifest.
         &self.sites[&self.kme_id]
     }
-}
-
-/// Names that appear in certificates, URLs and file names: the PKI's rule
-/// ([`dqkd_pki::validate_name`]), so that every name the config accepts can also be issued a
-/// certificate and used as a file name ("." and ".." cannot).
-pub fn valid_name(name: &str) -> bool {
-    dqkd_pki::validate_name("name", name).is_ok()
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(

@@ -13,7 +13,7 @@ use dqkd_store::{KeyStore, NewKey, PoolGrant, PoolKey, Slot, TakeError};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::issuer::source_error;
+use crate::issuer::{source_error, store_names};
 use crate::keysource::KeySource;
 use crate::peer::{
     BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
@@ -136,8 +136,8 @@ impl PeerInbox {
                 })?;
                 records.push(NewKey {
                     id: *id,
-                    master: grant.master.clone(),
-                    slaves: grant.slaves.clone(),
+                    master: grant.master.to_string(),
+                    slaves: store_names(&grant.slaves),
                     material,
                     expires_at,
                 });
@@ -198,7 +198,7 @@ impl PeerInbox {
             Some(Outcome::Withdrawn) => return Err(withdrawn(request.request_id)),
             None => {}
         }
-        let link = PeerScope::new(peer, &self.config).pool(request.replica.as_deref())?;
+        let link = PeerScope::new(peer, &self.config).pool(request.replica.as_ref());
         let now = self.config.clock.unix_now();
         if request.expires_at <= now {
             return Err(ApiError::BadRequest(
@@ -272,7 +272,7 @@ impl PeerInbox {
             None => {}
         }
         let scope = PeerScope::new(peer, &self.config);
-        let link = scope.pool(request.replica.as_deref())?;
+        let link = scope.pool(request.replica.as_ref());
         scope.check_grants("bind", request.request_id, &request.grants)?;
         self.check_slaves(&request.grants)?;
         self.check_quota(&request.grants)?;
@@ -301,8 +301,8 @@ impl PeerInbox {
                     .zip(positions.by_ref())
                     .map(|(&id, &seq)| Slot { seq, id })
                     .collect(),
-                master: g.master.clone(),
-                slaves: g.slaves.clone(),
+                master: g.master.to_string(),
+                slaves: store_names(&g.slaves),
                 expires_at,
             })
             .collect();
@@ -369,7 +369,7 @@ impl PeerInbox {
         let mut destroyed = scope.destroyed(request.request_id, request.key_ids.len(), result)?;
         if !request.ready.is_empty() {
             // Checked after the ordinary keys are gone: a bad name must not keep them.
-            let link = scope.pool(request.replica.as_deref())?;
+            let link = scope.pool(request.replica.as_ref());
             destroyed += self.store.pool_remove(&link, &request.ready).await?;
         }
         tracing::info!(
@@ -391,7 +391,7 @@ impl PeerInbox {
             if grant.slaves.is_empty() {
                 return Err(ApiError::BadRequest("a grant names no slave SAE".into()));
             }
-            if let Some(stranger) = grant.slaves.iter().find(|s| !own.saes.contains(*s)) {
+            if let Some(stranger) = grant.slaves.iter().find(|s| !own.saes.contains(s.as_str())) {
                 return Err(ApiError::BadRequest(format!(
                     "{stranger:?} is not an SAE of site {:?}",
                     self.config.kme_id

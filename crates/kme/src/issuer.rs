@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use dqkd_pki::Name;
 use dqkd_store::{InFlight, KeyMaterial, KeyStore, NewKey, PoolGrant, PoolKey, Slot, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -94,12 +95,12 @@ fn message_bytes(jobs: &[Job], per_key: usize) -> usize {
 #[derive(Debug, Clone)]
 pub struct Order {
     /// The master SAE.
-    pub master: String,
+    pub master: Name,
     /// SAEs of this site entitled to fetch the keys here (slaves, and the master itself
     /// when it may fetch again).
-    pub local: Vec<String>,
+    pub local: Vec<Name>,
     /// Slaves at other sites, by KME ID.
-    pub remote: BTreeMap<String, Vec<String>>,
+    pub remote: BTreeMap<Name, Vec<Name>>,
     /// Number of keys.
     pub count: usize,
     /// Key length in bytes.
@@ -118,6 +119,12 @@ impl Order {
             .unwrap_or(0);
         grant + self.count * per_key
     }
+}
+
+/// The store keeps SAE IDs as plain strings (its columns and indexes predate [`Name`]); this
+/// is where names leave for it.
+pub(crate) fn store_names(names: &[Name]) -> Vec<String> {
+    names.iter().map(Name::to_string).collect()
 }
 
 /// Keys issued for one order.
@@ -189,7 +196,7 @@ impl Issuer {
     ) -> Self {
         let pools = Pools::new(
             &config.kme_id,
-            config.replica.as_deref(),
+            config.replica.as_ref(),
             config.pools,
             (config.limits.default_key_size / 8) as usize,
             peers.keys(),
@@ -261,7 +268,7 @@ impl Issuer {
     /// or with 503 at `deadline` at the latest (and then no site ever delivers them).
     pub async fn issue(&self, order: Order, deadline: Deadline) -> Result<Issued, IssueError> {
         let link = Link {
-            remote: order.remote.keys().cloned().collect(),
+            remote: order.remote.keys().map(Name::to_string).collect(),
             len: order.len,
         };
         let (reply, answer) = oneshot::channel();
@@ -381,7 +388,7 @@ async fn run_batch(
         .max()
         .unwrap_or_else(Deadline::now);
     let result = issue_batch(shared, link, &jobs, total, deadline, window, &mut slot).await;
-    let kme = shared.config.kme_id.clone();
+    let kme = shared.config.kme_id.to_string();
     metrics::histogram!("dqkd_issue_batch_keys", "kme" => kme.clone()).record(total as f64);
     metrics::histogram!("dqkd_issue_batch_requests_ops", "kme" => kme.clone())
         .record(jobs.len() as f64);
@@ -533,8 +540,8 @@ async fn issue_batch(
         for (id, material) in keys {
             records.push(NewKey {
                 id: *id,
-                master: job.order.master.clone(),
-                slaves: job.order.local.clone(),
+                master: job.order.master.to_string(),
+                slaves: store_names(&job.order.local),
                 material: material.clone(),
                 expires_at,
             });

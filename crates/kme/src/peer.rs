@@ -13,6 +13,7 @@
 //! origin calls them through ([`PeerClient`] over mutual TLS). [`crate::inbox::PeerInbox`] is
 //! what a receiving site does with them.
 
+use dqkd_pki::Name;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -44,7 +45,7 @@ pub const BIND_BYTES_PER_KEY: usize = 64;
 
 /// Most bytes a [`Grant`] adds to a message besides its keys: the field names and the
 /// quoted SAE names.
-pub fn grant_bytes(master: &str, slaves: &[String]) -> usize {
+pub fn grant_bytes(master: &str, slaves: &[Name]) -> usize {
     48 + master.len() + slaves.iter().map(|s| s.len() + 3).sum::<usize>()
 }
 
@@ -65,9 +66,9 @@ pub struct DeliverRequest {
 #[serde(deny_unknown_fields)]
 pub struct Grant {
     /// The master SAE (an SAE of the calling site).
-    pub master: String,
+    pub master: Name,
     /// The SAEs of the receiving site that may fetch the keys, once each.
-    pub slaves: Vec<String>,
+    pub slaves: Vec<Name>,
     /// The keys.
     pub key_ids: Vec<Uuid>,
 }
@@ -97,7 +98,7 @@ pub struct DestroyRequest {
     /// The replica of the calling site whose pool `ready` belongs to, when its replicas keep one
     /// pool each (`dqkd kme --replica`); absent for a site's only pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<String>,
+    pub replica: Option<Name>,
 }
 
 /// Answer to [`DestroyRequest`].
@@ -125,7 +126,7 @@ pub struct FillRequest {
     /// The replica of the calling site whose pool this is, when its replicas keep one
     /// pool each (`dqkd kme --replica`); absent for a site's only pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<String>,
+    pub replica: Option<Name>,
 }
 
 /// Answer to [`FillRequest`]: the ready keys are durably stored at the receiving site.
@@ -151,7 +152,7 @@ pub struct BindRequest {
     /// The replica of the calling site whose pool this is, when its replicas keep one
     /// pool each (`dqkd kme --replica`); absent for a site's only pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replica: Option<String>,
+    pub replica: Option<Name>,
 }
 
 /// Answer to [`BindRequest`]: the keys are durably held for their SAEs.
@@ -193,7 +194,7 @@ pub struct PeerHealth {
     /// `"ok"`.
     pub status: String,
     /// The answering KME's ID.
-    pub kme_id: String,
+    pub kme_id: Name,
 }
 
 /// One peer site as the origin sees it. [`PeerClient`] speaks to it over mutual TLS; an
@@ -240,8 +241,12 @@ mod tests {
 
     const KEYS: usize = 1000;
 
-    fn longest_name(tag: char) -> String {
+    fn longest(tag: char) -> String {
         std::iter::repeat_n(tag, dqkd_pki::MAX_NAME_LEN).collect()
+    }
+
+    fn longest_name(tag: char) -> Name {
+        Name::new("test name", longest(tag)).expect("a valid name")
     }
 
     /// One grant per key, each to the longest names, with two slaves.
@@ -272,7 +277,7 @@ mod tests {
             c: 5,
             ranges: (0..16_u8)
                 .map(|i| RangeRef {
-                    server_id: format!("{}{i:02}", &longest_name('e')[2..]),
+                    server_id: format!("{}{i:02}", &longest('e')[2..]),
                     pool_id: [0xff; 16],
                     offset: u64::MAX / 4,
                     len: u64::MAX / 4,
@@ -312,5 +317,23 @@ mod tests {
         let size = serde_json::to_vec(&request).expect("serialises").len();
         let bound = allowed(&request.grants, BIND_BYTES_PER_KEY);
         assert!(size <= bound, "a bind of {size} bytes, bound {bound}");
+    }
+
+    /// Names travel as plain strings: a message from a site that predates [`Name`] parses,
+    /// and this site's messages are byte for byte what such a site sends and expects.
+    #[test]
+    fn the_wire_format_is_unchanged() {
+        let deliver = r#"{"request_id":"4b3c0f3e-8a51-4c36-9a53-0d2f8f1a2b3c","metadata":"AAEC","grants":[{"master":"alice","slaves":["bob","carol"],"key_ids":["9d7b6c1e-2f43-4a8e-8c1d-3e5f7a9b0c2d"]}]}"#;
+        let parsed: DeliverRequest = serde_json::from_str(deliver).expect("old deliver");
+        assert_eq!(parsed.grants[0].master, "alice");
+        assert_eq!(serde_json::to_string(&parsed).expect("json"), deliver);
+
+        let fill = r#"{"request_id":"4b3c0f3e-8a51-4c36-9a53-0d2f8f1a2b3c","metadata":"AAEC","expires_at":7,"first_seq":0,"replica":"kme-a.2"}"#;
+        let parsed: FillRequest = serde_json::from_str(fill).expect("old fill");
+        assert_eq!(serde_json::to_string(&parsed).expect("json"), fill);
+
+        let health = r#"{"status":"ok","kme_id":"A"}"#;
+        let parsed: PeerHealth = serde_json::from_str(health).expect("old health");
+        assert_eq!(serde_json::to_string(&parsed).expect("json"), health);
     }
 }

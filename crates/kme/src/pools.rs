@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use dqkd_pki::Name;
 use dqkd_store::{KeyStore, Slot, StoreError};
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -28,23 +29,13 @@ pub const EXPIRY_MARGIN_SECS: u64 = 60;
 
 /// The store's name for the pool of keys `origin` made for `peer`, or, when `origin` runs
 /// several replicas that each keep a pool, for the pool of its replica `replica`. Both sites
-/// use the same name, so a key is filed identically at both ends. (`@` cannot occur in a KME
-/// ID or a replica name, so names never collide.)
-pub fn link_name(origin: &str, peer: &str, replica: Option<&str>) -> String {
+/// use the same name, so a key is filed identically at both ends. `replica` is a [`Name`]
+/// (a peer's message is refused before it gets here otherwise), and neither `>` nor `@` can
+/// occur in one, so a peer cannot name a pool that mimics another.
+pub fn link_name(origin: &str, peer: &str, replica: Option<&Name>) -> String {
     match replica {
         None => format!("{origin}>{peer}"),
         Some(replica) => format!("{origin}>{peer}@{replica}"),
-    }
-}
-
-/// [`link_name`] of a pool a peer's message names, refusing a replica name no site could
-/// have been given (so a peer cannot file keys under a name that mimics another pool).
-pub fn peer_link_name(origin: &str, peer: &str, replica: Option<&str>) -> Result<String, String> {
-    match replica {
-        Some(name) if !crate::config::valid_name(name) => Err(format!(
-            "replica name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
-        )),
-        _ => Ok(link_name(origin, peer, replica)),
     }
 }
 
@@ -204,7 +195,7 @@ impl Pools {
     /// `replica` name the pools are this replica's own (see [`link_name`]).
     pub fn new<'a>(
         kme: &str,
-        replica: Option<&str>,
+        replica: Option<&Name>,
         settings: PoolSettings,
         key_len: usize,
         peers: impl IntoIterator<Item = &'a String>,
@@ -229,7 +220,7 @@ impl Pools {
             settings,
             key_len,
             kme: kme.to_owned(),
-            owner: replica.unwrap_or_default().to_owned(),
+            owner: replica.map(Name::to_string).unwrap_or_default(),
             links,
         }
     }
@@ -475,21 +466,22 @@ mod tests {
 
     #[test]
     fn each_replica_has_a_pool_name_of_its_own() {
+        let r = |s: &str| s.parse::<Name>().expect("name");
         let names = [
             link_name("A", "B", None),
-            link_name("A", "B", Some("r1")),
-            link_name("A", "B", Some("r2")),
-            link_name("B", "A", Some("r1")),
+            link_name("A", "B", Some(&r("r1"))),
+            link_name("A", "B", Some(&r("r2"))),
+            link_name("B", "A", Some(&r("r1"))),
         ];
         for (i, a) in names.iter().enumerate() {
             for b in &names[i + 1..] {
                 assert_ne!(a, b);
             }
         }
-        assert_eq!(peer_link_name("A", "B", Some("r1")), Ok(names[1].clone()));
-        assert_eq!(peer_link_name("A", "B", None), Ok(names[0].clone()));
+        assert_eq!(names[1], "A>B@r1");
+        // What once had to be refused here cannot be a Name at all.
         for bad in ["", "r1@x", "r1>B", "a b", &"r".repeat(65)] {
-            assert!(peer_link_name("A", "B", Some(bad)).is_err(), "{bad:?}");
+            assert!(bad.parse::<Name>().is_err(), "{bad:?}");
         }
     }
 
@@ -509,7 +501,7 @@ mod tests {
         let store = MemoryStore::new();
         let p = Pools::new(
             "A",
-            Some("a1"),
+            Some(&"a1".parse().expect("name")),
             pools(10, 2).settings(),
             32,
             &["B".to_owned()],

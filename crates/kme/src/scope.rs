@@ -9,6 +9,7 @@
 //! pools is held to this before anything changes; a refusal is 403, logged with the caller and
 //! what it named.
 
+use dqkd_pki::Name;
 use dqkd_store::TakeError;
 
 use crate::config::Config;
@@ -21,7 +22,7 @@ use crate::ApiError;
 /// method can run without it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedKme {
-    id: String,
+    id: Name,
 }
 
 impl VerifiedKme {
@@ -34,7 +35,7 @@ impl VerifiedKme {
             ApiError::Unauthorized("the client certificate carries no dqkd identity".into())
         })?;
         if identity.role() != dqkd_pki::Role::Kme
-            || identity.id() == config.kme_id
+            || *identity.id() == config.kme_id
             || !config.sites.contains_key(identity.id())
         {
             return Err(ApiError::Unauthorized(format!(
@@ -44,12 +45,17 @@ impl VerifiedKme {
             )));
         }
         Ok(Self {
-            id: identity.id().to_owned(),
+            id: identity.id().clone(),
         })
     }
 
     /// The peer's KME ID.
     pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The peer's KME ID, as the checked name.
+    pub fn name(&self) -> &Name {
         &self.id
     }
 }
@@ -72,15 +78,14 @@ impl<'a> PeerScope<'a> {
         self.config.sites[self.peer.id()]
             .saes
             .iter()
-            .cloned()
+            .map(Name::to_string)
             .collect()
     }
 
     /// The store's name for the caller's pool toward this site (that of one of its replicas
     /// when the message names one).
-    pub(crate) fn pool(&self, replica: Option<&str>) -> Result<String, ApiError> {
-        crate::pools::peer_link_name(self.peer.id(), &self.config.kme_id, replica)
-            .map_err(ApiError::BadRequest)
+    pub(crate) fn pool(&self, replica: Option<&Name>) -> String {
+        crate::pools::link_name(self.peer.id(), &self.config.kme_id, replica)
     }
 
     /// Every grant of a `deliver` or `bind` is for a master of the calling site: a site
@@ -92,7 +97,10 @@ impl<'a> PeerScope<'a> {
         grants: &[Grant],
     ) -> Result<(), ApiError> {
         let site = &self.config.sites[self.peer.id()];
-        match grants.iter().find(|g| !site.saes.contains(&g.master)) {
+        match grants
+            .iter()
+            .find(|g| !site.saes.contains(g.master.as_str()))
+        {
             Some(foreign) => Err(self.refuse(
                 call,
                 request_id,

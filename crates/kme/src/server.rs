@@ -217,7 +217,7 @@ fn key_source(
         )
         .map_err(|e| ServeError::Tls(format!("entropy server {}: {e}", server.id)))?
         .with_timeout(config.peer_timeout);
-        servers.push((server.id.clone(), client));
+        servers.push((server.id.to_string(), client));
     }
     let blast = Blast::new(servers, config.keygen.n, config.keygen.c)
         .map_err(|e| ServeError::Tls(e.to_string()))?;
@@ -275,7 +275,7 @@ fn peer_clients(
                 dqkd_net::Versions::Http1,
             )?;
             let client = PeerClient::new(&site.kme_id, addr, http, config.peer_timeout);
-            peers.insert(site.kme_id.clone(), Arc::new(client) as Arc<dyn Peer>);
+            peers.insert(site.kme_id.to_string(), Arc::new(client) as Arc<dyn Peer>);
         }
     }
     Ok(peers)
@@ -332,7 +332,7 @@ async fn serve(
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     let peers = peer_clients(&config, &outgoing)?;
     let expiry =
-        dqkd_net::CertificateExpiry::load(&config.tls, vec![("kme", config.kme_id.clone())]);
+        dqkd_net::CertificateExpiry::load(&config.tls, vec![("kme", config.kme_id.to_string())]);
     let config = Arc::new(config);
     let board = crate::status::Board::new(config.clone(), store.clone(), &outgoing, expiry.clone())
         .map(Arc::new)
@@ -381,7 +381,7 @@ async fn serve(
     let metrics_task = metrics_listener.map(|listener| {
         tokio::spawn(crate::telemetry::serve(
             listener,
-            config.kme_id.clone(),
+            config.kme_id.to_string(),
             crate::status::router(board),
             kek_state.clone(),
             stopped.clone(),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use dqkd_etsi014::{Key, KeyContainer, KeyRequest, Status};
+use dqkd_pki::Name;
 use dqkd_store::{DeliveredKey, KeyStore, TakeError};
 use uuid::Uuid;
 
@@ -26,12 +27,17 @@ use crate::ApiError;
 /// certificate was not checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedSae {
-    id: String,
+    id: Name,
 }
 
 impl VerifiedSae {
     /// The SAE ID from the certificate.
     pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The SAE ID, as the checked name.
+    pub fn name(&self) -> &Name {
         &self.id
     }
 }
@@ -40,9 +46,9 @@ impl VerifiedSae {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
     /// One SAE, at the given site.
-    Sae { sae: String, site: String },
+    Sae { sae: Name, site: Name },
     /// A KME ID: any SAE of that site.
-    Site { site: String },
+    Site { site: Name },
 }
 
 /// Serves the ETSI 014 methods for the SAEs of one site.
@@ -101,7 +107,7 @@ impl KeyService {
             )));
         }
         Ok(VerifiedSae {
-            id: identity.id().to_owned(),
+            id: identity.id().clone(),
         })
     }
 
@@ -134,8 +140,8 @@ impl KeyService {
             }
         };
         Ok(Status {
-            source_KME_ID: self.config.kme_id.clone(),
-            target_KME_ID: site,
+            source_KME_ID: self.config.kme_id.to_string(),
+            target_KME_ID: site.to_string(),
             master_SAE_ID: caller.id().to_owned(),
             slave_SAE_ID: slave.to_owned(),
             key_size: limits.default_key_size,
@@ -163,8 +169,8 @@ impl KeyService {
         let deadline = Deadline::now() + self.config.peer_timeout;
         let by_site = self.slaves_by_site(caller, slave, &request.additional_slaves)?;
         let own = self.config.kme_id.as_str();
-        let mut local: Vec<String> = by_site.get(own).cloned().unwrap_or_default();
-        let remote: BTreeMap<String, Vec<String>> = by_site
+        let mut local: Vec<Name> = by_site.get(own).cloned().unwrap_or_default();
+        let remote: BTreeMap<Name, Vec<Name>> = by_site
             .iter()
             .filter(|(site, _)| site.as_str() != own)
             .map(|(site, saes)| (site.clone(), saes.clone()))
@@ -184,13 +190,13 @@ impl KeyService {
             }
         }
         if self.config.master_refetch {
-            local.push(caller.id().to_owned());
+            local.push(caller.name().clone());
         }
         let keys = self
             .issuer
             .issue(
                 Order {
-                    master: caller.id().to_owned(),
+                    master: caller.name().clone(),
                     local,
                     remote,
                     count: request.number as usize,
@@ -267,7 +273,7 @@ impl KeyService {
     /// once. A segment naming no SAE or KME of the cluster reads as before.
     fn masters_named(&self, caller: &VerifiedSae, named: &str) -> Vec<String> {
         let mut masters: Vec<String> = match self.config.sites.get(named) {
-            Some(site) => site.saes.iter().cloned().collect(),
+            Some(site) => site.saes.iter().map(Name::to_string).collect(),
             None => vec![named.to_owned()],
         };
         let names_a_party = self.config.sites.contains_key(named)
@@ -305,15 +311,15 @@ impl KeyService {
                 "{role} SAE ID must not be blank"
             )));
         }
-        if let Some(site) = self.config.sae_site.get(id) {
+        if let Some((sae, site)) = self.config.sae_site.get_key_value(id) {
             return Ok(Target::Sae {
-                sae: id.to_owned(),
+                sae: sae.clone(),
                 site: site.clone(),
             });
         }
-        if self.config.sites.contains_key(id) {
+        if let Some(site) = self.config.sites.get(id) {
             return Ok(Target::Site {
-                site: id.to_owned(),
+                site: site.kme_id.clone(),
             });
         }
         Err(ApiError::BadRequest(format!(
@@ -323,7 +329,7 @@ impl KeyService {
     }
 
     /// The SAEs entitled to keys addressed to `target` by `caller`.
-    fn slaves_of(&self, caller: &VerifiedSae, target: &Target) -> Result<Vec<String>, ApiError> {
+    fn slaves_of(&self, caller: &VerifiedSae, target: &Target) -> Result<Vec<Name>, ApiError> {
         match target {
             Target::Sae { sae, .. } => {
                 if sae == caller.id() {
@@ -334,10 +340,10 @@ impl KeyService {
                 Ok(vec![sae.clone()])
             }
             Target::Site { site } => {
-                let others: Vec<String> = self.config.sites[site]
+                let others: Vec<Name> = self.config.sites[site]
                     .saes
                     .iter()
-                    .filter(|s| *s != caller.id())
+                    .filter(|s| *s != caller.name())
                     .cloned()
                     .collect();
                 if others.is_empty() {
@@ -356,9 +362,9 @@ impl KeyService {
         caller: &VerifiedSae,
         slave: &str,
         additional: &[String],
-    ) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+    ) -> Result<BTreeMap<Name, Vec<Name>>, ApiError> {
         let target = self.resolve(slave, "slave")?;
-        let mut by_site: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut by_site: BTreeMap<Name, Vec<Name>> = BTreeMap::new();
         let primary_site = match &target {
             Target::Sae { site, .. } | Target::Site { site } => site.clone(),
         };

@@ -203,7 +203,7 @@ impl Board {
         for site in config.sites.values() {
             if let (Some(addr), false) = (&site.peer_addr, site.kme_id == config.kme_id) {
                 peers.push((
-                    site.kme_id.clone(),
+                    site.kme_id.to_string(),
                     addr.clone(),
                     pinned(Role::Kme, &site.kme_id)?,
                 ));
@@ -218,7 +218,7 @@ impl Board {
             )
             .map_err(|e| e.to_string())?
             .with_timeout(PROBE_TIMEOUT);
-            entropy.push((server.id.clone(), client));
+            entropy.push((server.id.to_string(), client));
         }
         Ok(Self {
             config,
@@ -292,15 +292,15 @@ impl Board {
             .sum();
         let now = SystemTime::now();
         Snapshot {
-            cluster: config.cluster.clone(),
-            kme_id: config.kme_id.clone(),
+            cluster: config.cluster.to_string(),
+            kme_id: config.kme_id.to_string(),
             generated_at: unix_now(),
             uptime_secs: self.started.elapsed().as_secs(),
             sites: config
                 .sites
                 .values()
                 .map(|site| SiteRow {
-                    kme_id: site.kme_id.clone(),
+                    kme_id: site.kme_id.to_string(),
                     api_addr: site.api_addr.clone(),
                     peer_addr: site.peer_addr.clone(),
                     saes: site.saes.len(),

@@ -16,7 +16,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::{PkiError, Result};
 use crate::files::{self, OutFile, Secrecy};
-use crate::identity::{self, validate_name, SCHEME};
+use crate::identity::{self, SCHEME};
+use crate::name::validate_name;
 
 /// File name of the CA certificate inside the CA directory.
 pub const CA_CERT_FILE: &str = "ca.pem";

@@ -11,12 +11,12 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::error::{PkiError, Result};
+#[cfg(test)]
+use crate::name::validate_name;
+use crate::name::Name;
 
 /// URI scheme prefix of every dqkd identity.
 pub(crate) const SCHEME: &str = "dqkd://";
-
-/// Longest accepted cluster name or ID; keeps file names and URIs sane.
-pub const MAX_NAME_LEN: usize = 64;
 
 /// The kind of entity a certificate belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -65,29 +65,27 @@ impl FromStr for Role {
 
 /// A validated identity: cluster, role and ID.
 ///
-/// The fields are private so that an `Identity` always holds names that passed
-/// [`validate_name`]; IDs end up as file names, so this is a safety property.
+/// Its names are [`Name`]s, so an `Identity` never holds one that could escape a directory
+/// or a URI segment; IDs end up as file names, so this is a safety property.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
-    cluster: String,
+    cluster: Name,
     role: Role,
-    id: String,
+    id: Name,
 }
 
 impl Identity {
     /// Builds an identity, validating the cluster name and ID.
     pub fn new(cluster: &str, role: Role, id: &str) -> Result<Self> {
-        validate_name("cluster name", cluster)?;
-        validate_name("ID", id)?;
         Ok(Identity {
-            cluster: cluster.to_owned(),
+            cluster: Name::new("cluster name", cluster)?,
             role,
-            id: id.to_owned(),
+            id: Name::new("ID", id)?,
         })
     }
 
     /// The cluster this identity belongs to.
-    pub fn cluster(&self) -> &str {
+    pub fn cluster(&self) -> &Name {
         &self.cluster
     }
 
@@ -97,7 +95,7 @@ impl Identity {
     }
 
     /// The entity's ID (KME ID, SAE ID or entropy server ID).
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &Name {
         &self.id
     }
 
@@ -145,7 +143,7 @@ impl Identity {
             if identity.cluster != expected_cluster {
                 return Err(PkiError::ClusterMismatch {
                     expected: expected_cluster.to_owned(),
-                    found: identity.cluster,
+                    found: identity.cluster.into_string(),
                 });
             }
             return Ok(identity);
@@ -204,36 +202,6 @@ pub(crate) fn nom_to_x509(
         x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e,
         x509_parser::nom::Err::Incomplete(_) => x509_parser::error::X509Error::InvalidCertificate,
     }
-}
-
-/// Checks a cluster name or ID: 1–64 characters of `[A-Za-z0-9._-]`.
-///
-/// IDs become file names (`<id>.pem`) and URI path segments, so anything that
-/// could escape a directory (`/`, `..`) or need escaping is refused.
-pub fn validate_name(what: &'static str, value: &str) -> Result<()> {
-    let bad = |reason| {
-        Err(PkiError::InvalidName {
-            what,
-            value: value.to_owned(),
-            reason,
-        })
-    };
-    if value.is_empty() {
-        return bad("must not be empty");
-    }
-    if value.len() > MAX_NAME_LEN {
-        return bad("longer than 64 characters");
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return bad("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed");
-    }
-    if value == "." || value == ".." {
-        return bad("must not be '.' or '..'");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

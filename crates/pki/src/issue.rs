@@ -172,7 +172,7 @@ impl Ca {
         dn.push(
             DnType::CommonName,
             match identity.role() {
-                Role::Sae => identity.id().to_owned(),
+                Role::Sae => identity.id().to_string(),
                 role => format!("dqkd {role} {}", identity.id()),
             },
         );
@@ -247,7 +247,7 @@ impl Ca {
     /// Writes `<name>.pem` (leaf then CA) and `<name>.key`. At least one DNS name or IP
     /// address is required: the client checks the server's name against them.
     pub fn issue_server(&self, name: &str, opts: &IssueOptions) -> Result<ServerCertPaths> {
-        crate::identity::validate_name("server name", name)?;
+        crate::name::validate_name("server name", name)?;
         if opts.validity_days == 0 {
             return Err(PkiError::InvalidValidity(
                 "validity_days must be at least 1",

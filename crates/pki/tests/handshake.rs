@@ -85,9 +85,9 @@ fn sae_from_our_ca_is_accepted_and_identified() {
     );
 
     let sae = peer_identity(&server, "lab").unwrap();
-    assert_eq!((sae.role(), sae.id()), (Role::Sae, "sae-1"));
+    assert_eq!((sae.role(), sae.id().as_str()), (Role::Sae, "sae-1"));
     let kme = peer_identity(&client, "lab").unwrap();
-    assert_eq!((kme.role(), kme.id()), (Role::Kme, "kme-a"));
+    assert_eq!((kme.role(), kme.id().as_str()), (Role::Kme, "kme-a"));
 
     // Application data flows.
     client

@@ -346,7 +346,7 @@ fn foreign_certificates() {
     let cert = params.self_signed(&key).unwrap();
     let id = Identity::from_certificate(cert.der(), "lab").unwrap();
     assert_eq!(
-        (id.role(), id.id(), id.cluster()),
+        (id.role(), id.id().as_str(), id.cluster().as_str()),
         (Role::Sae, "legacy-sae", "lab")
     );
 

@@ -31,7 +31,7 @@ pub fn peer_router(inbox: Arc<PeerInbox>) -> Router {
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_PEER_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
-            (inbox.config().kme_id.clone(), "peer"),
+            (inbox.config().kme_id.to_string(), "peer"),
             log_request,
         ))
         .with_state(inbox)
@@ -53,7 +53,8 @@ impl FromRequestParts<Arc<PeerInbox>> for PeerKme {
     }
 }
 
-/// A peer message in the request body, parsed as JSON; a bad one is a 400 naming the message.
+/// A peer message in the request body, parsed as JSON; a bad one is a 400 naming the message
+/// and the field at fault (`grants[0].master`), so an operator sees which name was refused.
 struct PeerMessage<T>(T);
 
 /// The name a message goes by in errors.
@@ -79,9 +80,22 @@ impl<S: Send + Sync, T: Named> FromRequest<S> for PeerMessage<T> {
 
     async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         let Body(body) = Body::from_request(request, state).await?;
-        serde_json::from_slice(&body)
-            .map(PeerMessage)
-            .map_err(|e| ApiError::BadRequest(format!("invalid {} message: {e}", T::NAME)))
+        let mut json = serde_json::Deserializer::from_slice(&body);
+        let message = serde_path_to_error::deserialize(&mut json)
+            .map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "invalid {} message: {}: {}",
+                    T::NAME,
+                    e.path(),
+                    e.inner()
+                ))
+            })
+            .and_then(|message| {
+                json.end()
+                    .map(|()| message)
+                    .map_err(|e| ApiError::BadRequest(format!("invalid {} message: {e}", T::NAME)))
+            })?;
+        Ok(PeerMessage(message))
     }
 }
 

@@ -8,7 +8,7 @@ fn manifest(sites: &str) -> Manifest {
 fn site(kme_id: &str) -> SiteFile {
     SiteFile {
         manifest: "cluster.toml".into(),
-        kme_id: kme_id.into(),
+        kme_id: kme_id.parse().expect("valid KME ID"),
         api_listen: "127.0.0.1:0".parse().expect("addr"),
         peer_listen: Some("127.0.0.1:0".parse().expect("addr")),
         metrics_listen: None,
@@ -87,24 +87,51 @@ fn inconsistencies_are_named() {
     );
 
     let bad_name = TWO_SITES.replace("\"bob\"", "\"b o b\"");
-    assert!(check(&bad_name, "A").is_err());
+    assert!(toml::from_str::<Manifest>(&format!("cluster = \"c1\"\n{bad_name}")).is_err());
 }
 
-/// The config takes exactly the names the PKI can issue certificates for: "." and ".."
-/// would pass an alphabet check but cannot be file names.
+/// The config takes exactly the names the PKI can issue certificates for ("." and ".." would
+/// pass an alphabet check but cannot be file names), and a refusal shows the field at fault.
 #[test]
 fn names_follow_the_pki_rule() {
-    for bad in [".", "..", ""] {
-        let sae = TWO_SITES.replace("\"bob\"", &format!("\"{bad}\""));
-        assert!(check(&sae, "A").is_err(), "SAE {bad:?} accepted");
-        let kme = TWO_SITES.replace("kme_id = \"B\"", &format!("kme_id = \"{bad}\""));
-        assert!(check(&kme, "A").is_err(), "KME {bad:?} accepted");
+    let parse = |text: &str| toml::from_str::<Manifest>(text).map_err(|e| e.to_string());
+    let long = "n".repeat(65);
+    for bad in [".", "..", "", "a/b", long.as_str()] {
+        let cases = [
+            (
+                "saes = [",
+                TWO_SITES.replace("\"bob\"", &format!("\"{bad}\"")),
+            ),
+            (
+                "kme_id = ",
+                TWO_SITES.replace("kme_id = \"B\"", &format!("kme_id = \"{bad}\"")),
+            ),
+            (
+                "id = ",
+                format!("[[entropy]]\nid = \"{bad}\"\naddr = \"127.0.0.1:5\"\n{TWO_SITES}"),
+            ),
+        ];
+        for (field, sites) in cases {
+            let err = parse(&format!("cluster = \"c1\"\n{sites}")).expect_err(bad);
+            assert!(err.contains("invalid name"), "{bad:?}: {err}");
+            assert!(err.contains(&format!("{field}\"{bad}\"")), "{bad:?}: {err}");
+        }
+        let err = parse(&format!("cluster = \"{bad}\"\n{TWO_SITES}")).expect_err(bad);
+        assert!(err.contains(&format!("cluster = \"{bad}\"")), "{err}");
+        let err = check(TWO_SITES, "A")
+            .expect("valid")
+            .with_replica(bad)
+            .expect_err(bad);
+        assert!(
+            err.to_string()
+                .starts_with(&format!("replica name {bad:?}: ")),
+            "{err}"
+        );
     }
     for name in ["x", "a.b", "a..b", "_-.", &"n".repeat(64)] {
-        assert!(valid_name(name), "{name:?} refused");
-        assert!(dqkd_pki::validate_name("name", name).is_ok());
+        let sae = TWO_SITES.replace("\"bob\"", &format!("\"{name}\""));
+        assert!(check(&sae, "A").is_ok(), "SAE {name:?} refused");
     }
-    assert!(!valid_name(&"n".repeat(65)));
 }
 
 #[test]
@@ -234,7 +261,7 @@ fn only_a_site_on_postgres_names_its_replicas() {
     assert_eq!(named.replica.as_deref(), Some("kme-a.2"));
     for bad in ["", "r 1", "r1@a", &"r".repeat(65)] {
         let err = on_postgres().with_replica(bad).expect_err(bad);
-        assert!(err.to_string().contains("1-64 characters"), "{err}");
+        assert!(matches!(err, ConfigError::Replica { .. }), "{err}");
     }
 }
 

@@ -28,17 +28,13 @@ pub(super) async fn bind_ready(
     let Some(client) = shared.peers.get(site) else {
         return Err(Bound::Missed);
     };
-    let name = crate::pools::link_name(
-        &shared.config.kme_id,
-        site,
-        shared.config.replica.as_deref(),
-    );
+    let name = crate::pools::link_name(&shared.config.kme_id, site, shared.config.replica.as_ref());
     let request_id = Uuid::new_v4();
     let ids: Vec<Uuid> = slots.iter().map(|s| s.id).collect();
     let seqs: Vec<u64> = slots.iter().map(|s| s.seq).collect();
     let grants = grants_for(site, jobs, &ids);
     let labels = [
-        ("kme", shared.config.kme_id.clone()),
+        ("kme", shared.config.kme_id.to_string()),
         ("peer", site.to_owned()),
     ];
     if let Err(e) = record_in_flight(shared, request_id, &[site.to_owned()], &ids, &seqs).await {
@@ -134,8 +130,8 @@ pub(super) async fn bind_ready(
     let local = per_job(jobs, slots)
         .map(|(job, slots)| PoolGrant {
             slots: slots.to_vec(),
-            master: job.order.master.clone(),
-            slaves: job.order.local.clone(),
+            master: job.order.master.to_string(),
+            slaves: store_names(&job.order.local),
             expires_at: local_expiry(shared, &job.order, now),
         })
         .collect();

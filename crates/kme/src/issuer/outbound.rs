@@ -59,7 +59,7 @@ pub(super) async fn deliver(
             grants,
         };
         let labels = [
-            ("kme", shared.config.kme_id.clone()),
+            ("kme", shared.config.kme_id.to_string()),
             ("peer", site.clone()),
         ];
         calls.push((
@@ -188,7 +188,12 @@ pub(super) fn withdraw(
 
 /// The owner of this process's in-flight records: its replica name, or none.
 pub(super) fn owner(shared: &Shared) -> String {
-    shared.config.replica.clone().unwrap_or_default()
+    shared
+        .config
+        .replica
+        .clone()
+        .map(Name::into_string)
+        .unwrap_or_default()
 }
 
 /// Records durably that request `request_id` is about to reach `sites` (see
@@ -278,7 +283,7 @@ pub(super) async fn withdraw_unanswered(shared: &Shared) -> Result<(), StoreErro
                 let name = crate::pools::link_name(
                     &shared.config.kme_id,
                     site,
-                    shared.config.replica.as_deref(),
+                    shared.config.replica.as_ref(),
                 );
                 shared.store.pool_remove(&name, &record.ready).await?;
             }

@@ -24,7 +24,7 @@ pub(super) async fn refill_loop(
     let mut checked = Instant::now();
     let gauge = metrics::gauge!(
         "dqkd_pool_claimed",
-        "kme" => shared.config.kme_id.clone(),
+        "kme" => shared.config.kme_id.to_string(),
         "peer" => pool.peer().to_owned()
     );
     gauge.set(if claimed { 1.0 } else { 0.0 });
@@ -98,7 +98,7 @@ pub(super) async fn refill_loop(
         match filled {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
-                metrics::histogram!("dqkd_pool_refill_seconds", "kme" => shared.config.kme_id.clone())
+                metrics::histogram!("dqkd_pool_refill_seconds", "kme" => shared.config.kme_id.to_string())
                     .record(started.elapsed().as_secs_f64());
             }
             Err(e) => {
@@ -164,7 +164,7 @@ pub(super) async fn fill_once(
         replica: shared.config.replica.clone(),
     };
     let labels = [
-        ("kme", shared.config.kme_id.clone()),
+        ("kme", shared.config.kme_id.to_string()),
         ("peer", peer.clone()),
     ];
     let result = client.fill(&request).await.map(|ack| {

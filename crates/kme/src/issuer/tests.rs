@@ -83,8 +83,8 @@ fn issuer(delay: Duration) -> (Issuer, Arc<Stalling>, Arc<MemoryStore>) {
 
 fn order() -> Order {
     Order {
-        master: "alice".into(),
-        local: vec!["bob".into()],
+        master: "alice".parse().expect("name"),
+        local: vec!["bob".parse().expect("name")],
         remote: BTreeMap::new(),
         count: 1,
         len: 32,

@@ -170,9 +170,12 @@ impl Peer for Far {
 
 fn order() -> Order {
     Order {
-        master: "alice".into(),
+        master: "alice".parse().expect("name"),
         local: Vec::new(),
-        remote: BTreeMap::from([("B".to_owned(), vec!["bob".to_owned()])]),
+        remote: BTreeMap::from([(
+            "B".parse().expect("name"),
+            vec!["bob".parse().expect("name")],
+        )]),
         count: 1,
         len: 32,
     }

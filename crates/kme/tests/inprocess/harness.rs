@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use dqkd_kme::api::{router, PeerIdentity};
+use dqkd_kme::api::{peer_router, router, PeerIdentity};
 use dqkd_kme::clock::TokioClock;
 use dqkd_kme::peer::Peer;
 use dqkd_kme::service::KeyService;
@@ -250,17 +250,26 @@ impl Cluster {
             .oneshot(request)
             .await
             .expect("infallible");
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
+        answer(response).await
+    }
+
+    /// POSTs `body` to `site`'s peer router as the KME of site `from`.
+    pub async fn peer_post(&self, site: &str, from: &str, path: &str, body: &str) -> Answer {
+        let identity = Identity::new(CLUSTER, Role::Kme, from).expect("kme identity");
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .expect("request");
+        request
+            .extensions_mut()
+            .insert(PeerIdentity(Some(Arc::new(identity))));
+        let response = peer_router(self.sites[site].service.inbox())
+            .oneshot(request)
             .await
-            .expect("body")
-            .to_bytes();
-        Answer {
-            status,
-            body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        }
+            .expect("infallible");
+        answer(response).await
     }
 
     /// `enc_keys` by POST; the answer.
@@ -280,6 +289,20 @@ impl Cluster {
         let path = format!("/api/v1/keys/{master}/dec_keys");
         self.call(site, slave, Method::POST, &path, Some(&body))
             .await
+    }
+}
+
+async fn answer(response: axum::response::Response) -> Answer {
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Answer {
+        status,
+        body: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
     }
 }
 

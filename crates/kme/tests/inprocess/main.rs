@@ -6,6 +6,7 @@ mod far;
 mod faults;
 mod harness;
 mod memory;
+mod names;
 mod source;
 
 use std::sync::Arc;

@@ -133,7 +133,7 @@ impl Peer for MemoryPeer {
     async fn health(&self) -> Result<PeerHealth, PeerError> {
         Ok(PeerHealth {
             status: "ok".into(),
-            kme_id: self.site.clone(),
+            kme_id: self.site.parse().expect("the site's KME ID is a name"),
         })
     }
 }
