@@ -45,6 +45,7 @@ use crate::ApiError;
 mod bind;
 mod error;
 mod outbound;
+mod reconcile;
 mod refill;
 #[cfg(test)]
 mod tests;
