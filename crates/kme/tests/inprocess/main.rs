@@ -6,6 +6,7 @@ mod far;
 mod faults;
 mod harness;
 mod memory;
+mod settle;
 mod source;
 
 use axum::http::{Method, StatusCode};
