@@ -190,3 +190,50 @@ async fn positions_of_an_unanswered_bind_are_not_reloaded() {
     assert_eq!(p.take("B", 8, 32, 0), Some(slots[2..].to_vec()));
     assert!(pool.reserve(1) > 109, "positions are never reused");
 }
+
+/// Positions of an unanswered bind settled as ready after the pool was loaded (a standby
+/// that claimed the pool before it recovered the bind) go back in position order, once.
+#[tokio::test]
+async fn settled_positions_go_back_into_a_loaded_pool() {
+    use dqkd_store::{InFlight, KeyMaterial, MemoryStore, PoolKey};
+    let store = MemoryStore::new();
+    let p = pools(10, 2);
+    let pool = &p.links["B"];
+    let slots: Vec<Slot> = (100..106)
+        .map(|seq| Slot {
+            seq,
+            id: Uuid::new_v4(),
+        })
+        .collect();
+    let keys = slots.iter().map(|&slot| PoolKey {
+        slot,
+        material: KeyMaterial::new(vec![7; 32]),
+        expires_at: u64::MAX / 2,
+    });
+    store
+        .pool_insert(pool.name(), keys.collect())
+        .await
+        .unwrap();
+    let request_id = Uuid::new_v4();
+    store
+        .record_in_flight(InFlight {
+            request_id,
+            owner: String::new(),
+            sites: vec!["B".into()],
+            key_ids: slots[..2].iter().map(|s| s.id).collect(),
+            ready: vec![100, 101],
+        })
+        .await
+        .unwrap();
+    assert_eq!(p.load(pool, &store).await.unwrap(), 4);
+    let answered = [request_id];
+    let forget = store.forget_in_flight(&answered);
+    p.settle("B", &store, &[100, 101], forget).await.unwrap();
+    assert!(store.in_flight("").await.unwrap().is_empty());
+    // Settled again (a retried recovery): nothing is held twice.
+    p.settle("B", &store, &[100, 101], async { Ok(()) })
+        .await
+        .unwrap();
+    assert_eq!(p.level("B"), Some((6, 10)));
+    assert_eq!(p.take("B", 6, 32, 0), Some(slots), "in position order");
+}

@@ -14,7 +14,7 @@ use dqkd_store::{InFlight, KeyStore as _, MemoryStore, Slot};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::harness::{eventually, Call, Cluster};
+use crate::harness::{eventually, Call, Cluster, Fault, TIMEOUT};
 
 /// Long enough, on the paused clock, for every background task to have run.
 const SETTLE: Duration = Duration::from_secs(30);
@@ -261,4 +261,26 @@ async fn a_site_settles_only_its_own_pool_and_keys() {
         ),
         StatusCode::BAD_REQUEST
     );
+}
+
+/// B cannot be asked: the restarted A does not wait for it forever; it withdraws the bind
+/// as before, the two positions in doubt at both sites and only those.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_peer_falls_back_to_withdrawing_the_positions_in_doubt() {
+    let mut cluster = Cluster::with_pools(POOLS).await;
+    let ready = filled(&cluster).await;
+    unanswered_bind(&cluster, &ready).await;
+    cluster
+        .link("A", "B")
+        .set(Call::Reconcile, Fault::FailBefore);
+    let started = Instant::now();
+    cluster.restart("A").await;
+    assert!(started.elapsed() <= 5 * TIMEOUT, "{:?}", started.elapsed());
+    let (a, b) = (cluster.site("A"), cluster.site("B"));
+    let rest: BTreeSet<Slot> = ready.iter().skip(2).copied().collect();
+    assert_eq!(slots(&a.store, "A>B").await, rest);
+    eventually("B's positions in doubt withdrawn", SETTLE, || async {
+        slots(&b.store, "A>B").await == rest
+    })
+    .await;
 }
