@@ -159,7 +159,7 @@ impl Queue {
     }
 
     /// Removes every key, with its expiry.
-    fn drain_expiring(&mut self) -> Vec<(Slot, u64)> {
+    fn drain_with_expiry(&mut self) -> Vec<(Slot, u64)> {
         let runs: Vec<Run> = self.runs.iter().copied().collect();
         let slots = self.clear();
         let expiries = runs
@@ -171,7 +171,7 @@ impl Queue {
     /// Puts keys back in position order, skipping positions already held.
     fn merge(&mut self, mut back: Vec<(Slot, u64)>) {
         back.sort_unstable_by_key(|(slot, _)| slot.seq);
-        let mut held = self.drain_expiring();
+        let mut held = self.drain_with_expiry();
         let known: HashSet<u64> = held.iter().map(|(s, _)| s.seq).collect();
         back.retain(|(slot, _)| !known.contains(&slot.seq));
         back.dedup_by_key(|(slot, _)| slot.seq);
@@ -301,8 +301,9 @@ impl Pools {
     ///
     /// Positions named by an in-flight bind of this process's name are in doubt: a holder
     /// killed mid-bind may have had them bound at the peer, which commits first. They are
-    /// left out (the claim holder of those records withdraws them at both sites), so the
-    /// next bind never names them, meets a 409 and discards the whole pool.
+    /// left out until the claim holder of those records has settled them with the peer
+    /// ([`Pools::settle`] puts back those the peer still holds), so no bind names them
+    /// meanwhile.
     pub async fn load(&self, pool: &LinkPool, store: &dyn KeyStore) -> Result<u64, StoreError> {
         const PAGE: usize = 65_536;
         let _settling = self.settling.lock().await;
@@ -374,10 +375,9 @@ impl Pools {
         taken
     }
 
-    /// Empties the pool toward `peer` and returns what it held: when the peer no longer
-    /// holds keys this site thinks are ready (it lost its store, say), the two views of the
-    /// pool disagree and the pool starts over from fresh fills; and when another process of
-    /// this site has taken the pool over, this one stops handing its keys out.
+    /// Empties the pool toward `peer` and returns what it held, when another process of this
+    /// site has taken the pool over: this one stops handing its keys out, and settles none
+    /// back into it until it loads the pool again.
     pub fn discard(&self, peer: &str) -> Vec<Slot> {
         let Some(pool) = self.links.get(peer) else {
             return Vec::new();
