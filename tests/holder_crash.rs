@@ -1,7 +1,9 @@
 //! The holder of a ready-key pool killed with `kill -9` while it binds under load: the next
 //! holder (the restarted process, or a standby under the same replica name on PostgreSQL)
-//! keeps the pool. Counted: ready keys discarded (only those of binds in flight at the kill),
-//! keys given twice (0) and keys left at site B that no SAE received (0).
+//! keeps the pool. Counted: ready keys discarded (only those of binds in flight at the kill
+//! that B had bound, or that A had answered as it died: the next holder settles the positions
+//! in doubt with B and keeps those B still holds), keys given twice (0) and keys left at site
+//! B that no SAE received (0).
 
 mod common;
 
@@ -66,23 +68,33 @@ async fn kill_the_holder_under_load(cluster: &mut Cluster, holder: &str, next: &
     }
     let received: Vec<String> = received.lock().expect("received").iter().cloned().collect();
 
-    // The next holder has the pool once its level is positive and settled.
+    // The next holder has the pool once its level is positive and settled: unchanged for
+    // longer than a standby waits to retry its claim on the in-flight records.
     let alice = cluster.client_at("alice", next);
-    let mut last = u64::MAX;
-    loop {
+    let (mut last, mut same) = (u64::MAX, 0);
+    while same < 6 {
         let level = alice.status("bob").await.expect("status").stored_key_count;
-        if level > 0 && level == last {
-            break;
-        }
+        same = if level > 0 && level == last {
+            same + 1
+        } else {
+            0
+        };
         last = level;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let discarded = TARGET - received.len() as u64 - last;
     let in_flight = (LOAD_TASKS as u32 * MAX_PER_REQUEST) as u64;
+    let log = cluster.sites[next].log_text();
+    let (ready_again, bound_at_b) = settled(&log);
     eprintln!(
         "holder crash ({holder} -> {next}): {} keys received, {last} still ready, \
-         {discarded} discarded (at most {in_flight} were in flight)",
+         {discarded} discarded (at most {in_flight} were in flight); positions in doubt: \
+         {ready_again} ready again, {bound_at_b} bound at B and removed",
         received.len()
+    );
+    assert!(
+        !log.contains("could not settle an unanswered bind"),
+        "the next holder could not settle the positions in doubt: {log}"
     );
     assert!(
         discarded <= in_flight,
@@ -111,8 +123,8 @@ async fn kill_the_holder_under_load(cluster: &mut Cluster, holder: &str, next: &
     let (status, _) = status_of(bob.dec_keys("alice", &[received[0].as_str()]).await);
     assert_eq!(status, StatusCode::BAD_REQUEST, "a key is given once");
 
-    // Nothing at B that no SAE received, once the unanswered bind is withdrawn there.
-    if log.contains("unanswered_withdrawn") {
+    // Nothing at B that no SAE received, once an unanswered request is withdrawn there.
+    if log.contains("withdrawing the keys of a request left unanswered") {
         wait_until("B to confirm the withdrawal", || {
             cluster.sites[next]
                 .log_text()
@@ -134,6 +146,35 @@ async fn kill_the_holder_under_load(cluster: &mut Cluster, holder: &str, next: &
         0,
         "keys at B that no SAE received"
     );
+    eprintln!(
+        "| {holder} -> {next} | {} | {last} | {discarded} | {bound_at_b} | {answer_lost} | {ready_again} | 0 | {} |",
+        received.len(),
+        at_b.saturating_sub(answer_lost)
+    );
+    assert_eq!(
+        discarded,
+        bound_at_b + answer_lost,
+        "discarded ready keys are those B bound for an unanswered bind or A answered as it died"
+    );
+}
+
+/// Positions of unanswered binds the next holder settled with B, from its log: how many are
+/// ready again and how many B had bound (and destroyed).
+fn settled(log: &str) -> (u64, u64) {
+    let field = |line: &str, name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+            .unwrap_or(0)
+    };
+    log.lines()
+        .filter(|l| l.contains("unanswered_bind_settled"))
+        .fold((0, 0), |(ready, bound), line| {
+            (
+                ready + field(line, "ready_again="),
+                bound + field(line, "removed="),
+            )
+        })
 }
 
 /// One test, so that the PostgreSQL runs (which set `DQKD_TEST_STORE` for this process) never

@@ -23,6 +23,8 @@ use crate::scope::PeerScope;
 pub use crate::scope::VerifiedKme;
 use crate::ApiError;
 
+mod reconcile;
+
 /// How many completed deliver request IDs a site remembers for idempotent retries.
 const REMEMBERED_REQUESTS: usize = 65_536;
 
@@ -366,7 +368,8 @@ impl PeerInbox {
         if matches!(result, Err(TakeError::Unauthorized)) {
             self.restore(peer, request.request_id, before);
         }
-        let mut destroyed = scope.destroyed(request.request_id, request.key_ids.len(), result)?;
+        let mut destroyed =
+            scope.destroyed("destroy", request.request_id, request.key_ids.len(), result)?;
         if !request.ready.is_empty() {
             // Checked after the ordinary keys are gone: a bad name must not keep them.
             let link = scope.pool(request.replica.as_ref());

@@ -18,7 +18,7 @@
 //! message, and the record leaves in the commit that stores this site's own copy of its keys
 //! (the moment it is answered). A record still there when the process starts again is a
 //! request whose keys a peer may hold but nobody received: [`Issuer::start_pools`] withdraws
-//! them at every site first.
+//! them at every site first (a bind's ready keys the peer still holds are kept: `reconcile`).
 //!
 //! The jobs are split by module: this file batches requests and runs a batch; `outbound`
 //! delivers to peers and withdraws; `bind` serves a batch from a ready pool; `refill` keeps
@@ -46,6 +46,7 @@ use crate::ApiError;
 mod bind;
 mod error;
 mod outbound;
+mod reconcile;
 mod refill;
 mod size;
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The peer API: how one site's KME tells another which keys to regenerate and who may
 //! fetch them, how it keeps ready keys at both ends of a link (`fill`, then `bind` when an
-//! SAE asks), and how it withdraws keys when a request fails.
+//! SAE asks, `reconcile` when a bind's outcome is in doubt), and how it withdraws keys when a
+//! request fails.
 //!
 //! Only KME certificates of the cluster may call it. Every message carries a request ID
 //! and the key IDs it concerns, so a retry after a timeout is harmless: `deliver` answers a
@@ -21,8 +22,12 @@ use uuid::Uuid;
 use tokio::time::Instant;
 
 mod https;
+mod reconcile;
 
 pub use https::PeerClient;
+pub use reconcile::{
+    ReadySlot, ReconcileAck, ReconcileRequest, MAX_RECONCILE_SLOTS, MAX_RECONCILE_WITHDRAWN,
+};
 
 /// Largest peer message an origin builds: far under what a peer accepts
 /// ([`crate::api::MAX_PEER_BODY_BYTES`]), so no message is refused for its size, and small
@@ -223,6 +228,10 @@ pub trait Peer: Send + Sync {
 
     /// Has the peer shred keys of a failed request.
     async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError>;
+
+    /// Asks the peer which ready keys of this site's pool it still holds (see
+    /// [`ReconcileRequest`]).
+    async fn reconcile(&self, request: &ReconcileRequest) -> Result<ReconcileAck, PeerError>;
 
     /// Whether the peer answers at all.
     async fn health(&self) -> Result<PeerHealth, PeerError>;

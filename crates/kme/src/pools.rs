@@ -47,6 +47,9 @@ pub struct Pools {
     /// Owner of this process's in-flight records (its replica name, or empty).
     owner: String,
     links: BTreeMap<String, Arc<LinkPool>>,
+    /// Held while a pool is read from the store and while in-doubt positions are settled, so
+    /// that a position settled as ready is either read by the load or put back after it.
+    settling: tokio::sync::Mutex<()>,
 }
 
 /// The ready keys of one link and the signal that wakes its refill task.
@@ -54,6 +57,8 @@ pub struct LinkPool {
     peer: String,
     name: String,
     ready: Mutex<Queue>,
+    /// Ready keys taken out of the pool to be settled with the peer (see [`Pools::drain`]).
+    doubt: Mutex<Vec<Slot>>,
     wake: Notify,
 }
 
@@ -67,6 +72,9 @@ struct Queue {
     runs: VecDeque<Run>,
     /// The lowest position the next fill may use: past every position ever used here.
     next_seq: u64,
+    /// Whether this process holds the pool (loaded it and has not discarded it since): only
+    /// then may settled positions be put back.
+    live: bool,
 }
 
 /// Keys with consecutive positions from `first_seq` and one expiry.
@@ -140,6 +148,30 @@ impl Queue {
         let count = self.len();
         self.take_front(count)
     }
+
+    /// Removes every key, with its expiry.
+    fn drain_with_expiry(&mut self) -> Vec<(Slot, u64)> {
+        let runs: Vec<Run> = self.runs.iter().copied().collect();
+        let slots = self.clear();
+        let expiries = runs
+            .iter()
+            .flat_map(|r| std::iter::repeat_n(r.expires_at, r.count));
+        slots.into_iter().zip(expiries).collect()
+    }
+
+    /// Puts keys back in position order, skipping positions already held.
+    fn merge(&mut self, mut back: Vec<(Slot, u64)>) {
+        back.sort_unstable_by_key(|(slot, _)| slot.seq);
+        let mut held = self.drain_with_expiry();
+        let known: HashSet<u64> = held.iter().map(|(s, _)| s.seq).collect();
+        back.retain(|(slot, _)| !known.contains(&slot.seq));
+        back.dedup_by_key(|(slot, _)| slot.seq);
+        held.extend(back);
+        held.sort_unstable_by_key(|(slot, _)| slot.seq);
+        for (slot, expires_at) in held {
+            self.push([slot], expires_at);
+        }
+    }
 }
 
 impl LinkPool {
@@ -171,6 +203,11 @@ impl LinkPool {
     /// Adds freshly filled keys, all expiring at `expires_at`, at the back.
     pub fn push(&self, slots: impl IntoIterator<Item = Slot>, expires_at: u64) {
         self.lock().push(slots, expires_at);
+    }
+
+    /// The ready keys waiting to be settled with the peer, which leave the list.
+    pub fn take_doubt(&self) -> Vec<Slot> {
+        std::mem::take(&mut *self.doubt.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Waits until a take lowers the pool (or another reason to look again).
@@ -210,6 +247,7 @@ impl Pools {
                         peer: peer.clone(),
                         name: link_name(kme, peer, replica),
                         ready: Mutex::new(Queue::default()),
+                        doubt: Mutex::new(Vec::new()),
                         wake: Notify::new(),
                     };
                     (peer.clone(), Arc::new(pool))
@@ -222,6 +260,7 @@ impl Pools {
             kme: kme.to_owned(),
             owner: replica.map(Name::to_string).unwrap_or_default(),
             links,
+            settling: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -253,10 +292,12 @@ impl Pools {
     ///
     /// Positions named by an in-flight bind of this process's name are in doubt: a holder
     /// killed mid-bind may have had them bound at the peer, which commits first. They are
-    /// left out (the claim holder of those records withdraws them at both sites), so the
-    /// next bind never names them, meets a 409 and discards the whole pool.
+    /// left out until the claim holder of those records has settled them with the peer
+    /// ([`Pools::settle`] puts back those the peer still holds), so no bind names them
+    /// meanwhile.
     pub async fn load(&self, pool: &LinkPool, store: &dyn KeyStore) -> Result<u64, StoreError> {
         const PAGE: usize = 65_536;
+        let _settling = self.settling.lock().await;
         let doubt: HashSet<u64> = store
             .in_flight(&self.owner)
             .await?
@@ -264,7 +305,10 @@ impl Pools {
             .filter(|r| r.sites.len() == 1 && r.sites[0] == pool.peer)
             .flat_map(|r| r.ready)
             .collect();
-        let mut queue = Queue::default();
+        let mut queue = Queue {
+            live: true,
+            ..Queue::default()
+        };
         let mut after = None;
         let mut skipped = 0u64;
         loop {
@@ -322,18 +366,103 @@ impl Pools {
         taken
     }
 
-    /// Empties the pool toward `peer` and returns what it held: when the peer no longer
-    /// holds keys this site thinks are ready (it lost its store, say), the two views of the
-    /// pool disagree and the pool starts over from fresh fills; and when another process of
-    /// this site has taken the pool over, this one stops handing its keys out.
+    /// Empties the pool toward `peer` and returns what it held, when another process of this
+    /// site has taken the pool over: this one stops handing its keys out, and settles none
+    /// back into it until it loads the pool again.
     pub fn discard(&self, peer: &str) -> Vec<Slot> {
         let Some(pool) = self.links.get(peer) else {
             return Vec::new();
         };
-        let stale = pool.lock().clear();
+        let stale = {
+            let mut queue = pool.lock();
+            queue.live = false;
+            queue.clear()
+        };
         pool.wake.notify_one();
         self.gauge(pool);
         stale
+    }
+
+    /// Takes every ready key toward `peer` out of the pool, with `also` (keys of a bind the
+    /// peer refused), into the list its refill task settles with the peer
+    /// ([`LinkPool::take_doubt`]); meanwhile no bind can name them, so settling them cannot
+    /// undo a bind. Returns how many are in doubt.
+    pub fn drain(&self, peer: &str, also: &[Slot]) -> usize {
+        let Some(pool) = self.links.get(peer) else {
+            return 0;
+        };
+        let drained = pool.lock().clear();
+        let count = {
+            let mut doubt = pool.doubt.lock().unwrap_or_else(PoisonError::into_inner);
+            doubt.extend(drained);
+            doubt.extend_from_slice(also);
+            doubt.len()
+        };
+        pool.wake.notify_one();
+        self.gauge(pool);
+        count
+    }
+
+    /// Returns settled ready keys to the pool toward `peer` in position order, if this
+    /// process still holds it (else whoever holds it reads them from the store).
+    fn put_back(&self, peer: &str, keys: Vec<(Slot, u64)>) {
+        let Some(pool) = self.links.get(peer) else {
+            return;
+        };
+        {
+            let mut queue = pool.lock();
+            if !queue.live {
+                return;
+            }
+            queue.merge(keys);
+        }
+        self.gauge(pool);
+    }
+
+    /// Settles positions of an unanswered bind toward `peer` as ready: `forget` (which
+    /// deletes the bind's in-flight record) runs while no load of the pool is under way, and
+    /// the positions go back into the pool if this process holds it; a later load reads them
+    /// since no record names them any more.
+    pub async fn settle<F>(
+        &self,
+        peer: &str,
+        store: &dyn KeyStore,
+        seqs: &[u64],
+        forget: F,
+    ) -> Result<(), StoreError>
+    where
+        F: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let _settling = self.settling.lock().await;
+        forget.await?;
+        let (Some(pool), Some(&first), Some(&last)) =
+            (self.links.get(peer), seqs.iter().min(), seqs.iter().max())
+        else {
+            return Ok(());
+        };
+        if !pool.lock().live {
+            return Ok(());
+        }
+        let wanted: HashSet<u64> = seqs.iter().copied().collect();
+        let mut back = Vec::with_capacity(seqs.len());
+        let mut after = first.checked_sub(1);
+        'pages: loop {
+            let page = store.pool_page(&pool.name, after, 4_096).await?;
+            for key in &page {
+                if key.slot.seq > last {
+                    break 'pages;
+                }
+                if wanted.contains(&key.slot.seq) {
+                    back.push((key.slot, key.expires_at));
+                }
+                after = Some(key.slot.seq);
+            }
+            if page.len() < 4_096 {
+                break;
+            }
+        }
+        self.put_back(peer, back);
+        Ok(())
     }
 
     /// Publishes a pool's level.
@@ -348,198 +477,4 @@ impl Pools {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pools(target: u64, low_water: u64) -> Pools {
-        let settings = PoolSettings {
-            target,
-            low_water,
-            ..PoolSettings::default()
-        };
-        Pools::new("A", None, settings, 32, &["B".to_owned()])
-    }
-
-    fn fill(p: &Pools, n: usize, expires_at: u64) -> Vec<Slot> {
-        let pool = &p.links["B"];
-        let first = pool.reserve(n);
-        let slots: Vec<Slot> = (0..n as u64)
-            .map(|i| Slot {
-                seq: first + i,
-                id: Uuid::new_v4(),
-            })
-            .collect();
-        pool.push(slots.clone(), expires_at);
-        slots
-    }
-
-    #[test]
-    fn takes_all_or_none_in_order() {
-        let p = pools(10, 2);
-        let ready = fill(&p, 5, 10_000);
-        assert_eq!(p.take("B", 6, 32, 0), None, "not enough: on demand");
-        assert_eq!(p.level("B"), Some((5, 10)));
-        let got = p.take("B", 3, 32, 0).expect("enough");
-        assert_eq!(got, ready[..3]);
-        assert_eq!(p.level("B"), Some((2, 10)));
-        assert_eq!(
-            p.take("B", 1, 16, 0),
-            None,
-            "other sizes are made on demand"
-        );
-        assert_eq!(
-            p.take("C", 1, 32, 0),
-            None,
-            "no pool toward an unknown site"
-        );
-        assert_eq!(p.discard("B"), ready[3..]);
-        assert_eq!(p.level("B"), Some((0, 10)));
-    }
-
-    #[test]
-    fn keys_near_expiry_are_dropped() {
-        let p = pools(10, 2);
-        fill(&p, 3, 1_000);
-        let later = fill(&p, 2, 5_000);
-        assert_eq!(
-            p.take("B", 1, 32, 1_000 - EXPIRY_MARGIN_SECS),
-            Some(later[..1].to_vec())
-        );
-        assert_eq!(
-            p.level("B"),
-            Some((1, 10)),
-            "three expiring keys were dropped"
-        );
-    }
-
-    #[test]
-    fn takes_across_fills_keep_expiries_aligned() {
-        let p = pools(10, 2);
-        let first = fill(&p, 3, 1_000);
-        let second = fill(&p, 3, 5_000);
-        assert_eq!(
-            p.take("B", 4, 32, 0),
-            Some([&first[..], &second[..1]].concat())
-        );
-        // The remaining two belong to the second fill: they survive the first's expiry.
-        assert_eq!(p.take("B", 2, 32, 2_000), Some(second[1..].to_vec()));
-    }
-
-    #[test]
-    fn positions_come_back_as_stored() {
-        let p = pools(10, 2);
-        let pool = &p.links["B"];
-        let slots: Vec<Slot> = [3, 4, 9, 10, 11]
-            .map(|seq| Slot {
-                seq,
-                id: Uuid::new_v4(),
-            })
-            .into();
-        pool.push(slots[..4].iter().copied(), 7_000);
-        pool.push(slots[4..].iter().copied(), 8_000);
-        assert_eq!(p.take("B", 3, 32, 0), Some(slots[..3].to_vec()));
-        assert_eq!(p.discard("B"), slots[3..]);
-        assert!(pool.reserve(1) > 11, "after every position held");
-    }
-
-    #[test]
-    fn positions_never_repeat() {
-        let p = pools(10, 2);
-        let pool = &p.links["B"];
-        let a = pool.reserve(5);
-        let b = pool.reserve(5);
-        assert!(b >= a + 5, "{a} then {b}");
-        assert!(
-            a >= unix_nanos() - 60_000_000_000,
-            "positions start at the clock"
-        );
-        // A pool loaded with a position from the future continues after it.
-        pool.push(
-            [Slot {
-                seq: u64::MAX / 2,
-                id: Uuid::new_v4(),
-            }],
-            9,
-        );
-        assert_eq!(pool.reserve(1), u64::MAX / 2 + 1);
-    }
-
-    #[test]
-    fn each_replica_has_a_pool_name_of_its_own() {
-        let r = |s: &str| s.parse::<Name>().expect("name");
-        let names = [
-            link_name("A", "B", None),
-            link_name("A", "B", Some(&r("r1"))),
-            link_name("A", "B", Some(&r("r2"))),
-            link_name("B", "A", Some(&r("r1"))),
-        ];
-        for (i, a) in names.iter().enumerate() {
-            for b in &names[i + 1..] {
-                assert_ne!(a, b);
-            }
-        }
-        assert_eq!(names[1], "A>B@r1");
-        // What once had to be refused here cannot be a Name at all.
-        for bad in ["", "r1@x", "r1>B", "a b", &"r".repeat(65)] {
-            assert!(bad.parse::<Name>().is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn a_zero_target_means_no_pools() {
-        let p = pools(0, 0);
-        assert_eq!(p.level("B"), None);
-        assert_eq!(p.take("B", 1, 32, 0), None);
-        assert_eq!(p.links().count(), 0);
-    }
-
-    /// A holder killed mid-bind left an in-flight record: the next holder must not hand
-    /// those positions out (the peer may have bound them), and only those.
-    #[tokio::test]
-    async fn positions_of_an_unanswered_bind_are_not_reloaded() {
-        use dqkd_store::{InFlight, KeyMaterial, MemoryStore, PoolKey};
-        let store = MemoryStore::new();
-        let p = Pools::new(
-            "A",
-            Some(&"a1".parse().expect("name")),
-            pools(10, 2).settings(),
-            32,
-            &["B".to_owned()],
-        );
-        let pool = &p.links["B"];
-        let slots: Vec<Slot> = (100..110)
-            .map(|seq| Slot {
-                seq,
-                id: Uuid::new_v4(),
-            })
-            .collect();
-        let keys = slots.iter().map(|&slot| PoolKey {
-            slot,
-            material: KeyMaterial::new(vec![7; 32]),
-            expires_at: u64::MAX / 2,
-        });
-        store
-            .pool_insert(pool.name(), keys.collect())
-            .await
-            .unwrap();
-        let record = |owner: &str, sites: &[&str], ready: &[u64]| InFlight {
-            request_id: Uuid::new_v4(),
-            owner: owner.into(),
-            sites: sites.iter().map(|s| s.to_string()).collect(),
-            key_ids: vec![Uuid::new_v4()],
-            ready: ready.to_vec(),
-        };
-        // This replica's bind toward B of 100..=101; another replica's and another site's
-        // records do not make positions of this pool doubtful.
-        for r in [
-            record("a1", &["B"], &[100, 101]),
-            record("a2", &["B"], &[102]),
-            record("a1", &["C"], &[103]),
-        ] {
-            store.record_in_flight(r).await.unwrap();
-        }
-        assert_eq!(p.load(pool, &store).await.unwrap(), 8);
-        assert_eq!(p.take("B", 8, 32, 0), Some(slots[2..].to_vec()));
-        assert!(pool.reserve(1) > 109, "positions are never reused");
-    }
-}
+mod tests;

@@ -114,9 +114,10 @@ impl<'a> PeerScope<'a> {
     }
 
     /// Maps the store's answer to a destroy on the caller's behalf
-    /// ([`dqkd_store::KeyStore::destroy_of`]).
+    /// ([`dqkd_store::KeyStore::destroy_of`]) in message `call`.
     pub(crate) fn destroyed(
         &self,
+        call: &'static str,
         request_id: uuid::Uuid,
         named: usize,
         result: Result<u64, TakeError>,
@@ -124,7 +125,7 @@ impl<'a> PeerScope<'a> {
         match result {
             Ok(count) => Ok(count),
             Err(TakeError::Unauthorized) => Err(self.refuse(
-                "destroy",
+                call,
                 request_id,
                 &format!("names keys (of {named}) made by another site's SAEs"),
             )),

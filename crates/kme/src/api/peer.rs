@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use super::{json, log_request, no_route, wrong_method, Body};
 use crate::inbox::{PeerInbox, VerifiedKme};
-use crate::peer::{BindRequest, DeliverRequest, DestroyRequest, FillRequest, PeerHealth};
+use crate::peer::{
+    BindRequest, DeliverRequest, DestroyRequest, FillRequest, PeerHealth, ReconcileRequest,
+};
 use crate::ApiError;
 
 /// Largest peer message accepted: regeneration metadata for a large batch of keys.
@@ -26,6 +28,7 @@ pub fn peer_router(inbox: Arc<PeerInbox>) -> Router {
         .route("/peer/v1/destroy", post(peer_destroy))
         .route("/peer/v1/fill", post(peer_fill))
         .route("/peer/v1/bind", post(peer_bind))
+        .route("/peer/v1/reconcile", post(peer_reconcile))
         .route("/peer/v1/health", get(peer_health))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
@@ -73,6 +76,9 @@ impl Named for BindRequest {
 }
 impl Named for DestroyRequest {
     const NAME: &'static str = "destroy";
+}
+impl Named for ReconcileRequest {
+    const NAME: &'static str = "reconcile";
 }
 
 impl<S: Send + Sync, T: Named> FromRequest<S> for PeerMessage<T> {
@@ -144,6 +150,18 @@ async fn peer_destroy(
     PeerMessage(request): PeerMessage<DestroyRequest>,
 ) -> Result<Response, ApiError> {
     Ok(json(&inbox.peer_destroy(&peer, request).await?))
+}
+
+/// Runs to completion like a bind: its destroys and marks must not stop half-way.
+async fn peer_reconcile(
+    State(inbox): State<Arc<PeerInbox>>,
+    PeerKme(peer): PeerKme,
+    PeerMessage(request): PeerMessage<ReconcileRequest>,
+) -> Result<Response, ApiError> {
+    to_completion("reconcile", async move {
+        inbox.peer_reconcile(&peer, request).await
+    })
+    .await
 }
 
 async fn peer_health(State(inbox): State<Arc<PeerInbox>>, PeerKme(_peer): PeerKme) -> Response {

@@ -1,6 +1,7 @@
 //! Serving a batch from a ready-key pool: the peer binds the ready keys to the batch's SAEs
 //! first, then this site; on any failure the keys are shredded at both, so a ready key is
-//! bound once or never.
+//! bound once or never. A 409 (the peer lacks keys this site thought ready) is settled with
+//! the peer by the link's refill task (see `reconcile`).
 
 use dqkd_store::{DeliveredKey, TakeError};
 
@@ -72,26 +73,15 @@ pub(super) async fn bind_ready(
         Ok((Some(stored), _)) => stored,
         Err(PeerError::Refused { status, .. }) if status == http::StatusCode::CONFLICT => {
             // The peer refused the whole bind: nothing of it is stored there to withdraw.
+            // Which ready keys it still holds, it says when asked: the pool's keys and these
+            // leave the pool until its refill task has settled them with the peer.
             forget_in_flight(shared, request_id);
-            shred("the peer no longer holds them");
-            let stale: Vec<u64> = shared.pools.discard(site).iter().map(|s| s.seq).collect();
+            let doubt = shared.pools.drain(site, slots);
             tracing::warn!(
                 site,
-                discarded = stale.len(),
-                "the peer does not hold keys this site thought ready; refilling the pool from scratch"
+                doubt,
+                "the peer does not hold keys this site thought ready; settling the pool with it"
             );
-            // The peer may still hold some of them: shred those there too.
-            for chunk in stale.chunks(REMOVE_CHUNK) {
-                withdraw(
-                    shared,
-                    Uuid::new_v4(),
-                    &[site.to_owned()],
-                    &[],
-                    chunk,
-                    false,
-                );
-            }
-            remove_ready_here(shared, &name, stale);
             return Err(Bound::Missed);
         }
         other => {

@@ -234,9 +234,11 @@ pub(super) fn forget_in_flight(shared: &Shared, request_id: Uuid) {
 pub(super) const IN_FLIGHT_CLAIM_RETRY: Duration = Duration::from_secs(2);
 
 /// Withdraws every request this process (by its replica name) left unanswered when it last
-/// stopped: shreds this site's copies (ready keys of an unanswered bind, keys of a caller
-/// that left) now, and the peers' in the background, retrying until each confirms; each
-/// record is forgotten once its peers have. Only the process that holds the claim on these
+/// stopped. The positions of an unanswered bind are settled with its peer (those it still
+/// holds ready are ready again; see `reconcile`); everything else, and a bind whose peer
+/// cannot be reached in time, is withdrawn: this site's copies (keys of a caller that left,
+/// ready keys of the bind) shredded now, and the peers' in the background, retrying until
+/// each confirms; each record is forgotten once its peers have. Only the process that holds the claim on these
 /// records does it, so a live process started with the same replica name is never undone.
 pub(super) async fn recover_in_flight(shared: &Arc<Shared>) -> Result<(), StoreError> {
     let claim = format!("in-flight:{}", owner(shared));
@@ -274,9 +276,19 @@ pub(super) async fn withdraw_unanswered(shared: &Shared) -> Result<(), StoreErro
         event = "unanswered_withdrawn",
         requests = records.len(),
         keys,
-        "withdrawing the keys of requests left unanswered when this process stopped"
+        "settling or withdrawing the keys of requests left unanswered when this process stopped"
     );
+    // A peer that could not be asked to settle one bind is not waited for again.
+    let mut unreachable: Vec<String> = Vec::new();
     for record in records {
+        if let Some(site) = bind_site(shared, &record) {
+            if !unreachable.contains(&site)
+                && super::reconcile::settle_unanswered_bind(shared, &site, &record).await?
+            {
+                continue;
+            }
+            unreachable.push(site);
+        }
         shared.store.destroy(&record.key_ids).await?;
         if let [site] = record.sites.as_slice() {
             if !record.ready.is_empty() {
@@ -305,4 +317,19 @@ pub(super) async fn withdraw_unanswered(shared: &Shared) -> Result<(), StoreErro
         );
     }
     Ok(())
+}
+
+/// The peer site of `record` if it is a bind of ready keys (one site, one position per key)
+/// whose positions can be settled with the peer rather than withdrawn.
+fn bind_site(shared: &Shared, record: &InFlight) -> Option<String> {
+    match record.sites.as_slice() {
+        [site]
+            if !record.ready.is_empty()
+                && record.ready.len() == record.key_ids.len()
+                && shared.peers.contains_key(site) =>
+        {
+            Some(site.clone())
+        }
+        _ => None,
+    }
 }

@@ -55,6 +55,14 @@ pub(super) async fn refill_loop(
             }
             continue;
         }
+        let doubt = pool.take_doubt();
+        if !doubt.is_empty() {
+            tokio::spawn(super::reconcile::settle_pool(
+                shared.clone(),
+                pool.peer().to_owned(),
+                doubt,
+            ));
+        }
         let level = pool.level();
         filling = (filling || level <= settings.low_water) && level < settings.target;
         // Still ours? Asked before every fill and every CLAIM_RETRY: a claim lapses with the

@@ -163,6 +163,13 @@ impl Peer for Far {
         self.refuse()
     }
 
+    async fn reconcile(
+        &self,
+        _: &crate::peer::ReconcileRequest,
+    ) -> Result<crate::peer::ReconcileAck, PeerError> {
+        self.refuse()
+    }
+
     async fn health(&self) -> Result<PeerHealth, PeerError> {
         self.refuse()
     }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{
     BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
-    FillRequest, Peer, PeerError, PeerHealth,
+    FillRequest, Peer, PeerError, PeerHealth, ReconcileAck, ReconcileRequest,
 };
 
 /// Largest peer answer accepted.
@@ -71,6 +71,11 @@ impl PeerClient {
     /// Sends a destroy message.
     pub async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
         self.call("/peer/v1/destroy", request, None).await
+    }
+
+    /// Asks which ready keys of this site's pool the peer still holds.
+    pub async fn reconcile(&self, request: &ReconcileRequest) -> Result<ReconcileAck, PeerError> {
+        self.call("/peer/v1/reconcile", request, None).await
     }
 
     /// Asks whether the peer's KME answers.
@@ -170,6 +175,10 @@ impl Peer for PeerClient {
 
     async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
         PeerClient::destroy(self, request).await
+    }
+
+    async fn reconcile(&self, request: &ReconcileRequest) -> Result<ReconcileAck, PeerError> {
+        PeerClient::reconcile(self, request).await
     }
 
     async fn health(&self) -> Result<PeerHealth, PeerError> {

@@ -126,7 +126,13 @@ pub struct Site {
 /// Three sites wired to each other in memory.
 pub struct Cluster {
     pub sites: BTreeMap<String, Site>,
-    _stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<bool>,
+    /// What `restart` needs to build a site again.
+    clock: Arc<TokioClock>,
+    pools: Option<String>,
+    max_keys: Option<u32>,
+    regeneration: Duration,
+    inboxes: BTreeMap<String, Arc<InboxSlot>>,
 }
 
 impl Cluster {
@@ -201,7 +207,54 @@ impl Cluster {
                 .await
                 .expect("pools start");
         }
-        Self { sites, _stop: stop }
+        Self {
+            sites,
+            stop,
+            clock,
+            pools: pools.map(str::to_owned),
+            max_keys,
+            regeneration,
+            inboxes: slots
+                .into_iter()
+                .map(|(id, slot)| (id.to_owned(), slot))
+                .collect(),
+        }
+    }
+
+    /// Starts site `id` again over its store, as a process started after the last one was
+    /// killed: it recovers its in-flight records and reads its pools back, and from now on
+    /// callers and peers reach it instead (the old one's tasks run on, unreached).
+    pub async fn restart(&mut self, id: &str) {
+        let config =
+            config(id, self.pools.as_deref(), self.max_keys).with_clock(self.clock.clone());
+        let site = &self.sites[id];
+        let peers = site
+            .peers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone() as Arc<dyn Peer>))
+            .collect();
+        // Another numbering than the first process's, as a new process's random IDs would be.
+        let source = Arc::new(DetSource::new(
+            0x100 + id.as_bytes()[0] as u64,
+            self.regeneration,
+        ));
+        let service = Arc::new(KeyService::new(
+            Arc::new(config),
+            site.store.clone(),
+            source,
+            peers,
+        ));
+        *self.inboxes[id]
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(service.inbox());
+        service
+            .start_pools(self.stop.subscribe())
+            .await
+            .expect("pools start");
+        if let Some(site) = self.sites.get_mut(id) {
+            site.service = service;
+        }
     }
 
     pub fn site(&self, id: &str) -> &Site {

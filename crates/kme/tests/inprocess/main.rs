@@ -7,6 +7,7 @@ mod faults;
 mod harness;
 mod memory;
 mod names;
+mod settle;
 mod source;
 
 use std::sync::Arc;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dqkd_kme::inbox::{PeerInbox, VerifiedKme};
 use dqkd_kme::peer::{
     BindAck, BindRequest, DeliverAck, DeliverRequest, DestroyAck, DestroyRequest, FillAck,
-    FillRequest, Peer, PeerError, PeerHealth,
+    FillRequest, Peer, PeerError, PeerHealth, ReconcileAck, ReconcileRequest,
 };
 use dqkd_kme::ApiError;
 use dqkd_pki::Identity;
@@ -130,6 +130,17 @@ impl Peer for MemoryPeer {
             .map_err(|e| self.refused(e))
     }
 
+    async fn reconcile(&self, request: &ReconcileRequest) -> Result<ReconcileAck, PeerError> {
+        let inbox = self.inbox.get();
+        let who = self.verified(&inbox)?;
+        let request = request.clone();
+        self.spawned(
+            None,
+            async move { inbox.peer_reconcile(&who, request).await },
+        )
+        .await
+    }
+
     async fn health(&self) -> Result<PeerHealth, PeerError> {
         Ok(PeerHealth {
             status: "ok".into(),
@@ -145,6 +156,7 @@ pub enum Call {
     Fill,
     Bind,
     Destroy,
+    Reconcile,
 }
 
 /// What goes wrong with a call.
@@ -287,6 +299,11 @@ impl Peer for Faulty {
 
     async fn destroy(&self, request: &DestroyRequest) -> Result<DestroyAck, PeerError> {
         self.run(Call::Destroy, None, self.inner.destroy(request))
+            .await
+    }
+
+    async fn reconcile(&self, request: &ReconcileRequest) -> Result<ReconcileAck, PeerError> {
+        self.run(Call::Reconcile, None, self.inner.reconcile(request))
             .await
     }
 
