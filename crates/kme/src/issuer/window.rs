@@ -9,7 +9,9 @@
 //! On a link whose round trip is longer than the local stages take (another site tens of
 //! milliseconds away), a batch waiting for the peer's acknowledgement gives its stage slot
 //! back: the next batch forms and leaves at once, so the batches in flight grow with the
-//! bandwidth-delay product, up to the key budget, instead of four per round trip. Whether a
+//! bandwidth-delay product, up to the key budget, instead of four per round trip. There a
+//! batch forms only once the one before it is waiting (it takes every stage slot), so that
+//! under load batches grow rather than the messages each site must answer. Whether a
 //! link is such a link is learnt from its acknowledgements: the shortest of the last 10 to
 //! 20 s (a queue at the peer lengthens acknowledgements, never shortens them).
 //!
@@ -63,8 +65,23 @@ impl Window {
     }
 
     /// Waits for a stage slot (before a batch forms, so that requests queue meanwhile).
+    ///
+    /// On a far link a batch takes every slot: batches form one at a time, each as soon as
+    /// the one before starts waiting (for the peer or for entropy) and gives its slots back.
+    /// Messages in flight still grow with the round trip, but under load the requests that
+    /// arrive during one batch's local stage all join the next, so batches grow with the
+    /// load instead of the messages (each costing both sites a TLS request and a commit).
     pub(super) async fn stage(&self) -> Option<OwnedSemaphorePermit> {
-        self.stages.clone().acquire_owned().await.ok()
+        let slots = if self.network_bound() || self.entropy_bound() {
+            MAX_IN_FLIGHT
+        } else {
+            1
+        };
+        self.stages
+            .clone()
+            .acquire_many_owned(slots as u32)
+            .await
+            .ok()
     }
 
     /// Waits until `keys` more keys fit in the budget (a batch larger than the whole budget

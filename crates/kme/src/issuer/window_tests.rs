@@ -108,9 +108,33 @@ impl KeySource for FarEntropy {
     }
 }
 
+/// A key source on a busy machine: each generation takes a few milliseconds of local work.
+struct Busy;
+
+/// How long [`Busy`] takes per generation: short of a far entropy server's round trip.
+const BUSY: Duration = Duration::from_millis(3);
+
+#[async_trait::async_trait]
+impl KeySource for Busy {
+    async fn generate(
+        &self,
+        count: usize,
+        len: usize,
+        readers: &[String],
+    ) -> Result<Batch, KeySourceError> {
+        sleep(BUSY).await;
+        Instant0.generate(count, len, readers).await
+    }
+
+    async fn regenerate(&self, _: &[u8]) -> Result<Issued, KeySourceError> {
+        Err(KeySourceError::Unavailable("not in this test".into()))
+    }
+}
+
 /// Site B, one round trip away: stores every delivery, counting what is in flight at once.
 #[derive(Default)]
 struct Far {
+    sent: AtomicUsize,
     messages: AtomicUsize,
     keys: AtomicUsize,
     most_messages: AtomicUsize,
@@ -138,6 +162,7 @@ impl Peer for Far {
         _: tokio::time::Instant,
     ) -> Result<DeliverAck, PeerError> {
         let keys: usize = request.grants.iter().map(|g| g.key_ids.len()).sum();
+        self.sent.fetch_add(1, Ordering::SeqCst);
         let messages = self.messages.fetch_add(1, Ordering::SeqCst) + 1;
         let in_flight = self.keys.fetch_add(keys, Ordering::SeqCst) + keys;
         self.most_messages.fetch_max(messages, Ordering::SeqCst);
@@ -251,6 +276,25 @@ async fn a_far_link_keeps_a_round_trip_of_messages_in_flight() {
         "at most {} messages in flight",
         far.most_messages.load(Ordering::SeqCst)
     );
+}
+
+/// On a far link batches form one at a time: requests arriving while one batch does its
+/// local work (here 3 ms for one a millisecond) share the next message instead of each
+/// taking a stage slot and a message of its own, so a busy far link sends fewer, larger
+/// messages, and each request still waits about one round trip.
+#[tokio::test(start_paused = true)]
+async fn a_far_link_under_load_sends_fewer_larger_messages() {
+    let (issuer, far) = issuer_over(65536, Arc::new(Busy));
+    learn(&issuer).await;
+    let before = far.sent.load(Ordering::SeqCst);
+    let waited = requests(&issuer, 60).await;
+    let sent = far.sent.load(Ordering::SeqCst) - before;
+    assert!(
+        sent <= 25,
+        "60 requests, one a millisecond, took {sent} messages"
+    );
+    let slowest = waited.iter().max().copied().unwrap_or_default();
+    assert!(slowest < RTT + 4 * BUSY, "a request waited {slowest:?}");
 }
 
 /// `[peers] max_in_flight_keys` bounds the keys under way toward the peer, round trip or not.
