@@ -146,7 +146,7 @@ fn a_zero_target_means_no_pools() {
 /// those positions out (the peer may have bound them), and only those.
 #[tokio::test]
 async fn positions_of_an_unanswered_bind_are_not_reloaded() {
-    use dqkd_store::{InFlight, KeyMaterial, MemoryStore, PoolKey};
+    use dqkd_store::{InFlight, MemoryStore};
     let store = MemoryStore::new();
     let p = Pools::new(
         "A",
@@ -156,21 +156,7 @@ async fn positions_of_an_unanswered_bind_are_not_reloaded() {
         &["B".to_owned()],
     );
     let pool = &p.links["B"];
-    let slots: Vec<Slot> = (100..110)
-        .map(|seq| Slot {
-            seq,
-            id: Uuid::new_v4(),
-        })
-        .collect();
-    let keys = slots.iter().map(|&slot| PoolKey {
-        slot,
-        material: KeyMaterial::new(vec![7; 32]),
-        expires_at: u64::MAX / 2,
-    });
-    store
-        .pool_insert(pool.name(), keys.collect())
-        .await
-        .unwrap();
+    let slots = stored_ready(&store, pool, 100..110).await;
     let record = |owner: &str, sites: &[&str], ready: &[u64]| InFlight {
         request_id: Uuid::new_v4(),
         owner: owner.into(),
@@ -196,25 +182,11 @@ async fn positions_of_an_unanswered_bind_are_not_reloaded() {
 /// that claimed the pool before it recovered the bind) go back in position order, once.
 #[tokio::test]
 async fn settled_positions_go_back_into_a_loaded_pool() {
-    use dqkd_store::{InFlight, KeyMaterial, MemoryStore, PoolKey};
+    use dqkd_store::{InFlight, MemoryStore};
     let store = MemoryStore::new();
     let p = pools(10, 2);
     let pool = &p.links["B"];
-    let slots: Vec<Slot> = (100..106)
-        .map(|seq| Slot {
-            seq,
-            id: Uuid::new_v4(),
-        })
-        .collect();
-    let keys = slots.iter().map(|&slot| PoolKey {
-        slot,
-        material: KeyMaterial::new(vec![7; 32]),
-        expires_at: u64::MAX / 2,
-    });
-    store
-        .pool_insert(pool.name(), keys.collect())
-        .await
-        .unwrap();
+    let slots = stored_ready(&store, pool, 100..106).await;
     let request_id = Uuid::new_v4();
     store
         .record_in_flight(InFlight {
@@ -237,4 +209,29 @@ async fn settled_positions_go_back_into_a_loaded_pool() {
         .unwrap();
     assert_eq!(p.level("B"), Some((6, 10)));
     assert_eq!(p.take("B", 6, 32, 0), Some(slots), "in position order");
+}
+
+/// Ready keys at positions `seqs` of `pool`, stored as a fill would have.
+async fn stored_ready(
+    store: &dqkd_store::MemoryStore,
+    pool: &LinkPool,
+    seqs: std::ops::Range<u64>,
+) -> Vec<Slot> {
+    use dqkd_store::{KeyMaterial, KeyStore as _, PoolKey};
+    let slots: Vec<Slot> = seqs
+        .map(|seq| Slot {
+            seq,
+            id: Uuid::new_v4(),
+        })
+        .collect();
+    let keys = slots.iter().map(|&slot| PoolKey {
+        slot,
+        material: KeyMaterial::new(vec![7; 32]),
+        expires_at: u64::MAX / 2,
+    });
+    store
+        .pool_insert(pool.name(), keys.collect())
+        .await
+        .unwrap();
+    slots
 }

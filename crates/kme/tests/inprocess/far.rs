@@ -12,10 +12,8 @@ use crate::harness::{eventually, Call, Cluster, Fault};
 /// One way of the far link; each acknowledgement comes a round trip after its message.
 const ONE_WAY: Duration = Duration::from_millis(40);
 
-/// A request for 100 keys is more than a near link serves from its pool: on a far link it
-/// goes out as a single bind, and bob gets every key alice got.
-#[tokio::test(start_paused = true)]
-async fn a_far_link_serves_a_large_batch_from_the_pool_with_one_bind() {
+/// A cluster whose requests may ask for 100 keys, once A's pool toward B is full.
+async fn filled() -> Cluster {
     let pools = "target = 400\nlow_water = 200\nbatch = 200";
     let cluster = Cluster::with_pools_and_max_keys(pools, 100).await;
     let b = cluster.site("B");
@@ -25,13 +23,25 @@ async fn a_far_link_serves_a_large_batch_from_the_pool_with_one_bind() {
         || async { b.store.pool_list("A>B").await.map(|l| l.len()).unwrap_or(0) == 400 },
     )
     .await;
-    let link = cluster.link("A", "B");
-    link.set(Call::Bind, Fault::DelayAck(2 * ONE_WAY));
-    // The site learns the round trip from its first acknowledgements.
+    cluster
+}
+
+/// Single-key requests, enough for A to learn the link's round trip from their binds.
+async fn learn(cluster: &Cluster) {
     for _ in 0..16 {
         let answer = cluster.enc("A", "alice", "bob", "{}").await;
         assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     }
+}
+
+/// A request for 100 keys is more than a near link serves from its pool: on a far link it
+/// goes out as a single bind, and bob gets every key alice got.
+#[tokio::test(start_paused = true)]
+async fn a_far_link_serves_a_large_batch_from_the_pool_with_one_bind() {
+    let cluster = filled().await;
+    let link = cluster.link("A", "B");
+    link.set(Call::Bind, Fault::DelayAck(2 * ONE_WAY));
+    learn(&cluster).await;
     let (binds, delivers) = (link.calls(Call::Bind), link.calls(Call::Deliver));
     let answer = cluster.enc("A", "alice", "bob", r#"{"number":100}"#).await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
@@ -50,20 +60,9 @@ async fn a_far_link_serves_a_large_batch_from_the_pool_with_one_bind() {
 /// pool is kept for small batches there, where it saves the most.
 #[tokio::test(start_paused = true)]
 async fn a_near_link_makes_a_large_batch_on_demand() {
-    let pools = "target = 400\nlow_water = 200\nbatch = 200";
-    let cluster = Cluster::with_pools_and_max_keys(pools, 100).await;
-    let b = cluster.site("B");
-    eventually(
-        "A's pool toward B filled",
-        Duration::from_secs(30),
-        || async { b.store.pool_list("A>B").await.map(|l| l.len()).unwrap_or(0) == 400 },
-    )
-    .await;
+    let cluster = filled().await;
     let link = cluster.link("A", "B");
-    for _ in 0..16 {
-        let answer = cluster.enc("A", "alice", "bob", "{}").await;
-        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
-    }
+    learn(&cluster).await;
     let (binds, delivers) = (link.calls(Call::Bind), link.calls(Call::Deliver));
     let answer = cluster.enc("A", "alice", "bob", r#"{"number":100}"#).await;
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
