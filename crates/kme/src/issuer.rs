@@ -47,6 +47,7 @@ mod bind;
 mod error;
 mod outbound;
 mod reconcile;
+mod recovery;
 mod refill;
 mod size;
 #[cfg(test)]
@@ -56,7 +57,8 @@ mod window;
 mod window_tests;
 
 use bind::{bind_ready, Bound};
-use outbound::{deliver, record_in_flight, recover_in_flight, withdraw, PeersStored};
+use outbound::{deliver, record_in_flight, withdraw, PeersStored};
+use recovery::recover_in_flight;
 use refill::refill_loop;
 use size::{message_bytes, pool_serves};
 #[cfg(test)]

@@ -5,7 +5,7 @@
 
 use dqkd_store::{DeliveredKey, TakeError};
 
-use super::outbound::{forget_in_flight, grants_for};
+use super::outbound::{forget_in_flight, grants_for, remove_ready_here};
 use super::*;
 
 /// Why ready keys could not be bound.
@@ -152,23 +152,4 @@ async fn bind_here(
         .store
         .pool_bind_answering(link, grants, now, Some(request_id))
         .await
-}
-
-/// Ready keys shredded per store call, so discarding a large pool never holds the store's
-/// writer for long.
-pub(super) const REMOVE_CHUNK: usize = 16_384;
-
-/// Shreds ready keys of pool `link` at this site in the background (they are unusable
-/// either way).
-pub(super) fn remove_ready_here(shared: &Shared, link: &str, seqs: Vec<u64>) {
-    let store = shared.store.clone();
-    let link = link.to_owned();
-    tokio::spawn(async move {
-        for chunk in seqs.chunks(REMOVE_CHUNK) {
-            if let Err(e) = store.pool_remove(&link, chunk).await {
-                tracing::warn!(error = %e, "could not shred unusable ready keys; they expire by TTL");
-                return;
-            }
-        }
-    });
 }

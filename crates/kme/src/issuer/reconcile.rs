@@ -8,8 +8,7 @@ use std::collections::HashSet;
 
 use crate::peer::{ReadySlot, ReconcileRequest, MAX_RECONCILE_SLOTS};
 
-use super::bind::{remove_ready_here, REMOVE_CHUNK};
-use super::outbound::withdraw;
+use super::outbound::{remove_ready_here, withdraw, REMOVE_CHUNK};
 use super::*;
 
 /// How long a holder keeps asking an unreachable peer before it withdraws the positions in
