@@ -321,6 +321,20 @@ mod tests {
         (listener, addr)
     }
 
+    /// A relay of [`DELAY`] in front of a fresh target, with one connection through it: the
+    /// relay (dropping it closes the connection), the caller's end and the target's end.
+    async fn relayed() -> (DelayProxy, TcpStream, TcpStream) {
+        let (listener, addr) = target().await;
+        let proxy = DelayProxy::start("127.0.0.1:0".parse().expect("addr"), addr, DELAY)
+            .await
+            .expect("start relay");
+        let client = TcpStream::connect(proxy.local_addr())
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (proxy, client, server)
+    }
+
     /// Reads exactly `len` bytes, returning them and when the first byte arrived.
     async fn read_exact_timed(stream: &mut TcpStream, len: usize) -> (Vec<u8>, Instant) {
         let mut out = Vec::with_capacity(len);
@@ -343,14 +357,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_arrive_intact_in_order_and_not_before_the_delay_both_ways() {
-        let (listener, addr) = target().await;
-        let proxy = DelayProxy::start("127.0.0.1:0".parse().expect("addr"), addr, DELAY)
-            .await
-            .expect("start relay");
-        let mut client = TcpStream::connect(proxy.local_addr())
-            .await
-            .expect("connect");
-        let (mut server, _) = listener.accept().await.expect("accept");
+        let (_proxy, mut client, mut server) = relayed().await;
 
         // Several writes larger than one chunk, so order across chunks is checked.
         let up = pattern(300_000, 7);
@@ -380,14 +387,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_is_passed_on_each_way_after_the_bytes_before_it() {
-        let (listener, addr) = target().await;
-        let proxy = DelayProxy::start("127.0.0.1:0".parse().expect("addr"), addr, DELAY)
-            .await
-            .expect("start relay");
-        let mut client = TcpStream::connect(proxy.local_addr())
-            .await
-            .expect("connect");
-        let (mut server, _) = listener.accept().await.expect("accept");
+        let (_proxy, mut client, mut server) = relayed().await;
 
         // The client half-closes: the server reads the bytes, then end of stream…
         client.write_all(b"last words").await.expect("write");
@@ -477,14 +477,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_relay_closes_its_connections() {
-        let (listener, addr) = target().await;
-        let proxy = DelayProxy::start("127.0.0.1:0".parse().expect("addr"), addr, DELAY)
-            .await
-            .expect("start relay");
-        let mut client = TcpStream::connect(proxy.local_addr())
-            .await
-            .expect("connect");
-        let (mut server, _) = listener.accept().await.expect("accept");
+        let (proxy, mut client, mut server) = relayed().await;
         drop(proxy);
         let mut buf = [0u8; 16];
         let n = within("the target's close", server.read(&mut buf))
